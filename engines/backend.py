@@ -1,0 +1,138 @@
+"""The engine interface the pipeline talks to: encode a crop, decode prompt batches.
+
+An engine owns a SAM model on one device at one precision. The pipeline hands it uint8 crops
+and prompt points in crop pixels; it hands back low-resolution mask logits and predicted IoUs,
+and upsamples the logits it is asked to keep back to crop pixels. Everything stays on the
+engine's device, so the per-pixel filtering in `pipeline.amg` runs where the logits are.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sam_batch.engines.checkpoints import load_state_dict, resolve_checkpoint
+from sam_batch.engines.sam import (
+    IMAGE_SIZE,
+    SamModel,
+    build_sam,
+    image_to_input,
+    preprocess_shape,
+    resize_longest_side,
+    scale_coords,
+)
+
+BACKENDS = ("torch", "onnx", "tensorrt")
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class EngineError(RuntimeError):
+    """The engine cannot be built as asked (missing back-end, device or weights)."""
+
+
+@dataclass(frozen=True)
+class CropEmbedding:
+    """One encoded crop.
+
+    embedding: (1, 256, 64, 64) on the engine's device.
+    input_hw: the crop's size after resizing its longest side to 1024 (before padding).
+    crop_hw: the crop's size in original pixels.
+    """
+
+    embedding: torch.Tensor
+    input_hw: tuple[int, int]
+    crop_hw: tuple[int, int]
+
+
+def pick_device(device: str) -> torch.device:
+    """`auto` → the first CUDA GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EngineError(f"engine.device: {device!r} asked for, but no CUDA GPU is visible")
+    return torch.device(device)
+
+
+class TorchEngine:
+    """SAM in PyTorch (eager), fp32 on CPU; fp16/bf16 on GPU."""
+
+    def __init__(self, model: SamModel, device: torch.device, precision: str = "fp32") -> None:
+        if precision != "fp32" and device.type == "cpu":
+            raise EngineError(f"engine.precision: {precision} needs a GPU; use fp32 on the CPU")
+        self.device = device
+        self.dtype = PRECISIONS[precision]
+        self.model = model.to(device).eval()
+        self.mask_threshold = 0.0
+
+    @torch.inference_mode()
+    def encode(self, crop: np.ndarray) -> CropEmbedding:
+        """Encode one uint8 crop (h, w, 3) into its image embedding."""
+        crop_hw = (crop.shape[0], crop.shape[1])
+        resized = resize_longest_side(crop)
+        batch = image_to_input(resized, self.model.pixel_mean.cpu(), self.model.pixel_std.cpu())
+        with self._autocast():
+            embedding = self.model.embed(batch.to(self.device))
+        return CropEmbedding(embedding.float(), (resized.shape[0], resized.shape[1]), crop_hw)
+
+    @torch.inference_mode()
+    def decode(self, crop: CropEmbedding, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode single-point prompts (B, 2) xy in crop pixels.
+
+        Returns low-resolution logits (B, 3, 256, 256) and predicted IoUs (B, 3), fp32, on the device.
+        """
+        coords = scale_coords(points.astype(np.float64), crop.crop_hw)
+        coords_t = torch.as_tensor(coords, dtype=torch.float32, device=self.device)[:, None, :]
+        labels = torch.ones((len(points), 1), dtype=torch.int64, device=self.device)
+        with self._autocast():
+            logits, iou = self.model.decode(crop.embedding, coords_t, labels)
+        return logits.float(), iou.float()
+
+    def upscale(self, crop: CropEmbedding, low_res: torch.Tensor) -> torch.Tensor:
+        """Logits (K, 256, 256) → logits (K, h, w) at the crop's original size.
+
+        As SAM does it: bilinear to the 1024 input frame, cut the padding, bilinear to the crop.
+        """
+        masks = F.interpolate(low_res[:, None], (IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+        masks = masks[..., : crop.input_hw[0], : crop.input_hw[1]]
+        masks = F.interpolate(masks, crop.crop_hw, mode="bilinear", align_corners=False)
+        return masks[:, 0]
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def build_engine(
+    model_type: str,
+    checkpoint: str | None = None,
+    sha256: str | None = None,
+    *,
+    backend: str = "torch",
+    device: str = "auto",
+    precision: str = "fp32",
+    storage_options: dict | None = None,
+) -> TorchEngine:
+    """Resolve the checkpoint, load it strictly into a fresh model and wrap it in an engine."""
+    if backend != "torch":
+        raise EngineError(f"engine.backend: {backend!r} is not available in this build; use torch")
+    path: Path = resolve_checkpoint(model_type, checkpoint, sha256, storage_options)
+    model = build_sam(model_type)
+    try:
+        model.load_state_dict(load_state_dict(path), strict=True)
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise EngineError(f"{path}: does not fit model {model_type}: {first_line}") from None
+    return TorchEngine(model, pick_device(device), precision)
+
+
+def set_cpu_threads(n_threads: int | None = None) -> int:
+    """Give torch `n_threads` intra-op threads (default: all cores this process may use)."""
+    n = n_threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    return n

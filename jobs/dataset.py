@@ -1,0 +1,174 @@
+"""The output dataset on any fsspec filesystem: layout, frozen plan, shard commits.
+
+Layout under the output root:
+
+    masks/shard-00000.parquet      finished data only, one file per committed shard
+    images/shard-00000.parquet
+    run.json                       the run record of the latest run (summary, per-stage times)
+    _sam_batch/plan.json           the frozen plan: job fingerprint, redacted job, shards
+    _sam_batch/commits/shard-00000.json   commit markers: a shard is done iff its marker exists
+    _sam_batch/attempts/<shard>-<uuid>/   where attempts write before they publish
+
+A shard is published by writing its two files under a fresh attempt folder, moving them to
+their deterministic names, and then creating the marker only if it is absent. A retried or
+duplicated attempt produces the same bytes under the same names, so the output stays
+exactly-once; readers trust markers only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+BOOKKEEPING = "_sam_batch"
+
+
+class DatasetError(RuntimeError):
+    """The output dataset cannot be used as asked."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A numbered, frozen list of input URIs: the unit of commit and resume."""
+
+    shard_id: int
+    uris: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.shard_id:05d}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a job will do: the job's fingerprint and its shards, frozen at the output root."""
+
+    fingerprint: str
+    job: dict
+    shards: tuple[Shard, ...]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "fingerprint": self.fingerprint,
+                "job": self.job,
+                "shards": [{"shard_id": s.shard_id, "uris": list(s.uris)} for s in self.shards],
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        data = json.loads(text)
+        shards = tuple(Shard(s["shard_id"], tuple(s["uris"])) for s in data["shards"])
+        return cls(data["fingerprint"], data["job"], shards)
+
+
+class OutputDataset:
+    """One output root. All paths are built from shard numbers, never from input names."""
+
+    def __init__(self, uri: str, storage_options: dict | None = None) -> None:
+        self.uri = uri
+        self.fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        self.root = root.rstrip("/")
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    # -- the plan -------------------------------------------------------------------------
+
+    def read_plan(self) -> Plan | None:
+        path = self.path(BOOKKEEPING, "plan.json")
+        if not self.fs.exists(path):
+            return None
+        return Plan.from_json(self.fs.cat_file(path).decode("utf-8"))
+
+    def write_plan(self, plan: Plan) -> None:
+        self.fs.makedirs(self.path(BOOKKEEPING), exist_ok=True)
+        self._write_bytes(self.path(BOOKKEEPING, "plan.json"), plan.to_json().encode("utf-8"))
+
+    def clear(self) -> None:
+        """Remove everything sam-batch wrote here (for --overwrite)."""
+        for part in ("masks", "images", BOOKKEEPING, "run.json"):
+            path = self.path(part)
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+
+    # -- commits --------------------------------------------------------------------------
+
+    def committed_shards(self) -> set[int]:
+        """Numbers of the shards whose commit marker exists."""
+        folder = self.path(BOOKKEEPING, "commits")
+        if not self.fs.exists(folder):
+            return set()
+        names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
+        return {int(n[len("shard-") : -len(".json")]) for n in names if n.startswith("shard-") and n.endswith(".json")}
+
+    def commit_shard(self, shard: Shard, masks: pa.Table, images: pa.Table, stats: dict) -> bool:
+        """Publish a shard's two tables and create its marker; False if it was already committed."""
+        if self.fs.exists(self._marker(shard)):
+            return False
+        attempt = self.path(BOOKKEEPING, "attempts", f"{shard.name}-{uuid.uuid4().hex}")
+        self.fs.makedirs(attempt, exist_ok=True)
+        for table_name, table in (("masks", masks), ("images", images)):
+            staged = f"{attempt}/{table_name}.parquet"
+            self._write_bytes(staged, _parquet_bytes(table))
+            self.fs.makedirs(self.path(table_name), exist_ok=True)
+            self.fs.mv(staged, self.path(table_name, f"{shard.name}.parquet"))
+        self.fs.rm(attempt, recursive=True)
+        return self._create_marker(shard, stats)
+
+    def data_files(self, table_name: str) -> list[str]:
+        """The committed data files of `masks` or `images`, as paths on `self.fs`."""
+        committed = self.committed_shards()
+        return [self.path(table_name, f"shard-{i:05d}.parquet") for i in sorted(committed)]
+
+    def read_table(self, table_name: str, filters=None) -> pa.Table:
+        """A committed table, read with pyarrow (empty with the right schema if nothing is committed)."""
+        from sam_batch.pipeline.tables import IMAGES_SCHEMA, MASKS_SCHEMA
+
+        schema = MASKS_SCHEMA if table_name == "masks" else IMAGES_SCHEMA
+        files = self.data_files(table_name)
+        if not files:
+            return schema.empty_table()
+        return pq.ParquetDataset(files, filesystem=self.fs, schema=schema, filters=filters).read()
+
+    def clean_attempts(self) -> None:
+        """Remove leftovers of attempts that died before publishing."""
+        folder = self.path(BOOKKEEPING, "attempts")
+        if self.fs.exists(folder):
+            self.fs.rm(folder, recursive=True)
+
+    def write_run_record(self, record: dict) -> None:
+        self._write_bytes(self.path("run.json"), json.dumps(record, indent=1).encode("utf-8"))
+
+    def _marker(self, shard: Shard) -> str:
+        return self.path(BOOKKEEPING, "commits", f"{shard.name}.json")
+
+    def _create_marker(self, shard: Shard, stats: dict) -> bool:
+        marker = self._marker(shard)
+        self.fs.makedirs(self.path(BOOKKEEPING, "commits"), exist_ok=True)
+        body = json.dumps({"shard_id": shard.shard_id, **stats}).encode("utf-8")
+        try:
+            with self.fs.open(marker, "xb") as f:
+                f.write(body)
+        except FileExistsError:
+            return False
+        return True
+
+    def _write_bytes(self, path: str, data: bytes) -> None:
+        with self.fs.open(path, "wb") as f:
+            f.write(data)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    """Serialise in memory, so a failure can never leave a partial file behind."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()

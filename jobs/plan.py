@@ -1,0 +1,82 @@
+"""Planning: list a job's inputs over fsspec and cut them into deterministic shards.
+
+Inputs are the union of `input.uris` (paths or URLs, globs expanded) and the lines of
+`input.manifest` (a text file of URIs, or a Parquet file with a `uri` column), sorted and
+de-duplicated, then cut into shards of `run.shard_size` in that order.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import fsspec
+import pyarrow.parquet as pq
+
+from sam_batch.jobs.dataset import Plan, Shard
+from sam_batch.jobs.schema import JobSpec
+
+GLOB_CHARS = "*?["
+
+
+class PlanError(RuntimeError):
+    """The inputs cannot be listed (bad manifest, unreachable storage, nothing found)."""
+
+
+def list_inputs(job: JobSpec) -> list[str]:
+    """Every input URI of the job, sorted, each once. Listed URIs that do not exist stay in."""
+    options = job.input.storage_options
+    uris: set[str] = set()
+    for pattern in job.input.uris:
+        uris.update(_expand(pattern, options))
+    if job.input.manifest:
+        uris.update(_read_manifest(job.input.manifest, options))
+    if not uris:
+        raise PlanError(f"input: no images found for {list(job.input.uris)}")
+    return sorted(uris)
+
+
+def make_plan(job: JobSpec, uris: list[str]) -> Plan:
+    """Cut sorted URIs into shards of `run.shard_size`."""
+    size = job.run.shard_size
+    shards = tuple(Shard(i, tuple(uris[start : start + size])) for i, start in enumerate(range(0, len(uris), size)))
+    return Plan(job.fingerprint(), job.redacted_dict(), shards)
+
+
+def _expand(pattern: str, options: dict) -> list[str]:
+    """A glob → the files it matches; a plain URI → itself (missing ones become error rows later)."""
+    if not any(c in pattern for c in GLOB_CHARS):
+        return [normalise_uri(pattern)]
+    fs, path = fsspec.core.url_to_fs(pattern, **options)
+    try:
+        found = fs.glob(path, detail=True)
+    except Exception as error:  # noqa: BLE001 - storage errors name the pattern, never options
+        raise PlanError(f"input.uris: cannot list {pattern!r}: {type(error).__name__}") from None
+    files = sorted(p for p, info in found.items() if info.get("type") == "file")
+    return [_as_uri(fs, p, pattern) for p in files]
+
+
+def _read_manifest(uri: str, options: dict) -> list[str]:
+    try:
+        with fsspec.open(uri, "rb", **options) as f:
+            data = f.read()
+    except Exception as error:  # noqa: BLE001
+        raise PlanError(f"input.manifest: cannot read {uri!r}: {type(error).__name__}") from None
+    if data[:4] == b"PAR1":
+        table = pq.read_table(io.BytesIO(data))
+        if "uri" not in table.column_names:
+            raise PlanError(f"input.manifest: {uri!r} has no 'uri' column (columns: {table.column_names})")
+        return [normalise_uri(u) for u in table.column("uri").to_pylist() if u]
+    lines = data.decode("utf-8").splitlines()
+    return [normalise_uri(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _as_uri(fs, path: str, pattern: str) -> str:
+    if "://" in pattern:
+        return fs.unstrip_protocol(path)
+    return os.path.abspath(path)
+
+
+def normalise_uri(uri: str) -> str:
+    """Local paths become absolute so ids do not depend on the working directory."""
+    return uri if "://" in uri else os.path.abspath(uri)

@@ -1,0 +1,175 @@
+"""`sam-batch run`: plan (or resume), execute, commit shard by shard, record the run.
+
+The plan is frozen at the output root on the first run. Running the same job again resumes it:
+committed shards are skipped. Running a different job against the same output is refused
+unless `overwrite` is set, which clears the old output first.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+
+from sam_batch import __version__
+from sam_batch.jobs.dataset import OutputDataset, Plan, Shard
+from sam_batch.jobs.executors import make_executor
+from sam_batch.jobs.plan import list_inputs, make_plan
+from sam_batch.jobs.schema import JobSpec
+from sam_batch.jobs.worker import STAGES, ImageResult, commit_shard
+
+log = logging.getLogger("sam_batch")
+
+
+class JobRefused(RuntimeError):
+    """The job cannot start as asked (e.g. the output belongs to another job)."""
+
+
+@dataclass
+class RunSummary:
+    """What a run did; written as `run.json` at the output root."""
+
+    job_name: str
+    output_uri: str
+    executor: str
+    n_shards: int
+    shards_skipped: int
+    shards_committed: int = 0
+    images_ok: int = 0
+    images_error: int = 0
+    masks: int = 0
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    workers: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        done = self.images_ok + self.images_error
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "sam_batch_version": __version__,
+            "job_name": self.job_name,
+            "output_uri": self.output_uri,
+            "executor": self.executor,
+            "n_shards": self.n_shards,
+            "shards_skipped": self.shards_skipped,
+            "shards_committed": self.shards_committed,
+            "images_ok": self.images_ok,
+            "images_error": self.images_error,
+            "masks": self.masks,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 4),
+            "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+            "workers": self.workers,
+        }
+
+
+def prepare_plan(job: JobSpec, dataset: OutputDataset, overwrite: bool) -> Plan:
+    """The frozen plan of this output, made now if there is none; refuses another job's output."""
+    existing = dataset.read_plan()
+    if existing is not None and existing.fingerprint == job.fingerprint():
+        return existing
+    if existing is not None and not overwrite:
+        raise JobRefused(
+            f"output.uri {job.output.uri!r} holds the output of a different job "
+            f"({existing.job.get('name')!r}); use another output.uri or pass --overwrite to replace it"
+        )
+    if existing is not None:
+        log.warning("--overwrite: removing the previous output at %s", job.output.uri)
+        dataset.clear()
+    plan = make_plan(job, list_inputs(job))
+    dataset.write_plan(plan)
+    return plan
+
+
+def run_job(job: JobSpec, *, overwrite: bool = False) -> RunSummary:
+    """Run (or resume) a job to the end; per-image failures are rows, not exceptions."""
+    started = time.perf_counter()
+    dataset = OutputDataset(job.output.uri, job.output.storage_options)
+    plan = prepare_plan(job, dataset, overwrite)
+    committed = dataset.committed_shards()
+    todo = [s for s in plan.shards if s.shard_id not in committed]
+    dataset.clean_attempts()
+    executor = make_executor(job)
+    summary = RunSummary(job.name, job.output.uri, executor.name, len(plan.shards), len(plan.shards) - len(todo))
+    log.info(
+        "plan: %d images in %d shards; %d shards already committed, %d to do",
+        sum(len(s.uris) for s in plan.shards),
+        len(plan.shards),
+        summary.shards_skipped,
+        len(todo),
+    )
+    progress = Progress(sum(len(s.uris) for s in todo))
+    shard_of = {uri: shard for shard in todo for uri in shard.uris}
+    pending: dict[int, list[ImageResult]] = {s.shard_id: [] for s in todo}
+    workers: set[str] = set()
+    try:
+        for result in executor.map_images([uri for s in todo for uri in s.uris]):
+            _count(summary, result)
+            workers.add(result.worker)
+            progress.update(result, summary)
+            shard: Shard = shard_of[result.uri]
+            pending[shard.shard_id].append(result)
+            if len(pending[shard.shard_id]) == len(shard.uris):
+                stats = commit_shard(dataset, shard, pending.pop(shard.shard_id))
+                summary.stage_seconds["write"] += stats["write_seconds"]
+                summary.shards_committed += int(stats["committed"])
+    finally:
+        progress.close()
+    dataset.clean_attempts()
+    summary.seconds = time.perf_counter() - started
+    summary.workers = sorted(workers)
+    dataset.write_run_record(summary.to_dict())
+    return summary
+
+
+def _count(summary: RunSummary, result: ImageResult) -> None:
+    if result.image_row["status"] == "ok":
+        summary.images_ok += 1
+    else:
+        summary.images_error += 1
+        log.warning("%s: %s", result.uri, result.image_row["error"])
+    summary.masks += len(result.mask_rows)
+    for stage, seconds in result.stage_seconds.items():
+        summary.stage_seconds[stage] += seconds
+
+
+class Progress:
+    """A tqdm bar (images, masks, images/s, ETA) on a TTY; a plain log line per image otherwise."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.started = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", dynamic_ncols=True)
+
+    def update(self, result: ImageResult, summary: RunSummary) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix(masks=summary.masks, errors=summary.images_error, refresh=False)
+            self.bar.update(1)
+            return
+        rate = self.done / max(time.perf_counter() - self.started, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        log.info(
+            "[%d/%d] %s %s masks=%d | total masks=%d %.3f img/s eta %.0fs",
+            self.done,
+            self.total,
+            result.image_row["status"],
+            result.uri,
+            len(result.mask_rows),
+            summary.masks,
+            rate,
+            eta,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,267 @@
+"""Automatic mask generation for one image, with the reference generator's semantics.
+
+Reads top-down in three steps:
+1. `segment_crop` — encode one crop, decode its point grid in batches, and keep, on the
+   engine's device, only the masks that pass the IoU, stability and crop-edge filters;
+   then box NMS within the crop. Only the surviving masks (bool, crop pixels) leave it.
+2. `merge_crops` — NMS across crops (smaller crops win), then the optional small-region
+   cleanup followed by NMS again.
+3. `to_records` — COCO RLE over the full image, boxes XYWH, points and crop boxes, in the
+   order the masks were kept (the deterministic `mask_id` order).
+
+`generate_masks` runs the three for an image held in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from sam_batch.pipeline.grids import crop_boxes, point_grids_per_layer
+from sam_batch.pipeline.masks import (
+    box_near_crop_edge,
+    box_nms,
+    masks_to_boxes,
+    remove_small_regions,
+    stability_score,
+    uncrop_boxes,
+    uncrop_points,
+)
+from sam_batch.pipeline.rle import encode_rle
+
+
+@dataclass(frozen=True)
+class AmgParams:
+    """The parameters of SamAutomaticMaskGenerator, with its names and defaults."""
+
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    crop_n_layers: int = 0
+    crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = 1
+    min_mask_region_area: int = 0
+
+    @classmethod
+    def from_object(cls, spec: object) -> "AmgParams":
+        """Copy the same-named fields of any object (e.g. the job file's `amg` section)."""
+        return cls(**{f.name: getattr(spec, f.name) for f in fields(cls)})
+
+
+class Engine(Protocol):
+    """What `segment_crop` needs of an engine (see `sam_batch.engines.backend`)."""
+
+    mask_threshold: float
+
+    def encode(self, crop: np.ndarray): ...
+
+    def decode(self, crop, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def upscale(self, crop, low_res: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class CropMasks:
+    """Masks kept from one crop, on the host.
+
+    masks: bool (N, h, w) in crop pixels; boxes: (N, 4) XYXY in image pixels (last pixel
+    inclusive); iou, stability: (N,); points: (N, 2) xy in image pixels; crop_box: XYXY.
+    """
+
+    masks: torch.Tensor
+    boxes: torch.Tensor
+    iou: torch.Tensor
+    stability: torch.Tensor
+    points: torch.Tensor
+    crop_box: list[int]
+
+    def __len__(self) -> int:
+        return len(self.iou)
+
+
+@dataclass(frozen=True)
+class Mask:
+    """One mask of the final output, with its full-image bool mask."""
+
+    mask: np.ndarray
+    box: list[float]
+    iou: float
+    stability: float
+    point: list[float]
+    crop_box: list[int]
+
+
+def generate_masks(engine: Engine, image: np.ndarray, params: AmgParams) -> list[Mask]:
+    """All masks of a uint8 (H, W, 3) image, in deterministic order."""
+    height, width = image.shape[:2]
+    boxes, layers = crop_boxes(height, width, params.crop_n_layers, params.crop_overlap_ratio)
+    grids = point_grids_per_layer(
+        params.points_per_side, params.crop_n_layers, params.crop_n_points_downscale_factor
+    )
+    crops = [
+        segment_crop(engine, image, box, grids[layer], params) for box, layer in zip(boxes, layers)
+    ]
+    return merge_crops(crops, (height, width), params)
+
+
+def segment_crop(
+    engine: Engine,
+    image: np.ndarray,
+    crop_box: list[int],
+    grid: np.ndarray,
+    params: AmgParams,
+) -> CropMasks:
+    """Encode the crop, decode its grid in batches, filter on the device, NMS within the crop.
+
+    grid: (P, 2) points in [0, 1] over the crop.
+    """
+    x0, y0, x1, y1 = crop_box
+    height, width = image.shape[:2]
+    crop = engine.encode(np.ascontiguousarray(image[y0:y1, x0:x1]))
+    points = grid * np.array([[x1 - x0, y1 - y0]], dtype=np.float64)
+    batches = [
+        _filter_batch(engine, crop, points[i : i + params.points_per_batch], crop_box, (height, width), params)
+        for i in range(0, len(points), params.points_per_batch)
+    ]
+    kept = CropMasks(
+        masks=torch.cat([b.masks for b in batches]),
+        boxes=torch.cat([b.boxes for b in batches]),
+        iou=torch.cat([b.iou for b in batches]),
+        stability=torch.cat([b.stability for b in batches]),
+        points=torch.cat([b.points for b in batches]),
+        crop_box=list(crop_box),
+    )
+    order = box_nms(kept.boxes.float(), kept.iou, params.box_nms_thresh)
+    return _select(kept, order)
+
+
+def _select(kept: CropMasks, index: torch.Tensor) -> CropMasks:
+    return CropMasks(
+        masks=kept.masks[index],
+        boxes=kept.boxes[index],
+        iou=kept.iou[index],
+        stability=kept.stability[index],
+        points=kept.points[index],
+        crop_box=kept.crop_box,
+    )
+
+
+def _filter_batch(
+    engine: Engine,
+    crop,
+    points: np.ndarray,
+    crop_box: list[int],
+    image_hw: tuple[int, int],
+    params: AmgParams,
+) -> CropMasks:
+    """Decode one batch of points (B, 2) in crop pixels and keep the masks that pass.
+
+    Filters in the reference's order: predicted IoU, stability, crop edges. The IoU filter
+    runs before upsampling (it does not depend on the mask), so rejected masks are never
+    brought to full size.
+    """
+    low_res, iou = engine.decode(crop, points)
+    n_out = low_res.shape[1]
+    low_res, iou = low_res.flatten(0, 1), iou.flatten(0, 1)
+    point_index = torch.arange(len(points), device=iou.device).repeat_interleave(n_out)
+
+    keep = iou > params.pred_iou_thresh
+    logits = engine.upscale(crop, low_res[keep])
+    iou, point_index = iou[keep], point_index[keep]
+
+    stability = stability_score(logits, engine.mask_threshold, params.stability_score_offset)
+    keep = stability >= params.stability_score_thresh
+    masks = logits[keep] > engine.mask_threshold
+    iou, stability, point_index = iou[keep], stability[keep], point_index[keep]
+
+    boxes = masks_to_boxes(masks)
+    keep = ~box_near_crop_edge(boxes, crop_box, [0, 0, image_hw[1], image_hw[0]])
+    point_xy = torch.as_tensor(points, dtype=torch.float64)[point_index[keep].cpu()]
+    return CropMasks(
+        masks=masks[keep].cpu(),
+        boxes=uncrop_boxes(boxes[keep], crop_box).cpu(),
+        iou=iou[keep].cpu(),
+        stability=stability[keep].cpu(),
+        points=uncrop_points(point_xy, crop_box),
+        crop_box=list(crop_box),
+    )
+
+
+def merge_crops(crops: list[CropMasks], image_hw: tuple[int, int], params: AmgParams) -> list[Mask]:
+    """NMS across crops (scored by 1 / crop area), then the optional small-region cleanup."""
+    height, width = image_hw
+    candidates = [(crop, i) for crop in crops for i in range(len(crop))]
+    if not candidates:
+        return []
+    if len(crops) > 1:
+        boxes = torch.cat([crop.boxes for crop in crops]).float()
+        areas = torch.tensor(
+            [float((c.crop_box[2] - c.crop_box[0]) * (c.crop_box[3] - c.crop_box[1])) for c, _ in candidates]
+        )
+        order = box_nms(boxes, 1.0 / areas, params.crop_nms_thresh)
+        candidates = [candidates[i] for i in order.tolist()]
+    masks = [_to_full_mask(crop, i, height, width) for crop, i in candidates]
+    if params.min_mask_region_area > 0:
+        masks = _remove_small_regions(masks, params)
+    return masks
+
+
+def _to_full_mask(crop: CropMasks, i: int, height: int, width: int) -> Mask:
+    x0, y0, x1, y1 = crop.crop_box
+    full = np.zeros((height, width), dtype=bool)
+    full[y0:y1, x0:x1] = crop.masks[i].numpy()
+    return Mask(
+        mask=full,
+        box=[float(v) for v in crop.boxes[i].tolist()],
+        iou=float(crop.iou[i]),
+        stability=float(crop.stability[i]),
+        point=[float(v) for v in crop.points[i].tolist()],
+        crop_box=list(crop.crop_box),
+    )
+
+
+def _remove_small_regions(masks: list[Mask], params: AmgParams) -> list[Mask]:
+    """Fill small holes, drop small islands; changed masks score 0, so NMS prefers unchanged ones."""
+    cleaned: list[Mask] = []
+    scores: list[float] = []
+    for m in masks:
+        mask, holes_changed = remove_small_regions(m.mask, params.min_mask_region_area, "holes")
+        mask, islands_changed = remove_small_regions(mask, params.min_mask_region_area, "islands")
+        changed = holes_changed or islands_changed
+        box = masks_to_boxes(torch.from_numpy(mask)[None])[0] if changed else torch.tensor(m.box)
+        cleaned.append(Mask(mask, [float(v) for v in box.tolist()], m.iou, m.stability, m.point, m.crop_box))
+        scores.append(0.0 if changed else 1.0)
+    boxes = torch.tensor([m.box for m in cleaned], dtype=torch.float32)
+    order = box_nms(boxes, torch.tensor(scores), max(params.box_nms_thresh, params.crop_nms_thresh))
+    return [cleaned[i] for i in order.tolist()]
+
+
+def to_records(masks: list[Mask]) -> list[dict]:
+    """The reference's `coco_rle` records, one per mask, in mask order.
+
+    bbox is XYWH with W = x1 - x0 (x1 the last pixel), as the reference writes it.
+    """
+    records = []
+    for m in masks:
+        x0, y0, x1, y1 = m.box
+        cx0, cy0, cx1, cy1 = m.crop_box
+        rle = encode_rle(m.mask)
+        records.append(
+            {
+                "segmentation": rle,
+                "area": int(m.mask.sum()),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "predicted_iou": m.iou,
+                "point_coords": [m.point],
+                "stability_score": m.stability,
+                "crop_box": [cx0, cy0, cx1 - cx0, cy1 - cy0],
+            }
+        )
+    return records

@@ -1,0 +1,132 @@
+"""Reading one input image into an RGB uint8 array, through fsspec.
+
+Photos (JPEG, PNG, WebP, ...) are decoded with Pillow: EXIF orientation applied, any mode
+(grayscale, palette, RGBA, CMYK, 16-bit) converted to RGB. TIFFs go through rasterio, bands
+1-3 (or the chosen ones); data that is not uint8 is stretched to 8 bits between its 2nd and
+98th percentiles. Sizes are checked from the header before any pixel is decoded.
+Every failure is an `ImageError` whose message is one line naming the stage and the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from collections.abc import Sequence
+
+import fsspec
+import numpy as np
+from PIL import Image, ImageOps
+
+MAX_PHOTO_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses larger photos as bombs
+MAX_RASTER_PIXELS = 30_000 * 30_000  # read whole into memory until windowed reading lands
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+class ImageError(Exception):
+    """An input that cannot be turned into an image; `stage` is read or decode."""
+
+    def __init__(self, stage: str, reason: str) -> None:
+        self.stage = stage
+        super().__init__(f"{stage}: {reason}")
+
+
+def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
+    """The whole file behind a local path or fsspec URL."""
+    try:
+        with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageError("read", "file not found") from None
+    except Exception as error:  # noqa: BLE001 - any storage failure becomes an error row
+        raise ImageError("read", _one_line(error)) from None
+    if not data:
+        raise ImageError("read", "file is empty (0 bytes)")
+    return data
+
+
+def decode_image(data: bytes, bands: Sequence[int] | None = None) -> np.ndarray:
+    """Decode file bytes into an RGB uint8 array (H, W, 3), H and W as displayed."""
+    if data[:4] in TIFF_MAGIC:
+        return _decode_raster(data, bands)
+    return _decode_photo(data)
+
+
+def load_image(uri: str, storage_options: dict | None = None, bands: Sequence[int] | None = None) -> np.ndarray:
+    """`read_bytes` then `decode_image`."""
+    return decode_image(read_bytes(uri, storage_options), bands)
+
+
+def _decode_photo(data: bytes) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise ImageError("decode", f"header claims over {MAX_PHOTO_PIXELS} pixels (decompression bomb)") from None
+    except Exception as error:  # noqa: BLE001
+        raise ImageError("decode", f"not a readable image ({_one_line(error)})") from None
+    _check_size(image.width, image.height, MAX_PHOTO_PIXELS)
+    try:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            return _gray_to_rgb(_stretch_to_uint8(np.asarray(image)[None]))
+        return np.asarray(image.convert("RGB"))
+    except Exception as error:  # noqa: BLE001
+        raise ImageError("decode", _one_line(error)) from None
+
+
+def _decode_raster(data: bytes, bands: Sequence[int] | None) -> np.ndarray:
+    import rasterio
+    from rasterio.io import MemoryFile
+
+    try:
+        with MemoryFile(data) as memfile, memfile.open() as src:
+            _check_size(src.width, src.height, MAX_RASTER_PIXELS)
+            chosen = list(bands) if bands else list(range(1, min(src.count, 3) + 1))
+            if max(chosen) > src.count:
+                raise ImageError("decode", f"bands {chosen} asked for, the file has {src.count}")
+            pixels = src.read(chosen)
+    except ImageError:
+        raise
+    except rasterio.errors.RasterioError as error:
+        cause = error.__cause__ or error
+        reason = re.sub(r"^[0-9a-f-]{36}\.\w+, ", "", " ".join(str(cause.args[-1] if cause.args else cause).split()))
+        raise ImageError("decode", f"raster read failed: {reason[:300]}") from None
+    if pixels.dtype != np.uint8:
+        pixels = _stretch_to_uint8(pixels)
+    if pixels.shape[0] == 1:
+        return _gray_to_rgb(pixels)
+    if pixels.shape[0] == 2:
+        raise ImageError("decode", "a 2-band raster has no RGB view; set raster.bands")
+    return np.ascontiguousarray(np.moveaxis(pixels, 0, -1))
+
+
+def _stretch_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Linear stretch of (C, H, W) data between its 2nd and 98th percentiles, all bands together."""
+    finite = pixels[np.isfinite(pixels)] if pixels.dtype.kind == "f" else pixels.ravel()
+    if finite.size == 0:
+        return np.zeros(pixels.shape, dtype=np.uint8)
+    low, high = np.percentile(finite, [2, 98])
+    if high <= low:  # flat data: place it within the type's own range instead
+        low, high = (0.0, float(np.iinfo(pixels.dtype).max)) if pixels.dtype.kind in "iu" else (low, low + 1.0)
+    scaled = (np.nan_to_num(pixels.astype(np.float64), nan=low) - low) * (255.0 / (high - low))
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+def _gray_to_rgb(pixels: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.repeat(pixels[0][..., None], 3, axis=-1))
+
+
+def _check_size(width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageError("decode", f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError(
+            "decode", f"header claims {width}x{height} pixels, over the limit of {max_pixels} (decompression bomb)"
+        )
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text[:300]

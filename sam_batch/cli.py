@@ -1,0 +1,139 @@
+"""The `sam-batch` command line: run, validate, render, weights fetch."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_INVALID_JOB = 0, 1, 2
+
+log = logging.getLogger("sam_batch")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    for noisy in ("ray", "fsspec", "s3fs", "botocore", "urllib3", "rasterio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from sam_batch.jobs.schema import JobError
+
+    try:
+        return args.handler(args)
+    except JobError as error:
+        print(f"sam-batch: invalid job: {error}", file=sys.stderr)
+        return EXIT_INVALID_JOB
+    except KeyboardInterrupt:
+        print("sam-batch: interrupted; run the same command again to resume", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    except Exception as error:  # noqa: BLE001 - a job-level failure: one line, exit 1
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"sam-batch: {type(error).__name__}: {message}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sam-batch", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run (or resume) a job")
+    run.add_argument("job", help="the job file (YAML)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--overwrite", action="store_true", help="replace an output made by a different job")
+    run.set_defaults(handler=_run)
+
+    validate = commands.add_parser("validate", help="validate a job file and print the plan")
+    validate.add_argument("job")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    validate.set_defaults(handler=_validate)
+
+    render = commands.add_parser("render", help="draw the masks of one image over it")
+    render.add_argument("output_uri")
+    render.add_argument("image_uri")
+    render.add_argument("-o", "--out", required=True, help="the PNG to write")
+    render.set_defaults(handler=_render)
+
+    weights = commands.add_parser("weights", help="manage model weights")
+    weights_commands = weights.add_subparsers(dest="weights_command", required=True)
+    fetch = weights_commands.add_parser("fetch", help="provision a checkpoint into the cache")
+    fetch.add_argument("model_type", choices=["vit_t", "vit_b", "vit_l", "vit_h"])
+    fetch.add_argument("--force", action="store_true", help="download again even if cached")
+    fetch.set_defaults(handler=_weights_fetch)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sam_batch.jobs.runner import run_job
+    from sam_batch.jobs.schema import load_job
+
+    job = load_job(args.job, args.overrides)
+    summary = run_job(job, overwrite=args.overwrite)
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary.stage_seconds.items())
+    print(f"output: {job.output.uri}/masks/*.parquet and {job.output.uri}/images/*.parquet")
+    print(
+        f"images: {summary.images_ok} ok, {summary.images_error} error; masks: {summary.masks}; "
+        f"shards: {summary.shards_committed} committed, {summary.shards_skipped} already done; "
+        f"{summary.seconds:.1f}s ({summary.images_per_second:.3f} images/s)"
+    )
+    print(f"time per stage (summed over workers): {stages}")
+    return EXIT_OK
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from sam_batch.jobs.dataset import OutputDataset
+    from sam_batch.jobs.plan import list_inputs, make_plan
+    from sam_batch.jobs.schema import load_job
+
+    job = load_job(args.job, args.overrides)
+    plan = make_plan(job, list_inputs(job))
+    existing = OutputDataset(job.output.uri, job.output.storage_options).read_plan()
+    print(f"job {job.name!r}: valid ({job.model.type}, backend {job.engine.backend}, executor {job.run.executor})")
+    print(f"inputs: {sum(len(s.uris) for s in plan.shards)} images in {len(plan.shards)} shards of up to {job.run.shard_size}")
+    for shard in plan.shards:
+        print(f"  {shard.name}: {len(shard.uris)} images, first {shard.uris[0]}")
+    if existing is None:
+        print(f"output: {job.output.uri} (new)")
+    elif existing.fingerprint == job.fingerprint():
+        print(f"output: {job.output.uri} (holds this job: a run resumes it)")
+    else:
+        print(f"output: {job.output.uri} (holds a different job: a run needs --overwrite)")
+    return EXIT_OK
+
+
+def _render(args: argparse.Namespace) -> int:
+    import pyarrow.compute as pc
+
+    from sam_batch.jobs.dataset import OutputDataset
+    from sam_batch.jobs.plan import normalise_uri
+    from sam_batch.pipeline.images import load_image
+    from sam_batch.pipeline.render import overlay
+
+    masks = OutputDataset(args.output_uri).read_table("masks")
+    candidates = {args.image_uri, normalise_uri(args.image_uri)}
+    rows = masks.filter(pc.is_in(masks["image_uri"], value_set=_string_array(candidates)))
+    if rows.num_rows == 0:
+        images = OutputDataset(args.output_uri).read_table("images")
+        if pc.sum(pc.is_in(images["image_uri"], value_set=_string_array(candidates))).as_py() in (None, 0):
+            raise LookupError(f"{args.image_uri}: not in the images table of {args.output_uri}")
+    picture = overlay(load_image(args.image_uri), rows.column("segmentation").to_pylist())
+    picture.save(args.out, format="PNG")
+    print(f"{args.out}: {rows.num_rows} masks over {args.image_uri}")
+    return EXIT_OK
+
+
+def _weights_fetch(args: argparse.Namespace) -> int:
+    from sam_batch.engines.checkpoints import fetch_weights
+
+    path = fetch_weights(args.model_type, force=args.force, log=lambda line: print(line, file=sys.stderr))
+    print(path)
+    return EXIT_OK
+
+
+def _string_array(values: set[str]):
+    import pyarrow as pa
+
+    return pa.array(sorted(values), type=pa.string())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Shared test fixtures: the real data in ../shared, a weights cache seeded from it, golden files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SAM_BATCH_SHARED", REPO.parent / "shared"))
+IMAGES = SHARED / "data" / "images"
+GOLDEN = SHARED / "golden"
+MOBILE_SAM = SHARED / "models" / "mobile_sam.pt"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Seed a private weights cache from ../shared so no test downloads the checkpoint.
+
+    Set before any test runs, so `sam-batch` subprocesses and Ray workers inherit it.
+    """
+    if not MOBILE_SAM.exists():
+        raise pytest.UsageError(f"the test data is missing: {MOBILE_SAM} (../shared beside the checkout)")
+    cache = Path(config.rootpath) / ".pytest_cache" / "weights"
+    cache.mkdir(parents=True, exist_ok=True)
+    cached = cache / "mobile_sam.pt"
+    if not cached.exists() or cached.stat().st_size != MOBILE_SAM.stat().st_size:
+        shutil.copyfile(MOBILE_SAM, cached)
+    os.environ["SAM_BATCH_CACHE"] = str(cache)
+
+
+def load_golden(name: str) -> dict:
+    """A golden file with its `segmentation`, `bbox`, ... parsed into Python values."""
+    data = json.loads((GOLDEN / name).read_text())
+    data["masks"] = [{k: _parse(v) for k, v in record.items()} for record in data["masks"]]
+    return data
+
+
+def _parse(value):
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return json.loads(value.replace("'", '"'))
+
+
+def golden_files() -> list[str]:
+    return sorted(p.name for p in GOLDEN.glob("*.json"))
+
+
+@pytest.fixture(scope="session")
+def shared_images() -> Path:
+    return IMAGES

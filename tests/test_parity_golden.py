@@ -1,0 +1,53 @@
+"""Mask parity with MobileSAM's own generator on every golden file (fp32, CPU).
+
+For each golden file: at IoU >= 0.9, at least 98% of the reference masks are found among ours
+and at least 98% of ours are among the reference's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from conftest import IMAGES, golden_files, load_golden
+from sam_batch.engines.backend import build_engine, set_cpu_threads
+from sam_batch.pipeline.amg import AmgParams, generate_masks, to_records
+from sam_batch.pipeline.images import load_image
+
+MATCH_IOU = 0.9
+MIN_AGREEMENT = 0.98
+
+
+@pytest.fixture(scope="module")
+def engine():
+    set_cpu_threads()
+    return build_engine("vit_t", device="cpu")
+
+
+def agreement(ours: list[dict], reference: list[dict]) -> tuple[float, float, float]:
+    """Recall (reference masks found), precision (our masks in the reference), mean best IoU."""
+    if not ours or not reference:
+        return float(not reference), float(not ours), 0.0
+    as_rle = lambda s: {"size": s["size"], "counts": s["counts"].encode()}  # noqa: E731
+    iou = np.asarray(
+        mask_utils.iou([as_rle(r["segmentation"]) for r in ours], [as_rle(r["segmentation"]) for r in reference], [0] * len(reference))
+    )
+    best_for_reference, best_for_ours = iou.max(axis=0), iou.max(axis=1)
+    return float((best_for_reference >= MATCH_IOU).mean()), float((best_for_ours >= MATCH_IOU).mean()), float(best_for_reference.mean())
+
+
+def golden_params(golden: dict) -> AmgParams:
+    return AmgParams(**golden["params"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("golden_name", golden_files())
+def test_masks_match_the_reference(engine, golden_name: str) -> None:
+    golden = load_golden(golden_name)
+    image = load_image(str(IMAGES / golden["image"]))
+    assert list(image.shape) == golden["shape"]
+    ours = to_records(generate_masks(engine, image, golden_params(golden)))
+    recall, precision, mean_iou = agreement(ours, golden["masks"])
+    print(f"{golden_name}: ours {len(ours)} reference {len(golden['masks'])} recall {recall:.3f} precision {precision:.3f} mean IoU {mean_iou:.4f}")
+    assert recall >= MIN_AGREEMENT and precision >= MIN_AGREEMENT, (recall, precision)

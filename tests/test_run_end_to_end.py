@@ -1,0 +1,195 @@
+"""`sam-batch run` end to end on the real images: Ray and in-process, read back with pyarrow and DuckDB."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from pycocotools import mask as mask_utils
+
+from conftest import IMAGES
+
+SAM_BATCH = str(Path(sys.executable).parent / "sam-batch")
+ALL_IMAGES = sorted(p.name for p in IMAGES.iterdir())
+FAST_AMG = {"points_per_side": 8, "points_per_batch": 64}
+
+
+def write_job(tmp_path: Path, name: str, uris: list[str], out: Path, **sections) -> Path:
+    job = {"name": name, "input": {"uris": uris}, "output": {"uri": str(out)}, **sections}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def sam_batch(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([SAM_BATCH, *args], capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"sam-batch {args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def ray_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """Every image of ../shared/data/images through the embedded Ray, 3 shards."""
+    tmp = tmp_path_factory.mktemp("ray_run")
+    out = tmp / "out"
+    job = write_job(tmp, "all-images", [str(IMAGES / "*")], out, amg=FAST_AMG, run={"shard_size": 5})
+    return job, out, sam_batch("run", str(job))
+
+
+def test_every_input_is_one_images_row(ray_run) -> None:
+    _, out, result = ray_run
+    images = pq.read_table(out / "images").to_pylist()
+    assert sorted(Path(r["image_uri"]).name for r in images) == ALL_IMAGES
+    assert len({r["image_id"] for r in images}) == len(ALL_IMAGES)
+    by_name = {Path(r["image_uri"]).name: r for r in images}
+    bad = by_name["corrupt.tif"]
+    assert bad["status"] == "error" and bad["error"].startswith("decode: ") and bad["n_masks"] == 0
+    good = [r for name, r in by_name.items() if name != "corrupt.tif"]
+    assert all(r["status"] == "ok" and r["error"] is None for r in good)
+    assert (by_name["dog.jpg"]["width"], by_name["dog.jpg"]["height"]) == (800, 534)
+    assert (by_name["truck.jpg"]["width"], by_name["truck.jpg"]["height"]) == (1800, 1200)
+    assert sum(r["n_masks"] for r in good) > 0
+    assert "images: 11 ok, 1 error" in result.stdout
+
+
+def test_every_mask_decodes_to_its_area_and_box(ray_run) -> None:
+    _, out, _ = ray_run
+    masks = pq.read_table(out / "masks").to_pylist()
+    sizes = {r["image_id"]: (r["height"], r["width"]) for r in pq.read_table(out / "images").to_pylist()}
+    assert masks
+    for row in masks:
+        rle = {"size": row["segmentation"]["size"], "counts": row["segmentation"]["counts"].encode()}
+        assert tuple(rle["size"]) == sizes[row["image_id"]]
+        decoded = mask_utils.decode(rle)
+        assert int(decoded.sum()) == row["area"] == int(mask_utils.area(rle))
+        ys, xs = np.nonzero(decoded)
+        x0, y0 = xs.min(), ys.min()
+        assert row["bbox"] == [float(x0), float(y0), float(xs.max() - x0), float(ys.max() - y0)]
+        assert row["predicted_iou"] > 0.88 and row["stability_score"] >= 0.95
+        assert len(row["point_coords"]) == 1 and len(row["point_coords"][0]) == 2
+        assert row["crop_box"] == [0, 0, sizes[row["image_id"]][1], sizes[row["image_id"]][0]]
+
+
+def test_schema_is_the_spec(ray_run) -> None:
+    _, out, _ = ray_run
+    masks = pq.read_schema(next((out / "masks").glob("*.parquet")))
+    as_written = [(f.name, str(f.type).replace("element:", "item:")) for f in masks]  # Parquet names list items "element"
+    assert as_written == [
+        ("image_uri", "string"),
+        ("image_id", "string"),
+        ("mask_id", "int32"),
+        ("segmentation", "struct<size: list<item: int32>, counts: string>"),
+        ("bbox", "list<item: double>"),
+        ("area", "int64"),
+        ("predicted_iou", "float"),
+        ("stability_score", "float"),
+        ("point_coords", "list<item: list<item: double>>"),
+        ("crop_box", "list<item: int32>"),
+    ]
+    images = pq.read_schema(next((out / "images").glob("*.parquet")))
+    assert images.names == ["image_uri", "image_id", "status", "error", "width", "height", "n_masks", "seconds"]
+
+
+def test_duckdb_reads_the_output(ray_run) -> None:
+    _, out, _ = ray_run
+    masks, images = f"read_parquet('{out}/masks/*.parquet')", f"read_parquet('{out}/images/*.parquet')"
+    duplicates = duckdb.sql(f"SELECT count(*) FROM (SELECT image_id, mask_id FROM {masks} GROUP BY ALL HAVING count(*) > 1)")
+    assert duplicates.fetchall()[0][0] == 0
+    per_image = duckdb.sql(
+        f"SELECT i.image_id, i.n_masks, count(m.mask_id) AS n, coalesce(max(m.mask_id), -1) AS last "
+        f"FROM {images} i LEFT JOIN {masks} m USING (image_id) GROUP BY ALL"
+    ).fetchall()
+    assert len(per_image) == len(ALL_IMAGES)
+    for _, n_masks, n, last in per_image:
+        assert n_masks == n and last == n - 1  # mask ids are 0..n-1
+    largest = duckdb.sql(f"SELECT max(area) FROM {masks} WHERE image_uri LIKE '%truck.jpg'").fetchall()[0][0]
+    assert 0 < largest <= 1800 * 1200
+
+
+def test_run_record_and_shards(ray_run) -> None:
+    _, out, _ = ray_run
+    record = json.loads((out / "run.json").read_text())
+    assert record["executor"] == "ray" and record["n_shards"] == 3 and record["shards_committed"] == 3
+    assert record["images_ok"] == 11 and record["images_error"] == 1
+    assert sorted(p.name for p in (out / "masks").iterdir()) == [f"shard-0000{i}.parquet" for i in range(3)]
+    assert not (out / "_sam_batch" / "attempts").exists()
+
+
+def test_rerun_resumes_without_redoing_work(ray_run) -> None:
+    job, out, _ = ray_run
+    before = pq.read_table(out / "masks")
+    result = sam_batch("run", str(job))
+    record = json.loads((out / "run.json").read_text())
+    assert record["shards_skipped"] == 3 and record["shards_committed"] == 0 and record["images_ok"] == 0
+    assert pq.read_table(out / "masks").equals(before)
+    assert "3 already done" in result.stdout
+
+
+def test_a_different_job_is_refused_unless_overwrite(ray_run, tmp_path) -> None:
+    _, out, _ = ray_run
+    other = write_job(tmp_path, "other", [str(IMAGES / "dog.jpg")], out, amg=FAST_AMG)
+    refused = sam_batch("run", str(other), check=False)
+    assert refused.returncode == 1 and "--overwrite" in refused.stderr
+    copy = tmp_path / "copy"
+    other = write_job(tmp_path, "other", [str(IMAGES / "dog.jpg")], copy, amg=FAST_AMG, run={"executor": "local"})
+    sam_batch("run", str(other))
+    sam_batch("run", str(other), "--set", "amg.points_per_side=4", "--overwrite")
+    images = pq.read_table(copy / "images").to_pylist()
+    assert [Path(r["image_uri"]).name for r in images] == ["dog.jpg"]
+
+
+def test_local_executor_gives_the_same_rows_as_ray(ray_run, tmp_path) -> None:
+    _, out, _ = ray_run
+    uris = [str(IMAGES / n) for n in ("dog.jpg", "rgb1.tif")]
+    job = write_job(tmp_path, "local", uris, tmp_path / "local", amg=FAST_AMG, run={"executor": "local"})
+    sam_batch("run", str(job))
+    local = pq.read_table(tmp_path / "local" / "masks").drop_columns([]).to_pylist()
+    ray_rows = [r for r in pq.read_table(out / "masks").to_pylist() if r["image_uri"] in uris]
+    key = lambda r: (r["image_uri"], r["mask_id"])  # noqa: E731
+    assert len(local) == len(ray_rows) > 0
+    for a, b in zip(sorted(local, key=key), sorted(ray_rows, key=key)):
+        assert a["segmentation"] == b["segmentation"] and a["bbox"] == b["bbox"]
+
+
+def test_render_draws_an_overlay(ray_run, tmp_path) -> None:
+    _, out, _ = ray_run
+    png = tmp_path / "overlay.png"
+    result = sam_batch("render", str(out), str(IMAGES / "dog.jpg"), "-o", str(png))
+    from PIL import Image
+
+    picture = Image.open(png)
+    assert picture.size == (800, 534) and "masks over" in result.stdout
+    original = np.asarray(Image.open(IMAGES / "dog.jpg").convert("RGB"))
+    assert not np.array_equal(np.asarray(picture), original)
+    missing = sam_batch("render", str(out), str(IMAGES / "nope.jpg"), "-o", str(png), check=False)
+    assert missing.returncode == 1 and "nope.jpg" in missing.stderr
+
+
+def test_validate_prints_the_plan_without_running(tmp_path) -> None:
+    job = write_job(tmp_path, "plan", [str(IMAGES / "*.jpg")], tmp_path / "out", run={"shard_size": 3})
+    result = sam_batch("validate", str(job))
+    assert "8 images in 3 shards" in result.stdout and "(new)" in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_invalid_job_exits_2_naming_the_field(tmp_path) -> None:
+    job = write_job(tmp_path, "bad", [str(IMAGES / "dog.jpg")], tmp_path / "out", engine={"backend": "tensorflow"})
+    result = sam_batch("run", str(job), check=False)
+    assert result.returncode == 2
+    assert "engine.backend" in result.stderr and "torch" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_no_inputs_is_a_job_failure(tmp_path) -> None:
+    job = write_job(tmp_path, "empty", [str(tmp_path / "nothing" / "*.jpg")], tmp_path / "out")
+    result = sam_batch("run", str(job), check=False)
+    assert result.returncode == 1 and "no images found" in result.stderr
