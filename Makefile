@@ -24,3 +24,22 @@ test: install
 
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow"
+
+# The reference generator (MobileSAM's SamAutomaticMaskGenerator) in its own environment,
+# never in $(VENV): `make bench` runs it and sam-batch side by side (sam_batch/bench.py).
+REF_VENV ?= .venv-ref
+REF_TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: bench-env
+
+bench-env: $(REF_VENV)/.installed
+
+$(REF_VENV)/.installed:
+	test -x $(REF_VENV)/bin/python || python3 -m venv $(REF_VENV)
+	$(REF_VENV)/bin/pip install --quiet $(REF_TORCH)
+	$(REF_VENV)/bin/pip install --quiet timm mobilesam-mirror segment-anything pycocotools pillow numpy
+	touch $@
+
+# `--` keeps the top-level parser from taking the options that follow as its own.
+bench: install bench-env
+	$(VENV)/bin/sam-batch bench -- --ref-venv $(REF_VENV) --write-doc

@@ -39,12 +39,12 @@ class SamModel(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).reshape(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).reshape(3, 1, 1), persistent=False)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised, padded images (N, 3, 1024, 1024) -> image embeddings (N, 256, 64, 64)."""
         return self.image_encoder(images)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(
         self, image_embedding: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

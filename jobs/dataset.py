@@ -96,9 +96,7 @@ class OutputDataset:
     def clear(self) -> None:
         """Remove everything sam-batch wrote here (for --overwrite)."""
         for part in ("masks", "images", BOOKKEEPING, "run.json"):
-            path = self.path(part)
-            if self.fs.exists(path):
-                self.fs.rm(path, recursive=True)
+            self._remove(self.path(part))
 
     # -- commits --------------------------------------------------------------------------
 
@@ -121,7 +119,7 @@ class OutputDataset:
             self._write_bytes(staged, _parquet_bytes(table))
             self.fs.makedirs(self.path(table_name), exist_ok=True)
             self.fs.mv(staged, self.path(table_name, f"{shard.name}.parquet"))
-        self.fs.rm(attempt, recursive=True)
+        self._remove(attempt)  # empty by now; object stores have no folder left to remove
         return self._create_marker(shard, stats)
 
     def data_files(self, table_name: str) -> list[str]:
@@ -141,9 +139,13 @@ class OutputDataset:
 
     def clean_attempts(self) -> None:
         """Remove leftovers of attempts that died before publishing."""
-        folder = self.path(BOOKKEEPING, "attempts")
-        if self.fs.exists(folder):
-            self.fs.rm(folder, recursive=True)
+        self._remove(self.path(BOOKKEEPING, "attempts"))
+
+    def _remove(self, path: str) -> None:
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
 
     def write_run_record(self, record: dict) -> None:
         self._write_bytes(self.path("run.json"), json.dumps(record, indent=1).encode("utf-8"))

@@ -70,6 +70,7 @@ class RayExecutor:
             ray.init(address=self.job.run.ray_address, logging_level=logging.WARNING)
         else:
             ray.init(
+                address="local",  # always a new embedded Ray, never a cluster found on this machine
                 _node_ip_address="127.0.0.1",
                 include_dashboard=False,
                 logging_level=logging.WARNING,

@@ -33,6 +33,9 @@ from sam_batch.pipeline.masks import (
 from sam_batch.pipeline.rle import encode_rle
 
 
+UPSCALE_CHUNK = 16  # masks brought to full size at once: bounds memory, not results
+
+
 @dataclass(frozen=True)
 class AmgParams:
     """The parameters of SamAutomaticMaskGenerator, with its names and defaults."""
@@ -173,13 +176,9 @@ def _filter_batch(
     point_index = torch.arange(len(points), device=iou.device).repeat_interleave(n_out)
 
     keep = iou > params.pred_iou_thresh
-    logits = engine.upscale(crop, low_res[keep])
+    low_res, iou, point_index = low_res[keep], iou[keep], point_index[keep]
+    keep, stability, masks = _stable_masks(engine, crop, low_res, params)
     iou, point_index = iou[keep], point_index[keep]
-
-    stability = stability_score(logits, engine.mask_threshold, params.stability_score_offset)
-    keep = stability >= params.stability_score_thresh
-    masks = logits[keep] > engine.mask_threshold
-    iou, stability, point_index = iou[keep], stability[keep], point_index[keep]
 
     boxes = masks_to_boxes(masks)
     keep = ~box_near_crop_edge(boxes, crop_box, [0, 0, image_hw[1], image_hw[0]])
@@ -192,6 +191,29 @@ def _filter_batch(
         points=uncrop_points(point_xy, crop_box),
         crop_box=list(crop_box),
     )
+
+
+def _stable_masks(
+    engine: Engine, crop, low_res: torch.Tensor, params: AmgParams
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The low-res logits (K, 256, 256) whose full-size masks pass the stability filter.
+
+    Returns their indexes (S,), stability scores (S,) and binary masks (S, h, w). Logits are
+    brought to full size `UPSCALE_CHUNK` at a time, so full-size float masks never pile up.
+    """
+    kept, scores, masks = [], [], []
+    for start in range(0, len(low_res), UPSCALE_CHUNK):
+        logits = engine.upscale(crop, low_res[start : start + UPSCALE_CHUNK])
+        stability = stability_score(logits, engine.mask_threshold, params.stability_score_offset)
+        stable = stability >= params.stability_score_thresh
+        kept.append(torch.nonzero(stable)[:, 0] + start)
+        scores.append(stability[stable])
+        masks.append(logits[stable] > engine.mask_threshold)
+    if not masks:
+        height, width = crop.crop_hw
+        empty = torch.zeros(0, dtype=torch.int64, device=low_res.device)
+        return empty, low_res.new_zeros(0), torch.zeros((0, height, width), dtype=torch.bool, device=low_res.device)
+    return torch.cat(kept), torch.cat(scores), torch.cat(masks)
 
 
 def merge_crops(crops: list[CropMasks], image_hw: tuple[int, int], params: AmgParams) -> list[Mask]:

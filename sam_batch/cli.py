@@ -53,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("-o", "--out", required=True, help="the PNG to write")
     render.set_defaults(handler=_render)
 
+    bench = commands.add_parser(
+        "bench", help="the reference generator and sam-batch side by side", add_help=False
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(handler=_bench)
+
     weights = commands.add_parser("weights", help="manage model weights")
     weights_commands = weights.add_subparsers(dest="weights_command", required=True)
     fetch = weights_commands.add_parser("fetch", help="provision a checkpoint into the cache")
@@ -119,6 +125,12 @@ def _render(args: argparse.Namespace) -> int:
     picture.save(args.out, format="PNG")
     print(f"{args.out}: {rows.num_rows} masks over {args.image_uri}")
     return EXIT_OK
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from sam_batch.bench import main as bench_main
+
+    return bench_main(args.bench_args)
 
 
 def _weights_fetch(args: argparse.Namespace) -> int:
