@@ -1,0 +1,111 @@
+"""Faults injected for real: a segmenting actor killed mid-job, the driver SIGKILLed mid-job.
+
+Each run must end with the same rows as a clean run, and a re-run must not redo committed shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import IMAGES
+
+pytestmark = pytest.mark.slow
+
+SAM_BATCH = str(Path(sys.executable).parent / "sam-batch")
+NAMES = ["dog.jpg", "groceries.jpg", "picture1.jpg", "picture2.jpg", "rgb1.tif", "truck.jpg"]
+
+
+def write_job(path: Path, out: Path, executor: str = "ray") -> Path:
+    job = {
+        "name": "faults",
+        "input": {"uris": [str(IMAGES / n) for n in NAMES]},
+        "output": {"uri": str(out)},
+        "amg": {"points_per_side": 6},
+        "run": {"shard_size": 2, "executor": executor},
+    }
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def rows(out: Path) -> tuple[list[tuple], list[tuple]]:
+    """Masks and images rows, sorted, without the timing column."""
+    masks = pq.read_table(out / "masks").to_pylist()
+    images = pq.read_table(out / "images").drop_columns(["seconds"]).to_pylist()
+    mask_key = [(m["image_uri"], m["mask_id"], m["segmentation"]["counts"], tuple(m["bbox"])) for m in masks]
+    image_key = [tuple(sorted(i.items())) for i in images]
+    return sorted(mask_key), sorted(image_key)
+
+
+def committed(out: Path) -> int:
+    folder = out / "_sam_batch" / "commits"
+    return len(list(folder.glob("*.json"))) if folder.exists() else 0
+
+
+def wait_for(condition, timeout: float = 600.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def actor_pids(driver: psutil.Process) -> list[int]:
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if any("_SegmenterActor" in part for part in (p.info["cmdline"] or []))
+    ]
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> tuple[list, list]:
+    tmp = tmp_path_factory.mktemp("clean")
+    job = write_job(tmp / "job.yaml", tmp / "out", executor="local")
+    subprocess.run([SAM_BATCH, "run", str(job)], check=True, capture_output=True, timeout=1200)
+    return rows(tmp / "out")
+
+
+def test_killed_actor_is_restarted_and_output_is_exactly_once(clean, tmp_path) -> None:
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", out)
+    driver = subprocess.Popen([SAM_BATCH, "run", str(job)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: committed(out) >= 1 or driver.poll() is not None, what="the first commit")
+    assert driver.poll() is None, "the job ended before the fault could be injected"
+    victims = actor_pids(psutil.Process(driver.pid))
+    assert victims, "no segmenting actor found"
+    os.kill(victims[0], signal.SIGKILL)
+    stdout, stderr = driver.communicate(timeout=1200)
+    assert driver.returncode == 0, stderr
+    assert rows(out) == clean
+    record = json.loads((out / "run.json").read_text())
+    assert record["images_ok"] + record["images_error"] == len(NAMES)
+
+
+def test_sigkilled_driver_resumes_without_redoing_committed_shards(clean, tmp_path) -> None:
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", out)
+    driver = subprocess.Popen([SAM_BATCH, "run", str(job)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: committed(out) >= 1 or driver.poll() is not None, what="the first commit")
+    assert driver.poll() is None, "the job ended before the fault could be injected"
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    done_before = committed(out)
+    assert 1 <= done_before < 3
+    rerun = subprocess.run([SAM_BATCH, "run", str(job)], capture_output=True, text=True, timeout=1200)
+    assert rerun.returncode == 0, rerun.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["shards_skipped"] == done_before
+    assert record["images_ok"] + record["images_error"] == len(NAMES) - 2 * done_before
+    assert rows(out) == clean
+    assert not (out / "_sam_batch" / "attempts").exists()
