@@ -7,8 +7,8 @@ MobileSAM checkpoints.
 
 The decoder runs B prompts against one image. The image side (embedding, positional encoding,
 their projections in the first layer) stays batch-1 and broadcasts until the first
-image-to-token attention makes it prompt-specific; the result is the reference computation, not
-an approximation of it.
+image-to-token attention makes it prompt-specific. The arithmetic is the reference's; only the
+order of fp32 roundings differs.
 """
 
 from __future__ import annotations
@@ -91,9 +91,10 @@ class PromptEncoder(nn.Module):
         0 = background, -1 = ignore. Returns (B, N + 1, embed_dim).
         """
         pe = self.pe_layer.points(coords + 0.5, self.input_image_size)  # sample at pixel centres
-        table = torch.cat([self.not_a_point_embed.weight, self.point_embeddings[0].weight, self.point_embeddings[1].weight])
+        negative, positive = self.point_embeddings[0].weight, self.point_embeddings[1].weight
+        by_label = torch.cat([self.not_a_point_embed.weight, negative, positive])  # rows for labels -1, 0, 1
         ignored = (labels == -1).unsqueeze(-1)
-        points = torch.where(ignored, 0.0, pe) + table[labels.long() + 1]
+        points = torch.where(ignored, 0.0, pe) + by_label[labels.long() + 1]
         padding = self.not_a_point_embed.weight.expand(coords.shape[0], 1, -1)
         return torch.cat([points, padding], dim=1)
 
@@ -159,7 +160,12 @@ class TwoWayAttentionBlock(nn.Module):
     """
 
     def __init__(
-        self, embedding_dim: int, num_heads: int, mlp_dim: int, attention_downsample_rate: int, skip_first_layer_pe: bool
+        self,
+        embedding_dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        attention_downsample_rate: int,
+        skip_first_layer_pe: bool,
     ) -> None:
         super().__init__()
         self.self_attn = Attention(embedding_dim, num_heads)
@@ -175,7 +181,10 @@ class TwoWayAttentionBlock(nn.Module):
     def forward(
         self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries (B, Nt, C), keys (1 or B, HW, C), query_pe (B, Nt, C), key_pe (1, HW, C) -> (B, Nt, C), (B, HW, C)."""
+        """queries (B, Nt, C), keys (1 or B, HW, C), query_pe (B, Nt, C), key_pe (1, HW, C).
+
+        Returns the updated queries (B, Nt, C) and keys (B, HW, C).
+        """
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
@@ -195,11 +204,18 @@ class TwoWayTransformer(nn.Module):
     """Stack of :class:`TwoWayAttentionBlock` plus a final token->image attention."""
 
     def __init__(
-        self, depth: int = 2, embedding_dim: int = 256, num_heads: int = 8, mlp_dim: int = 2048, attention_downsample_rate: int = 2
+        self,
+        depth: int = 2,
+        embedding_dim: int = 256,
+        num_heads: int = 8,
+        mlp_dim: int = 2048,
+        attention_downsample_rate: int = 2,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            TwoWayAttentionBlock(embedding_dim, num_heads, mlp_dim, attention_downsample_rate, skip_first_layer_pe=i == 0)
+            TwoWayAttentionBlock(
+                embedding_dim, num_heads, mlp_dim, attention_downsample_rate, skip_first_layer_pe=i == 0
+            )
             for i in range(depth)
         )
         self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
@@ -208,7 +224,10 @@ class TwoWayTransformer(nn.Module):
     def forward(
         self, image_tokens: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """image_tokens (1 or B, HW, C), image_pe (1, HW, C), point_embedding (B, Nt, C) -> tokens (B, Nt, C), image (B, HW, C)."""
+        """image_tokens (1 or B, HW, C), image_pe (1, HW, C), point_embedding (B, Nt, C).
+
+        Returns the output tokens (B, Nt, C) and the updated image tokens (B, HW, C).
+        """
         queries, keys = point_embedding, image_tokens
         for layer in self.layers:
             queries, keys = layer(queries, keys, query_pe=point_embedding, key_pe=image_pe)
@@ -282,9 +301,9 @@ class MaskDecoder(nn.Module):
         image_tokens = _to_tokens(image_embedding + dense_embeddings)
         hs, image_tokens = self.transformer(image_tokens, _to_tokens(image_pe), tokens)
 
-        selected = range(1, self.num_mask_tokens) if multimask_output else range(0, 1)
-        iou_pred = self.iou_prediction_head(hs[:, 0])[:, selected.start : selected.stop]
-        hyper_in = torch.stack([self.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in selected], dim=1)
+        first, stop = (1, self.num_mask_tokens) if multimask_output else (0, 1)
+        iou_pred = self.iou_prediction_head(hs[:, 0])[:, first:stop]
+        hyper_in = torch.stack([self.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in range(first, stop)], dim=1)
         return self._mask_logits(hyper_in, image_tokens, height, width), iou_pred
 
     def _mask_logits(self, hyper_in: torch.Tensor, image_tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -297,8 +316,9 @@ class MaskDecoder(nn.Module):
         the M logit maps instead of the C/4 and C/8 feature maps.
         """
         up1, norm, act, up2, _ = self.output_upscaling
-        x = F.layer_norm(_blockwise_transposed_conv(image_tokens, up1), norm.weight.shape, norm.weight, norm.bias, norm.eps)
-        x = act(_blockwise_transposed_conv(act(x), up2))  # (B, hw, 2, 2, 2, 2, C/8)
+        x = _blockwise_transposed_conv(image_tokens, up1)  # (B, hw, 2, 2, C/4)
+        x = act(F.layer_norm(x, norm.weight.shape, norm.weight, norm.bias, norm.eps))
+        x = act(_blockwise_transposed_conv(x, up2))  # (B, hw, 2, 2, 2, 2, C/8)
         batch, masks = hyper_in.shape[:2]
         logits = hyper_in @ x.reshape(batch, -1, x.shape[-1]).transpose(1, 2)  # (B, M, hw * 16), block order
         logits = logits.reshape(batch, masks, height, width, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)

@@ -56,15 +56,16 @@ class SamModel(nn.Module):
         Returns low-resolution mask logits (B, 3, 256, 256) and predicted IoU (B, 3).
 
         On CPU the prompts run :data:`CPU_PROMPTS_PER_PASS` at a time: each pass's intermediates
-        then stay near glibc malloc's 32 MiB mmap threshold and their memory is recycled instead
-        of being page-faulted in afresh, which made a 64-prompt batch about 1.5-2x faster on a
-        2-core machine. Prompts are independent, so the results are the same.
+        then stay near glibc malloc's 32 MiB mmap threshold, so their memory is recycled instead of
+        being page-faulted in afresh (about 3x fewer page faults for 64 prompts). Prompts are
+        independent, so the results do not depend on the pass size.
         """
         image_pe = self.prompt_encoder.dense_pe()
         per_pass = CPU_PROMPTS_PER_PASS if image_embedding.device.type == "cpu" else len(point_coords)
         logits, iou = [], []
         for start in range(0, len(point_coords), per_pass):
-            sparse, dense = self.prompt_encoder(point_coords[start : start + per_pass], point_labels[start : start + per_pass])
+            chunk = slice(start, start + per_pass)
+            sparse, dense = self.prompt_encoder(point_coords[chunk], point_labels[chunk])
             chunk_logits, chunk_iou = self.mask_decoder(image_embedding, image_pe, sparse, dense, multimask_output=True)
             logits.append(chunk_logits)
             iou.append(chunk_iou)

@@ -25,9 +25,12 @@ from .vit import encoder_neck
 class ConvBN(nn.Sequential):
     """Bias-free Conv2d (``c``) followed by BatchNorm2d (``bn``); 'same' padding for odd kernels."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1, groups: int = 1) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1, groups: int = 1
+    ) -> None:
         super().__init__()
-        self.c = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
+        padding = kernel_size // 2
+        self.c = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter, deque
 from collections.abc import Iterator
 
 from sam_batch.engines.backend import set_cpu_threads
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.jobs.worker import ImageResult, ImageSegmenter
+from sam_batch.pipeline.tables import image_row
 
 log = logging.getLogger("sam_batch")
 
@@ -36,7 +38,8 @@ class LocalExecutor:
 class RayExecutor:
     """Segmenting actors on Ray: one per GPU, or on a CPU-only cluster one per `cpus_per_actor` cores.
 
-    Attaches to `run.ray_address` when given, else starts an embedded Ray bound to 127.0.0.1.
+    Attaches to `run.ray_address` (or, when that is null, to `$RAY_ADDRESS`, as set by
+    `ray job submit`), else starts an embedded Ray bound to 127.0.0.1.
     At most one image per actor is in flight, so memory stays bounded however long the input.
     """
 
@@ -47,18 +50,14 @@ class RayExecutor:
         self.cpus_per_actor = cpus_per_actor
 
     def map_images(self, uris: list[str]) -> Iterator[ImageResult]:
+        if not uris:
+            return
         import ray
-        from ray.util import ActorPool
 
         started_here = self._init_ray(ray)
         try:
-            actor_class = ray.remote(_SegmenterActor)
-            actors = [
-                actor_class.options(max_restarts=3, max_task_retries=3, **self._resources(ray)).remote(self.job)
-                for _ in range(self._n_actors(ray, len(uris)))
-            ]
-            pool = ActorPool(actors)
-            yield from pool.map_unordered(lambda actor, uri: actor.segment.remote(uri), uris)
+            pool = _ActorPool(ray, self.job, self._resources(ray), self._n_actors(ray, len(uris)))
+            yield from pool.map(uris)
         finally:
             if started_here:
                 ray.shutdown()
@@ -66,8 +65,10 @@ class RayExecutor:
     def _init_ray(self, ray) -> bool:
         if ray.is_initialized():
             return False
-        if self.job.run.ray_address:
-            ray.init(address=self.job.run.ray_address, logging_level=logging.WARNING)
+        address = self.job.run.ray_address or os.environ.get("RAY_ADDRESS")
+        if address:  # RAY_ADDRESS is how `ray job submit` tells a driver where its cluster is
+            log.info("attaching to the Ray cluster at %s", address)
+            ray.init(address=address, logging_level=logging.WARNING)
         else:
             ray.init(
                 address="local",  # always a new embedded Ray, never a cluster found on this machine
@@ -95,8 +96,15 @@ class RayExecutor:
         return int(ray.cluster_resources().get("GPU", 0))
 
 
+class JobFailure(RuntimeError):
+    """The job cannot go on (e.g. no segmenting actor can load the model)."""
+
+
 class _SegmenterActor:
-    """A Ray actor around one `ImageSegmenter`; the model loads once, in the constructor."""
+    """A Ray actor around one `ImageSegmenter`; the model loads once, in the constructor.
+
+    A failure to load is kept and reported by `ready`, so the driver can name its cause.
+    """
 
     def __init__(self, job: JobSpec) -> None:
         import ray
@@ -104,10 +112,105 @@ class _SegmenterActor:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         set_cpu_threads(max(1, int(cpus)))
         node = ray.get_runtime_context().get_node_id()[:8]
-        self.segmenter = ImageSegmenter(job, f"node-{node}/pid-{os.getpid()}")
+        self.segmenter: ImageSegmenter | None = None
+        self.load_error: str | None = None
+        try:
+            self.segmenter = ImageSegmenter(job, f"node-{node}/pid-{os.getpid()}")
+        except Exception as error:  # noqa: BLE001 - reported to the driver by ready()
+            self.load_error = f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+    def ready(self) -> str | None:
+        return self.load_error
 
     def segment(self, uri: str) -> ImageResult:
+        assert self.segmenter is not None
         return self.segmenter.segment(uri)
+
+
+class _ActorPool:
+    """Segmenting actors that survive losing some of them: to a killed process or a lost node.
+
+    Work is handed only to actors that have loaded their model, one image at a time. When an
+    actor dies, its image goes back to the front of the queue and a replacement is started
+    (placed wherever Ray finds room). An image that kills `MAX_ATTEMPTS` workers becomes an
+    error row instead of taking the job down.
+    """
+
+    MAX_ATTEMPTS = 3
+
+    def __init__(self, ray, job: JobSpec, resources: dict, n_actors: int) -> None:
+        self.ray = ray
+        self.job = job
+        self.actor_class = ray.remote(_SegmenterActor).options(max_restarts=0, max_task_retries=0, **resources)
+        self.n_actors = n_actors
+        self.starting: dict = {}  # ready() ref -> actor
+        self.busy: dict = {}  # segment() ref -> (actor, uri)
+        self.idle: list = []
+        self.attempts: Counter[str] = Counter()
+
+    def map(self, uris: list[str]) -> Iterator[ImageResult]:
+        queue = deque(uris)
+        for _ in range(self.n_actors):
+            self._start_actor()
+        try:
+            while queue or self.busy:
+                while queue and self.idle:
+                    actor, uri = self.idle.pop(), queue.popleft()
+                    self.busy[actor.segment.remote(uri)] = (actor, uri)
+                [ref], _ = self.ray.wait([*self.starting, *self.busy], num_returns=1)
+                if ref in self.starting:
+                    self._on_started(ref)
+                else:
+                    yield from self._on_finished(ref, queue)
+        finally:
+            for actor in [*self.starting.values(), *self.idle, *(a for a, _ in self.busy.values())]:
+                self.ray.kill(actor)
+
+    def _start_actor(self) -> None:
+        actor = self.actor_class.remote(self.job)
+        self.starting[actor.ready.remote()] = actor
+
+    def _on_started(self, ref) -> None:
+        actor = self.starting.pop(ref)
+        try:
+            load_error = self.ray.get(ref)
+        except self.ray.exceptions.RayActorError:
+            log.warning("a segmenting actor died while starting; starting another")
+            self._start_actor()
+            return
+        if load_error:
+            raise JobFailure(f"the segmenting actor cannot load the model: {load_error}")
+        self.idle.append(actor)
+
+    def _on_finished(self, ref, queue: deque) -> Iterator[ImageResult]:
+        actor, uri = self.busy.pop(ref)
+        try:
+            result = self.ray.get(ref)
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError) as error:
+            self.attempts[uri] += 1
+            log.warning("worker lost while segmenting %s (%s); attempt %d of %d", uri, type(error).__name__,
+                        self.attempts[uri], self.MAX_ATTEMPTS)
+            self._start_actor()
+            if self.attempts[uri] < self.MAX_ATTEMPTS:
+                queue.appendleft(uri)
+                return
+            yield _lost_worker_result(uri, self.attempts[uri])
+            return
+        self.idle.append(actor)
+        yield result
+
+
+def _lost_worker_result(uri: str, attempts: int) -> ImageResult:
+    row = image_row(
+        uri,
+        status="error",
+        error=f"segment: the worker died on this image {attempts} times (out of memory?)",
+        width=None,
+        height=None,
+        n_masks=0,
+        seconds=0.0,
+    )
+    return ImageResult(uri, [], row, {}, "")
 
 
 def make_executor(job: JobSpec) -> LocalExecutor | RayExecutor:

@@ -109,7 +109,8 @@ def run_job(job: JobSpec, *, overwrite: bool = False) -> RunSummary:
     try:
         for result in executor.map_images([uri for s in todo for uri in s.uris]):
             _count(summary, result)
-            workers.add(result.worker)
+            if result.worker:
+                workers.add(result.worker)
             progress.update(result, summary)
             shard: Shard = shard_of[result.uri]
             pending[shard.shard_id].append(result)

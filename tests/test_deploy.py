@@ -46,14 +46,17 @@ DOCKERFILES = {"gpu": DEPLOY / "Dockerfile", "cpu": DEPLOY / "Dockerfile.cpu"}
 
 
 def _documents() -> list[tuple[Path, dict[str, Any]]]:
+    """(file, document) for every YAML document under deploy/."""
     return [(path, doc) for path in YAML_FILES for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
 def _k8s(kind: str) -> list[dict[str, Any]]:
+    """The Kubernetes manifests of this kind."""
     return [doc for _, doc in _documents() if doc.get("kind") == kind]
 
 
 def _one(kind: str) -> dict[str, Any]:
+    """The one manifest of this kind (fails on none or several)."""
     (doc,) = _k8s(kind)
     return doc
 
@@ -72,10 +75,12 @@ def _pod_specs() -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    """The init containers and containers of a pod spec."""
     return [*pod.get("initContainers", []), *pod["containers"]]
 
 
 def _launcher_config() -> dict[str, Any]:
+    """deploy/aws/cluster.yaml as written (before Ray fills in its defaults)."""
     return yaml.safe_load((DEPLOY / "aws" / "cluster.yaml").read_text())
 
 
@@ -114,12 +119,28 @@ def test_kubernetes_kinds_and_api_versions() -> None:
 # misspelt field would otherwise be dropped (or rejected) only by the API server.
 KNOWN_FIELDS = {
     "RayJob.spec": {
-        "entrypoint", "submissionMode", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished",
-        "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "clusterSelector", "runtimeEnvYAML",
-        "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "submitterPodTemplate", "suspend",
+        "entrypoint",
+        "submissionMode",
+        "shutdownAfterJobFinishes",
+        "ttlSecondsAfterFinished",
+        "activeDeadlineSeconds",
+        "backoffLimit",
+        "rayClusterSpec",
+        "clusterSelector",
+        "runtimeEnvYAML",
+        "entrypointNumCpus",
+        "entrypointNumGpus",
+        "entrypointResources",
+        "submitterPodTemplate",
+        "suspend",
     },
     "RayCluster.spec": {
-        "rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec", "workerGroupSpecs", "suspend",
+        "rayVersion",
+        "enableInTreeAutoscaling",
+        "autoscalerOptions",
+        "headGroupSpec",
+        "workerGroupSpecs",
+        "suspend",
     },
     "autoscalerOptions": {"upscalingMode", "idleTimeoutSeconds", "resources", "image", "env", "securityContext"},
     "headGroupSpec": {"rayStartParams", "template", "serviceType"},
@@ -296,6 +317,7 @@ def test_cluster_launcher_workers_have_gpus_and_the_head_has_no_actor_cpus() -> 
         assert node_type["resources"]["GPU"] >= 1, name
         assert re.match(r"(g|p)\d", node_type["node_config"]["InstanceType"]), name
         assert 1 <= node_type["min_workers"] <= node_type["max_workers"] <= config["max_workers"], name
+        assert node_type["node_config"]["IamInstanceProfile"], f"{name} reads S3 and needs a role"
     images = {t["node_config"]["ImageId"] for t in node_types.values()}
     assert len(images) == 1 and re.fullmatch(r"ami-[0-9a-f]{8,17}", images.pop())
 
@@ -324,10 +346,12 @@ class Dockerfile:
     env: dict[str, str]
 
     def all(self, name: str) -> list[str]:
+        """The arguments of every instruction called `name` (FROM, RUN, ...), in order."""
         return [value for instruction, value in self.instructions if instruction == name]
 
 
 def _dockerfile(kind: str) -> Dockerfile:
+    """Parse deploy's Dockerfile of this kind: continuation lines joined, comments dropped."""
     text = re.sub(r"\\\n", " ", DOCKERFILES[kind].read_text())
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     args: dict[str, str] = {}
@@ -387,7 +411,7 @@ def test_dockerfile_pins_torch_and_ray_and_installs_the_source_tree(kind: str) -
         assert torch.group(2) == "https://download.pytorch.org/whl/cpu"
     else:
         assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu12\d", torch.group(2))
-        assert re.search(r'"tensorrt-cu12==\d+\.\d+\.\d+\.\d+"', runs)
+        assert re.search(r'"tensorrt-cu12==\d+\.\d+\.\d+\.\d+" --extra-index-url "https://pypi.nvidia.com"', runs)
     assert f'"ray[default]=={RAY_VERSION}"' in runs
     assert 'pip install "/tmp/src[s3]"' in runs
     assert json.loads(dockerfile.all("ENTRYPOINT")[-1]) == ["sam-batch"]
@@ -398,9 +422,7 @@ def test_dockerfile_pins_torch_and_ray_and_installs_the_source_tree(kind: str) -
 def test_dockerfile_copies_what_exists_and_its_dockerignore_lets_through(kind: str) -> None:
     dockerfile = _dockerfile(kind)
     allowed = {
-        line[1:]
-        for line in Path(f"{DOCKERFILES[kind]}.dockerignore").read_text().splitlines()
-        if line.startswith("!")
+        line[1:] for line in Path(f"{DOCKERFILES[kind]}.dockerignore").read_text().splitlines() if line.startswith("!")
     }
     sources = [src for value in dockerfile.all("COPY") for src in value.split()[:-1]]
     assert {"pyproject.toml", "README.md", "sam_batch", "engines", "pipeline", "jobs"} == set(sources)

@@ -55,17 +55,20 @@ def official() -> types.SimpleNamespace:
         pytest.skip("segment_anything (test dependency) is not installed")
     stubs: dict[str, types.ModuleType] = {}
     if importlib.util.find_spec("torchvision") is None:
-        names = ["torchvision", "torchvision.ops", "torchvision.ops.boxes", "torchvision.transforms", "torchvision.transforms.functional"]
-        stubs = {name: types.ModuleType(name) for name in names}
-        stubs["torchvision.ops.boxes"].batched_nms = stubs["torchvision.ops.boxes"].box_area = None
-        stubs["torchvision.transforms.functional"].resize = stubs["torchvision.transforms.functional"].to_pil_image = None
+        packages = ["", ".ops", ".ops.boxes", ".transforms", ".transforms.functional"]
+        stubs = {f"torchvision{name}": types.ModuleType(f"torchvision{name}") for name in packages}
+        boxes, functional = stubs["torchvision.ops.boxes"], stubs["torchvision.transforms.functional"]
+        boxes.batched_nms = boxes.box_area = functional.resize = functional.to_pil_image = None
     with mock.patch.dict(sys.modules, stubs):
         from segment_anything.build_sam import sam_model_registry
         from segment_anything.modeling import ImageEncoderViT
         from segment_anything.predictor import SamPredictor
         from segment_anything.utils.transforms import ResizeLongestSide
     return types.SimpleNamespace(
-        registry=sam_model_registry, ImageEncoderViT=ImageEncoderViT, SamPredictor=SamPredictor, ResizeLongestSide=ResizeLongestSide
+        registry=sam_model_registry,
+        ImageEncoderViT=ImageEncoderViT,
+        SamPredictor=SamPredictor,
+        ResizeLongestSide=ResizeLongestSide,
     )
 
 
@@ -211,14 +214,16 @@ def test_prompt_encoder_and_mask_decoder_match_official(official_vit_b: nn.Modul
     with torch.inference_mode():
         for mask_input in (None, masks):
             sparse, dense = ours.prompt_encoder(coords, labels, mask_input)
-            their_sparse, their_dense = official_vit_b.prompt_encoder(points=(coords, labels), boxes=None, masks=mask_input)
+            their_sparse, their_dense = official_vit_b.prompt_encoder((coords, labels), None, mask_input)
             torch.testing.assert_close(sparse, their_sparse, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(dense.expand_as(their_dense), their_dense, rtol=1e-5, atol=1e-5)
             image_pe = ours.prompt_encoder.dense_pe()
             torch.testing.assert_close(image_pe, official_vit_b.prompt_encoder.get_dense_pe(), rtol=0, atol=1e-6)
             for multimask in (True, False):
                 logits, iou = ours.mask_decoder(embedding, image_pe, sparse, dense, multimask)
-                their_logits, their_iou = official_vit_b.mask_decoder(embedding, image_pe, their_sparse, their_dense, multimask)
+                their_logits, their_iou = official_vit_b.mask_decoder(
+                    embedding, image_pe, their_sparse, their_dense, multimask
+                )
                 assert logits.shape == their_logits.shape == (batch, 3 if multimask else 1, 256, 256)
                 torch.testing.assert_close(logits, their_logits, rtol=1e-4, atol=1e-4)
                 torch.testing.assert_close(iou, their_iou, rtol=1e-4, atol=1e-4)

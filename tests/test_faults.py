@@ -109,3 +109,33 @@ def test_sigkilled_driver_resumes_without_redoing_committed_shards(clean, tmp_pa
     assert record["images_ok"] + record["images_error"] == len(NAMES) - 2 * done_before
     assert rows(out) == clean
     assert not (out / "_sam_batch" / "attempts").exists()
+
+
+def test_losing_a_worker_node_mid_job_loses_nothing(clean, tmp_path) -> None:
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False},
+    )
+    try:
+        worker_node = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+        out = tmp_path / "out"
+        job = write_job(tmp_path / "job.yaml", out)
+        spec = yaml.safe_load(job.read_text())
+        spec["run"]["ray_address"] = cluster.address
+        job.write_text(yaml.safe_dump(spec))
+        # ray.init(address=...) swaps a loopback host for the machine's address unless told otherwise
+        env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        driver = subprocess.Popen([SAM_BATCH, "run", str(job)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        wait_for(lambda: committed(out) >= 1 or driver.poll() is not None, what="the first commit")
+        assert driver.poll() is None, "the job ended before the node could be lost"
+        cluster.remove_node(worker_node, allow_graceful=False)
+        stdout, stderr = driver.communicate(timeout=1200)
+        assert driver.returncode == 0, stderr
+    finally:
+        cluster.shutdown()
+    assert rows(out) == clean
+    record = json.loads((out / "run.json").read_text())
+    assert record["images_ok"] + record["images_error"] == len(NAMES)
