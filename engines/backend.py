@@ -86,7 +86,8 @@ class TorchEngine:
         Returns low-resolution logits (B, 3, 256, 256) and predicted IoUs (B, 3), fp32, on the device.
         """
         coords = scale_coords(points.astype(np.float64), crop.crop_hw)
-        coords_t = torch.as_tensor(coords, dtype=torch.float32, device=self.device)[:, None, :]
+        # float64 until the positional encoding, as the reference generator passes them
+        coords_t = torch.as_tensor(coords, dtype=torch.float64, device=self.device)[:, None, :]
         labels = torch.ones((len(points), 1), dtype=torch.int64, device=self.device)
         with self._autocast():
             logits, iou = self.model.decode(crop.embedding, coords_t, labels)

@@ -57,7 +57,8 @@ the same parameters and the same number of torch threads, one after the other, n
   the reference's, a match being a mask IoU >= 0.9; *mean best IoU*: the mean, over the
   reference's masks, of the best IoU any of ours reaches.
 - *load*: the 1-minute load average before and after the run. Above the thread count, other
-  processes shared the cores and the seconds are inflated (both sides alike, roughly).
+  processes shared the cores: the seconds are inflated, and unevenly, since the two sides run at
+  different moments; read such a run's seconds and ratios as rough.
 """
 
 # Runs in .venv-ref: argv[1] is a JSON spec, see `run_reference`. Prints one JSON object.

@@ -12,6 +12,11 @@ log = logging.getLogger("sam_batch")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # bench parses its own options
+        from sam_batch.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     for noisy in ("ray", "fsspec", "s3fs", "botocore", "urllib3", "rasterio"):
@@ -53,11 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("-o", "--out", required=True, help="the PNG to write")
     render.set_defaults(handler=_render)
 
-    bench = commands.add_parser(
-        "bench", help="the reference generator and sam-batch side by side", add_help=False
-    )
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    bench.set_defaults(handler=_bench)
+    commands.add_parser("bench", help="the reference generator and sam-batch side by side (see bench --help)")
 
     weights = commands.add_parser("weights", help="manage model weights")
     weights_commands = weights.add_subparsers(dest="weights_command", required=True)
@@ -125,12 +126,6 @@ def _render(args: argparse.Namespace) -> int:
     picture.save(args.out, format="PNG")
     print(f"{args.out}: {rows.num_rows} masks over {args.image_uri}")
     return EXIT_OK
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from sam_batch.bench import main as bench_main
-
-    return bench_main(args.bench_args)
 
 
 def _weights_fetch(args: argparse.Namespace) -> int:

@@ -245,7 +245,7 @@ def test_decode_matches_official_predictor(official: types.SimpleNamespace, mobi
     predictor.features, predictor.is_image_set = embedding, True
     predictor.original_size, predictor.input_size = (534, 800), preprocess_shape(534, 800)
 
-    # 9 prompts (not a whole number of CPU passes), float64 coordinates as the reference generator makes them.
+    # Float64 coordinates, as the reference generator makes them.
     grid = (np.arange(3) + 0.5) / 3
     points = np.stack(np.meshgrid(grid * 800, grid * 534), axis=-1).reshape(-1, 2)
     coords = torch.as_tensor(scale_coords(points, (534, 800)))[:, None, :]
