@@ -26,6 +26,8 @@ from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 
+from sam_batch.pipeline.params import AmgParams
+
 __all__ = [
     "AmgSpec",
     "EngineSpec",
@@ -334,23 +336,11 @@ class EngineSpec(_Section):
 
 
 @dataclass(frozen=True)
-class AmgSpec(_Section):
-    """``amg``: the parameters of SamAutomaticMaskGenerator, with its names and defaults.
-
-    ``pred_iou_thresh`` may exceed 1 (the model's IoU predictions can).
+class AmgSpec(_Section, AmgParams):
+    """``amg``: the parameters of SamAutomaticMaskGenerator, with its names and defaults
+    (the fields of :class:`AmgParams`). ``pred_iou_thresh`` may exceed 1 (the model's IoU
+    predictions can).
     """
-
-    points_per_side: int = 32
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    crop_n_layers: int = 0
-    crop_nms_thresh: float = 0.7
-    crop_overlap_ratio: float = 512 / 1500
-    crop_n_points_downscale_factor: int = 1
-    min_mask_region_area: int = 0
 
     _SECTION: ClassVar[str] = "amg"
     _RULES: ClassVar[Mapping[str, _Rule]] = {

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from sam_batch.engines.backend import build_engine
 from sam_batch.jobs.dataset import OutputDataset, Shard
 from sam_batch.jobs.schema import JobSpec
-from sam_batch.pipeline.amg import AmgParams, generate_masks, to_records
+from sam_batch.pipeline.amg import generate_masks, to_records
 from sam_batch.pipeline.images import ImageError, load_image
 from sam_batch.pipeline.tables import image_row, images_table, mask_rows, masks_table
 
@@ -37,7 +37,7 @@ class ImageSegmenter:
     def __init__(self, job: JobSpec, worker_name: str = "local") -> None:
         self.job = job
         self.worker_name = worker_name
-        self.params = AmgParams.from_object(job.amg)
+        self.params = job.amg
         self.engine = build_engine(
             job.model.type,
             job.model.checkpoint,

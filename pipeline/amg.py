@@ -14,7 +14,7 @@ Reads top-down in three steps:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -30,32 +30,11 @@ from sam_batch.pipeline.masks import (
     uncrop_boxes,
     uncrop_points,
 )
+from sam_batch.pipeline.params import AmgParams
 from sam_batch.pipeline.rle import encode_rle
 
 
 UPSCALE_CHUNK = 16  # masks brought to full size at once: bounds memory, not results
-
-
-@dataclass(frozen=True)
-class AmgParams:
-    """The parameters of SamAutomaticMaskGenerator, with its names and defaults."""
-
-    points_per_side: int = 32
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    crop_n_layers: int = 0
-    crop_nms_thresh: float = 0.7
-    crop_overlap_ratio: float = 512 / 1500
-    crop_n_points_downscale_factor: int = 1
-    min_mask_region_area: int = 0
-
-    @classmethod
-    def from_object(cls, spec: object) -> "AmgParams":
-        """Copy the same-named fields of any object (e.g. the job file's `amg` section)."""
-        return cls(**{f.name: getattr(spec, f.name) for f in fields(cls)})
 
 
 class Engine(Protocol):

@@ -276,7 +276,8 @@ def run_reference(
 
 def run_ours(engine: TorchEngine, image: np.ndarray, points_per_side: int) -> Side:
     """sam-batch's generator on `image`, timed like the reference's `generate`."""
-    from sam_batch.pipeline.amg import AmgParams, generate_masks, to_records
+    from sam_batch.pipeline.amg import generate_masks, to_records
+    from sam_batch.pipeline.params import AmgParams
 
     params = AmgParams(points_per_side=points_per_side)
     start = time.perf_counter()

@@ -14,6 +14,7 @@ SHARED = Path(os.environ.get("SAM_BATCH_SHARED", REPO.parent / "shared"))
 IMAGES = SHARED / "data" / "images"
 GOLDEN = SHARED / "golden"
 MOBILE_SAM = SHARED / "models" / "mobile_sam.pt"
+PARITY_LINES: list[str] = []  # filled by test_parity_golden, printed at the end of the run
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -29,6 +30,14 @@ def pytest_configure(config: pytest.Config) -> None:
     if not cached.exists() or cached.stat().st_size != MOBILE_SAM.stat().st_size:
         shutil.copyfile(MOBILE_SAM, cached)
     os.environ["SAM_BATCH_CACHE"] = str(cache)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The parity figures per golden file, so every CI log carries them."""
+    if PARITY_LINES:
+        terminalreporter.section("parity with the reference generator (IoU >= 0.9)")
+        for line in PARITY_LINES:
+            terminalreporter.write_line(line)
 
 
 def load_golden(name: str) -> dict:

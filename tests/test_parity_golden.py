@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from conftest import IMAGES, golden_files, load_golden
+from conftest import IMAGES, PARITY_LINES, golden_files, load_golden
 from sam_batch.engines.backend import build_engine, set_cpu_threads
-from sam_batch.pipeline.amg import AmgParams, generate_masks, to_records
+from sam_batch.pipeline.amg import generate_masks, to_records
 from sam_batch.pipeline.images import load_image
+from sam_batch.pipeline.params import AmgParams
 
 MATCH_IOU = 0.9
 MIN_AGREEMENT = 0.98
@@ -49,5 +50,8 @@ def test_masks_match_the_reference(engine, golden_name: str) -> None:
     assert list(image.shape) == golden["shape"]
     ours = to_records(generate_masks(engine, image, golden_params(golden)))
     recall, precision, mean_iou = agreement(ours, golden["masks"])
-    print(f"{golden_name}: ours {len(ours)} reference {len(golden['masks'])} recall {recall:.3f} precision {precision:.3f} mean IoU {mean_iou:.4f}")
+    PARITY_LINES.append(
+        f"{golden_name}: ours {len(ours)} reference {len(golden['masks'])} "
+        f"recall {recall:.3f} precision {precision:.3f} mean IoU {mean_iou:.4f}"
+    )
     assert recall >= MIN_AGREEMENT and precision >= MIN_AGREEMENT, (recall, precision)
