@@ -174,7 +174,7 @@ class _ActorPool:
         actor = self.starting.pop(ref)
         try:
             load_error = self.ray.get(ref)
-        except self.ray.exceptions.RayActorError:
+        except _worker_lost_errors(self.ray):
             log.warning("a segmenting actor died while starting; starting another")
             self._start_actor()
             return
@@ -186,7 +186,7 @@ class _ActorPool:
         actor, uri = self.busy.pop(ref)
         try:
             result = self.ray.get(ref)
-        except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError) as error:
+        except _worker_lost_errors(self.ray) as error:
             self.attempts[uri] += 1
             log.warning("worker lost while segmenting %s (%s); attempt %d of %d", uri, type(error).__name__,
                         self.attempts[uri], self.MAX_ATTEMPTS)
@@ -198,6 +198,12 @@ class _ActorPool:
             return
         self.idle.append(actor)
         yield result
+
+
+def _worker_lost_errors(ray) -> tuple[type[Exception], ...]:
+    """The errors that mean the worker (process or node) went away, not that the image failed."""
+    e = ray.exceptions
+    return (e.RayActorError, e.WorkerCrashedError, e.ObjectLostError, e.NodeDiedError, e.OutOfMemoryError)
 
 
 def _lost_worker_result(uri: str, attempts: int) -> ImageResult:
