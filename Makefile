@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 # The CPU build of torch from this machine's disk; an unpinned torch would pull a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench
+.PHONY: install demo test test-fast bench bench-env
 
 install: $(VENV)/.installed
 
@@ -30,8 +30,6 @@ test-fast: install
 REF_VENV ?= .venv-ref
 REF_TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: bench-env
-
 bench-env: $(REF_VENV)/.installed
 
 $(REF_VENV)/.installed:
@@ -40,6 +38,5 @@ $(REF_VENV)/.installed:
 	$(REF_VENV)/bin/pip install --quiet timm mobilesam-mirror segment-anything pycocotools pillow numpy
 	touch $@
 
-# `--` keeps the top-level parser from taking the options that follow as its own.
 bench: install bench-env
-	$(VENV)/bin/sam-batch bench -- --ref-venv $(REF_VENV) --write-doc
+	$(VENV)/bin/sam-batch bench --ref-venv $(REF_VENV) --write-doc
