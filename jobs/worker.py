@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from sam_batch.engines.backend import build_engine
 from sam_batch.jobs.dataset import OutputDataset, Shard
 from sam_batch.jobs.schema import JobSpec
@@ -47,13 +49,16 @@ class ImageSegmenter:
             precision=job.engine.precision,
         )
 
-    def segment(self, uri: str) -> ImageResult:
-        """Never raises for a bad image: the failure is the images row's `error`."""
+    def segment(self, uri: str, image: np.ndarray | None = None) -> ImageResult:
+        """Rows of one input; `image` (H, W, 3) uint8 when a read stage has already decoded it.
+
+        Never raises for a bad image: the failure is the images row's `error`.
+        """
         seconds = dict.fromkeys(STAGES, 0.0)
         started = time.perf_counter()
-        image = None
         try:
-            image = load_image(uri, self.job.input.storage_options, self.job.raster.bands)
+            if image is None:
+                image = load_image(uri, self.job.input.storage_options, self.job.raster.bands)
             seconds["read"] = time.perf_counter() - started
             t = time.perf_counter()
             masks = generate_masks(self.engine, image, self.params)
