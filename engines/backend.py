@@ -11,21 +11,25 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sam_batch.engines.checkpoints import load_state_dict, resolve_checkpoint
+from sam_batch.engines.checkpoints import KNOWN_CHECKPOINTS, load_state_dict, resolve_checkpoint, sha256_file
 from sam_batch.engines.sam import (
     IMAGE_SIZE,
     SamModel,
     build_sam,
     image_to_input,
-    preprocess_shape,
     resize_longest_side,
     scale_coords,
 )
+
+if TYPE_CHECKING:
+    from sam_batch.engines.onnx_backend import OnnxEngine
+    from sam_batch.engines.tensorrt_backend import TensorRTEngine
 
 BACKENDS = ("torch", "onnx", "tensorrt")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -94,19 +98,57 @@ class TorchEngine:
         return logits.float(), iou.float()
 
     def upscale(self, crop: CropEmbedding, low_res: torch.Tensor) -> torch.Tensor:
-        """Logits (K, 256, 256) → logits (K, h, w) at the crop's original size.
-
-        As SAM does it: bilinear to the 1024 input frame, cut the padding, bilinear to the crop.
-        """
-        masks = F.interpolate(low_res[:, None], (IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-        masks = masks[..., : crop.input_hw[0], : crop.input_hw[1]]
-        masks = F.interpolate(masks, crop.crop_hw, mode="bilinear", align_corners=False)
-        return masks[:, 0]
+        """Logits (K, 256, 256) → logits (K, h, w) at the crop's original size."""
+        return upscale_logits(crop, low_res)
 
     def _autocast(self):
         if self.dtype == torch.float32:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def upscale_logits(crop: CropEmbedding, low_res: torch.Tensor) -> torch.Tensor:
+    """Logits (K, 256, 256) → logits (K, h, w) at the crop's original size, on their device.
+
+    As SAM does it: bilinear to the 1024 input frame, cut the padding, bilinear to the crop.
+    """
+    masks = F.interpolate(low_res[:, None], (IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    masks = masks[..., : crop.input_hw[0], : crop.input_hw[1]]
+    masks = F.interpolate(masks, crop.crop_hw, mode="bilinear", align_corners=False)
+    return masks[:, 0]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model with its weights loaded, and what identifies those weights (for derived caches)."""
+
+    model: SamModel
+    model_type: str
+    checkpoint_sha256: str
+
+
+def load_model(
+    model_type: str,
+    checkpoint: str | None = None,
+    sha256: str | None = None,
+    storage_options: dict | None = None,
+) -> LoadedModel:
+    """Resolve the checkpoint and load it strictly into a fresh fp32 model on the CPU."""
+    path: Path = resolve_checkpoint(model_type, checkpoint, sha256, storage_options)
+    model = build_sam(model_type)
+    try:
+        model.load_state_dict(load_state_dict(path), strict=True)
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise EngineError(f"{path}: does not fit model {model_type}: {first_line}") from None
+    known = KNOWN_CHECKPOINTS.get(model_type)
+    if sha256 is not None:  # resolve_checkpoint verified it
+        digest = sha256.lower()
+    elif checkpoint is None and known is not None and known.sha256 is not None:  # verified on fetch
+        digest = known.sha256
+    else:
+        digest = sha256_file(path)
+    return LoadedModel(model, model_type, digest)
 
 
 def build_engine(
@@ -118,18 +160,28 @@ def build_engine(
     device: str = "auto",
     precision: str = "fp32",
     storage_options: dict | None = None,
-) -> TorchEngine:
-    """Resolve the checkpoint, load it strictly into a fresh model and wrap it in an engine."""
-    if backend != "torch":
-        raise EngineError(f"engine.backend: {backend!r} is not available in this build; use torch")
-    path: Path = resolve_checkpoint(model_type, checkpoint, sha256, storage_options)
-    model = build_sam(model_type)
-    try:
-        model.load_state_dict(load_state_dict(path), strict=True)
-    except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise EngineError(f"{path}: does not fit model {model_type}: {first_line}") from None
-    return TorchEngine(model, pick_device(device), precision)
+) -> TorchEngine | OnnxEngine | TensorRTEngine:
+    """Resolve the checkpoint, load it strictly into a fresh model and wrap it in `backend`'s engine.
+
+    `onnx` and `tensorrt` derive their graphs from the loaded weights on first use and cache them
+    under the weights cache (see `engines.onnx_backend`, `engines.tensorrt_backend`).
+    """
+    if backend not in BACKENDS:
+        raise EngineError(f"engine.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "tensorrt":
+        from sam_batch.engines.tensorrt_backend import require_tensorrt
+
+        require_tensorrt(device)  # before loading any weights: name what is missing at once
+    loaded = load_model(model_type, checkpoint, sha256, storage_options)
+    if backend == "onnx":
+        from sam_batch.engines.onnx_backend import OnnxEngine
+
+        return OnnxEngine.from_model(loaded, device, precision)
+    if backend == "tensorrt":
+        from sam_batch.engines.tensorrt_backend import TensorRTEngine
+
+        return TensorRTEngine.from_model(loaded, device, precision)
+    return TorchEngine(loaded.model, pick_device(device), precision)
 
 
 def set_cpu_threads(n_threads: int | None = None) -> int:

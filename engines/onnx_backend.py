@@ -1,0 +1,133 @@
+"""`engine.backend: onnx` — SAM's exported encoder and decoder graphs on onnxruntime.
+
+The engine has `TorchEngine`'s interface and contract: crops in, `CropEmbedding` with a
+(1, 256, 64, 64) float32 embedding, decode to low-resolution logits (B, 3, 256, 256) and IoUs
+(B, 3) as float32 torch tensors on the engine's device, upscaling in torch. The graphs come
+from `onnx_export.cached_onnx` (exported on first use, cached under the weights cache).
+
+Inputs and outputs are bound to torch tensors through onnxruntime's IOBinding, on the CPU as on
+a GPU (CUDAExecutionProvider, from the `onnxruntime-gpu` package), so results never take a
+detour through the host. fp32 only: for fp16/bf16 use the torch or tensorrt back-ends.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sam_batch.engines.backend import CropEmbedding, EngineError, LoadedModel, upscale_logits
+from sam_batch.engines.onnx_export import DEFAULT_OPSET, OnnxFiles, cached_onnx
+from sam_batch.engines.sam import PIXEL_MEAN, PIXEL_STD, image_to_input, resize_longest_side, scale_coords
+
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise EngineError(
+            f"engine.backend onnx needs onnxruntime: pip install 'sam-batch[onnx]' ({error})"
+        ) from None
+    return onnxruntime
+
+
+def onnx_device(device: str) -> torch.device:
+    """`auto` → the first CUDA GPU when torch sees one and onnxruntime has its CUDA provider, else the CPU."""
+    providers = _onnxruntime().get_available_providers()
+    gpu = torch.cuda.is_available() and CUDA in providers
+    if device == "auto":
+        return torch.device("cuda" if gpu else "cpu")
+    if device.startswith("cuda") and not gpu:
+        raise EngineError(
+            f"engine.device {device!r} with engine.backend onnx needs a CUDA GPU and onnxruntime's "
+            f"CUDAExecutionProvider (pip install onnxruntime-gpu); found: GPU visible to torch: "
+            f"{torch.cuda.is_available()}, onnxruntime providers: {', '.join(providers)}"
+        )
+    return torch.device(device)
+
+
+class OnnxSession:
+    """One graph on onnxruntime, run on torch tensors of one device (float32 in and out)."""
+
+    def __init__(self, path: str, device: torch.device, threads: int) -> None:
+        ort = _onnxruntime()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Between runs the pipeline's torch code needs the same cores: do not spin-wait on them.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if device.type == "cuda":
+            providers: list = [(CUDA, {"device_id": device.index or 0}), CPU]
+        else:
+            providers = [CPU]
+        self.session = ort.InferenceSession(path, options, providers=providers)
+        self.device = device
+        self.outputs = [(meta.name, meta.shape) for meta in self.session.get_outputs()]
+
+    def __call__(self, batch: int, **inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Run with `inputs` (float32, on the device); every symbolic output dimension is `batch`."""
+        binding = self.session.io_binding()
+        index = self.device.index or 0
+        inputs = {name: tensor.to(self.device, torch.float32).contiguous() for name, tensor in inputs.items()}
+        for name, tensor in inputs.items():
+            binding.bind_input(name, self.device.type, index, np.float32, tuple(tensor.shape), tensor.data_ptr())
+        results = []
+        for name, shape in self.outputs:
+            out = torch.empty([d if isinstance(d, int) else batch for d in shape], dtype=torch.float32, device=self.device)
+            binding.bind_output(name, self.device.type, index, np.float32, tuple(out.shape), out.data_ptr())
+            results.append(out)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch are ready
+        self.session.run_with_iobinding(binding)  # returns once the outputs are written
+        return results
+
+
+class OnnxEngine:
+    """SAM on onnxruntime: the encoder and decoder graphs, fp32, CPU or CUDA."""
+
+    def __init__(self, files: OnnxFiles, device: torch.device, threads: int | None = None) -> None:
+        """`threads`: intra-op threads per graph; default torch's (see `backend.set_cpu_threads`)."""
+        threads = threads or torch.get_num_threads()
+        self.device = device
+        self.files = files
+        self.encoder = OnnxSession(str(files.encoder), device, threads)
+        self.decoder = OnnxSession(str(files.decoder), device, threads)
+        self.pixel_mean = torch.tensor(PIXEL_MEAN).reshape(3, 1, 1)
+        self.pixel_std = torch.tensor(PIXEL_STD).reshape(3, 1, 1)
+        self.mask_threshold = 0.0
+
+    @classmethod
+    def from_model(
+        cls, loaded: LoadedModel, device: str = "auto", precision: str = "fp32", opset: int = DEFAULT_OPSET
+    ) -> OnnxEngine:
+        """The engine of a loaded model, its graphs exported on first use (see `cached_onnx`)."""
+        if precision != "fp32":
+            raise EngineError(f"engine.precision: {precision} is not available with engine.backend onnx; use fp32")
+        target = onnx_device(device)
+        return cls(cached_onnx(loaded, opset), target)
+
+    def encode(self, crop: np.ndarray) -> CropEmbedding:
+        """Encode one uint8 crop (h, w, 3) into its image embedding (1, 256, 64, 64)."""
+        crop_hw = (crop.shape[0], crop.shape[1])
+        resized = resize_longest_side(crop)
+        batch = image_to_input(resized, self.pixel_mean, self.pixel_std)
+        (embedding,) = self.encoder(1, images=batch)
+        return CropEmbedding(embedding, (resized.shape[0], resized.shape[1]), crop_hw)
+
+    def decode(self, crop: CropEmbedding, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode single-point prompts (B, 2) xy in crop pixels.
+
+        Returns low-resolution logits (B, 3, 256, 256) and predicted IoUs (B, 3), fp32, on the device.
+        Coordinates are scaled to the input frame in float64, then handed to the graph as float32.
+        """
+        coords = torch.from_numpy(scale_coords(points.astype(np.float64), crop.crop_hw))[:, None, :]
+        labels = torch.ones((len(points), 1))
+        logits, iou = self.decoder(len(points), image_embeddings=crop.embedding, point_coords=coords, point_labels=labels)
+        return logits, iou
+
+    def upscale(self, crop: CropEmbedding, low_res: torch.Tensor) -> torch.Tensor:
+        """Logits (K, 256, 256) → logits (K, h, w) at the crop's original size."""
+        return upscale_logits(crop, low_res)

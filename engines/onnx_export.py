@@ -1,0 +1,182 @@
+"""Export SAM's image encoder and prompt decoder to ONNX (`encoder.onnx`, `decoder.onnx`).
+
+The two graphs, float32 in and out:
+
+- encoder: `images` (1, 3, 1024, 1024), normalised and padded as `sam.image_to_input` makes
+  it -> `image_embeddings` (1, 256, 64, 64).
+- decoder: `image_embeddings` (1, 256, 64, 64), `point_coords` (B, N, 2) xy in input-frame
+  pixels, `point_labels` (B, N) (1 foreground, 0 background, -1 ignore) ->
+  `low_res_logits` (B, 3, 256, 256), `iou_predictions` (B, 3). B (`prompts`) and N
+  (`points`) are dynamic; the image embedding stays batch-1 and is shared by every prompt,
+  as in `SamModel.decode`.
+
+The TorchScript exporter (`dynamo=False`) is used: it needs no `onnxscript`, and tracing keeps
+the decoder's shared-embedding path with the prompt batch read from the inputs' shapes.
+Opset 17 is the default: its `LayerNormalization` op reaches TensorRT as one normalisation
+layer, which the TensorRT back-end can pin to fp32.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from sam_batch.engines.checkpoints import cache_dir
+from sam_batch.engines.sam import IMAGE_SIZE, SamModel
+
+if TYPE_CHECKING:
+    from sam_batch.engines.backend import LoadedModel
+
+DEFAULT_OPSET = 17
+ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
+EMBEDDING_SHAPE = (1, 256, 64, 64)
+ENCODER_INPUTS, ENCODER_OUTPUTS = ("images",), ("image_embeddings",)
+DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels")
+DECODER_OUTPUTS = ("low_res_logits", "iou_predictions")
+DECODER_DYNAMIC_AXES = {
+    "point_coords": {0: "prompts", 1: "points"},
+    "point_labels": {0: "prompts", 1: "points"},
+    "low_res_logits": {0: "prompts"},
+    "iou_predictions": {0: "prompts"},
+}
+# Traced with more than one prompt and point, so no dimension of 1 is folded into the graph.
+TRACE_PROMPTS, TRACE_POINTS = 3, 2
+
+
+@dataclass(frozen=True)
+class OnnxFiles:
+    """The exported pair, in one folder."""
+
+    encoder: Path
+    decoder: Path
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> OnnxFiles:
+        return cls(folder / ENCODER_FILE, folder / DECODER_FILE)
+
+    def exist(self) -> bool:
+        return self.encoder.is_file() and self.decoder.is_file()
+
+
+class EncoderGraph(nn.Module):
+    """(1, 3, 1024, 1024) model input -> (1, 256, 64, 64) image embedding."""
+
+    def __init__(self, model: SamModel) -> None:
+        super().__init__()
+        self.image_encoder = model.image_encoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder(images)
+
+
+class DecoderGraph(nn.Module):
+    """Image embedding (1, 256, 64, 64), points (B, N, 2), labels (B, N) -> logits (B, 3, 256, 256), IoU (B, 3)."""
+
+    def __init__(self, model: SamModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.decode(image_embeddings, point_coords, point_labels)
+
+
+def export_onnx(
+    model_type: str,
+    checkpoint: str | None,
+    out_dir: str | os.PathLike[str],
+    *,
+    sha256: str | None = None,
+    opset: int = DEFAULT_OPSET,
+) -> OnnxFiles:
+    """Load `checkpoint` (None: the cached default of `model_type`) and export it into `out_dir`."""
+    from sam_batch.engines.backend import load_model
+
+    return export_model(load_model(model_type, checkpoint, sha256).model, out_dir, opset)
+
+
+def cached_onnx(loaded: LoadedModel, opset: int = DEFAULT_OPSET) -> OnnxFiles:
+    """The ONNX pair of `loaded`, exported on first use into the weights cache.
+
+    The folder is keyed by everything that changes the graphs: model type, checkpoint sha256,
+    opset, and the onnx and torch versions that wrote them. Concurrent first users (e.g. Ray
+    actors) each export into a private folder and rename it into place; the first rename wins.
+    """
+    import onnx
+
+    key = f"{loaded.model_type}-{loaded.checkpoint_sha256[:16]}-opset{opset}-onnx{onnx.__version__}-torch{torch.__version__}"
+    folder = cache_dir() / "onnx" / key
+    files = OnnxFiles.in_folder(folder)
+    if files.exist():
+        return files
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}."))
+    try:
+        export_model(loaded.model, scratch, opset)
+        scratch.chmod(0o755)
+        try:
+            os.rename(scratch, folder)
+        except OSError:
+            if not files.exist():  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return files
+
+
+def export_model(model: SamModel, out_dir: str | os.PathLike[str], opset: int = DEFAULT_OPSET) -> OnnxFiles:
+    """Write `encoder.onnx` and `decoder.onnx` for a loaded fp32 CPU `model` into `out_dir`; check both.
+
+    Each file is written beside its final name and renamed into place once `onnx.checker`
+    accepts it, so a reader never sees a half-written graph. Graphs over protobuf's 2 GB
+    (`vit_h`'s encoder) get their weights in external data files beside them.
+    """
+    import onnx
+
+    model = model.eval()
+    files = OnnxFiles.in_folder(Path(out_dir))
+    files.encoder.parent.mkdir(parents=True, exist_ok=True)
+    image = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    embedding = torch.zeros(EMBEDDING_SHAPE)
+    coords = torch.rand(TRACE_PROMPTS, TRACE_POINTS, 2) * IMAGE_SIZE
+    labels = torch.ones(TRACE_PROMPTS, TRACE_POINTS)
+    graphs = [
+        (files.encoder, EncoderGraph(model), (image,), ENCODER_INPUTS, ENCODER_OUTPUTS, {}),
+        (files.decoder, DecoderGraph(model), (embedding, coords, labels), DECODER_INPUTS, DECODER_OUTPUTS, DECODER_DYNAMIC_AXES),
+    ]
+    for path, module, args, inputs, outputs, dynamic_axes in graphs:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                # The tracer warns about shape-dependent Python branches; the decoder's are taken
+                # the same way for every prompt batch (batch-1 image side, B prompts).
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.onnx.export(
+                    module,
+                    args,
+                    str(tmp),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=list(inputs),
+                    output_names=list(outputs),
+                    dynamic_axes=dynamic_axes,
+                    do_constant_folding=True,
+                )
+            onnx.checker.check_model(str(tmp), full_check=True)
+            tmp.chmod(0o644)  # mkstemp creates 0600; the cache may be shared
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return files
