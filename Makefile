@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH)"
-	$(PIP) install --quiet -e '.[test,demo,s3]'
+	$(PIP) install --quiet -e '.[test,demo,s3,onnx]'
 	touch $@
 
 demo: install
