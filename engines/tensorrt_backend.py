@@ -1,0 +1,267 @@
+"""`engine.backend: tensorrt` — TensorRT engines built from the exported ONNX graphs.
+
+The encoder graph is static ((1, 3, 1024, 1024) -> (1, 256, 64, 64)); the decoder's prompt
+batch and point count get one optimisation profile (`DecoderProfile`). fp16/bf16 use
+TensorRT 10's weakly typed builder flags with precision constraints: normalisation, softmax
+and reduction layers, and the prompt encoder's Fourier positional encoding of the point
+coordinates, stay fp32 (`pinned_to_fp32`). fp32 engines are built without TF32.
+
+Built plans are cached under the weights cache, keyed by the ONNX folder (model type,
+checkpoint sha256, opset, exporter versions), the graph, precision, GPU name and compute
+capability, TensorRT version and the profile (`plan_name`). Inputs and outputs are torch
+CUDA tensors, run on torch's current stream, so the pipeline's filtering stays on the GPU.
+
+Where TensorRT or a CUDA GPU is missing, `require_tensorrt` raises one `EngineError` that
+names what is missing, before any weights are loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sam_batch.engines.backend import CropEmbedding, EngineError, LoadedModel, pick_device, upscale_logits
+from sam_batch.engines.checkpoints import cache_dir
+from sam_batch.engines.onnx_export import DEFAULT_OPSET, cached_onnx
+from sam_batch.engines.sam import PIXEL_MEAN, PIXEL_STD, image_to_input, resize_longest_side, scale_coords
+
+log = logging.getLogger("sam_batch")
+
+INSTALL_HINT = "pip install tensorrt-cu12"
+# Layer types (trt.LayerType names) whose arithmetic must not drop to fp16: LayerNorm
+# (NORMALIZATION from opset 17's LayerNormalization), SOFTMAX, and REDUCE (means, sums).
+FP32_LAYER_TYPES = frozenset({"NORMALIZATION", "SOFTMAX", "REDUCE"})
+# Layer names (from the ONNX node names) kept fp32: the points' positional encoding, whose
+# sin/cos arguments reach ~±20 rad, where fp16 would move a prompt by pixels.
+FP32_NAME_PARTS = ("prompt_encoder/",)
+LOW_PRECISION_FLAGS = {"fp16": "FP16", "bf16": "BF16"}
+WORKSPACE_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class DecoderProfile:
+    """The decoder's optimisation profile: prompt batch B and points per prompt N, (min, opt, max)."""
+
+    min_prompts: int = 1
+    opt_prompts: int = 256
+    max_prompts: int = 1024
+    opt_points: int = 1
+    max_points: int = 16
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_prompts <= self.opt_prompts <= self.max_prompts:
+            raise ValueError(f"need 1 <= min_prompts <= opt_prompts <= max_prompts: {self}")
+        if not 1 <= self.opt_points <= self.max_points:
+            raise ValueError(f"need 1 <= opt_points <= max_points: {self}")
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """(min, opt, max) shapes of each dynamic decoder input, as `IOptimizationProfile.set_shape` takes them."""
+        low, opt, high = (self.min_prompts, 1), (self.opt_prompts, self.opt_points), (self.max_prompts, self.max_points)
+        return {
+            "point_coords": ((*low, 2), (*opt, 2), (*high, 2)),
+            "point_labels": (low, opt, high),
+        }
+
+
+def pinned_to_fp32(layer_type: str, layer_name: str) -> bool:
+    """Whether a layer (its `trt.LayerType` name and its name) keeps fp32 in a low-precision engine."""
+    return layer_type in FP32_LAYER_TYPES or any(part in layer_name for part in FP32_NAME_PARTS)
+
+
+def check_precision(precision: str, trt_version: str) -> None:
+    """fp32 builds everywhere; fp16/bf16 need TensorRT 10's weakly typed flags (dropped in 11)."""
+    if precision == "fp32":
+        return
+    if precision not in LOW_PRECISION_FLAGS:
+        raise EngineError(f"engine.precision: {precision!r} is not one of fp32, {', '.join(LOW_PRECISION_FLAGS)}")
+    if int(trt_version.split(".")[0]) >= 11:
+        raise EngineError(
+            f"engine.precision {precision} with engine.backend tensorrt needs TensorRT 10 (found {trt_version}, "
+            f"which has no weakly typed fp16/bf16 builds): pip install 'tensorrt-cu12<11', or use fp32"
+        )
+
+
+def plan_name(
+    graph: str, precision: str, gpu_name: str, capability: tuple[int, int], trt_version: str,
+    profile: DecoderProfile | None,
+) -> str:
+    """File name of a cached plan inside its ONNX folder's plan directory (see `cached_plan`)."""
+    gpu = re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-")
+    shapes = hashlib.sha256(repr(profile).encode()).hexdigest()[:10] if profile else "static"
+    return f"{graph}-{precision}-{gpu}-sm{capability[0]}{capability[1]}-trt{trt_version}-{shapes}.plan"
+
+
+def require_tensorrt(device: str):
+    """The `tensorrt` module, or one `EngineError` naming what is missing (package, GPU)."""
+    found = []
+    try:
+        import tensorrt as trt
+    except ImportError as error:
+        trt = None
+        found.append(f"no `tensorrt` package ({error})")
+    if device == "cpu":
+        found.append("engine.device is cpu")
+    elif not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        found.append(f"no CUDA GPU visible to torch {torch.__version__} ({build})")
+    if found:
+        raise EngineError(
+            f"engine.backend tensorrt needs the `tensorrt` package ({INSTALL_HINT}) and a CUDA GPU; "
+            f"found: {'; '.join(found)}"
+        )
+    return trt
+
+
+def build_plan(trt, onnx_path: Path, precision: str, profile: DecoderProfile | None) -> bytes:
+    """Parse one ONNX graph and build a serialised TensorRT engine for the current GPU."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"TensorRT cannot parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    if profile is not None:
+        shapes = builder.create_optimization_profile()
+        for name, (low, opt, high) in profile.shapes().items():
+            shapes.set_shape(name, low, opt, high)
+        config.add_optimization_profile(shapes)
+    if precision == "fp32":
+        if hasattr(trt.BuilderFlag, "TF32"):
+            config.clear_flag(trt.BuilderFlag.TF32)
+    else:
+        config.set_flag(getattr(trt.BuilderFlag, LOW_PRECISION_FLAGS[precision]))
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        _pin_layers(trt, network)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise EngineError(f"TensorRT could not build an engine from {onnx_path} ({precision}); see its log above")
+    return bytes(plan)
+
+
+def _pin_layers(trt, network) -> int:
+    """Set fp32 precision and output types on the float layers `pinned_to_fp32` selects; returns how many."""
+    pinned = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
+        if not pinned_to_fp32(layer.type.name, layer.name) or any(t.dtype != trt.float32 for t in outputs):
+            continue  # shape, index and boolean layers keep their types
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            layer.set_output_type(j, trt.float32)
+        pinned += 1
+    log.info("TensorRT: %d of %d layers pinned to fp32", pinned, network.num_layers)
+    return pinned
+
+
+def cached_plan(trt, onnx_path: Path, precision: str, device: torch.device, profile: DecoderProfile | None) -> bytes:
+    """The plan for `onnx_path` on `device`'s GPU, built on first use and cached (atomic rename)."""
+    name = plan_name(
+        onnx_path.stem, precision, torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device),
+        trt.__version__, profile,
+    )
+    path = cache_dir() / "tensorrt" / onnx_path.parent.name / name
+    if path.is_file():
+        return path.read_bytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("TensorRT: building %s (minutes, once per GPU model and version)", path)
+    plan = build_plan(trt, onnx_path, precision, profile)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".part")
+    with os.fdopen(fd, "wb") as out:
+        out.write(plan)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return plan
+
+
+class TrtGraph:
+    """One deserialised engine and its execution context, run on torch CUDA tensors."""
+
+    def __init__(self, trt, plan: bytes, device: torch.device) -> None:
+        self.device = device
+        with torch.cuda.device(device):
+            self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
+            self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.dtypes = {trt.float32: torch.float32, trt.float16: torch.float16}
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run on float32 `inputs`; returns the outputs by name, float32, on the device."""
+        inputs = {name: t.to(self.device, torch.float32).contiguous() for name, t in inputs.items()}
+        for name, tensor in inputs.items():
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        results = {}
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            out = torch.empty(shape, dtype=self.dtypes[self.engine.get_tensor_dtype(name)], device=self.device)
+            self.context.set_tensor_address(name, out.data_ptr())
+            results[name] = out
+        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise EngineError("TensorRT: execute_async_v3 failed")
+        return {name: out.float() for name, out in results.items()}
+
+
+class TensorRTEngine:
+    """SAM as two TensorRT engines (encoder, decoder) on one CUDA GPU."""
+
+    def __init__(self, encoder: TrtGraph, decoder: TrtGraph, device: torch.device, max_prompts: int) -> None:
+        self.encoder, self.decoder = encoder, decoder
+        self.device = device
+        self.max_prompts = max_prompts
+        self.pixel_mean = torch.tensor(PIXEL_MEAN).reshape(3, 1, 1)
+        self.pixel_std = torch.tensor(PIXEL_STD).reshape(3, 1, 1)
+        self.mask_threshold = 0.0
+
+    @classmethod
+    def from_model(
+        cls, loaded: LoadedModel, device: str = "auto", precision: str = "fp32",
+        profile: DecoderProfile = DecoderProfile(), opset: int = DEFAULT_OPSET,
+    ) -> TensorRTEngine:
+        """Engines for a loaded model on `device`, from its cached ONNX graphs; built on first use."""
+        trt = require_tensorrt(device)
+        check_precision(precision, trt.__version__)
+        target = pick_device(device)
+        files = cached_onnx(loaded, opset)
+        encoder = TrtGraph(trt, cached_plan(trt, files.encoder, precision, target, None), target)
+        decoder = TrtGraph(trt, cached_plan(trt, files.decoder, precision, target, profile), target)
+        return cls(encoder, decoder, target, profile.max_prompts)
+
+    def encode(self, crop: np.ndarray) -> CropEmbedding:
+        """Encode one uint8 crop (h, w, 3) into its image embedding (1, 256, 64, 64) on the GPU."""
+        crop_hw = (crop.shape[0], crop.shape[1])
+        resized = resize_longest_side(crop)
+        embedding = self.encoder(images=image_to_input(resized, self.pixel_mean, self.pixel_std))["image_embeddings"]
+        return CropEmbedding(embedding, (resized.shape[0], resized.shape[1]), crop_hw)
+
+    def decode(self, crop: CropEmbedding, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode single-point prompts (B, 2) xy in crop pixels, in chunks of the profile's max batch.
+
+        Returns low-resolution logits (B, 3, 256, 256) and predicted IoUs (B, 3), fp32, on the GPU.
+        """
+        coords = torch.from_numpy(scale_coords(points.astype(np.float64), crop.crop_hw))[:, None, :]
+        logits, iou = [], []
+        for start in range(0, len(points), self.max_prompts):
+            chunk = coords[start : start + self.max_prompts]
+            out = self.decoder(
+                image_embeddings=crop.embedding, point_coords=chunk, point_labels=torch.ones(chunk.shape[:2])
+            )
+            logits.append(out["low_res_logits"])
+            iou.append(out["iou_predictions"])
+        return torch.cat(logits), torch.cat(iou)
+
+    def upscale(self, crop: CropEmbedding, low_res: torch.Tensor) -> torch.Tensor:
+        """Logits (K, 256, 256) → logits (K, h, w) at the crop's original size."""
+        return upscale_logits(crop, low_res)
