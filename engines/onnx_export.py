@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from sam_batch.engines.backend import LoadedModel
 
 DEFAULT_OPSET = 17
+EXPORT_VERSION = 2  # part of the cache key: bump whenever the exported graphs change
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
 EMBEDDING_SHAPE = (1, 256, 64, 64)
 ENCODER_INPUTS, ENCODER_OUTPUTS = ("images",), ("image_embeddings",)
@@ -78,16 +79,23 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """Image embedding (1, 256, 64, 64), points (B, N, 2), labels (B, N) -> logits (B, 3, 256, 256), IoU (B, 3)."""
+    """Image embedding (1, 256, 64, 64), points (B, N, 2), labels (B, N) -> logits (B, 3, 256, 256), IoU (B, 3).
+
+    `SamModel.decode`, with the image grid's positional encoding (1, 256, 64, 64) computed once
+    here, in fp32, and stored in the graph as a constant instead of a sin/cos subgraph.
+    """
 
     def __init__(self, model: SamModel) -> None:
         super().__init__()
-        self.model = model
+        self.prompt_encoder = model.prompt_encoder
+        self.mask_decoder = model.mask_decoder
+        self.register_buffer("dense_pe", model.prompt_encoder.dense_pe().detach().clone())
 
     def forward(
         self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.decode(image_embeddings, point_coords, point_labels)
+        sparse, dense = self.prompt_encoder(point_coords, point_labels)
+        return self.mask_decoder(image_embeddings, self.dense_pe, sparse, dense, multimask_output=True)
 
 
 def export_onnx(
@@ -108,12 +116,15 @@ def cached_onnx(loaded: LoadedModel, opset: int = DEFAULT_OPSET) -> OnnxFiles:
     """The ONNX pair of `loaded`, exported on first use into the weights cache.
 
     The folder is keyed by everything that changes the graphs: model type, checkpoint sha256,
-    opset, and the onnx and torch versions that wrote them. Concurrent first users (e.g. Ray
+    opset, the onnx and torch versions that wrote them, and `EXPORT_VERSION`. Concurrent first users (e.g. Ray
     actors) each export into a private folder and rename it into place; the first rename wins.
     """
     import onnx
 
-    key = f"{loaded.model_type}-{loaded.checkpoint_sha256[:16]}-opset{opset}-onnx{onnx.__version__}-torch{torch.__version__}"
+    key = (
+        f"{loaded.model_type}-{loaded.checkpoint_sha256[:16]}-opset{opset}-onnx{onnx.__version__}"
+        f"-torch{torch.__version__}-v{EXPORT_VERSION}"
+    )
     folder = cache_dir() / "onnx" / key
     files = OnnxFiles.in_folder(folder)
     if files.exist():
