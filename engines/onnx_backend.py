@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sam_batch.engines.backend import CropEmbedding, EngineError, LoadedModel, upscale_logits
-from sam_batch.engines.onnx_export import DEFAULT_OPSET, OnnxFiles, cached_onnx
+from sam_batch.engines.onnx_export import DEFAULT_OPSET, EMBEDDING_SHAPE, OnnxFiles, cached_onnx, decoder_output_shapes
 from sam_batch.engines.sam import PIXEL_MEAN, PIXEL_STD, image_to_input, resize_longest_side, scale_coords
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -65,20 +65,19 @@ class OnnxSession:
             providers = [CPU]
         self.session = ort.InferenceSession(path, options, providers=providers)
         self.device = device
-        self.outputs = [(meta.name, meta.shape) for meta in self.session.get_outputs()]
 
-    def __call__(self, batch: int, **inputs: torch.Tensor) -> list[torch.Tensor]:
-        """Run with `inputs` (float32, on the device); every symbolic output dimension is `batch`."""
+    def __call__(self, outputs: dict[str, tuple[int, ...]], **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run on `inputs` (made float32 on the device) into new tensors of the given `outputs` shapes."""
         binding = self.session.io_binding()
         index = self.device.index or 0
         inputs = {name: tensor.to(self.device, torch.float32).contiguous() for name, tensor in inputs.items()}
         for name, tensor in inputs.items():
             binding.bind_input(name, self.device.type, index, np.float32, tuple(tensor.shape), tensor.data_ptr())
-        results = []
-        for name, shape in self.outputs:
-            out = torch.empty([d if isinstance(d, int) else batch for d in shape], dtype=torch.float32, device=self.device)
-            binding.bind_output(name, self.device.type, index, np.float32, tuple(out.shape), out.data_ptr())
-            results.append(out)
+        results = {}
+        for name, shape in outputs.items():
+            out = torch.empty(shape, dtype=torch.float32, device=self.device)
+            binding.bind_output(name, self.device.type, index, np.float32, shape, out.data_ptr())
+            results[name] = out
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch are ready
         self.session.run_with_iobinding(binding)  # returns once the outputs are written
@@ -114,7 +113,7 @@ class OnnxEngine:
         crop_hw = (crop.shape[0], crop.shape[1])
         resized = resize_longest_side(crop)
         batch = image_to_input(resized, self.pixel_mean, self.pixel_std)
-        (embedding,) = self.encoder(1, images=batch)
+        embedding = self.encoder({"image_embeddings": EMBEDDING_SHAPE}, images=batch)["image_embeddings"]
         return CropEmbedding(embedding, (resized.shape[0], resized.shape[1]), crop_hw)
 
     def decode(self, crop: CropEmbedding, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,8 +124,10 @@ class OnnxEngine:
         """
         coords = torch.from_numpy(scale_coords(points.astype(np.float64), crop.crop_hw))[:, None, :]
         labels = torch.ones((len(points), 1))
-        logits, iou = self.decoder(len(points), image_embeddings=crop.embedding, point_coords=coords, point_labels=labels)
-        return logits, iou
+        out = self.decoder(
+            decoder_output_shapes(len(points)), image_embeddings=crop.embedding, point_coords=coords, point_labels=labels
+        )
+        return out["low_res_logits"], out["iou_predictions"]
 
     def upscale(self, crop: CropEmbedding, low_res: torch.Tensor) -> torch.Tensor:
         """Logits (K, 256, 256) → logits (K, h, w) at the crop's original size."""

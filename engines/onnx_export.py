@@ -42,6 +42,7 @@ EMBEDDING_SHAPE = (1, 256, 64, 64)
 ENCODER_INPUTS, ENCODER_OUTPUTS = ("images",), ("image_embeddings",)
 DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels")
 DECODER_OUTPUTS = ("low_res_logits", "iou_predictions")
+MASKS_PER_PROMPT, LOW_RES_SIZE = 3, 256
 DECODER_DYNAMIC_AXES = {
     "point_coords": {0: "prompts", 1: "points"},
     "point_labels": {0: "prompts", 1: "points"},
@@ -50,6 +51,14 @@ DECODER_DYNAMIC_AXES = {
 }
 # Traced with more than one prompt and point, so no dimension of 1 is folded into the graph.
 TRACE_PROMPTS, TRACE_POINTS = 3, 2
+
+
+def decoder_output_shapes(prompts: int) -> dict[str, tuple[int, ...]]:
+    """The decoder graph's output shapes for a batch of `prompts`."""
+    return {
+        "low_res_logits": (prompts, MASKS_PER_PROMPT, LOW_RES_SIZE, LOW_RES_SIZE),
+        "iou_predictions": (prompts, MASKS_PER_PROMPT),
+    }
 
 
 @dataclass(frozen=True)
@@ -116,8 +125,9 @@ def cached_onnx(loaded: LoadedModel, opset: int = DEFAULT_OPSET) -> OnnxFiles:
     """The ONNX pair of `loaded`, exported on first use into the weights cache.
 
     The folder is keyed by everything that changes the graphs: model type, checkpoint sha256,
-    opset, the onnx and torch versions that wrote them, and `EXPORT_VERSION`. Concurrent first users (e.g. Ray
-    actors) each export into a private folder and rename it into place; the first rename wins.
+    opset, the onnx and torch versions that wrote them, and `EXPORT_VERSION`. Concurrent first
+    users (e.g. Ray actors) each export into a private folder and rename it into place; the
+    first rename wins.
     """
     import onnx
 
@@ -158,7 +168,7 @@ def export_model(model: SamModel, out_dir: str | os.PathLike[str], opset: int = 
     files.encoder.parent.mkdir(parents=True, exist_ok=True)
     image = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
     embedding = torch.zeros(EMBEDDING_SHAPE)
-    coords = torch.rand(TRACE_PROMPTS, TRACE_POINTS, 2) * IMAGE_SIZE
+    coords = torch.linspace(0, IMAGE_SIZE - 1, TRACE_PROMPTS * TRACE_POINTS * 2).reshape(TRACE_PROMPTS, TRACE_POINTS, 2)
     labels = torch.ones(TRACE_PROMPTS, TRACE_POINTS)
     graphs = [
         (files.encoder, EncoderGraph(model), (image,), ENCODER_INPUTS, ENCODER_OUTPUTS, {}),

@@ -66,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("model_type", choices=["vit_t", "vit_b", "vit_l", "vit_h"])
     fetch.add_argument("--force", action="store_true", help="download again even if cached")
     fetch.set_defaults(handler=_weights_fetch)
+
+    export = commands.add_parser("export-onnx", help="export a model's image encoder and prompt decoder to ONNX")
+    export.add_argument("model_type", choices=["vit_t", "vit_b", "vit_l", "vit_h"])
+    export.add_argument("-o", "--out", required=True, help="folder for encoder.onnx and decoder.onnx")
+    export.add_argument("--checkpoint", help="path or fsspec URL (default: the cached default weights)")
+    export.add_argument("--sha256", help="verify the checkpoint against this sha256")
+    export.add_argument("--opset", type=int, help="ONNX opset (default 17)")
+    export.set_defaults(handler=_export_onnx)
     return parser
 
 
@@ -133,6 +141,14 @@ def _weights_fetch(args: argparse.Namespace) -> int:
 
     path = fetch_weights(args.model_type, force=args.force, log=lambda line: print(line, file=sys.stderr))
     print(path)
+    return EXIT_OK
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from sam_batch.engines.onnx_export import DEFAULT_OPSET, export_onnx
+
+    files = export_onnx(args.model_type, args.checkpoint, args.out, sha256=args.sha256, opset=args.opset or DEFAULT_OPSET)
+    print(f"{files.encoder}\n{files.decoder}")
     return EXIT_OK
 
 
