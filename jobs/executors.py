@@ -1,23 +1,59 @@
-"""Executors place the work: in this process (`local`) or on Ray actors (`ray`).
+"""Executors place the work: in this process (`local`) or on Ray (`ray`).
 
-Both take the images of the shards still to do, in plan order, and yield `ImageResult`s as
-they finish; the runner commits a shard once all of its images are back. Ray appears only
-here.
+Both run the shards still to do, in plan order, and yield an `ImageResult` as each image is
+done and a `ShardCommit` as each shard is committed; the runner counts them, shows progress
+and writes the run record. Ray appears only here.
+
+On Ray each image goes through three stages, each holding a bounded number of images, so that
+memory stays flat however long the input:
+
+    read tasks (CPU)              segmenting actors (GPU, else CPU)   commit tasks (CPU)
+    fetch + decode to (H, W, 3)   one image per actor at a time;      `commit_shard`: Parquet
+    uint8; TIFFs only sniffed,  ► embeddings never leave the actor ►  files, then the marker;
+    the actor reads their windows                                     idempotent, so retries
+    ≤ READ_AHEAD per actor                                            are safe; ≤ MAX_COMMITS
+
+Pixels go from a read task to an actor through Ray's object store; the driver gets each read's
+small status, each image's rows, and holds the rows of the shards not yet complete.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from collections import Counter, deque
 from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
 
 from sam_batch.engines.backend import set_cpu_threads
+from sam_batch.jobs.dataset import OutputDataset, Shard
 from sam_batch.jobs.schema import JobSpec
-from sam_batch.jobs.worker import ImageResult, ImageSegmenter
-from sam_batch.pipeline.tables import image_row
+from sam_batch.jobs.worker import ImageResult, ImageSegmenter, commit_shard, image_result
+from sam_batch.pipeline.images import TIFF_MAGIC, ImageError, decode_image, read_bytes
 
 log = logging.getLogger("sam_batch")
+
+READ_AHEAD = 2  # images being read or waiting, decoded, for an actor: per segmenting actor
+MAX_COMMITS = 2  # shard commits in flight; reads pause while this many are running
+STAGE_TASK_CPUS = 0.25  # CPU share a read or commit task declares (mostly I/O)
+MAX_ATTEMPTS = 3  # tries of one image (or one task) on workers that die under it
+
+
+@dataclass(frozen=True)
+class ShardCommit:
+    """A shard's commit is done: `stats` as returned by `commit_shard` (`committed` is False
+    when another attempt had committed it first; `write_seconds` in s)."""
+
+    shard: Shard
+    stats: dict
+
+
+Event = ImageResult | ShardCommit
 
 
 class LocalExecutor:
@@ -28,19 +64,22 @@ class LocalExecutor:
     def __init__(self, job: JobSpec) -> None:
         self.job = job
 
-    def map_images(self, uris: list[str]) -> Iterator[ImageResult]:
+    def run(self, shards: list[Shard], dataset: OutputDataset) -> Iterator[Event]:
         set_cpu_threads()
         segmenter = ImageSegmenter(self.job, "local")
-        for uri in uris:
-            yield segmenter.segment(uri)
+        for shard in shards:
+            results = []
+            for uri in shard.uris:
+                results.append(segmenter.segment(uri))
+                yield results[-1]
+            yield ShardCommit(shard, commit_shard(dataset, shard, results))
 
 
 class RayExecutor:
-    """Segmenting actors on Ray: one per GPU, or on a CPU-only cluster one per `cpus_per_actor` cores.
+    """The three stages on Ray; segmenting actors one per GPU, or one per `cpus_per_actor` cores.
 
     Attaches to `run.ray_address` (or, when that is null, to `$RAY_ADDRESS`, as set by
     `ray job submit`), else starts an embedded Ray bound to 127.0.0.1.
-    At most one image per actor is in flight, so memory stays bounded however long the input.
     """
 
     name = "ray"
@@ -49,15 +88,16 @@ class RayExecutor:
         self.job = job
         self.cpus_per_actor = cpus_per_actor
 
-    def map_images(self, uris: list[str]) -> Iterator[ImageResult]:
-        if not uris:
+    def run(self, shards: list[Shard], dataset: OutputDataset) -> Iterator[Event]:
+        n_images = sum(len(s.uris) for s in shards)
+        if not n_images:
             return
         import ray
 
         started_here = self._init_ray(ray)
         try:
-            pool = _ActorPool(ray, self.job, self._resources(ray), self._n_actors(ray, len(uris)))
-            yield from pool.map(uris)
+            resources, n_actors = self._actors(ray.cluster_resources(), n_images)
+            yield from _RayPipeline(ray, self.job, dataset, resources, n_actors).run(shards)
         finally:
             if started_here:
                 ray.shutdown()
@@ -79,25 +119,174 @@ class RayExecutor:
             )
         return True
 
-    def _resources(self, ray) -> dict:
-        if self._n_gpus(ray) and self.job.engine.device != "cpu":
-            return {"num_gpus": 1, "num_cpus": 1}
-        return {"num_cpus": self.cpus_per_actor}
+    def _actors(self, cluster: dict[str, float], n_images: int) -> tuple[dict, int]:
+        """Resources of one segmenting actor and how many to start, from `cluster_resources()`.
 
-    def _n_actors(self, ray, n_images: int) -> int:
-        if self._n_gpus(ray) and self.job.engine.device != "cpu":
-            count = self._n_gpus(ray)
-        else:
-            count = max(1, int(ray.cluster_resources().get("CPU", 1)) // self.cpus_per_actor)
-        return max(1, min(count, n_images))
-
-    @staticmethod
-    def _n_gpus(ray) -> int:
-        return int(ray.cluster_resources().get("GPU", 0))
+        A CPU actor leaves `STAGE_TASK_CPUS` of its cores to the read and commit tasks, so
+        the stages never wait for each other's CPUs.
+        """
+        gpus = int(cluster.get("GPU", 0))
+        if gpus and self.job.engine.device != "cpu":
+            return {"num_gpus": 1, "num_cpus": 1}, min(gpus, n_images)
+        count = max(1, int(cluster.get("CPU", 1)) // self.cpus_per_actor)
+        return {"num_cpus": self.cpus_per_actor - STAGE_TASK_CPUS}, min(count, n_images)
 
 
 class JobFailure(RuntimeError):
     """The job cannot go on (e.g. no segmenting actor can load the model)."""
+
+
+class _RayPipeline:
+    """The driver's loop: moves every image through read → segment → commit, one event at a time."""
+
+    def __init__(self, ray, job: JobSpec, dataset: OutputDataset, actor_resources: dict, n_actors: int) -> None:
+        self.ray = ray
+        self.reads = _ReadStage(ray, job, capacity=READ_AHEAD * n_actors)
+        self.actors = _ActorPool(ray, job, actor_resources, n_actors)
+        self.commits = _CommitStage(ray, dataset)
+
+    def run(self, shards: list[Shard]) -> Iterator[Event]:
+        ledger = _Ledger(shards)
+        self.actors.start()
+        try:
+            while ledger.outstanding or self.commits.running:
+                if len(self.commits.running) < MAX_COMMITS:
+                    self.reads.fill(ledger)
+                self.actors.feed(self.reads.ready)
+                event = self._next_event(ledger)
+                if event is None:
+                    continue
+                yield event
+                if isinstance(event, ImageResult) and (complete := ledger.add(event)):
+                    self.commits.submit(*complete)
+        finally:
+            self.actors.stop()
+
+    def _next_event(self, ledger: _Ledger) -> Event | None:
+        """Wait for the next reference any stage holds, and let its stage handle it."""
+        refs = [*self.reads.running, *self.actors.refs, *self.commits.running]
+        [ref], _ = self.ray.wait(refs, num_returns=1)
+        if ref in self.reads.running:
+            return self.reads.take(ref)
+        if ref in self.commits.running:
+            return self.commits.take(ref)
+        return self.actors.take(ref, ledger)
+
+
+class _Ledger:
+    """The driver's bookkeeping: the images still to read (plan order, lost ones first) and the
+    results of the shards begun and not yet complete.
+
+    Shards are tracked from their first image read on, so this holds about as many images as
+    are in flight, however long the plan.
+    """
+
+    def __init__(self, shards: list[Shard]) -> None:
+        self.unread = ((uri, shard) for shard in shards for uri in shard.uris)
+        self.lost: deque[str] = deque()
+        self.shard_of: dict[str, Shard] = {}
+        self.results: dict[int, list[ImageResult]] = {}
+        self.outstanding = sum(len(shard.uris) for shard in shards)  # images without a result yet
+
+    def next_uri(self) -> str | None:
+        """The next image to read, None when there is none left."""
+        if self.lost:
+            return self.lost.popleft()
+        uri, shard = next(self.unread, (None, None))
+        if uri is not None:
+            self.shard_of[uri] = shard
+            self.results.setdefault(shard.shard_id, [])
+        return uri
+
+    def requeue(self, uri: str) -> None:
+        """Read a lost image again, before any other."""
+        self.lost.append(uri)
+
+    def add(self, result: ImageResult) -> tuple[Shard, list[ImageResult]] | None:
+        """Keep one result; the shard and all its results when this one completes it."""
+        self.outstanding -= 1
+        shard = self.shard_of.pop(result.uri)
+        results = self.results[shard.shard_id]
+        results.append(result)
+        if len(results) < len(shard.uris):
+            return None
+        return shard, self.results.pop(shard.shard_id)
+
+
+@dataclass(frozen=True)
+class _ReadStatus:
+    """What a read task tells the driver: one-line `error` (stage named) or None; `seconds` in s."""
+
+    error: str | None
+    seconds: float
+
+
+def _read_image(uri: str, storage_options: dict, bands: tuple[int, ...] | None) -> tuple[_ReadStatus, np.ndarray | None]:
+    """A read task: (status, pixels (H, W, 3) uint8); pixels None for an error or a TIFF.
+
+    A TIFF is only sniffed (its first 4 bytes): the segmenting actor reads it window by window.
+    """
+    started = time.perf_counter()
+    try:
+        data = _photo_bytes(uri, storage_options)
+        image = None if data is None else decode_image(data, bands)
+    except ImageError as error:
+        return _ReadStatus(str(error), time.perf_counter() - started), None
+    except Exception as error:  # noqa: BLE001 - one image's failure must not end the job
+        reason = " ".join(str(error).split())[:300]
+        return _ReadStatus(f"decode: {type(error).__name__}: {reason}", time.perf_counter() - started), None
+    return _ReadStatus(None, time.perf_counter() - started), image
+
+
+def _photo_bytes(uri: str, storage_options: dict) -> bytes | None:
+    """The whole file, or None for a TIFF, of which only the first 4 bytes are read.
+
+    On any failure the file is read again by `read_bytes`, which names it (`read: …`).
+    """
+    try:
+        with fsspec.open(uri, "rb", **storage_options) as f:
+            head = f.read(len(TIFF_MAGIC[0]))
+            data = head if head in TIFF_MAGIC else head + f.read()
+    except Exception:  # noqa: BLE001 - read_bytes raises the one-line ImageError
+        data = b""
+    data = data or read_bytes(uri, storage_options)
+    return None if data[: len(TIFF_MAGIC[0])] in TIFF_MAGIC else data
+
+
+class _ReadStage:
+    """Read tasks ahead of the actors: at most `capacity` images being read or waiting, decoded.
+
+    Ray retries a task whose worker or node is lost (and rebuilds its lost pixels from lineage);
+    a read lost `MAX_ATTEMPTS` times becomes an error row.
+    """
+
+    def __init__(self, ray, job: JobSpec, capacity: int) -> None:
+        self.ray = ray
+        self.job = job
+        self.capacity = capacity
+        self.task = ray.remote(_read_image).options(
+            num_cpus=STAGE_TASK_CPUS, num_returns=2, max_retries=MAX_ATTEMPTS - 1
+        )
+        self.running: dict = {}  # status ref -> (uri, pixels ref)
+        self.ready: deque = deque()  # (uri, pixels ref, read seconds), read and decoded
+
+    def fill(self, ledger: _Ledger) -> None:
+        """Start reads of the ledger's next images, up to the capacity."""
+        while len(self.running) + len(self.ready) < self.capacity and (uri := ledger.next_uri()) is not None:
+            status, pixels = self.task.remote(uri, self.job.input.storage_options, self.job.raster.bands)
+            self.running[status] = (uri, pixels)
+
+    def take(self, ref) -> ImageResult | None:
+        """A finished read: its error row, or None once its pixels wait in `ready`."""
+        uri, pixels = self.running.pop(ref)
+        try:
+            status: _ReadStatus = self.ray.get(ref)
+        except self.ray.exceptions.RayError as error:
+            return image_result(uri, [], error=f"read: the read task was lost {MAX_ATTEMPTS} times ({type(error).__name__})")
+        if status.error:
+            return image_result(uri, [], seconds=status.seconds, stage_seconds={"read": status.seconds}, error=status.error)
+        self.ready.append((uri, pixels, status.seconds))
+        return None
 
 
 class _SegmenterActor:
@@ -110,7 +299,7 @@ class _SegmenterActor:
         import ray
 
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        set_cpu_threads(max(1, int(cpus)))
+        set_cpu_threads(max(1, math.ceil(cpus)))
         node = ray.get_runtime_context().get_node_id()[:8]
         self.segmenter: ImageSegmenter | None = None
         self.load_error: str | None = None
@@ -122,21 +311,25 @@ class _SegmenterActor:
     def ready(self) -> str | None:
         return self.load_error
 
-    def segment(self, uri: str) -> ImageResult:
+    def segment(self, uri: str, image: np.ndarray | None, read_seconds: float) -> ImageResult:
+        """Rows of one image decoded by a read task (`image` (H, W, 3) uint8), or of a TIFF
+        (`image` None) that the segmenter reads itself; the read task's seconds are added."""
         assert self.segmenter is not None
-        return self.segmenter.segment(uri)
+        result = self.segmenter.segment(uri, image)
+        result.stage_seconds["read"] = result.stage_seconds.get("read", 0.0) + read_seconds
+        result.image_row["seconds"] += read_seconds
+        return result
 
 
 class _ActorPool:
     """Segmenting actors that survive losing some of them: to a killed process or a lost node.
 
-    Work is handed only to actors that have loaded their model, one image at a time. When an
-    actor dies, its image goes back to the front of the queue and a replacement is started
-    (placed wherever Ray finds room). An image that kills `MAX_ATTEMPTS` workers becomes an
-    error row instead of taking the job down.
+    Work goes only to actors that have loaded their model, one image at a time. When a call
+    fails because a worker, a node or the image's pixels were lost, its actor is replaced
+    (placed wherever Ray finds room) and the image goes back to the ledger, to be read again
+    first. An image lost `MAX_ATTEMPTS` times becomes an error row instead of taking the
+    job down.
     """
-
-    MAX_ATTEMPTS = 3
 
     def __init__(self, ray, job: JobSpec, resources: dict, n_actors: int) -> None:
         self.ray = ray
@@ -148,23 +341,30 @@ class _ActorPool:
         self.idle: list = []
         self.attempts: Counter[str] = Counter()
 
-    def map(self, uris: list[str]) -> Iterator[ImageResult]:
-        queue = deque(uris)
+    @property
+    def refs(self) -> list:
+        return [*self.starting, *self.busy]
+
+    def start(self) -> None:
         for _ in range(self.n_actors):
             self._start_actor()
-        try:
-            while queue or self.busy:
-                while queue and self.idle:
-                    actor, uri = self.idle.pop(), queue.popleft()
-                    self.busy[actor.segment.remote(uri)] = (actor, uri)
-                [ref], _ = self.ray.wait([*self.starting, *self.busy], num_returns=1)
-                if ref in self.starting:
-                    self._on_started(ref)
-                else:
-                    yield from self._on_finished(ref, queue)
-        finally:
-            for actor in [*self.starting.values(), *self.idle, *(a for a, _ in self.busy.values())]:
-                self.ray.kill(actor)
+
+    def stop(self) -> None:
+        for actor in [*self.starting.values(), *self.idle, *(a for a, _ in self.busy.values())]:
+            self.ray.kill(actor)
+
+    def feed(self, ready: deque) -> None:
+        """Hand decoded images from `ready` to idle actors."""
+        while self.idle and ready:
+            actor, (uri, pixels, read_seconds) = self.idle.pop(), ready.popleft()
+            self.busy[actor.segment.remote(uri, pixels, read_seconds)] = (actor, uri)
+
+    def take(self, ref, ledger: _Ledger) -> ImageResult | None:
+        """A finished `ready` (None) or `segment` call (the result, or None if re-queued)."""
+        if ref in self.starting:
+            self._on_started(ref)
+            return None
+        return self._on_segmented(ref, ledger)
 
     def _start_actor(self) -> None:
         actor = self.actor_class.remote(self.job)
@@ -182,41 +382,58 @@ class _ActorPool:
             raise JobFailure(f"the segmenting actor cannot load the model: {load_error}")
         self.idle.append(actor)
 
-    def _on_finished(self, ref, queue: deque) -> Iterator[ImageResult]:
+    def _on_segmented(self, ref, ledger: _Ledger) -> ImageResult | None:
         actor, uri = self.busy.pop(ref)
         try:
             result = self.ray.get(ref)
         except _worker_lost_errors(self.ray) as error:
-            self.attempts[uri] += 1
-            log.warning("worker lost while segmenting %s (%s); attempt %d of %d", uri, type(error).__name__,
-                        self.attempts[uri], self.MAX_ATTEMPTS)
-            self._start_actor()
-            if self.attempts[uri] < self.MAX_ATTEMPTS:
-                queue.appendleft(uri)
-                return
-            yield _lost_worker_result(uri, self.attempts[uri])
-            return
+            return self._on_lost(actor, uri, error, ledger)
         self.idle.append(actor)
-        yield result
+        return result
+
+    def _on_lost(self, actor, uri: str, error: Exception, ledger: _Ledger) -> ImageResult | None:
+        self.ray.kill(actor)  # dead already, or alive and only the pixels were lost: replace it
+        self._start_actor()
+        self.attempts[uri] += 1
+        log.warning("worker lost while segmenting %s (%s); attempt %d of %d", uri, type(error).__name__,
+                    self.attempts[uri], MAX_ATTEMPTS)
+        if self.attempts[uri] < MAX_ATTEMPTS:
+            ledger.requeue(uri)
+            return None
+        return image_result(uri, [], error=f"segment: the worker died on this image {MAX_ATTEMPTS} times (out of memory?)")
+
+
+class _CommitStage:
+    """Commit tasks: `commit_shard` on a CPU worker instead of the driver.
+
+    Ray retries a task whose worker or node is lost; a commit is idempotent (same bytes under
+    the same names, marker only if absent), so a retry cannot duplicate rows. A commit that
+    fails anyway ends the job: its shard stays uncommitted and a re-run does it again.
+    """
+
+    def __init__(self, ray, dataset: OutputDataset) -> None:
+        self.ray = ray
+        self.task = ray.remote(commit_shard).options(num_cpus=STAGE_TASK_CPUS, max_retries=MAX_ATTEMPTS - 1)
+        self.dataset = ray.put(dataset)
+        self.running: dict = {}  # commit ref -> shard
+
+    def submit(self, shard: Shard, results: list[ImageResult]) -> None:
+        self.running[self.task.remote(self.dataset, shard, results)] = shard
+
+    def take(self, ref) -> ShardCommit:
+        shard = self.running.pop(ref)
+        try:
+            return ShardCommit(shard, self.ray.get(ref))
+        except self.ray.exceptions.RayError as error:
+            cause = getattr(error, "cause", None) or error
+            reason = " ".join(str(cause).split())[:300] or type(cause).__name__
+            raise JobFailure(f"committing {shard.name} failed: {type(cause).__name__}: {reason}") from None
 
 
 def _worker_lost_errors(ray) -> tuple[type[Exception], ...]:
-    """The errors that mean the worker (process or node) went away, not that the image failed."""
+    """The errors that mean a worker (process or node) or an object went away, not that the image failed."""
     e = ray.exceptions
     return (e.RayActorError, e.WorkerCrashedError, e.ObjectLostError, e.NodeDiedError, e.OutOfMemoryError)
-
-
-def _lost_worker_result(uri: str, attempts: int) -> ImageResult:
-    row = image_row(
-        uri,
-        status="error",
-        error=f"segment: the worker died on this image {attempts} times (out of memory?)",
-        width=None,
-        height=None,
-        n_masks=0,
-        seconds=0.0,
-    )
-    return ImageResult(uri, [], row, {}, "")
 
 
 def make_executor(job: JobSpec) -> LocalExecutor | RayExecutor:

@@ -1,4 +1,4 @@
-"""`sam-batch run`: plan (or resume), execute, commit shard by shard, record the run.
+"""`sam-batch run`: plan (or resume), execute (the executor commits shard by shard), record the run.
 
 The plan is frozen at the output root on the first run. Running the same job again resumes it:
 committed shards are skipped. Running a different job against the same output is refused
@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass, field
 
 from sam_batch import __version__
-from sam_batch.jobs.dataset import OutputDataset, Plan, Shard
-from sam_batch.jobs.executors import make_executor
+from sam_batch.jobs.dataset import OutputDataset, Plan
+from sam_batch.jobs.executors import ShardCommit, make_executor
 from sam_batch.jobs.plan import list_inputs, make_plan
 from sam_batch.jobs.schema import JobSpec
-from sam_batch.jobs.worker import STAGES, ImageResult, commit_shard
+from sam_batch.jobs.worker import STAGES, ImageResult
 
 log = logging.getLogger("sam_batch")
 
@@ -103,21 +103,17 @@ def run_job(job: JobSpec, *, overwrite: bool = False) -> RunSummary:
         len(todo),
     )
     progress = Progress(sum(len(s.uris) for s in todo))
-    shard_of = {uri: shard for shard in todo for uri in shard.uris}
-    pending: dict[int, list[ImageResult]] = {s.shard_id: [] for s in todo}
     workers: set[str] = set()
     try:
-        for result in executor.map_images([uri for s in todo for uri in s.uris]):
-            _count(summary, result)
-            if result.worker:
-                workers.add(result.worker)
-            progress.update(result, summary)
-            shard: Shard = shard_of[result.uri]
-            pending[shard.shard_id].append(result)
-            if len(pending[shard.shard_id]) == len(shard.uris):
-                stats = commit_shard(dataset, shard, pending.pop(shard.shard_id))
-                summary.stage_seconds["write"] += stats["write_seconds"]
-                summary.shards_committed += int(stats["committed"])
+        for event in executor.run(todo, dataset):
+            if isinstance(event, ShardCommit):
+                summary.stage_seconds["write"] += event.stats["write_seconds"]
+                summary.shards_committed += int(event.stats["committed"])
+                continue
+            _count(summary, event)
+            if event.worker:
+                workers.add(event.worker)
+            progress.update(event, summary)
     finally:
         progress.close()
     dataset.clean_attempts()

@@ -105,3 +105,31 @@ def commit_shard(dataset: OutputDataset, shard: Shard, results: list[ImageResult
         stats,
     )
     return {**stats, "committed": committed, "write_seconds": time.perf_counter() - started}
+
+
+def image_result(
+    uri: str,
+    rows: list[dict],
+    *,
+    size: tuple[int, int] | None = None,
+    seconds: float = 0.0,
+    stage_seconds: dict[str, float] | None = None,
+    worker: str = "",
+    error: str | None = None,
+) -> ImageResult:
+    """One image's result: its mask rows and its `images` row, `ok` unless `error` is given.
+
+    size: (height, width) in pixels as displayed, None when the image was never decoded;
+    seconds: the image's wall time in s; error: one line naming the stage (`read: …`).
+    """
+    height, width = size if size is not None else (None, None)
+    row = image_row(
+        uri,
+        status="error" if error else "ok",
+        error=error,
+        width=width,
+        height=height,
+        n_masks=len(rows),
+        seconds=seconds,
+    )
+    return ImageResult(uri, rows, row, stage_seconds or {}, worker)

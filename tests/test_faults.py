@@ -105,8 +105,11 @@ def test_sigkilled_driver_resumes_without_redoing_committed_shards(clean, tmp_pa
     driver = subprocess.Popen([SAM_BATCH, "run", str(job)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: committed(out) >= 1 or driver.poll() is not None, what="the first commit")
     assert driver.poll() is None, "the job ended before the fault could be injected"
+    ray_processes = psutil.Process(driver.pid).children(recursive=True)
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
+    # a commit task may outlive the driver by a moment: count markers once its Ray is gone
+    psutil.wait_procs(ray_processes, timeout=120)
     done_before = committed(out)
     assert 1 <= done_before < 3
     rerun = subprocess.run([SAM_BATCH, "run", str(job)], capture_output=True, text=True, timeout=1200)
