@@ -11,6 +11,7 @@ import io
 import os
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sam_batch.jobs.dataset import Plan, Shard
@@ -32,7 +33,8 @@ def list_inputs(job: JobSpec) -> list[str]:
     if job.input.manifest:
         uris.update(_read_manifest(job.input.manifest, options))
     if not uris:
-        raise PlanError(f"input: no images found for {list(job.input.uris)}")
+        manifest = f" and manifest {job.input.manifest!r}" if job.input.manifest else ""
+        raise PlanError(f"input: no images found for {list(job.input.uris)}{manifest}")
     return sorted(uris)
 
 
@@ -57,18 +59,42 @@ def _expand(pattern: str, options: dict) -> list[str]:
 
 
 def _read_manifest(uri: str, options: dict) -> list[str]:
+    """The URIs a manifest lists, each normalised; any problem is a one-line `PlanError`.
+
+    A Parquet file (told by its magic bytes) gives its `uri` column of strings; anything else
+    is read as UTF-8 text, one URI a line, blank lines and lines starting with `#` skipped.
+    """
     try:
         with fsspec.open(uri, "rb", **options) as f:
             data = f.read()
     except Exception as error:  # noqa: BLE001
         raise PlanError(f"input.manifest: cannot read {uri!r}: {type(error).__name__}") from None
-    if data[:4] == b"PAR1":
-        table = pq.read_table(io.BytesIO(data))
-        if "uri" not in table.column_names:
-            raise PlanError(f"input.manifest: {uri!r} has no 'uri' column (columns: {table.column_names})")
-        return [normalise_uri(u) for u in table.column("uri").to_pylist() if u]
-    lines = data.decode("utf-8").splitlines()
-    return [normalise_uri(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    listed = _parquet_uris(uri, data) if data[:4] == b"PAR1" else _text_uris(uri, data)
+    return [normalise_uri(u) for u in listed]
+
+
+def _parquet_uris(uri: str, data: bytes) -> list[str]:
+    try:
+        parquet = pq.ParquetFile(io.BytesIO(data))
+        names = parquet.schema_arrow.names
+        column = parquet.read(columns=["uri"]).column("uri") if "uri" in names else None
+    except Exception as error:  # noqa: BLE001
+        reason = " ".join(str(error).split())[:200]
+        raise PlanError(f"input.manifest: {uri!r} is not a readable Parquet file ({reason})") from None
+    if column is None:
+        raise PlanError(f"input.manifest: {uri!r} has no 'uri' column (columns: {names})")
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise PlanError(f"input.manifest: {uri!r}: the 'uri' column holds {column.type}, not strings")
+    return [u.strip() for u in column.to_pylist() if u and u.strip()]
+
+
+def _text_uris(uri: str, data: bytes) -> list[str]:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise PlanError(f"input.manifest: {uri!r} is neither Parquet nor UTF-8 text (one URI a line)") from None
+    lines = (line.strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def _as_uri(fs, path: str, pattern: str) -> str:

@@ -63,3 +63,24 @@ def golden_files() -> list[str]:
 @pytest.fixture(scope="session")
 def shared_images() -> Path:
     return IMAGES
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A real S3 endpoint for the module: moto's server on 127.0.0.1 (a free port).
+
+    Yields the `storage_options` that s3fs needs to reach it (fake key and secret).
+    """
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        yield {"key": "testing-key", "secret": "testing-secret", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+    finally:
+        server.stop()

@@ -1,0 +1,166 @@
+"""Inputs from a manifest: a text file of URIs or a Parquet file with a `uri` column, local or on S3.
+
+Listing is checked directly (`list_inputs`, no model); two runs (in process, 2×2 point grid,
+small images) check that a listed file that is missing becomes an error row and the job goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+import yaml
+from PIL import Image
+
+from conftest import IMAGES
+from sam_batch.jobs.plan import PlanError, list_inputs
+from sam_batch.jobs.schema import parse_job
+
+SAM_BATCH = str(Path(sys.executable).parent / "sam-batch")
+FAST_AMG = {"points_per_side": 2}
+
+
+def job_for(manifest: str, out: str = "/tmp/unused", uris: list[str] | None = None, options: dict | None = None) -> dict:
+    """A job whose inputs come from `manifest` (plus `uris`), run in process on a tiny grid."""
+    return {
+        "name": "manifest",
+        "input": {"uris": uris or [], "manifest": manifest, "storage_options": options or {}},
+        "output": {"uri": out, "storage_options": options or {}},
+        "amg": FAST_AMG,
+        "run": {"executor": "local", "shard_size": 2},
+    }
+
+
+def listed(job: dict) -> list[str]:
+    return list_inputs(parse_job(job))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[Path]:
+    """Two small JPEGs (96 px crops of real photos)."""
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for name in ("dog.jpg", "truck.jpg"):
+        path = folder / name
+        Image.open(IMAGES / name).convert("RGB").crop((100, 100, 400, 400)).resize((96, 96)).save(path)
+        paths.append(path)
+    return paths
+
+
+def run(job: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return subprocess.run([SAM_BATCH, "run", str(path)], capture_output=True, text=True, timeout=600)
+
+
+def test_text_manifest_skips_blank_lines_and_comments(tmp_path, photos) -> None:
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"# photos to segment\n\n  {photos[1]}  \r\n{photos[0]}\n   \n  # indented comment\n{photos[1]}\n")
+    assert listed(job_for(str(manifest))) == sorted(str(p) for p in photos)
+
+
+def test_parquet_manifest_gives_its_uri_column(tmp_path, photos) -> None:
+    manifest = tmp_path / "list.parquet"
+    table = pa.table({"id": [1, 2, 3], "uri": [str(photos[1]), None, str(photos[0])]})
+    pq.write_table(table, manifest)
+    assert listed(job_for(str(manifest))) == sorted(str(p) for p in photos)
+
+
+def test_manifest_and_uris_are_united_without_duplicates(tmp_path, photos) -> None:
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"{photos[0]}\n{IMAGES / 'groceries.jpg'}\n")
+    inputs = listed(job_for(str(manifest), uris=[str(photos[0].parent / "*.jpg")]))
+    assert inputs == sorted({str(photos[0]), str(photos[1]), str(IMAGES / "groceries.jpg")})
+
+
+def test_a_missing_file_in_the_manifest_is_an_error_row_and_the_job_goes_on(tmp_path, photos) -> None:
+    missing = tmp_path / "not-there.jpg"
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("\n".join(str(p) for p in [*photos, missing]) + "\n")
+    out = tmp_path / "out"
+
+    result = run(job_for(str(manifest), str(out)), tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    rows = {Path(r["image_uri"]).name: r for r in pq.read_table(out / "images").to_pylist()}
+    assert sorted(rows) == ["dog.jpg", "not-there.jpg", "truck.jpg"]
+    assert rows["not-there.jpg"]["status"] == "error"
+    assert rows["not-there.jpg"]["error"] == "read: file not found"
+    assert rows["dog.jpg"]["status"] == rows["truck.jpg"]["status"] == "ok"
+    record = json.loads((out / "run.json").read_text())
+    assert (record["images_ok"], record["images_error"], record["shards_committed"]) == (2, 1, 2)
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (lambda p: pq.write_table(pa.table({"path": ["a.jpg"]}), p), r"has no 'uri' column \(columns: \['path'\]\)"),
+        (lambda p: pq.write_table(pa.table({"uri": [1, 2]}), p), r"the 'uri' column holds int64, not strings"),
+        (lambda p: p.write_bytes(b"PAR1" + b"\x00" * 20), r"is not a readable Parquet file"),
+        (lambda p: p.write_bytes(b"\xff\xfe\x00not text"), r"is neither Parquet nor UTF-8 text"),
+        (lambda p: p.write_text("# nothing listed\n\n"), r"input: no images found for \[\] and manifest"),
+        (lambda p: None, r"input\.manifest: cannot read .*: FileNotFoundError"),
+    ],
+    ids=["parquet-without-uri", "parquet-uri-not-strings", "truncated-parquet", "binary", "empty", "missing"],
+)
+def test_a_malformed_manifest_is_one_clear_line(tmp_path, write, message) -> None:
+    manifest = tmp_path / "manifest"
+    write(manifest)
+    with pytest.raises(PlanError, match=message) as error:
+        listed(job_for(str(manifest)))
+    assert "\n" not in str(error.value) and str(manifest) in str(error.value)
+
+
+def test_sam_batch_names_a_malformed_manifest_in_one_line(tmp_path) -> None:
+    manifest = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"path": ["a.jpg"]}), manifest)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job_for(str(manifest))))
+
+    result = subprocess.run([SAM_BATCH, "validate", str(path)], capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"sam-batch: PlanError: input.manifest: '{manifest}' has no 'uri' column (columns: ['path'])"
+    ]
+
+
+@pytest.fixture(scope="module")
+def s3_photos(s3_endpoint, photos) -> tuple[s3fs.S3FileSystem, dict]:
+    """A bucket holding the two photos under `in/`."""
+    fs = s3fs.S3FileSystem(**s3_endpoint)
+    fs.mkdir("manifests")
+    for path in photos:
+        fs.put_file(str(path), f"manifests/in/{path.name}")
+    return fs, s3_endpoint
+
+
+def test_text_and_parquet_manifests_on_s3(s3_photos) -> None:
+    fs, options = s3_photos
+    expected = ["s3://manifests/in/dog.jpg", "s3://manifests/in/truck.jpg"]
+    fs.pipe_file("manifests/list.txt", ("# on S3\n" + "\n".join(reversed(expected)) + "\n").encode())
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"uri": expected}), sink)
+    fs.pipe_file("manifests/list.parquet", sink.getvalue().to_pybytes())
+
+    assert listed(job_for("s3://manifests/list.txt", options=options)) == expected
+    assert listed(job_for("s3://manifests/list.parquet", options=options)) == expected
+
+
+def test_a_run_from_a_manifest_on_s3_writes_to_s3(s3_photos, tmp_path) -> None:
+    fs, options = s3_photos
+    fs.pipe_file("manifests/run.txt", b"s3://manifests/in/dog.jpg\ns3://manifests/in/gone.jpg\n")
+
+    result = run(job_for("s3://manifests/run.txt", "s3://manifests/out", options=options), tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    rows = {r["image_uri"]: r for r in pq.read_table("manifests/out/images", filesystem=fs).to_pylist()}
+    assert sorted(rows) == ["s3://manifests/in/dog.jpg", "s3://manifests/in/gone.jpg"]
+    assert rows["s3://manifests/in/dog.jpg"]["status"] == "ok"
+    assert rows["s3://manifests/in/gone.jpg"]["error"] == "read: file not found"
