@@ -8,6 +8,7 @@ goes on. `commit_shard` writes a shard's rows once all its images are back.
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,8 +16,9 @@ import numpy as np
 from sam_batch.engines.backend import build_engine
 from sam_batch.jobs.dataset import OutputDataset, Shard
 from sam_batch.jobs.schema import JobSpec
-from sam_batch.pipeline.amg import generate_masks, to_records
 from sam_batch.pipeline.images import ImageError, load_image
+from sam_batch.pipeline.rasters import ArrayScene, RasterScene, is_raster
+from sam_batch.pipeline.scenes import segment_scene
 from sam_batch.pipeline.tables import image_row, images_table, mask_rows, masks_table
 
 STAGES = ("read", "segment", "encode", "write")
@@ -52,39 +54,60 @@ class ImageSegmenter:
     def segment(self, uri: str, image: np.ndarray | None = None) -> ImageResult:
         """Rows of one input; `image` (H, W, 3) uint8 when a read stage has already decoded it.
 
-        Never raises for a bad image: the failure is the images row's `error`.
+        Rasters (TIFF magic) are read here, window by window; photos whole. Both are cut into
+        tiles when larger than `raster.tile_size`. Never raises for a bad image: the failure
+        is the images row's `error`.
         """
         seconds = dict.fromkeys(STAGES, 0.0)
         started = time.perf_counter()
+        size: tuple[int, int] | None = None
+        options, raster = self.job.input.storage_options, self.job.raster
         try:
-            if image is None:
-                image = load_image(uri, self.job.input.storage_options, self.job.raster.bands)
-            seconds["read"] = time.perf_counter() - started
+            with ExitStack() as stack:
+                if image is not None:
+                    scene = ArrayScene(image)
+                elif is_raster(uri, options):
+                    scene = stack.enter_context(RasterScene(uri, options, raster.bands, raster.nodata))
+                else:
+                    scene = ArrayScene(load_image(uri, options, raster.bands))
+                size = (scene.height, scene.width)
+                seconds["read"] = time.perf_counter() - started
+                t = time.perf_counter()
+                result = segment_scene(self.engine, scene, self.params, raster.tile_size, raster.tile_overlap)
+                seconds["segment"] = time.perf_counter() - t
             t = time.perf_counter()
-            masks = generate_masks(self.engine, image, self.params)
-            seconds["segment"] = time.perf_counter() - t
-            t = time.perf_counter()
-            rows = mask_rows(uri, to_records(masks))
+            rows = mask_rows(uri, result.records())
             seconds["encode"] = time.perf_counter() - t
         except ImageError as error:
-            return self._result(uri, [], image, started, seconds, error=str(error))
+            return self._result(uri, [], size, started, seconds, error=str(error))
         except Exception as error:  # noqa: BLE001 - one image's failure must not end the job
             reason = " ".join(str(error).split())[:300]
-            return self._result(uri, [], image, started, seconds, error=f"segment: {type(error).__name__}: {reason}")
-        return self._result(uri, rows, image, started, seconds)
+            return self._result(uri, [], size, started, seconds, error=f"segment: {type(error).__name__}: {reason}")
+        return self._result(uri, rows, size, started, seconds, crs=result.crs, transform=result.transform)
 
-    def _result(self, uri, rows, image, started, seconds, *, error: str | None = None) -> ImageResult:
-        height, width = (int(image.shape[0]), int(image.shape[1])) if image is not None else (None, None)
-        row = image_row(
+    def _result(
+        self,
+        uri: str,
+        rows: list[dict],
+        size: tuple[int, int] | None,
+        started: float,
+        seconds: dict[str, float],
+        *,
+        error: str | None = None,
+        crs: str | None = None,
+        transform: list[float] | None = None,
+    ) -> ImageResult:
+        return image_result(
             uri,
-            status="error" if error else "ok",
-            error=error,
-            width=width,
-            height=height,
-            n_masks=len(rows),
+            rows,
+            size=size,
             seconds=time.perf_counter() - started,
+            stage_seconds=seconds,
+            worker=self.worker_name,
+            error=error,
+            crs=crs,
+            transform=transform,
         )
-        return ImageResult(uri, rows, row, seconds, self.worker_name)
 
 
 def commit_shard(dataset: OutputDataset, shard: Shard, results: list[ImageResult]) -> dict:
@@ -100,7 +123,7 @@ def commit_shard(dataset: OutputDataset, shard: Shard, results: list[ImageResult
     }
     committed = dataset.commit_shard(
         shard,
-        masks_table([row for r in ordered for row in r.mask_rows]),
+        masks_table([row for r in ordered for row in r.mask_rows], [r.image_row for r in ordered]),
         images_table([r.image_row for r in ordered]),
         stats,
     )
@@ -116,11 +139,14 @@ def image_result(
     stage_seconds: dict[str, float] | None = None,
     worker: str = "",
     error: str | None = None,
+    crs: str | None = None,
+    transform: list[float] | None = None,
 ) -> ImageResult:
     """One image's result: its mask rows and its `images` row, `ok` unless `error` is given.
 
     size: (height, width) in pixels as displayed, None when the image was never decoded;
-    seconds: the image's wall time in s; error: one line naming the stage (`read: …`).
+    seconds: the image's wall time in s; error: one line naming the stage (`read: …`);
+    crs, transform: a georeferenced scene's, as in `pipeline.scenes.SceneResult`.
     """
     height, width = size if size is not None else (None, None)
     row = image_row(
@@ -131,5 +157,7 @@ def image_result(
         height=height,
         n_masks=len(rows),
         seconds=seconds,
+        crs=crs,
+        transform=transform,
     )
     return ImageResult(uri, rows, row, stage_seconds or {}, worker)

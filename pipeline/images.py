@@ -90,9 +90,7 @@ def _decode_raster(data: bytes, bands: Sequence[int] | None) -> np.ndarray:
     except ImageError:
         raise
     except rasterio.errors.RasterioError as error:
-        cause = error.__cause__ or error
-        reason = re.sub(r"^[0-9a-f-]{36}\.\w+, ", "", " ".join(str(cause.args[-1] if cause.args else cause).split()))
-        raise ImageError("decode", f"raster read failed: {reason[:300]}") from None
+        raise ImageError("decode", f"raster read failed: {raster_error_reason(error)}") from None
     if pixels.dtype != np.uint8:
         pixels = _stretch_to_uint8(pixels)
     if pixels.shape[0] == 1:
@@ -104,12 +102,25 @@ def _decode_raster(data: bytes, bands: Sequence[int] | None) -> np.ndarray:
 
 def _stretch_to_uint8(pixels: np.ndarray) -> np.ndarray:
     """Linear stretch of (C, H, W) data between its 2nd and 98th percentiles, all bands together."""
+    return apply_stretch(pixels, *stretch_limits(pixels))
+
+
+def stretch_limits(pixels: np.ndarray) -> tuple[float, float]:
+    """The (low, high) data values that map to 0 and 255: the 2nd and 98th percentiles of the
+    finite values of `pixels` (any shape), all bands together. Flat data is placed within
+    its type's own range instead; no finite data gives (0, 1).
+    """
     finite = pixels[np.isfinite(pixels)] if pixels.dtype.kind == "f" else pixels.ravel()
     if finite.size == 0:
-        return np.zeros(pixels.shape, dtype=np.uint8)
-    low, high = np.percentile(finite, [2, 98])
-    if high <= low:  # flat data: place it within the type's own range instead
-        low, high = (0.0, float(np.iinfo(pixels.dtype).max)) if pixels.dtype.kind in "iu" else (low, low + 1.0)
+        return 0.0, 1.0
+    low, high = (float(v) for v in np.percentile(finite, [2, 98]))
+    if high <= low:
+        return (0.0, float(np.iinfo(pixels.dtype).max)) if pixels.dtype.kind in "iu" else (low, low + 1.0)
+    return low, high
+
+
+def apply_stretch(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map data linearly from [low, high] to uint8 [0, 255], clipping; NaN becomes 0."""
     scaled = (np.nan_to_num(pixels.astype(np.float64), nan=low) - low) * (255.0 / (high - low))
     return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
@@ -125,6 +136,13 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
         raise ImageError(
             "decode", f"header claims {width}x{height} pixels, over the limit of {max_pixels} (decompression bomb)"
         )
+
+
+def raster_error_reason(error: Exception) -> str:
+    """GDAL's own reason for a rasterio error, on one line, without the temporary file name."""
+    cause = error.__cause__ or error
+    text = " ".join(str(cause.args[-1] if cause.args else cause).split())
+    return re.sub(r"^(/vsi\w+/)?[0-9a-f-]{32,36}\.?\w*/*, ?", "", text)[:300]
 
 
 def _one_line(error: BaseException) -> str:

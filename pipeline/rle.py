@@ -37,3 +37,34 @@ def decode_rle(rle: dict) -> np.ndarray:
 def rle_area(rle: dict) -> int:
     """Number of set pixels of a COCO compressed RLE mask."""
     return int(coco_mask.area(rle))
+
+
+def encode_rle_placed(pixels: np.ndarray, x0: int, y0: int, image_hw: tuple[int, int]) -> dict:
+    """COCO compressed RLE of a mask given as the (h, w) bool pixels of a box at (x0, y0).
+
+    Equal to `encode_rle` of the full (H, W) image-size mask, which is never built: the runs
+    are found down the box's columns and placed in the image's column-major order.
+    """
+    height, width = image_hw
+    h, w = pixels.shape
+    padded = np.zeros((h + 2, w), dtype=np.int8)  # a zero above and below each column
+    padded[1:-1] = pixels
+    steps = np.diff(padded.ravel(order="F"))
+    starts, ends = np.flatnonzero(steps == 1) + 1, np.flatnonzero(steps == -1) + 1
+
+    def placed(index: np.ndarray) -> np.ndarray:
+        column, row = np.divmod(index, h + 2)
+        return (x0 + column) * height + y0 + row - 1
+
+    counts: list[int] = []
+    position = 0
+    for start, end in zip(placed(starts).tolist(), placed(ends).tolist()):
+        if counts and start == position:  # a run that goes on at the top of the next column
+            counts[-1] += end - start
+        else:
+            counts += [start - position, end - start]
+        position = end
+    if position < height * width:
+        counts.append(height * width - position)
+    rle = coco_mask.frPyObjects({"size": [height, width], "counts": counts or [0]}, height, width)
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}

@@ -1,6 +1,9 @@
 """The two output tables of SPEC.md as explicit Arrow schemas, and rows → tables.
 
-`masks`: one row per mask; `images`: one row per input image, ok or error.
+`masks`: one row per mask; `images`: one row per input image, ok or error. Masks of
+georeferenced scenes carry `geometry` (WKB polygon in the scene's CRS) and its bounds in the
+`geometry_bbox` covering column, and their files the GeoParquet 1.1 `geo` metadata; other
+images leave both null. `images` carries each scene's `crs` and affine `transform`.
 """
 
 from __future__ import annotations
@@ -8,6 +11,8 @@ from __future__ import annotations
 import hashlib
 
 import pyarrow as pa
+
+from sam_batch.pipeline.geometry import geometry_type, geoparquet_metadata
 
 MASKS_SCHEMA = pa.schema(
     [
@@ -25,6 +30,8 @@ MASKS_SCHEMA = pa.schema(
         pa.field("stability_score", pa.float32(), nullable=False),
         pa.field("point_coords", pa.list_(pa.list_(pa.float64())), nullable=False),
         pa.field("crop_box", pa.list_(pa.int32()), nullable=False),
+        pa.field("geometry", pa.binary()),
+        pa.field("geometry_bbox", pa.struct([pa.field(k, pa.float64()) for k in ("xmin", "ymin", "xmax", "ymax")])),
     ]
 )
 
@@ -38,6 +45,8 @@ IMAGES_SCHEMA = pa.schema(
         pa.field("height", pa.int32()),
         pa.field("n_masks", pa.int32(), nullable=False),
         pa.field("seconds", pa.float64(), nullable=False),
+        pa.field("crs", pa.string()),
+        pa.field("transform", pa.list_(pa.float64())),
     ]
 )
 
@@ -65,8 +74,10 @@ def image_row(
     height: int | None,
     n_masks: int,
     seconds: float,
+    crs: str | None = None,
+    transform: list[float] | None = None,
 ) -> dict:
-    """One row of the images table."""
+    """One row of the images table; crs and transform as in `scenes.SceneResult`."""
     return {
         "image_uri": image_uri,
         "image_id": image_id_for(image_uri),
@@ -76,11 +87,36 @@ def image_row(
         "height": height,
         "n_masks": n_masks,
         "seconds": seconds,
+        "crs": crs,
+        "transform": transform,
     }
 
 
-def masks_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=MASKS_SCHEMA)
+def masks_table(rows: list[dict], image_rows: list[dict] = ()) -> pa.Table:
+    """The masks of a file; with GeoParquet metadata when any row has a geometry.
+
+    image_rows: the images rows of the same file, which give the scenes' CRSs.
+    """
+    table = pa.Table.from_pylist(rows, schema=MASKS_SCHEMA)
+    boxes = [row["geometry_bbox"] for row in rows if row.get("geometry") is not None]
+    if not boxes:
+        return table
+    georeferenced = {row["image_id"] for row in rows if row.get("geometry") is not None}
+    crs_wkts = {_crs_wkt(row["crs"]) for row in image_rows if row["image_id"] in georeferenced}
+    bounds = [
+        min(b["xmin"] for b in boxes),
+        min(b["ymin"] for b in boxes),
+        max(b["xmax"] for b in boxes),
+        max(b["ymax"] for b in boxes),
+    ]
+    types = sorted({geometry_type(row["geometry"]) for row in rows if row.get("geometry") is not None})
+    return table.replace_schema_metadata({b"geo": geoparquet_metadata(crs_wkts, bounds, types)})
+
+
+def _crs_wkt(label: str) -> str:
+    from rasterio.crs import CRS
+
+    return CRS.from_user_input(label).to_wkt()
 
 
 def images_table(rows: list[dict]) -> pa.Table:
