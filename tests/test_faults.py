@@ -44,7 +44,7 @@ def rows(out: Path) -> tuple[list[tuple], list[tuple]]:
     images = pq.read_table(out / "images").drop_columns(["seconds"]).to_pylist()
     mask_key = [(m["image_uri"], m["mask_id"], m["segmentation"]["counts"], tuple(m["bbox"])) for m in masks]
     image_key = [tuple(sorted(i.items())) for i in images]
-    return sorted(mask_key), sorted(image_key)
+    return sorted(mask_key), sorted(image_key, key=repr)  # values may be None (e.g. a photo's crs)
 
 
 def assert_same_rows(out: Path, clean: tuple[list, list]) -> None:
@@ -68,11 +68,15 @@ def wait_for(condition, timeout: float = 600.0, what: str = "") -> None:
 
 
 def actor_pids(driver: psutil.Process) -> list[int]:
-    return [
-        p.pid
-        for p in psutil.process_iter(["cmdline"])
-        if any("_SegmenterActor" in part for part in (p.info["cmdline"] or []))
-    ]
+    """The segmenting actors of this driver's embedded Ray (not of other jobs on the machine)."""
+    pids = []
+    for process in driver.children(recursive=True):
+        try:
+            if any("_SegmenterActor" in part for part in process.cmdline()):
+                pids.append(process.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return pids
 
 
 @pytest.fixture(scope="module")
