@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 # The CPU build of torch from this machine's disk; an unpinned torch would pull a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench bench-env
+.PHONY: install demo test test-fast bench bench-env bench-memory
 
 install: $(VENV)/.installed
 
@@ -40,3 +40,8 @@ $(REF_VENV)/.installed:
 
 bench: install bench-env
 	$(VENV)/bin/sam-batch bench --ref-venv $(REF_VENV) --write-doc
+
+# Peak memory of the driver and every Ray worker over 100 and then 1,000 small images
+# (sam_batch/bench_memory.py); about 10-20 minutes on 2 cores.
+bench-memory: install
+	$(VENV)/bin/sam-batch bench-memory --write-doc
