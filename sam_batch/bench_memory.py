@@ -292,7 +292,7 @@ def main(argv: list[str]) -> int:
             except (OSError, RuntimeError) as error:
                 print(f"sam-batch bench-memory: {error}", file=sys.stderr)
                 return 1
-        print(f"{n_images} images: {runs[-1].seconds:.0f} s", file=sys.stderr, flush=True)
+        print(f"{n_images} images: {runs[-1].seconds:.0f} s\n{format_report(runs[-1:])}", file=sys.stderr, flush=True)
     print(format_report(runs))
     if args.write_doc:
         command = shlex.join(["sam-batch", "bench-memory", *argv])
