@@ -110,12 +110,16 @@ class RayExecutor:
             log.info("attaching to the Ray cluster at %s", address)
             ray.init(address=address, logging_level=logging.WARNING)
         else:
+            cpus = len(os.sched_getaffinity(0))
             ray.init(
                 address="local",  # always a new embedded Ray, never a cluster found on this machine
                 _node_ip_address="127.0.0.1",
                 include_dashboard=False,
                 logging_level=logging.WARNING,
-                num_cpus=len(os.sched_getaffinity(0)),
+                num_cpus=cpus,
+                # the actors hold a worker per core; keep the read/commit workers alive between tasks
+                # too, rather than start (and import torch into) a new one every few seconds
+                _system_config={"num_workers_soft_limit": 2 * cpus},
             )
         return True
 
