@@ -98,9 +98,13 @@ def test_schema_is_the_spec(ray_run) -> None:
         ("stability_score", "float"),
         ("point_coords", "list<item: list<item: double>>"),
         ("crop_box", "list<item: int32>"),
+        ("geometry", "binary"),
+        ("geometry_bbox", "struct<xmin: double, ymin: double, xmax: double, ymax: double>"),
     ]
     images = pq.read_schema(next((out / "images").glob("*.parquet")))
-    assert images.names == ["image_uri", "image_id", "status", "error", "width", "height", "n_masks", "seconds"]
+    assert images.names == [
+        "image_uri", "image_id", "status", "error", "width", "height", "n_masks", "seconds", "crs", "transform"
+    ]
 
 
 def test_duckdb_reads_the_output(ray_run) -> None:
