@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sam_batch.engines.checkpoints import KNOWN_CHECKPOINTS, load_state_dict, resolve_checkpoint, sha256_file
+from sam_batch.engines.point_decoder import ImageSide, PointDecoder
 from sam_batch.engines.sam import (
     IMAGE_SIZE,
     SamModel,
@@ -46,11 +47,14 @@ class CropEmbedding:
     embedding: (1, 256, 64, 64) on the engine's device.
     input_hw: the crop's size after resizing its longest side to 1024 (before padding).
     crop_hw: the crop's size in original pixels.
+    image_side: the decoder's prompt-independent work on it, for engines that decode with
+    `engines.point_decoder` (None otherwise).
     """
 
     embedding: torch.Tensor
     input_hw: tuple[int, int]
     crop_hw: tuple[int, int]
+    image_side: ImageSide | None = None
 
 
 def pick_device(device: str) -> torch.device:
@@ -63,7 +67,11 @@ def pick_device(device: str) -> torch.device:
 
 
 class TorchEngine:
-    """SAM in PyTorch (eager), fp32 on CPU; fp16/bf16 on GPU."""
+    """SAM in PyTorch (eager), fp32 on CPU; fp16/bf16 on GPU.
+
+    On the CPU, prompts go through `engines.point_decoder` (the decoder's arithmetic with the
+    prompt-independent work done once per crop); on a GPU, through the model's batched decoder.
+    """
 
     def __init__(self, model: SamModel, device: torch.device, precision: str = "fp32") -> None:
         if precision != "fp32" and device.type == "cpu":
@@ -72,6 +80,9 @@ class TorchEngine:
         self.dtype = PRECISIONS[precision]
         self.model = model.to(device).eval()
         self.mask_threshold = 0.0
+        self.point_decoder = (
+            PointDecoder(self.model.prompt_encoder, self.model.mask_decoder) if device.type == "cpu" else None
+        )
 
     @torch.inference_mode()
     def encode(self, crop: np.ndarray) -> CropEmbedding:
@@ -80,19 +91,26 @@ class TorchEngine:
         resized = resize_longest_side(crop)
         batch = image_to_input(resized, self.model.pixel_mean.cpu(), self.model.pixel_std.cpu())
         with self._autocast():
-            embedding = self.model.embed(batch.to(self.device))
-        return CropEmbedding(embedding.float(), (resized.shape[0], resized.shape[1]), crop_hw)
+            embedding = self.model.embed(batch.to(self.device)).float()
+        side = self.point_decoder.image_side(embedding) if self.point_decoder is not None else None
+        return CropEmbedding(embedding, (resized.shape[0], resized.shape[1]), crop_hw, side)
 
     @torch.inference_mode()
-    def decode(self, crop: CropEmbedding, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self, crop: CropEmbedding, points: np.ndarray, min_iou: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode single-point prompts (B, 2) xy in crop pixels.
 
         Returns low-resolution logits (B, 3, 256, 256) and predicted IoUs (B, 3), fp32, on the device.
+        With `min_iou`, the CPU path may skip the logits of prompts whose three IoUs are all at
+        or below it (left at zero): use it only when such masks are dropped anyway.
         """
         coords = scale_coords(points.astype(np.float64), crop.crop_hw)
         # float64 until the positional encoding, as the reference generator passes them
         coords_t = torch.as_tensor(coords, dtype=torch.float64, device=self.device)[:, None, :]
         labels = torch.ones((len(points), 1), dtype=torch.int64, device=self.device)
+        if self.point_decoder is not None and crop.image_side is not None:
+            return self.point_decoder.decode(crop.image_side, coords_t, labels, min_iou)
         with self._autocast():
             logits, iou = self.model.decode(crop.embedding, coords_t, labels)
         return logits.float(), iou.float()

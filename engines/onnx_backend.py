@@ -116,10 +116,13 @@ class OnnxEngine:
         embedding = self.encoder({"image_embeddings": EMBEDDING_SHAPE}, images=batch)["image_embeddings"]
         return CropEmbedding(embedding, (resized.shape[0], resized.shape[1]), crop_hw)
 
-    def decode(self, crop: CropEmbedding, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self, crop: CropEmbedding, points: np.ndarray, min_iou: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode single-point prompts (B, 2) xy in crop pixels.
 
         Returns low-resolution logits (B, 3, 256, 256) and predicted IoUs (B, 3), fp32, on the device.
+        `min_iou` is accepted for the engine interface; the graph computes every mask anyway.
         Coordinates are scaled to the input frame in float64, then handed to the graph as float32.
         """
         coords = torch.from_numpy(scale_coords(points.astype(np.float64), crop.crop_hw))[:, None, :]

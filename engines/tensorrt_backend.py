@@ -246,10 +246,13 @@ class TensorRTEngine:
         embedding = self.encoder(images=image_to_input(resized, self.pixel_mean, self.pixel_std))["image_embeddings"]
         return CropEmbedding(embedding, (resized.shape[0], resized.shape[1]), crop_hw)
 
-    def decode(self, crop: CropEmbedding, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self, crop: CropEmbedding, points: np.ndarray, min_iou: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode single-point prompts (B, 2) xy in crop pixels, in chunks of the profile's max batch.
 
         Returns low-resolution logits (B, 3, 256, 256) and predicted IoUs (B, 3), fp32, on the GPU.
+        `min_iou` is accepted for the engine interface; the engine computes every mask anyway.
         """
         coords = torch.from_numpy(scale_coords(points.astype(np.float64), crop.crop_hw))[:, None, :]
         logits, iou = [], []

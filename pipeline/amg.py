@@ -32,6 +32,7 @@ from sam_batch.pipeline.masks import (
 )
 from sam_batch.pipeline.params import AmgParams
 from sam_batch.pipeline.rle import encode_rle
+from sam_batch.pipeline.upsampling import MaskUpsampler
 
 
 UPSCALE_CHUNK = 16  # masks brought to full size at once: bounds memory, not results
@@ -44,7 +45,7 @@ class Engine(Protocol):
 
     def encode(self, crop: np.ndarray): ...
 
-    def decode(self, crop, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def decode(self, crop, points: np.ndarray, min_iou: float | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def upscale(self, crop, low_res: torch.Tensor) -> torch.Tensor: ...
 
@@ -149,7 +150,7 @@ def _filter_batch(
     runs before upsampling (it does not depend on the mask), so rejected masks are never
     brought to full size.
     """
-    low_res, iou = engine.decode(crop, points)
+    low_res, iou = engine.decode(crop, points, min_iou=params.pred_iou_thresh)
     n_out = low_res.shape[1]
     low_res, iou = low_res.flatten(0, 1), iou.flatten(0, 1)
     point_index = torch.arange(len(points), device=iou.device).repeat_interleave(n_out)
@@ -177,9 +178,19 @@ def _stable_masks(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The low-res logits (K, 256, 256) whose full-size masks pass the stability filter.
 
-    Returns their indexes (S,), stability scores (S,) and binary masks (S, h, w). Logits are
-    brought to full size `UPSCALE_CHUNK` at a time, so full-size float masks never pile up.
+    Returns their indexes (S,), stability scores (S,) and binary masks (S, h, w). On a GPU,
+    logits are brought to full size `UPSCALE_CHUNK` at a time, so full-size float masks never
+    pile up; on the CPU, each mask only over the window where it can pass a threshold.
     """
+    if low_res.device.type == "cpu":
+        return _stable_masks_windowed(MaskUpsampler(crop.input_hw, crop.crop_hw), low_res, engine.mask_threshold, params)
+    return _stable_masks_batched(engine, crop, low_res, params)
+
+
+def _stable_masks_batched(
+    engine: Engine, crop, low_res: torch.Tensor, params: AmgParams
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_stable_masks` a chunk of masks at a time, each over the whole crop."""
     kept, scores, masks = [], [], []
     for start in range(0, len(low_res), UPSCALE_CHUNK):
         logits = engine.upscale(crop, low_res[start : start + UPSCALE_CHUNK])
@@ -189,10 +200,36 @@ def _stable_masks(
         scores.append(stability[stable])
         masks.append(logits[stable] > engine.mask_threshold)
     if not masks:
-        height, width = crop.crop_hw
-        empty = torch.zeros(0, dtype=torch.int64, device=low_res.device)
-        return empty, low_res.new_zeros(0), torch.zeros((0, height, width), dtype=torch.bool, device=low_res.device)
+        return _no_masks(crop.crop_hw, low_res.device)
     return torch.cat(kept), torch.cat(scores), torch.cat(masks)
+
+
+def _stable_masks_windowed(
+    upsampler: MaskUpsampler, low_res: torch.Tensor, threshold: float, params: AmgParams
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_stable_masks` one mask at a time, each computed only where it can exceed threshold - offset."""
+    offset = params.stability_score_offset
+    kept, scores, masks = [], [], []
+    for index, logits in enumerate(low_res):
+        found = upsampler.logits_above(logits, threshold - offset)
+        if found is None:  # no pixel above the lower threshold: stability 0 / 0, never kept
+            continue
+        window, full = found
+        stability = stability_score(full[None], threshold, offset)[0]
+        if stability >= params.stability_score_thresh:
+            mask = torch.zeros(upsampler.crop_hw, dtype=torch.bool)
+            mask[window.slices] = full > threshold
+            kept.append(index)
+            scores.append(stability)
+            masks.append(mask)
+    if not masks:
+        return _no_masks(upsampler.crop_hw, low_res.device)
+    return torch.tensor(kept), torch.stack(scores), torch.stack(masks)
+
+
+def _no_masks(crop_hw: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    return empty, torch.zeros(0, device=device), torch.zeros((0, *crop_hw), dtype=torch.bool, device=device)
 
 
 def merge_crops(crops: list[CropMasks], image_hw: tuple[int, int], params: AmgParams) -> list[Mask]:

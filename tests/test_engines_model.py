@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from sam_batch.engines.point_decoder import PointDecoder
 from sam_batch.engines.sam import (
     MODEL_TYPES,
     SamModel,
@@ -258,3 +259,68 @@ def test_decode_matches_official_predictor(official: types.SimpleNamespace, mobi
     assert logits.shape == (9, 3, 256, 256) and iou.shape == (9, 3)
     torch.testing.assert_close(logits, their_logits, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(iou, their_iou, atol=1e-4, rtol=1e-5)
+
+
+# 5. The point decoder: the mask decoder rearranged, against SamModel.decode ------------------------
+
+
+def _grid_prompts(n: int, hw: tuple[int, int] = (534, 800)) -> tuple[torch.Tensor, torch.Tensor]:
+    """n single foreground points spread over an image of size hw, in input-frame pixels (float64)."""
+    points = np.random.default_rng(n).uniform(0, 1, (n, 2)) * [hw[1], hw[0]]
+    return torch.as_tensor(scale_coords(points, hw))[:, None, :], torch.ones(n, 1, dtype=torch.int64)
+
+
+def _point_decoder(model: SamModel, **kwargs) -> PointDecoder:
+    return PointDecoder(model.prompt_encoder, model.mask_decoder, **kwargs)
+
+
+@needs_shared_data
+@pytest.mark.parametrize(("chunk", "tile"), [(2, 512), (3, 1024), (5, 4096)])
+def test_point_decoder_matches_the_model_on_real_weights(mobile_sam: SamModel, chunk: int, tile: int) -> None:
+    """Same logits and IoUs as `SamModel.decode` (the reference's arithmetic) on the golden dog
+    embedding, for chunks that do and do not divide the batch and tiles from a few rows to all."""
+    embedding = torch.from_numpy(np.load(SHARED / "golden" / "dog.jpg.embedding.npy"))[None]
+    coords, labels = _grid_prompts(7)
+    decoder = _point_decoder(mobile_sam, chunk=chunk, tile=tile)
+    logits, iou = decoder.decode(decoder.image_side(embedding), coords, labels)
+    want_logits, want_iou = mobile_sam.decode(embedding, coords, labels)
+    assert logits.shape == (7, 3, 256, 256) and iou.shape == (7, 3)
+    torch.testing.assert_close(iou, want_iou, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits, want_logits, atol=2e-3, rtol=1e-5)  # logits reach ~100
+    assert ((logits > 0) != (want_logits > 0)).float().mean() < 1e-5
+
+
+@needs_shared_data
+def test_point_decoder_matches_the_model_on_random_weights(mobile_sam: SamModel) -> None:
+    """Every weight random (LayerNorm gains and biases, attention biases included), so no term of
+    the folded and low-rank forms can vanish by accident; background points too."""
+    model = build_sam("vit_t")
+    model.load_state_dict(mobile_sam.state_dict())
+    _fill_random(model.mask_decoder, seed=3)
+    embedding = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(4))
+    coords, labels = _grid_prompts(4)
+    labels[1] = 0
+    decoder = _point_decoder(model, chunk=3, tile=1024)
+    logits, iou = decoder.decode(decoder.image_side(embedding), coords, labels)
+    want_logits, want_iou = model.decode(embedding, coords, labels)
+    scale = want_logits.abs().max()
+    torch.testing.assert_close(iou, want_iou, atol=1e-4 * want_iou.abs().max(), rtol=0)
+    torch.testing.assert_close(logits / scale, want_logits / scale, atol=1e-5, rtol=0)
+
+
+@needs_shared_data
+def test_point_decoder_skips_prompts_below_min_iou(mobile_sam: SamModel) -> None:
+    """With min_iou, a prompt whose three IoUs are all at or below it has zero logits; the
+    others, and every IoU, are what a full decode gives."""
+    embedding = torch.from_numpy(np.load(SHARED / "golden" / "dog.jpg.embedding.npy"))[None]
+    coords, labels = _grid_prompts(6)
+    decoder = _point_decoder(mobile_sam, chunk=2)
+    side = decoder.image_side(embedding)
+    full_logits, full_iou = decoder.decode(side, coords, labels)
+    min_iou = float(full_iou.max(1).values.median())  # about half the prompts pass
+    logits, iou = decoder.decode(side, coords, labels, min_iou=min_iou)
+    passing = (full_iou > min_iou).any(1)
+    assert 0 < int(passing.sum()) < len(passing)
+    torch.testing.assert_close(iou, full_iou)
+    torch.testing.assert_close(logits[passing], full_logits[passing])
+    assert not logits[~passing].any()

@@ -173,8 +173,8 @@ class CountingEngine:
         self.encoded += 1
         return self.engine.encode(crop)
 
-    def decode(self, crop, points):
-        return self.engine.decode(crop, points)
+    def decode(self, crop, points, min_iou=None):
+        return self.engine.decode(crop, points, min_iou)
 
     def upscale(self, crop, low_res):
         return self.engine.upscale(crop, low_res)

@@ -1,18 +1,17 @@
 """Unit tests of the AMG maths (grids, masks, rle) against hand-built cases and golden outputs.
 
-Golden files are MobileSAM's own SamAutomaticMaskGenerator outputs (fp32 CPU, coco_rle);
-their directory comes from $SAM_BATCH_GOLDEN (default /work/shared/golden).
+Golden files are MobileSAM's own SamAutomaticMaskGenerator outputs (fp32 CPU, coco_rle), in
+../shared/golden beside the checkout.
 """
 
 import functools
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import GOLDEN
 from sam_batch.pipeline import grids, masks, rle
 
 # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation on every call.
@@ -20,7 +19,6 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
 )
 
-GOLDEN = Path(os.environ.get("SAM_BATCH_GOLDEN", "/work/shared/golden"))
 GOLDEN_FILES = sorted(p.name for p in GOLDEN.glob("*.json"))
 needs_golden = pytest.mark.skipif(not GOLDEN_FILES, reason=f"no golden files in {GOLDEN}")
 DEFAULT_CROP_OVERLAP = 512 / 1500
