@@ -96,7 +96,8 @@ class RayExecutor:
 
         started_here = self._init_ray(ray)
         try:
-            resources, n_actors = self._actors(ray.cluster_resources(), n_images)
+            node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+            resources, n_actors = self._actors(ray.cluster_resources(), int(node_cpus), n_images)
             yield from _RayPipeline(ray, self.job, dataset, resources, n_actors).run(shards)
         finally:
             if started_here:
@@ -123,17 +124,21 @@ class RayExecutor:
             )
         return True
 
-    def _actors(self, cluster: dict[str, float], n_images: int) -> tuple[dict, int]:
-        """Resources of one segmenting actor and how many to start, from `cluster_resources()`.
+    def _actors(self, cluster: dict[str, float], node_cpus: int, n_images: int) -> tuple[dict, int]:
+        """Resources of one segmenting actor and how many to start, from `cluster_resources()`
+        and the CPUs of the largest node.
 
         A CPU actor leaves `STAGE_TASK_CPUS` of its cores to the read and commit tasks, so
-        the stages never wait for each other's CPUs.
+        the stages never wait for each other's CPUs. With fewer images than cores, the actors
+        started share the cores (as far as one node holds them).
         """
         gpus = int(cluster.get("GPU", 0))
         if gpus and self.job.engine.device != "cpu":
             return {"num_gpus": 1, "num_cpus": 1}, min(gpus, n_images)
-        count = max(1, int(cluster.get("CPU", 1)) // self.cpus_per_actor)
-        return {"num_cpus": self.cpus_per_actor - STAGE_TASK_CPUS}, min(count, n_images)
+        cpus = max(1, int(cluster.get("CPU", 1)))
+        count = min(max(1, cpus // self.cpus_per_actor), n_images)
+        share = min(max(self.cpus_per_actor, cpus // count), max(node_cpus, self.cpus_per_actor))
+        return {"num_cpus": share - STAGE_TASK_CPUS}, count
 
 
 class JobFailure(RuntimeError):
