@@ -1,16 +1,21 @@
 """`sam-batch bench`: MobileSAM's reference generator and sam-batch side by side.
 
-For each image, on the same pixels, weights, grid and thread count, one after the other:
-1. the reference `SamAutomaticMaskGenerator` (output_mode "coco_rle"), run by a small driver
-   script in its own environment (`.venv-ref`, made by `make bench-env`), never in ours;
-2. sam-batch in this process: `build_engine` + `generate_masks` + `to_records`.
+On the same pixels, weights and grid, one after the other, never at once:
+1. the reference `SamAutomaticMaskGenerator` (output_mode "coco_rle"): one process of its own
+   environment (`.venv-ref`, made by `make bench-env`, never ours) that loads the model and
+   generates every image in turn, with `--threads` torch threads;
+2. sam-batch in this process, with as many threads: `build_engine` + `generate_masks` +
+   `to_records` per image;
+3. `sam-batch run` as a process, on a job over the same image files (embedded Ray, every core).
 
-Each side times its own `generate` call (encoder, decoder, filters, RLE records; the model is
-already loaded and the image already decoded). The report gives, per image, both times, their
-ratio, the number of masks and the masks' agreement (recall and precision at IoU >= 0.9, mean
-best IoU), as a Markdown table on stdout and, with `--write-doc`, as a dated section appended
-to docs/benchmarks.md. Relative paths (images, `--ref-venv`, `--doc`) are taken from the
-current directory, the checkout's root under `make bench`.
+Per image, each of 1 and 2 times its own `generate` call (encoder, decoder, filters, RLE
+records; the model loaded, the image decoded): the table gives both times, their ratio, the
+number of masks and their agreement (recall and precision at IoU >= 0.9, mean best IoU).
+Whole processes, 1 against 3, from start to exit (interpreter, imports, model load, Ray, reading,
+writing Parquet): their wall times, the ratio, and the agreement of the masks `sam-batch run`
+wrote with the reference's. Markdown on stdout and, with `--write-doc`, a dated section
+appended to docs/benchmarks.md. Relative paths (images, `--ref-venv`, `--doc`) are taken from
+the current directory, the checkout's root under `make bench`.
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ the same parameters and the same number of torch threads, one after the other, n
 
 - *reference s* / *sam-batch s*: wall time of one `generate` call (image encoder, all point
   batches, filters, NMS, COCO RLE records), with the model loaded and the image decoded.
+- *whole process*: the reference's process over all the images (interpreter start, imports,
+  model load, every `generate`) against `sam-batch run` on a job over the same files (Ray start,
+  segmenting actors on every core, reading, writing Parquet), start to exit; its agreement is that
+  of the masks the run wrote, for the image that agrees least.
 - *speed-up*: reference seconds / sam-batch seconds.
 - *recall* / *precision*: share of the reference's masks found among ours / of ours found among
   the reference's, a match being a mask IoU >= 0.9; *mean best IoU*: the mean, over the
@@ -76,12 +85,14 @@ model = sam_model_registry[spec["model_type"]](checkpoint=spec["checkpoint"]).to
 generator = SamAutomaticMaskGenerator(
     model, points_per_side=spec["points_per_side"], output_mode="coco_rle"
 )
-image = np.load(spec["pixels"])
-start = time.perf_counter()
-records = generator.generate(image)
-seconds = time.perf_counter() - start
-with open(spec["out"], "w") as f:
-    json.dump({"seconds": seconds, "records": records}, f)
+for pixels, out in spec["images"]:
+    image = np.load(pixels)
+    start = time.perf_counter()
+    records = generator.generate(image)
+    seconds = time.perf_counter() - start
+    with open(out, "w") as f:
+        json.dump({"seconds": seconds, "records": records}, f)
+    print(f"{pixels}: {seconds:.1f}s, {len(records)} masks", file=sys.stderr, flush=True)
 print(json.dumps({"torch": torch.__version__, "mobile_sam": version("mobilesam-mirror"),
                   "threads": torch.get_num_threads()}))
 """
@@ -181,6 +192,33 @@ def format_table(results: list[ImageResult]) -> str:
 
 
 @dataclass(frozen=True)
+class WholeProcess:
+    """The reference's process and `sam-batch run`'s over the same images: wall seconds, and
+    the agreement of the masks the run wrote with the reference's, per image in `images` order."""
+
+    reference_seconds: float
+    ours_seconds: float
+    agreements: list[Agreement]
+
+    @property
+    def speedup(self) -> float:
+        return self.reference_seconds / self.ours_seconds
+
+
+def format_whole_process(run: WholeProcess, n_images: int) -> str:
+    """The whole-process comparison as a one-row Markdown table (worst image's agreement)."""
+    recall = min(a.recall for a in run.agreements)
+    precision = min(a.precision for a in run.agreements)
+    return "\n".join([
+        f"| whole process | images | reference s | `sam-batch run` s | speed-up | min recall@{MATCH_IOU} "
+        f"| min precision@{MATCH_IOU} |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| start to exit | {n_images} | {run.reference_seconds:.1f} | {run.ours_seconds:.1f} | {run.speedup:.2f}× "
+        f"| {recall:.3f} | {precision:.3f} |",
+    ])
+
+
+@dataclass(frozen=True)
 class Machine:
     """What the doc section says about where and how the run happened."""
 
@@ -207,6 +245,7 @@ def cpu_model() -> str:
 
 def format_section(
     results: list[ImageResult],
+    whole: WholeProcess | None,
     machine: Machine,
     *,
     model_type: str,
@@ -228,7 +267,10 @@ def format_section(
     ]
     if note:
         lines.append(f"- note: {note}")
-    return "\n".join([*lines, "", format_table(results), ""])
+    lines += ["", format_table(results), ""]
+    if whole is not None:
+        lines += [format_whole_process(whole, len(results)), ""]
+    return "\n".join(lines)
 
 
 def append_section(doc: Path, section: str) -> None:
@@ -247,31 +289,86 @@ def reference_python(ref_venv: Path) -> Path:
 
 
 def run_reference(
-    python: Path, pixels: Path, checkpoint: Path, *, model_type: str, points_per_side: int, threads: int
-) -> tuple[Side, dict]:
-    """Run the reference generator on the .npy `pixels` in a subprocess of `python`.
+    python: Path, pixels: list[Path], checkpoint: Path, *, model_type: str, points_per_side: int, threads: int,
+    log=print,
+) -> tuple[list[Side], dict, float]:
+    """The reference generator on every .npy of `pixels`, in one subprocess of `python`.
 
-    Returns its side of the result and the versions it reports (torch, mobile_sam).
+    Returns its side per image, the versions it reports (torch, mobile_sam) and the process's
+    wall time in s (interpreter start, imports, model load, every `generate`).
     """
-    out = pixels.with_suffix(".reference.json")
+    outs = [p.with_suffix(".reference.json") for p in pixels]
     spec = {
         "model_type": model_type,
         "checkpoint": str(checkpoint),
         "points_per_side": points_per_side,
         "threads": threads,
-        "pixels": str(pixels),
-        "out": str(out),
+        "images": [[str(p), str(o)] for p, o in zip(pixels, outs)],
     }
-    driver = pixels.parent / "reference_driver.py"
+    driver = pixels[0].parent / "reference_driver.py"
     driver.write_text(REFERENCE_DRIVER)
-    proc = subprocess.run(
-        [str(python), "-I", str(driver), json.dumps(spec)], capture_output=True, text=True, check=False
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [str(python), "-I", str(driver), json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    stderr = _echo_lines(proc, proc.stderr, log)
+    stdout = proc.stdout.read()
+    seconds = time.perf_counter() - started
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        last = (stderr.strip().splitlines() or ["no output"])[-1]
         raise BenchError(f"the reference generator failed (exit {proc.returncode}): {last}")
-    result = json.loads(out.read_text())
-    return Side(result["seconds"], result["records"]), json.loads(proc.stdout.strip().splitlines()[-1])
+    sides = [Side(**json.loads(out.read_text())) for out in outs]
+    return sides, json.loads(stdout.strip().splitlines()[-1]), seconds
+
+
+def run_pipeline(
+    uris: list[str], workdir: Path, *, model_type: str, checkpoint: Path, points_per_side: int, log=print
+) -> tuple[dict[str, list[dict]], float]:
+    """`sam-batch run` as a process on a job over `uris`, written under `workdir`.
+
+    Returns the masks it wrote per image URI (coco_rle-like records, in mask order) and the
+    process's wall time in s.
+    """
+    import pyarrow.parquet as pq
+    import yaml
+
+    job = {
+        "name": "bench",
+        "input": {"uris": list(uris)},
+        "model": {"type": model_type, "checkpoint": str(checkpoint)},
+        "amg": {"points_per_side": points_per_side},
+        "output": {"uri": str(workdir / "out")},
+    }
+    job_file = workdir / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sam_batch.cli", "run", str(job_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    output = _echo_lines(proc, proc.stdout, log)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        last = (output.strip().splitlines() or ["no output"])[-1]
+        raise BenchError(f"sam-batch run failed (exit {proc.returncode}): {last}")
+    rows = pq.read_table(workdir / "out" / "masks", columns=["image_uri", "mask_id", "segmentation"]).to_pylist()
+    from sam_batch.jobs.plan import normalise_uri
+
+    by_listed = {normalise_uri(uri): uri for uri in uris}  # the run lists local paths absolute
+    records: dict[str, list[dict]] = {uri: [] for uri in uris}
+    for row in sorted(rows, key=lambda r: (r["image_uri"], r["mask_id"])):
+        records[by_listed[row["image_uri"]]].append({"segmentation": row["segmentation"]})
+    return records, seconds
+
+
+def _echo_lines(proc: subprocess.Popen, stream, log) -> str:
+    """Pass each line of `stream` to `log` as `proc` writes it, wait for `proc`; the lines read."""
+    lines = []
+    for line in stream:
+        lines.append(line)
+        log(f"  | {line.rstrip()}")
+    proc.wait()
+    return "".join(lines)
 
 
 def run_ours(engine: TorchEngine, image: np.ndarray, points_per_side: int) -> Side:
@@ -299,6 +396,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: all cores)")
     parser.add_argument("--ref-venv", type=Path, default=Path(DEFAULT_REF_VENV),
                         help=f"the reference environment (default: {DEFAULT_REF_VENV})")
+    parser.add_argument("--no-whole-process", dest="whole_process", action="store_false",
+                        help="skip the whole-process comparison with `sam-batch run`")
     parser.add_argument("--write-doc", action="store_true", help="append a dated section to --doc")
     parser.add_argument("--doc", type=Path, default=Path(DEFAULT_DOC), help=f"(default: {DEFAULT_DOC})")
     parser.add_argument("--note", default=None, help="a remark to add to the doc section")
@@ -317,7 +416,15 @@ def main(argv: list[str]) -> int:
     except BenchError as error:
         print(f"sam-batch bench: {error}", file=sys.stderr)
         return 1
+    try:
+        return _bench(args, python, argv)
+    except BenchError as error:
+        print(f"sam-batch bench: {error}", file=sys.stderr)
+        return 1
 
+
+def _bench(args: argparse.Namespace, python: Path, argv: list[str]) -> int:
+    """Both sides on every image, the report, and the doc section if asked."""
     import torch
 
     from sam_batch.engines.backend import build_engine, set_cpu_threads
@@ -331,21 +438,37 @@ def main(argv: list[str]) -> int:
     threads = set_cpu_threads(args.threads)
     checkpoint = resolve_checkpoint(args.model, args.checkpoint, None, log=progress)
     engine = build_engine(args.model, str(checkpoint), device="cpu")
-    results, versions = [], {}
     with tempfile.TemporaryDirectory(prefix="sam-batch-bench-") as tmp:
-        for i, uri in enumerate(args.images):
-            image = load_image(uri)
-            pixels = Path(tmp) / f"image{i}.npy"
-            np.save(pixels, image)
-            reference, versions = run_reference(
-                python, pixels, checkpoint,
-                model_type=args.model, points_per_side=args.points_per_side, threads=threads,
-            )
-            progress(f"{uri}: reference {reference.seconds:.1f}s, {len(reference.records)} masks")
+        images = [load_image(uri) for uri in args.images]
+        pixels = [Path(tmp) / f"image{i}.npy" for i in range(len(images))]
+        for path, image in zip(pixels, images):
+            np.save(path, image)
+        progress(f"reference generator: {len(images)} images in one process")
+        references, versions, reference_process = run_reference(
+            python, pixels, checkpoint, model_type=args.model, points_per_side=args.points_per_side,
+            threads=threads, log=progress,
+        )
+        results = []
+        for uri, image, reference in zip(args.images, images, references):
             ours = run_ours(engine, image, args.points_per_side)
-            progress(f"{uri}: sam-batch {ours.seconds:.1f}s, {len(ours.records)} masks")
+            progress(f"{uri}: reference {reference.seconds:.1f}s, {len(reference.records)} masks; "
+                     f"sam-batch {ours.seconds:.1f}s, {len(ours.records)} masks")
             results.append(ImageResult(Path(uri).name, image.shape[0], image.shape[1], reference, ours))
+        whole = None
+        if args.whole_process:
+            progress(f"sam-batch run: {len(images)} images")
+            written, run_seconds = run_pipeline(
+                args.images, Path(tmp), model_type=args.model, checkpoint=checkpoint,
+                points_per_side=args.points_per_side, log=progress,
+            )
+            whole = WholeProcess(
+                reference_process, run_seconds,
+                [agreement(written[uri], reference.records) for uri, reference in zip(args.images, references)],
+            )
     print(format_table(results))
+    if whole is not None:
+        print()
+        print(format_whole_process(whole, len(results)))
     if args.write_doc:
         machine = Machine(
             cores=len(os.sched_getaffinity(0)),
@@ -358,7 +481,7 @@ def main(argv: list[str]) -> int:
             load_after=os.getloadavg()[0],
         )
         section = format_section(
-            results, machine,
+            results, whole, machine,
             model_type=args.model,
             points_per_side=args.points_per_side,
             command=shlex.join(["sam-batch", "bench", *argv]),

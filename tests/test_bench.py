@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +19,14 @@ from sam_batch.bench import (
     ImageResult,
     Machine,
     Side,
+    WholeProcess,
     agreement,
     append_section,
     format_section,
     format_table,
+    format_whole_process,
     main,
+    run_pipeline,
 )
 from sam_batch.pipeline.rle import encode_rle
 
@@ -91,15 +95,16 @@ def test_doc_section_names_machine_versions_command_and_date(tmp_path: Path) -> 
         cores=2, cpu_model="AMD EPYC", threads=2, torch_ours="2.13.0+cpu", torch_reference="2.14.1",
         mobile_sam="1.0.0", load_before=1.5, load_after=3.25,
     )
+    whole = WholeProcess(reference_seconds=320.0, ours_seconds=80.0, agreements=[Agreement(1.0, 0.99, 0.98)])
     section = format_section(
-        [example_result()], machine, model_type="vit_t", points_per_side=32,
+        [example_result()], whole, machine, model_type="vit_t", points_per_side=32,
         command="sam-batch bench --write-doc", when=datetime.datetime(2025, 1, 2, 3, 4),
         note="other work ran meanwhile",
     )
     assert section.startswith("## 2025-01-02 03:04 UTC — vit_t, 32×32 points, 2 threads\n")
     for expected in ("2 cores (`nproc`), AMD EPYC", "torch 2.14.1", "mobilesam-mirror 1.0.0",
                      "torch 2.13.0+cpu", "`sam-batch bench --write-doc`", "1.50 / 3.25",
-                     "note: other work ran meanwhile", "| dog.jpg |"):
+                     "note: other work ran meanwhile", "| dog.jpg |", "| start to exit | 1 | 320.0 | 80.0 | 4.00× |"):
         assert expected in section
     doc = tmp_path / "docs" / "benchmarks.md"
     append_section(doc, section)
@@ -126,3 +131,27 @@ def test_cli_missing_reference_env(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == [
         f"sam-batch bench: the reference environment {tmp_path / 'nowhere'} is missing: run `make bench-env` first"
     ]
+
+
+def test_whole_process_row_reports_the_worst_image() -> None:
+    run = WholeProcess(300.0, 60.0, [Agreement(1.0, 0.98, 0.99), Agreement(0.97, 1.0, 0.95)])
+    lines = format_whole_process(run, 2).splitlines()
+    assert len(lines) == 3 and lines[0].startswith("| whole process | images | reference s | `sam-batch run` s")
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells == ["start to exit", "2", "300.0", "60.0", "5.00×", "0.970", "0.980"]
+
+
+def test_run_pipeline_times_sam_batch_run_and_reads_its_masks(tmp_path: Path, shared_images: Path) -> None:
+    """The whole-process side for real: `sam-batch run` on two images (a 2x2 grid), its masks
+    read back per image as the URIs were given (relative ones included)."""
+    from conftest import MOBILE_SAM
+
+    images = [str(shared_images / "dog.jpg"), os.path.relpath(shared_images / "truck.jpg")]
+    lines: list[str] = []
+    records, seconds = run_pipeline(
+        images, tmp_path, model_type="vit_t", checkpoint=MOBILE_SAM, points_per_side=2, log=lines.append
+    )
+    assert seconds > 0 and set(records) == set(images)
+    assert all(records[uri] for uri in images)
+    assert all(set(r) == {"segmentation"} and r["segmentation"]["size"] for uri in images for r in records[uri])
+    assert any("images: 2 ok, 0 error" in line for line in lines)

@@ -1,0 +1,77 @@
+"""Where the time of one image goes: `python -m sam_batch.bench_profile IMAGE [--threads N]`.
+
+Runs `generate_masks` + `to_records` once on the image in this process and prints the wall
+seconds of each stage (encoder, decoder, upsampling + stability filter, boxes, NMS, RLE), summed
+over the image's crops and point batches. The stages are timed by wrapping the functions
+`pipeline.amg` calls, so the generator itself is unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+
+STAGES = {  # stage -> (object holder, attribute) wrapped; "engine" stands for the engine built
+    "encode": ("engine", "encode"),
+    "decode": ("engine", "decode"),
+    "upsample+stability": ("amg", "_stable_masks"),
+    "boxes": ("amg", "masks_to_boxes"),
+    "nms": ("amg", "box_nms"),
+    "rle": ("amg", "encode_rle"),
+}
+
+
+def profile_image(uri: str, *, model: str = "vit_t", threads: int | None = None, points_per_side: int = 32) -> dict:
+    """Seconds per stage of one image, plus `generate` (all of it) and the number of masks."""
+    from sam_batch.engines.backend import build_engine, set_cpu_threads
+    from sam_batch.pipeline import amg
+    from sam_batch.pipeline.images import load_image
+    from sam_batch.pipeline.params import AmgParams
+
+    used = set_cpu_threads(threads)
+    engine = build_engine(model, device="cpu")
+    image = load_image(uri)
+    seconds: Counter[str] = Counter()
+    holders = {"engine": engine, "amg": amg}
+    originals = {stage: getattr(holders[h], a) for stage, (h, a) in STAGES.items()}
+    for stage, (holder, attribute) in STAGES.items():
+        setattr(holders[holder], attribute, _timed(originals[stage], stage, seconds))
+    try:
+        start = time.perf_counter()
+        records = amg.to_records(amg.generate_masks(engine, image, AmgParams(points_per_side=points_per_side)))
+        seconds["generate"] = time.perf_counter() - start
+    finally:
+        for stage, (holder, attribute) in STAGES.items():
+            setattr(holders[holder], attribute, originals[stage])
+    return {"image": uri, "size": list(image.shape[:2]), "threads": used, "masks": len(records),
+            **{k: round(v, 2) for k, v in seconds.items()}}
+
+
+def _timed(function: Callable, stage: str, seconds: Counter) -> Callable:
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            seconds[stage] += time.perf_counter() - start
+
+    return timed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sam_batch.bench_profile", description=__doc__.splitlines()[0])
+    parser.add_argument("image", help="image path or fsspec URL")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--model", default="vit_t")
+    parser.add_argument("--points-per-side", type=int, default=32)
+    args = parser.parse_args(argv)
+    print(json.dumps(profile_image(args.image, model=args.model, threads=args.threads,
+                                   points_per_side=args.points_per_side)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
