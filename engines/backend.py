@@ -34,6 +34,12 @@ if TYPE_CHECKING:
 
 BACKENDS = ("torch", "onnx", "tensorrt")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+GPU_PROMPT_BATCH = 256  # prompts per decode call on a GPU (`min_prompt_batch`); the CPU takes any
+
+
+def prompt_batch(device: torch.device) -> int:
+    """The fewest prompts per decode call that keep `device` busy (see `pipeline.amg.Engine`)."""
+    return GPU_PROMPT_BATCH if device.type == "cuda" else 1
 
 
 class EngineError(RuntimeError):
@@ -80,6 +86,7 @@ class TorchEngine:
         self.dtype = PRECISIONS[precision]
         self.model = model.to(device).eval()
         self.mask_threshold = 0.0
+        self.min_prompt_batch = prompt_batch(device)
         self.point_decoder = (
             PointDecoder(self.model.prompt_encoder, self.model.mask_decoder) if device.type == "cpu" else None
         )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sam_batch.engines.backend import CropEmbedding, EngineError, LoadedModel, upscale_logits
+from sam_batch.engines.backend import CropEmbedding, EngineError, LoadedModel, prompt_batch, upscale_logits
 from sam_batch.engines.onnx_export import DEFAULT_OPSET, EMBEDDING_SHAPE, OnnxFiles, cached_onnx, decoder_output_shapes
 from sam_batch.engines.sam import PIXEL_MEAN, PIXEL_STD, image_to_input, resize_longest_side, scale_coords
 
@@ -97,6 +97,7 @@ class OnnxEngine:
         self.pixel_mean = torch.tensor(PIXEL_MEAN).reshape(3, 1, 1)
         self.pixel_std = torch.tensor(PIXEL_STD).reshape(3, 1, 1)
         self.mask_threshold = 0.0
+        self.min_prompt_batch = prompt_batch(device)
 
     @classmethod
     def from_model(

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .prompt_decoder import Attention, MaskDecoder, PromptEncoder
 
-MULTIMASK = slice(1, 4)  # mask tokens 1-3: SAM's three multimask outputs
+OUTPUTS = [0, 2, 3, 4]  # the tokens read after the transformer: IoU, mask tokens 1-3 (multimask)
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class PointDecoder:
         ious = []
         for start in range(0, len(tokens), self.chunk):
             out_tokens, parts = self._transformer(side, tokens[start : start + self.chunk])
-            iou = self.decoder.iou_prediction_head(out_tokens[:, 0])[:, MULTIMASK]
+            iou = self.decoder.iou_prediction_head(out_tokens[:, 0])[:, 1:]  # the multimask IoUs
             ious.append(iou)
             if min_iou is None or bool((iou > min_iou).any(1).all()):
                 self._mask_logits(side, out_tokens, parts, logits[start : start + len(iou)])
@@ -130,8 +130,8 @@ class PointDecoder:
 
         The image tokens go through it a tile of pixels at a time, in two passes (each block's
         image-to-token update, then the next token-to-image scores), and are never kept whole
-        but in one (B, HW, C) buffer. Returns the output tokens (B, T, C) and what the first
-        upscaling layer needs of the image tokens.
+        but in one (B, HW, C) buffer. Returns the output tokens that are read, `OUTPUTS` (B, 4, C),
+        and what the first upscaling layer needs of the image tokens.
         """
         first, second = self.blocks
         final = self.decoder.transformer
@@ -164,7 +164,9 @@ class PointDecoder:
         folded_i2t, bias_i2t = _fold_image_queries(i2t2, queries + tokens)
         vectors2 = _update_vectors(i2t2, queries)
         attn = final.final_attn_token_to_image
+        queries, tokens = queries[:, OUTPUTS], tokens[:, OUTPUTS]  # the final attention's other rows go unread
         folded_final = _fold_token_queries(attn, queries + tokens)
+        scores = scores[:, : folded_final.shape[1]]
         # pass 2: block 2's image update and norm (over block 1's, in place), the final scores
         for tile in self._tiles(size):
             previous = image[:, tile]
@@ -193,10 +195,10 @@ class PointDecoder:
         return torch.cat([vectors1 * (g1 * g2), vectors2 * g2, constants], dim=1) @ self.up1_weight.T
 
     def _mask_logits(self, side: ImageSide, tokens: torch.Tensor, parts: _UpscaleParts, out: torch.Tensor) -> torch.Tensor:
-        """Output tokens (K, T, C) and their image tokens' parts -> `out`: logits (K, M, HW * 16),
+        """Output tokens (K, 4, C) and their image tokens' parts -> `out`: logits (K, M, HW * 16),
         raster order (4 h rows of 4 w). Tiles are whole rows of the token grid."""
         hyper = torch.stack(
-            [self.decoder.output_hypernetworks_mlps[i](tokens[:, 1 + i]) for i in range(MULTIMASK.start, MULTIMASK.stop)],
+            [self.decoder.output_hypernetworks_mlps[i](tokens[:, i]) for i in range(1, tokens.shape[1])],
             dim=1,
         )  # (K, M, C/8), the mask tokens' rows of the hypernetwork
         size, width = side.src.shape[0], int(side.src.shape[0] ** 0.5)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sam_batch.engines.backend import CropEmbedding, EngineError, LoadedModel, pick_device, upscale_logits
+from sam_batch.engines.backend import GPU_PROMPT_BATCH, CropEmbedding, EngineError, LoadedModel, pick_device, upscale_logits
 from sam_batch.engines.checkpoints import cache_dir
 from sam_batch.engines.onnx_export import DEFAULT_OPSET, cached_onnx
 from sam_batch.engines.sam import PIXEL_MEAN, PIXEL_STD, image_to_input, resize_longest_side, scale_coords
@@ -224,6 +224,7 @@ class TensorRTEngine:
         self.pixel_mean = torch.tensor(PIXEL_MEAN).reshape(3, 1, 1)
         self.pixel_std = torch.tensor(PIXEL_STD).reshape(3, 1, 1)
         self.mask_threshold = 0.0
+        self.min_prompt_batch = min(max_prompts, GPU_PROMPT_BATCH)
 
     @classmethod
     def from_model(

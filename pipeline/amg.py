@@ -39,9 +39,15 @@ UPSCALE_CHUNK = 16  # masks brought to full size at once: bounds memory, not res
 
 
 class Engine(Protocol):
-    """What `segment_crop` needs of an engine (see `sam_batch.engines.backend`)."""
+    """What `segment_crop` needs of an engine (see `sam_batch.engines.backend`).
+
+    min_prompt_batch: the fewest prompts a decode call should carry to keep the engine's
+    device busy (a GPU wants hundreds); batches are `max(points_per_batch, min_prompt_batch)`,
+    which changes no mask, since every mask is filtered on its own.
+    """
 
     mask_threshold: float
+    min_prompt_batch: int
 
     def encode(self, crop: np.ndarray): ...
 
@@ -52,7 +58,8 @@ class Engine(Protocol):
 
 @dataclass
 class CropMasks:
-    """Masks kept from one crop, on the host.
+    """Masks kept from one crop: on the engine's device while the crop is filtered, then on the
+    host (`segment_crop` returns them there); points always on the host.
 
     masks: bool (N, h, w) in crop pixels; boxes: (N, 4) XYXY in image pixels (last pixel
     inclusive); iou, stability: (N,); points: (N, 2) xy in image pixels; crop_box: XYXY.
@@ -67,6 +74,20 @@ class CropMasks:
 
     def __len__(self) -> int:
         return len(self.iou)
+
+    def select(self, index: torch.Tensor) -> CropMasks:
+        """The masks at `index` (on any device), in that order."""
+        return CropMasks(
+            masks=self.masks[index],
+            boxes=self.boxes[index],
+            iou=self.iou[index],
+            stability=self.stability[index],
+            points=self.points[index.cpu()],
+            crop_box=self.crop_box,
+        )
+
+    def cpu(self) -> CropMasks:
+        return CropMasks(self.masks.cpu(), self.boxes.cpu(), self.iou.cpu(), self.stability.cpu(), self.points, self.crop_box)
 
 
 @dataclass(frozen=True)
@@ -101,7 +122,8 @@ def segment_crop(
     grid: np.ndarray,
     params: AmgParams,
 ) -> CropMasks:
-    """Encode the crop, decode its grid in batches, filter on the device, NMS within the crop.
+    """Encode the crop, decode its grid in batches, filter and NMS within the crop on the
+    engine's device; only the survivors come back to the host.
 
     grid: (P, 2) points in [0, 1] over the crop.
     """
@@ -109,9 +131,10 @@ def segment_crop(
     height, width = image.shape[:2]
     crop = engine.encode(np.ascontiguousarray(image[y0:y1, x0:x1]))
     points = grid * np.array([[x1 - x0, y1 - y0]], dtype=np.float64)
+    step = max(params.points_per_batch, engine.min_prompt_batch)
     batches = [
-        _filter_batch(engine, crop, points[i : i + params.points_per_batch], crop_box, (height, width), params)
-        for i in range(0, len(points), params.points_per_batch)
+        _filter_batch(engine, crop, points[i : i + step], crop_box, (height, width), params)
+        for i in range(0, len(points), step)
     ]
     kept = CropMasks(
         masks=torch.cat([b.masks for b in batches]),
@@ -122,18 +145,7 @@ def segment_crop(
         crop_box=list(crop_box),
     )
     order = box_nms(kept.boxes.float(), kept.iou, params.box_nms_thresh)
-    return _select(kept, order)
-
-
-def _select(kept: CropMasks, index: torch.Tensor) -> CropMasks:
-    return CropMasks(
-        masks=kept.masks[index],
-        boxes=kept.boxes[index],
-        iou=kept.iou[index],
-        stability=kept.stability[index],
-        points=kept.points[index],
-        crop_box=kept.crop_box,
-    )
+    return kept.select(order).cpu()
 
 
 def _filter_batch(
@@ -164,10 +176,10 @@ def _filter_batch(
     keep = ~box_near_crop_edge(boxes, crop_box, [0, 0, image_hw[1], image_hw[0]])
     point_xy = torch.as_tensor(points, dtype=torch.float64)[point_index[keep].cpu()]
     return CropMasks(
-        masks=masks[keep].cpu(),
-        boxes=uncrop_boxes(boxes[keep], crop_box).cpu(),
-        iou=iou[keep].cpu(),
-        stability=stability[keep].cpu(),
+        masks=masks[keep],
+        boxes=uncrop_boxes(boxes[keep], crop_box),
+        iou=iou[keep],
+        stability=stability[keep],
         points=uncrop_points(point_xy, crop_box),
         crop_box=list(crop_box),
     )

@@ -1,19 +1,18 @@
 """`sam-batch bench`: MobileSAM's reference generator and sam-batch side by side.
 
 On the same pixels, weights and grid, one after the other, never at once:
-1. the reference `SamAutomaticMaskGenerator` (output_mode "coco_rle"): one process of its own
-   environment (`.venv-ref`, made by `make bench-env`, never ours) that loads the model and
-   generates every image in turn, with `--threads` torch threads;
-2. sam-batch in this process, with as many threads: `build_engine` + `generate_masks` +
-   `to_records` per image;
-3. `sam-batch run` as a process, on a job over the same image files (embedded Ray, every core).
-
-Per image, each of 1 and 2 times its own `generate` call (encoder, decoder, filters, RLE
-records; the model loaded, the image decoded): the table gives both times, their ratio, the
-number of masks and their agreement (recall and precision at IoU >= 0.9, mean best IoU).
-Whole processes, 1 against 3, from start to exit (interpreter, imports, model load, Ray, reading,
-writing Parquet): their wall times, the ratio, and the agreement of the masks `sam-batch run`
-wrote with the reference's. Markdown on stdout and, with `--write-doc`, a dated section
+1. per image, interleaved: the reference `SamAutomaticMaskGenerator` (output_mode "coco_rle")
+   in a process of its own environment (`.venv-ref`, made by `make bench-env`, never ours),
+   with `--threads` torch threads; then sam-batch in this process with as many threads
+   (`build_engine` + `generate_masks` + `to_records`). Each times its `generate` call (encoder,
+   decoder, filters, RLE records; the model loaded, the image decoded); the table gives both
+   times, their ratio, the number of masks and their agreement (recall and precision at
+   IoU >= 0.9, mean best IoU);
+2. whole processes, start to exit: `sam-batch run` on a job over the same image files
+   (interpreter, imports, embedded Ray with actors on every core, reading, writing Parquet),
+   then one reference process over all the images (interpreter, imports, model load, every
+   `generate`): their wall times, the ratio, and the agreement of the masks `sam-batch run`
+   wrote with the reference's. Markdown on stdout and, with `--write-doc`, a dated section
 appended to docs/benchmarks.md. Relative paths (images, `--ref-venv`, `--doc`) are taken from
 the current directory, the checkout's root under `make bench`.
 """
@@ -443,26 +442,29 @@ def _bench(args: argparse.Namespace, python: Path, argv: list[str]) -> int:
         pixels = [Path(tmp) / f"image{i}.npy" for i in range(len(images))]
         for path, image in zip(pixels, images):
             np.save(path, image)
-        progress(f"reference generator: {len(images)} images in one process")
-        references, versions, reference_process = run_reference(
-            python, pixels, checkpoint, model_type=args.model, points_per_side=args.points_per_side,
-            threads=threads, log=progress,
-        )
-        results = []
-        for uri, image, reference in zip(args.images, images, references):
+        results, versions = [], {}
+        for uri, image, path in zip(args.images, images, pixels):  # interleaved, so drifts in load hit both
+            [reference], versions, _ = run_reference(
+                python, [path], checkpoint, model_type=args.model, points_per_side=args.points_per_side,
+                threads=threads, log=progress,
+            )
             ours = run_ours(engine, image, args.points_per_side)
             progress(f"{uri}: reference {reference.seconds:.1f}s, {len(reference.records)} masks; "
                      f"sam-batch {ours.seconds:.1f}s, {len(ours.records)} masks")
             results.append(ImageResult(Path(uri).name, image.shape[0], image.shape[1], reference, ours))
         whole = None
         if args.whole_process:
-            progress(f"sam-batch run: {len(images)} images")
+            progress(f"whole processes: sam-batch run, then the reference generator, on {len(images)} images")
             written, run_seconds = run_pipeline(
                 args.images, Path(tmp), model_type=args.model, checkpoint=checkpoint,
                 points_per_side=args.points_per_side, log=progress,
             )
+            references, _, reference_seconds = run_reference(
+                python, pixels, checkpoint, model_type=args.model, points_per_side=args.points_per_side,
+                threads=threads, log=progress,
+            )
             whole = WholeProcess(
-                reference_process, run_seconds,
+                reference_seconds, run_seconds,
                 [agreement(written[uri], reference.records) for uri, reference in zip(args.images, references)],
             )
     print(format_table(results))

@@ -168,6 +168,7 @@ class CountingEngine:
     def __init__(self, engine) -> None:
         self.engine, self.encoded = engine, 0
         self.mask_threshold = engine.mask_threshold
+        self.min_prompt_batch = engine.min_prompt_batch
 
     def encode(self, crop):
         self.encoded += 1

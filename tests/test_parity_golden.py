@@ -55,3 +55,30 @@ def test_masks_match_the_reference(engine, golden_name: str) -> None:
         f"recall {recall:.3f} precision {precision:.3f} mean IoU {mean_iou:.4f}"
     )
     assert recall >= MIN_AGREEMENT and precision >= MIN_AGREEMENT, (recall, precision)
+
+
+class _WideBatches:
+    """The engine, asking for at least `n` prompts per decode call (as a GPU engine does)."""
+
+    def __init__(self, engine, n: int) -> None:
+        self.engine, self.min_prompt_batch, self.mask_threshold = engine, n, engine.mask_threshold
+
+    def encode(self, crop):
+        return self.engine.encode(crop)
+
+    def decode(self, crop, points, min_iou=None):
+        assert len(points) == self.min_prompt_batch
+        return self.engine.decode(crop, points, min_iou)
+
+    def upscale(self, crop, low_res):
+        return self.engine.upscale(crop, low_res)
+
+
+def test_prompts_per_decode_call_change_no_mask(engine) -> None:
+    """Batches of max(points_per_batch, min_prompt_batch) prompts give the same records as
+    batches of points_per_batch: each mask is filtered on its own."""
+    image = load_image(str(IMAGES / "truck.jpg"))
+    params = AmgParams(points_per_side=8, points_per_batch=16)
+    narrow = to_records(generate_masks(engine, image, params))
+    wide = to_records(generate_masks(_WideBatches(engine, 64), image, params))
+    assert narrow and wide == narrow
