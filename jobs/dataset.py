@@ -12,7 +12,9 @@ Layout under the output root:
 A shard is published by writing its two files under a fresh attempt folder, moving them to
 their deterministic names, and then creating the marker only if it is absent. A retried or
 duplicated attempt produces the same bytes under the same names, so the output stays
-exactly-once; readers trust markers only.
+exactly-once; readers trust markers only. The plan and the run record are written the same way
+(a temporary under `attempts/`, then moved), so a process killed while writing one leaves the
+previous version or none, never half of one.
 """
 
 from __future__ import annotations
@@ -84,14 +86,20 @@ class OutputDataset:
     # -- the plan -------------------------------------------------------------------------
 
     def read_plan(self) -> Plan | None:
+        """The frozen plan, None if there is none; `DatasetError` if it cannot be read."""
         path = self.path(BOOKKEEPING, "plan.json")
         if not self.fs.exists(path):
             return None
-        return Plan.from_json(self.fs.cat_file(path).decode("utf-8"))
+        try:
+            return Plan.from_json(self.fs.cat_file(path).decode("utf-8"))
+        except (ValueError, KeyError, TypeError) as error:  # undecodable bytes, bad JSON, missing fields
+            raise DatasetError(
+                f"{self.uri}: {BOOKKEEPING}/plan.json cannot be read ({type(error).__name__}); "
+                "pass --overwrite to start this output again"
+            ) from None
 
     def write_plan(self, plan: Plan) -> None:
-        self.fs.makedirs(self.path(BOOKKEEPING), exist_ok=True)
-        self._write_bytes(self.path(BOOKKEEPING, "plan.json"), plan.to_json().encode("utf-8"))
+        self._publish(self.path(BOOKKEEPING, "plan.json"), plan.to_json().encode("utf-8"))
 
     def clear(self) -> None:
         """Remove everything sam-batch wrote here (for --overwrite)."""
@@ -148,7 +156,14 @@ class OutputDataset:
             pass
 
     def write_run_record(self, record: dict) -> None:
-        self._write_bytes(self.path("run.json"), json.dumps(record, indent=1).encode("utf-8"))
+        self._publish(self.path("run.json"), json.dumps(record, indent=1).encode("utf-8"))
+
+    def _publish(self, path: str, data: bytes) -> None:
+        """Put `data` at `path` whole: written under `attempts/` first, then moved over `path`."""
+        staged = self.path(BOOKKEEPING, "attempts", f"publish-{uuid.uuid4().hex}")
+        self.fs.makedirs(staged.rsplit("/", 1)[0], exist_ok=True)
+        self._write_bytes(staged, data)
+        self.fs.mv(staged, path)
 
     def _marker(self, shard: Shard) -> str:
         return self.path(BOOKKEEPING, "commits", f"{shard.name}.json")

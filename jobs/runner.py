@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from sam_batch import __version__
-from sam_batch.jobs.dataset import OutputDataset, Plan
+from sam_batch.jobs.dataset import DatasetError, OutputDataset, Plan
 from sam_batch.jobs.executors import ShardCommit, make_executor
 from sam_batch.jobs.plan import list_inputs, make_plan
 from sam_batch.jobs.schema import JobSpec
@@ -68,8 +68,16 @@ class RunSummary:
 
 
 def prepare_plan(job: JobSpec, dataset: OutputDataset, overwrite: bool) -> Plan:
-    """The frozen plan of this output, made now if there is none; refuses another job's output."""
-    existing = dataset.read_plan()
+    """The frozen plan of this output, made now if there is none; refuses another job's output
+    (or an unreadable plan) unless `overwrite`, which clears the output first."""
+    try:
+        existing = dataset.read_plan()
+    except DatasetError:
+        if not overwrite:
+            raise
+        log.warning("--overwrite: the plan at %s cannot be read; removing the previous output", job.output.uri)
+        dataset.clear()
+        existing = None
     if existing is not None and existing.fingerprint == job.fingerprint():
         return existing
     if existing is not None and not overwrite:
@@ -116,10 +124,10 @@ def run_job(job: JobSpec, *, overwrite: bool = False) -> RunSummary:
             progress.update(event, summary)
     finally:
         progress.close()
-    dataset.clean_attempts()
     summary.seconds = time.perf_counter() - started
     summary.workers = sorted(workers)
     dataset.write_run_record(summary.to_dict())
+    dataset.clean_attempts()
     return summary
 
 

@@ -201,3 +201,43 @@ def test_no_inputs_is_a_job_failure(tmp_path) -> None:
     job = write_job(tmp_path, "empty", [str(tmp_path / "nothing" / "*.jpg")], tmp_path / "out")
     result = sam_batch("run", str(job), check=False)
     assert result.returncode == 1 and "no images found" in result.stderr
+
+
+def test_an_unreadable_plan_is_one_line_and_overwrite_starts_again(tmp_path) -> None:
+    """A plan cut short (as a kill in the middle of writing it would leave it) stops the run with
+    one line naming it; --overwrite clears the output and runs."""
+    out = tmp_path / "out"
+    (out / "_sam_batch").mkdir(parents=True)
+    (out / "_sam_batch" / "plan.json").write_text('{"fingerprint": "3f2a')
+    job = write_job(tmp_path, "cut", [str(IMAGES / "dog.jpg")], out, amg={"points_per_side": 4}, run={"executor": "local"})
+    refused = sam_batch("run", str(job), check=False)
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert "plan.json cannot be read" in refused.stderr and "--overwrite" in refused.stderr
+    sam_batch("run", str(job), "--overwrite")
+    assert pq.read_table(out / "images").column("status").to_pylist() == ["ok"]
+    assert not (out / "_sam_batch" / "attempts").exists()
+
+
+def test_plan_and_run_record_are_never_half_written(tmp_path) -> None:
+    """A write that dies half-way leaves the previous plan and run record readable, whole."""
+    from sam_batch.jobs.dataset import OutputDataset, Plan, Shard
+
+    dataset = OutputDataset(str(tmp_path / "out"))
+    first = Plan("f" * 16, {"name": "a"}, (Shard(0, ("x.jpg",)),))
+    dataset.write_plan(first)
+    dataset.write_run_record({"images_ok": 1})
+
+    def dies_half_way(path: str, data: bytes) -> None:
+        with dataset.fs.open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError("killed")
+
+    dataset._write_bytes = dies_half_way
+    with pytest.raises(OSError):
+        dataset.write_plan(Plan("e" * 16, {"name": "b"}, (Shard(0, ("y.jpg",)),)))
+    with pytest.raises(OSError):
+        dataset.write_run_record({"images_ok": 2})
+    assert dataset.read_plan() == first
+    assert json.loads((tmp_path / "out" / "run.json").read_text()) == {"images_ok": 1}
+    dataset.clean_attempts()
+    assert sorted(p.name for p in (tmp_path / "out" / "_sam_batch").iterdir()) == ["plan.json"]
