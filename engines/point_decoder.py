@@ -15,8 +15,9 @@ it, without changing what is computed (only the order of fp32 roundings):
    one, so the value bias passes through); an image-to-token attention folds the query weights
    into the 7 keys (Wq^T k) and the output projection into the 7 values (v Wo^T). Each
    (4096 × 256) × (256 × 128) projection becomes a (4096 × 256) × (256 × 56) product (8 heads
-   × 7 tokens). The key bias is dropped: it adds the same number to every score of a query, and
-   softmax ignores it.
+   × 7 tokens); the final attention runs only for the 4 tokens read after it (IoU and the three
+   multimask tokens). The key bias is dropped: it adds the same number to every score of a
+   query, and softmax ignores it.
 3. **The first upscaling layer in low rank.** The image tokens leaving the transformer are the
    crop's tokens plus two attention updates, each a mix of 56 vectors per prompt, through two
    LayerNorms. The 2×2 transposed convolution is linear, so it is applied once per crop to the
@@ -69,6 +70,9 @@ class PointDecoder:
     """
 
     def __init__(self, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, chunk: int = 2, tile: int = 512) -> None:
+        width = prompt_encoder.image_embedding_size[1]
+        if tile % width:
+            raise ValueError(f"tile: {tile} image tokens is not a whole number of rows of {width}")
         self.prompts = prompt_encoder
         self.decoder = mask_decoder
         self.chunk = chunk
@@ -109,10 +113,12 @@ class PointDecoder:
             out_tokens, parts = self._transformer(side, tokens[start : start + self.chunk])
             iou = self.decoder.iou_prediction_head(out_tokens[:, 0])[:, 1:]  # the multimask IoUs
             ious.append(iou)
-            if min_iou is None or bool((iou > min_iou).any(1).all()):
-                self._mask_logits(side, out_tokens, parts, logits[start : start + len(iou)])
-            elif len(wanted := torch.nonzero((iou > min_iou).any(1))[:, 0]):
-                logits[start + wanted] = self._mask_logits(side, out_tokens[wanted], parts.select(wanted), logits[start + wanted])
+            passing = (iou > min_iou).any(1) if min_iou is not None else torch.ones_like(iou[:, 0], dtype=torch.bool)
+            if passing.all():
+                logits[start : start + len(iou)] = self._mask_logits(side, out_tokens, parts)
+            elif passing.any():
+                index = torch.nonzero(passing)[:, 0]
+                logits[start + index] = self._mask_logits(side, out_tokens[index], parts.select(index))
         return logits.unflatten(-1, (4 * int(size**0.5), -1)), torch.cat(ious)
 
     def _tokens(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -194,9 +200,9 @@ class PointDecoder:
         constants = torch.stack([g1 * g2, first.norm4.bias * g2, g2]).expand(len(vectors1), -1, -1)
         return torch.cat([vectors1 * (g1 * g2), vectors2 * g2, constants], dim=1) @ self.up1_weight.T
 
-    def _mask_logits(self, side: ImageSide, tokens: torch.Tensor, parts: _UpscaleParts, out: torch.Tensor) -> torch.Tensor:
-        """Output tokens (K, 4, C) and their image tokens' parts -> `out`: logits (K, M, HW * 16),
-        raster order (4 h rows of 4 w). Tiles are whole rows of the token grid."""
+    def _mask_logits(self, side: ImageSide, tokens: torch.Tensor, parts: _UpscaleParts) -> torch.Tensor:
+        """Output tokens (K, 4, C) and their image tokens' parts -> logits (K, M, HW * 16) in raster
+        order (4 h rows of 4 w), a tile (whole rows of the token grid) at a time."""
         hyper = torch.stack(
             [self.decoder.output_hypernetworks_mlps[i](tokens[:, i]) for i in range(1, tokens.shape[1])],
             dim=1,
@@ -204,6 +210,7 @@ class PointDecoder:
         size, width = side.src.shape[0], int(side.src.shape[0] ** 0.5)
         offset = self.blocks[1].norm4.bias @ self.up1_weight.T + self.up1_bias
         norm = self.up_norm
+        out = side.src.new_empty((len(tokens), hyper.shape[1], 16 * size))
         rows = out.view(*out.shape[:2], width, 2, 2, 4 * width)  # (K, M, y, a, a', 4 x + 2 b + b')
         for tile in self._tiles(size):
             scale, coefficients = parts.coefficients(tile)
@@ -248,7 +255,13 @@ class _UpscaleParts:
         """For the pixels of `tile`: r1 r2 (B, n, 1), and every basis row's coefficient (B, n, 2 H T + 3)."""
         r12 = (self.rstd1[:, tile] * self.rstd2[:, tile])[:, None]
         r2 = self.rstd2[:, tile][:, None]
-        rows = [self.weights1[:, :, tile] * r12, self.weights2[:, :, tile] * r2, -self.mean1[:, tile][:, None] * r12, r2, -self.mean2[:, tile][:, None] * r2]
+        rows = [
+            self.weights1[:, :, tile] * r12,
+            self.weights2[:, :, tile] * r2,
+            -self.mean1[:, tile][:, None] * r12,
+            r2,
+            -self.mean2[:, tile][:, None] * r2,
+        ]
         return r12.transpose(1, 2), torch.cat(rows, dim=1).transpose(1, 2)
 
 

@@ -119,9 +119,8 @@ class TreeSampler:
                 rss = _peak_rss(process)
             except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, ProcessLookupError):
                 continue
-            peak = self.peaks.setdefault(
-                process.pid, ProcessPeak(process.pid, process.pid == self.driver.pid, " ".join(cmdline))
-            )
+            peak = self.peaks.setdefault(process.pid, ProcessPeak(process.pid, process.pid == self.driver.pid, ""))
+            peak.command = " ".join(cmdline)  # the latest: a process first seen between fork and exec has its parent's
             peak.peak_rss = max(peak.peak_rss, rss)
             task = _ray_task(cmdline)
             if task:
