@@ -25,6 +25,7 @@ import os
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
@@ -57,7 +58,8 @@ Event = ImageResult | ShardCommit
 
 
 class LocalExecutor:
-    """Everything in this process, one image at a time: for debugging and GPU boxes without Ray."""
+    """Everything in this process, for debugging and GPU boxes without Ray: one image segmented
+    at a time while a thread reads and decodes the next (as a read task would)."""
 
     name = "local"
 
@@ -67,12 +69,25 @@ class LocalExecutor:
     def run(self, shards: list[Shard], dataset: OutputDataset) -> Iterator[Event]:
         set_cpu_threads()
         segmenter = ImageSegmenter(self.job, "local")
-        for shard in shards:
-            results = []
-            for uri in shard.uris:
-                results.append(segmenter.segment(uri))
-                yield results[-1]
-            yield ShardCommit(shard, commit_shard(dataset, shard, results))
+        options, bands = self.job.input.storage_options, self.job.raster.bands
+        unread = (uri for shard in shards for uri in shard.uris)
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            ahead: deque = deque()
+
+            def read_next() -> None:
+                if (uri := next(unread, None)) is not None:
+                    ahead.append((uri, reader.submit(_read_image, uri, options, bands)))
+
+            read_next()
+            for shard in shards:
+                results = []
+                for _ in shard.uris:
+                    uri, read = ahead.popleft()
+                    read_next()
+                    status, image = read.result()
+                    results.append(status.error_result(uri) if status.error else segmenter.segment(uri, image, status.seconds))
+                    yield results[-1]
+                yield ShardCommit(shard, commit_shard(dataset, shard, results))
 
 
 class RayExecutor:
@@ -229,6 +244,10 @@ class _ReadStatus:
     error: str | None
     seconds: float
 
+    def error_result(self, uri: str) -> ImageResult:
+        """The error row of an image that failed to read."""
+        return image_result(uri, [], seconds=self.seconds, stage_seconds={"read": self.seconds}, error=self.error)
+
 
 def _read_image(uri: str, storage_options: dict, bands: tuple[int, ...] | None) -> tuple[_ReadStatus, np.ndarray | None]:
     """A read task: (status, pixels (H, W, 3) uint8); pixels None for an error or a TIFF.
@@ -293,7 +312,7 @@ class _ReadStage:
         except self.ray.exceptions.RayError as error:
             return image_result(uri, [], error=f"read: the read task was lost {MAX_ATTEMPTS} times ({type(error).__name__})")
         if status.error:
-            return image_result(uri, [], seconds=status.seconds, stage_seconds={"read": status.seconds}, error=status.error)
+            return status.error_result(uri)
         self.ready.append((uri, pixels, status.seconds))
         return None
 
@@ -324,10 +343,7 @@ class _SegmenterActor:
         """Rows of one image decoded by a read task (`image` (H, W, 3) uint8), or of a TIFF
         (`image` None) that the segmenter reads itself; the read task's seconds are added."""
         assert self.segmenter is not None
-        result = self.segmenter.segment(uri, image)
-        result.stage_seconds["read"] = result.stage_seconds.get("read", 0.0) + read_seconds
-        result.image_row["seconds"] += read_seconds
-        return result
+        return self.segmenter.segment(uri, image, read_seconds)
 
 
 class _ActorPool:

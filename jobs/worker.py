@@ -51,15 +51,16 @@ class ImageSegmenter:
             precision=job.engine.precision,
         )
 
-    def segment(self, uri: str, image: np.ndarray | None = None) -> ImageResult:
-        """Rows of one input; `image` (H, W, 3) uint8 when a read stage has already decoded it.
+    def segment(self, uri: str, image: np.ndarray | None = None, read_seconds: float = 0.0) -> ImageResult:
+        """Rows of one input; `image` (H, W, 3) uint8 when a read stage has already decoded it,
+        in `read_seconds`, which count in the row's seconds and the read stage's.
 
         Rasters (TIFF magic) are read here, window by window; photos whole. Both are cut into
         tiles when larger than `raster.tile_size`. Never raises for a bad image: the failure
         is the images row's `error`.
         """
-        seconds = dict.fromkeys(STAGES, 0.0)
-        started = time.perf_counter()
+        seconds = {**dict.fromkeys(STAGES, 0.0), "read": read_seconds}
+        started = time.perf_counter() - read_seconds
         size: tuple[int, int] | None = None
         options, raster = self.job.input.storage_options, self.job.raster
         try:

@@ -310,12 +310,9 @@ def run_reference(
     proc = subprocess.Popen(
         [str(python), "-I", str(driver), json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    stderr = _echo_lines(proc, proc.stderr, log)
+    _check(proc, _echo_lines(proc, proc.stderr, log), "the reference generator")
     stdout = proc.stdout.read()
     seconds = time.perf_counter() - started
-    if proc.returncode != 0:
-        last = (stderr.strip().splitlines() or ["no output"])[-1]
-        raise BenchError(f"the reference generator failed (exit {proc.returncode}): {last}")
     sides = [Side(**json.loads(out.read_text())) for out in outs]
     return sides, json.loads(stdout.strip().splitlines()[-1]), seconds
 
@@ -331,6 +328,8 @@ def run_pipeline(
     import pyarrow.parquet as pq
     import yaml
 
+    from sam_batch.jobs.plan import normalise_uri
+
     job = {
         "name": "bench",
         "input": {"uris": list(uris)},
@@ -345,19 +344,21 @@ def run_pipeline(
         [sys.executable, "-m", "sam_batch.cli", "run", str(job_file)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    output = _echo_lines(proc, proc.stdout, log)
+    _check(proc, _echo_lines(proc, proc.stdout, log), "sam-batch run")
     seconds = time.perf_counter() - started
-    if proc.returncode != 0:
-        last = (output.strip().splitlines() or ["no output"])[-1]
-        raise BenchError(f"sam-batch run failed (exit {proc.returncode}): {last}")
     rows = pq.read_table(workdir / "out" / "masks", columns=["image_uri", "mask_id", "segmentation"]).to_pylist()
-    from sam_batch.jobs.plan import normalise_uri
-
     by_listed = {normalise_uri(uri): uri for uri in uris}  # the run lists local paths absolute
     records: dict[str, list[dict]] = {uri: [] for uri in uris}
     for row in sorted(rows, key=lambda r: (r["image_uri"], r["mask_id"])):
         records[by_listed[row["image_uri"]]].append({"segmentation": row["segmentation"]})
     return records, seconds
+
+
+def _check(proc: subprocess.Popen, output: str, what: str) -> None:
+    """BenchError with the last line `proc` wrote, if it failed."""
+    if proc.returncode != 0:
+        last = (output.strip().splitlines() or ["no output"])[-1]
+        raise BenchError(f"{what} failed (exit {proc.returncode}): {last}")
 
 
 def _echo_lines(proc: subprocess.Popen, stream, log) -> str:

@@ -241,3 +241,24 @@ def test_plan_and_run_record_are_never_half_written(tmp_path) -> None:
     assert json.loads((tmp_path / "out" / "run.json").read_text()) == {"images_ok": 1}
     dataset.clean_attempts()
     assert sorted(p.name for p in (tmp_path / "out" / "_sam_batch").iterdir()) == ["plan.json"]
+
+
+def test_local_executor_reads_ahead_and_bad_files_are_rows(tmp_path) -> None:
+    """The in-process executor (its reader thread a file ahead): bad files are error rows naming
+    the stage, the others are segmented, every input once, in plan order."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a-empty.jpg").write_bytes(b"")
+    (folder / "b-dog.jpg").write_bytes((IMAGES / "dog.jpg").read_bytes())
+    (folder / "c-text.png").write_text("not an image")
+    (folder / "d-truck.jpg").write_bytes((IMAGES / "truck.jpg").read_bytes())
+    out = tmp_path / "out"
+    job = write_job(tmp_path, "local-bad", [str(folder / "*")], out, amg={"points_per_side": 2},
+                    run={"executor": "local", "shard_size": 3})
+    sam_batch("run", str(job))
+    rows = sorted(pq.read_table(out / "images").to_pylist(), key=lambda r: r["image_uri"])
+    assert [(Path(r["image_uri"]).name, r["status"]) for r in rows] == [
+        ("a-empty.jpg", "error"), ("b-dog.jpg", "ok"), ("c-text.png", "error"), ("d-truck.jpg", "ok")]
+    assert rows[0]["error"].startswith("read:") and rows[2]["error"].startswith("decode:")
+    assert all("\n" not in r["error"] for r in rows if r["error"])
+    assert rows[1]["n_masks"] > 0 and rows[1]["seconds"] > 0
