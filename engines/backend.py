@@ -126,6 +126,12 @@ class TorchEngine:
         """Logits (K, 256, 256) → logits (K, h, w) at the crop's original size."""
         return upscale_logits(crop, low_res)
 
+    @property
+    def concurrent_batches(self) -> int:
+        """Prompt batches to decode at once (see `pipeline.amg.Engine`): on the CPU one per
+        torch thread of the calling thread (each batch then runs on one), else 1."""
+        return torch.get_num_threads() if self.point_decoder is not None else 1
+
     def _autocast(self):
         if self.dtype == torch.float32:
             return torch.autocast(self.device.type, enabled=False)

@@ -98,6 +98,7 @@ class OnnxEngine:
         self.pixel_std = torch.tensor(PIXEL_STD).reshape(3, 1, 1)
         self.mask_threshold = 0.0
         self.min_prompt_batch = prompt_batch(device)
+        self.concurrent_batches = 1  # onnxruntime spreads one call over its own threads
 
     @classmethod
     def from_model(

@@ -225,6 +225,7 @@ class TensorRTEngine:
         self.pixel_std = torch.tensor(PIXEL_STD).reshape(3, 1, 1)
         self.mask_threshold = 0.0
         self.min_prompt_batch = min(max_prompts, GPU_PROMPT_BATCH)
+        self.concurrent_batches = 1
 
     @classmethod
     def from_model(

@@ -42,6 +42,9 @@ log = logging.getLogger("sam_batch")
 READ_AHEAD = 2  # images being read or waiting, decoded, for an actor: per segmenting actor
 MAX_COMMITS = 2  # shard commits in flight; reads pause while this many are running
 STAGE_TASK_CPUS = 0.25  # CPU share a read or commit task declares (mostly I/O)
+# cores per CPU segmenting actor: two batch threads in one actor decode as fast as two 1-core
+# actors (docs/benchmarks.md), with half the model copies and no core idle at a job's tail
+CPUS_PER_ACTOR = 2
 MAX_ATTEMPTS = 3  # tries of one image (or one task) on workers that die under it
 
 
@@ -99,7 +102,7 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, job: JobSpec, cpus_per_actor: int = 1) -> None:
+    def __init__(self, job: JobSpec, cpus_per_actor: int = CPUS_PER_ACTOR) -> None:
         self.job = job
         self.cpus_per_actor = cpus_per_actor
 
@@ -143,16 +146,18 @@ class RayExecutor:
         """Resources of one segmenting actor and how many to start, from `cluster_resources()`
         and the CPUs of the largest node.
 
-        A CPU actor leaves `STAGE_TASK_CPUS` of its cores to the read and commit tasks, so
-        the stages never wait for each other's CPUs. With fewer images than cores, the actors
-        started share the cores (as far as one node holds them).
+        A CPU actor takes `cpus_per_actor` cores (as many as a node has, if fewer) and leaves
+        `STAGE_TASK_CPUS` of them to the read and commit tasks, so the stages never wait for each
+        other's CPUs. With fewer images than that makes actors, the actors started share the
+        cores (as far as one node holds them).
         """
         gpus = int(cluster.get("GPU", 0))
         if gpus and self.job.engine.device != "cpu":
             return {"num_gpus": 1, "num_cpus": 1}, min(gpus, n_images)
         cpus = max(1, int(cluster.get("CPU", 1)))
-        count = min(max(1, cpus // self.cpus_per_actor), n_images)
-        share = min(max(self.cpus_per_actor, cpus // count), max(node_cpus, self.cpus_per_actor))
+        per_actor = max(1, min(self.cpus_per_actor, node_cpus))
+        count = min(max(1, cpus // per_actor), n_images)
+        share = min(max(per_actor, cpus // count), max(node_cpus, 1))
         return {"num_cpus": share - STAGE_TASK_CPUS}, count
 
 

@@ -14,8 +14,11 @@ Reads top-down in three steps:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from functools import partial
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -44,10 +47,15 @@ class Engine(Protocol):
     min_prompt_batch: the fewest prompts a decode call should carry to keep the engine's
     device busy (a GPU wants hundreds); batches are `max(points_per_batch, min_prompt_batch)`,
     which changes no mask, since every mask is filtered on its own.
+
+    concurrent_batches: how many batches to decode at once, each on its own thread with one
+    intra-op thread (the CPU point decoder keeps two cores busier across two batches than
+    within one); 1 decodes them one after another.
     """
 
     mask_threshold: float
     min_prompt_batch: int
+    concurrent_batches: int
 
     def encode(self, crop: np.ndarray): ...
 
@@ -132,10 +140,9 @@ def segment_crop(
     crop = engine.encode(np.ascontiguousarray(image[y0:y1, x0:x1]))
     points = grid * np.array([[x1 - x0, y1 - y0]], dtype=np.float64)
     step = max(params.points_per_batch, engine.min_prompt_batch)
-    batches = [
-        _filter_batch(engine, crop, points[i : i + step], crop_box, (height, width), params)
-        for i in range(0, len(points), step)
-    ]
+    filter_batch = partial(_filter_batch, engine, crop, crop_box=crop_box, image_hw=(height, width), params=params)
+    batches = _map_in_threads(filter_batch, [points[i : i + step] for i in range(0, len(points), step)],
+                              engine.concurrent_batches)
     kept = CropMasks(
         masks=torch.cat([b.masks for b in batches]),
         boxes=torch.cat([b.boxes for b in batches]),
@@ -146,6 +153,20 @@ def segment_crop(
     )
     order = box_nms(kept.boxes.float(), kept.iou, params.box_nms_thresh)
     return kept.select(order).cpu()
+
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def _map_in_threads(function: Callable[[Item], Result], items: list[Item], threads: int) -> list[Result]:
+    """`[function(item) for item in items]`, on up to `threads` threads of one intra-op torch
+    thread each when `threads` > 1 (torch's thread settings are per thread, so the caller's
+    own are left as they are)."""
+    if threads <= 1 or len(items) <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(min(threads, len(items)), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return list(pool.map(function, items))
 
 
 def _filter_batch(

@@ -66,12 +66,20 @@ class MaskUpsampler:
             return None
         (y0, y1), (r0, r1) = rows
         (x0, x1), (c0, c1) = cols
-        logits = self.row_map.matrix[y0:y1, r0:r1] @ low_res[r0:r1, c0:c1] @ self.col_map.matrix[x0:x1, c0:c1].T
+        along_cols = self.col_map.apply((x0, x1), c0, low_res[r0:r1, c0:c1].T)  # (x1 - x0, r1 - r0)
+        logits = self.row_map.apply((y0, y1), r0, along_cols.T)
         return Window((y0, y1), (x0, x1)), logits
 
 
+BLOCK = 128  # crop pixels per block of `_AxisMap.apply`
+
+
 class _AxisMap:
-    """Both resizes along one axis: `matrix` (crop_len, 256), float32, with the support of each row."""
+    """Both resizes along one axis: `matrix` (crop_len, 256), float32, with the support of each row.
+
+    A crop pixel's support is the 2-4 low-res indexes its row of the matrix weighs; it moves
+    monotonically along the axis, so a block of `BLOCK` pixels uses a short contiguous span.
+    """
 
     def __init__(self, input_len: int, crop_len: int) -> None:
         to_frame = bilinear_matrix(LOW_RES, FRAME)[:input_len]  # (input_len, 256), the padding cut off
@@ -91,6 +99,22 @@ class _AxisMap:
         if start >= end:
             return None
         return (start, end), (int(self.first[start]), int(self.last[end - 1]) + 1)
+
+
+    def apply(self, pixels: tuple[int, int], first: int, values: torch.Tensor) -> torch.Tensor:
+        """`matrix[start:end, first:first + n] @ values` for `values` (n, k) whose rows are the
+        low-res indexes from `first` on (covering the pixels' supports): (end - start, k).
+
+        Block by block, each over its own span only: the same products as the dense one with
+        its zero terms left out, about a tenth of the arithmetic on a 1024-pixel axis.
+        """
+        start, end = pixels
+        out = values.new_empty((end - start, values.shape[1]))
+        for block in range(start, end, BLOCK):
+            stop = min(block + BLOCK, end)
+            lo, hi = int(self.first[block]), int(self.last[stop - 1]) + 1
+            torch.mm(self.matrix[block:stop, lo:hi], values[lo - first : hi - first], out=out[block - start : stop - start])
+        return out
 
 
 def bilinear_matrix(in_len: int, out_len: int) -> np.ndarray:

@@ -3,7 +3,9 @@
 Runs `generate_masks` + `to_records` once on the image in this process and prints the wall
 seconds of each stage (encoder, decoder, upsampling + stability filter, boxes, NMS, RLE), summed
 over the image's crops and point batches. The stages are timed by wrapping the functions
-`pipeline.amg` calls, so the generator itself is unchanged.
+`pipeline.amg` calls, so the generator itself is unchanged. Batches decoded at once on several
+threads (`concurrent_batches`) add up their seconds, so with N threads the stages can sum to
+up to N times `generate`'s wall seconds.
 """
 
 from __future__ import annotations

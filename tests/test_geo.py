@@ -169,6 +169,7 @@ class CountingEngine:
         self.engine, self.encoded = engine, 0
         self.mask_threshold = engine.mask_threshold
         self.min_prompt_batch = engine.min_prompt_batch
+        self.concurrent_batches = engine.concurrent_batches
 
     def encode(self, crop):
         self.encoded += 1

@@ -6,8 +6,11 @@ and at least 98% of ours are among the reference's.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
+import torch
 from pycocotools import mask as mask_utils
 
 from conftest import IMAGES, PARITY_LINES, golden_files, load_golden
@@ -57,17 +60,22 @@ def test_masks_match_the_reference(engine, golden_name: str) -> None:
     assert recall >= MIN_AGREEMENT and precision >= MIN_AGREEMENT, (recall, precision)
 
 
-class _WideBatches:
-    """The engine, asking for at least `n` prompts per decode call (as a GPU engine does)."""
+class _Batching:
+    """The engine, asking for at least `min_prompt_batch` prompts per decode call (as a GPU
+    engine does) and `concurrent_batches` decode calls at once; it notes the (thread, torch
+    threads) of every decode call."""
 
-    def __init__(self, engine, n: int) -> None:
-        self.engine, self.min_prompt_batch, self.mask_threshold = engine, n, engine.mask_threshold
+    def __init__(self, engine, min_prompt_batch: int = 1, concurrent_batches: int = 1) -> None:
+        self.engine, self.mask_threshold = engine, engine.mask_threshold
+        self.min_prompt_batch, self.concurrent_batches = min_prompt_batch, concurrent_batches
+        self.calls: list[tuple[int, int]] = []
 
     def encode(self, crop):
         return self.engine.encode(crop)
 
     def decode(self, crop, points, min_iou=None):
-        assert len(points) == self.min_prompt_batch
+        assert len(points) >= self.min_prompt_batch
+        self.calls.append((threading.get_ident(), torch.get_num_threads()))
         return self.engine.decode(crop, points, min_iou)
 
     def upscale(self, crop, low_res):
@@ -79,6 +87,26 @@ def test_prompts_per_decode_call_change_no_mask(engine) -> None:
     batches of points_per_batch: each mask is filtered on its own."""
     image = load_image(str(IMAGES / "truck.jpg"))
     params = AmgParams(points_per_side=8, points_per_batch=16)
-    narrow = to_records(generate_masks(engine, image, params))
-    wide = to_records(generate_masks(_WideBatches(engine, 64), image, params))
+    narrow = to_records(generate_masks(_Batching(engine), image, params))
+    wide = to_records(generate_masks(_Batching(engine, min_prompt_batch=64), image, params))
     assert narrow and wide == narrow
+
+
+def test_batches_decoded_at_once_change_no_mask(engine) -> None:
+    """Two batches decoded at once, on two threads of one torch thread each, give the masks of
+    one batch after another (scores within fp32 rounding: a matrix product's sums may be
+    ordered differently on one thread than on two)."""
+    image = load_image(str(IMAGES / "truck.jpg"))
+    params = AmgParams(points_per_side=8, points_per_batch=16)
+    one_by_one = to_records(generate_masks(_Batching(engine), image, params))
+    concurrent = _Batching(engine, concurrent_batches=2)
+    at_once = to_records(generate_masks(concurrent, image, params))
+
+    threads = {thread for thread, _ in concurrent.calls}
+    assert len(threads) == 2 and threading.get_ident() not in threads
+    assert {torch_threads for _, torch_threads in concurrent.calls} == {1}
+    assert one_by_one and len(at_once) == len(one_by_one)
+    for got, want in zip(at_once, one_by_one):
+        assert (got["segmentation"], got["bbox"], got["point_coords"]) == (want["segmentation"], want["bbox"], want["point_coords"])
+        assert got["predicted_iou"] == pytest.approx(want["predicted_iou"], abs=1e-5)
+        assert got["stability_score"] == pytest.approx(want["stability_score"], abs=1e-5)

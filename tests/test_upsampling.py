@@ -99,3 +99,16 @@ def test_windowed_stability_filter_equals_the_full_size_one(dog_logits) -> None:
     assert index.tolist() == want_index.tolist()
     torch.testing.assert_close(scores, want_scores, atol=1e-6, rtol=0)
     assert (masks != want_masks).sum() <= 10  # pixels at a logit within rounding of 0
+
+
+@pytest.mark.parametrize(("input_hw", "crop_hw"), [((1024, 1024), (1024, 1024)), ((683, 1024), (1200, 1800)), ((1024, 576), (1024, 576)), ((1024, 683), (150, 100))])
+def test_window_logits_are_the_interpolated_ones_on_large_crops(input_hw, crop_hw) -> None:
+    """Over windows of many blocks (1024-pixel axes and more), logits equal SAM's interpolation."""
+    generator = torch.Generator().manual_seed(0)
+    smooth = F.interpolate(torch.randn(3, 1, 16, 16, generator=generator) * 4, (256, 256), mode="bilinear")[:, 0]
+    crop = CropEmbedding(torch.zeros(1), input_hw, crop_hw)
+    upsampler = MaskUpsampler(input_hw, crop_hw)
+    for low, want in zip(smooth, upscale_logits(crop, smooth)):
+        window, logits = upsampler.logits_above(low, -1.0)
+        assert window.rows[1] - window.rows[0] > min(crop_hw[0] // 2, 300)
+        torch.testing.assert_close(logits, want[window.slices], atol=1e-5, rtol=0)
