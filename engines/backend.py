@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 BACKENDS = ("torch", "onnx", "tensorrt")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# batches decoded at once on the CPU: each holds the GIL for its Python between operators
+# (about a tenth of its time), so beyond a few threads more cores go to each batch instead
+MAX_CONCURRENT_BATCHES = 4
 GPU_PROMPT_BATCH = 256  # prompts per decode call on a GPU (`min_prompt_batch`); the CPU takes any
 
 
@@ -129,8 +132,10 @@ class TorchEngine:
     @property
     def concurrent_batches(self) -> int:
         """Prompt batches to decode at once (see `pipeline.amg.Engine`): on the CPU one per
-        torch thread of the calling thread (each batch then runs on one), else 1."""
-        return torch.get_num_threads() if self.point_decoder is not None else 1
+        torch thread of the calling thread, up to `MAX_CONCURRENT_BATCHES`; else 1."""
+        if self.point_decoder is None:
+            return 1
+        return min(torch.get_num_threads(), MAX_CONCURRENT_BATCHES)
 
     def _autocast(self):
         if self.dtype == torch.float32:

@@ -48,9 +48,9 @@ class Engine(Protocol):
     device busy (a GPU wants hundreds); batches are `max(points_per_batch, min_prompt_batch)`,
     which changes no mask, since every mask is filtered on its own.
 
-    concurrent_batches: how many batches to decode at once, each on its own thread with one
-    intra-op thread (the CPU point decoder keeps two cores busier across two batches than
-    within one); 1 decodes them one after another.
+    concurrent_batches: how many batches to decode at once, each on its own thread with its
+    share of the caller's torch threads (the CPU point decoder keeps two cores busier across two
+    batches than within one); 1 decodes them one after another.
     """
 
     mask_threshold: float
@@ -160,12 +160,17 @@ Result = TypeVar("Result")
 
 
 def _map_in_threads(function: Callable[[Item], Result], items: list[Item], threads: int) -> list[Result]:
-    """`[function(item) for item in items]`, on up to `threads` threads of one intra-op torch
-    thread each when `threads` > 1 (torch's thread settings are per thread, so the caller's
-    own are left as they are)."""
-    if threads <= 1 or len(items) <= 1:
+    """`[function(item) for item in items]`, on up to `threads` threads when `threads` > 1,
+    results in item order.
+
+    The caller's torch threads are shared out among them (one each on two cores); torch's
+    thread settings are per thread, so the caller's own are left as they are.
+    """
+    workers = min(threads, len(items))
+    if workers <= 1:
         return [function(item) for item in items]
-    with ThreadPoolExecutor(min(threads, len(items)), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    each = max(1, torch.get_num_threads() // workers)
+    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(each,)) as pool:
         return list(pool.map(function, items))
 
 

@@ -14,8 +14,8 @@ import torch
 from pycocotools import mask as mask_utils
 
 from conftest import IMAGES, PARITY_LINES, golden_files, load_golden
-from sam_batch.engines.backend import build_engine, set_cpu_threads
-from sam_batch.pipeline.amg import generate_masks, to_records
+from sam_batch.engines.backend import MAX_CONCURRENT_BATCHES, build_engine, set_cpu_threads
+from sam_batch.pipeline.amg import _map_in_threads, generate_masks, to_records
 from sam_batch.pipeline.images import load_image
 from sam_batch.pipeline.params import AmgParams
 
@@ -110,3 +110,20 @@ def test_batches_decoded_at_once_change_no_mask(engine) -> None:
         assert (got["segmentation"], got["bbox"], got["point_coords"]) == (want["segmentation"], want["bbox"], want["point_coords"])
         assert got["predicted_iou"] == pytest.approx(want["predicted_iou"], abs=1e-5)
         assert got["stability_score"] == pytest.approx(want["stability_score"], abs=1e-5)
+
+
+def test_threads_share_out_the_callers_torch_threads(engine) -> None:
+    """Batch threads split the caller's torch threads between them; the caller keeps its own;
+    the CPU engine asks for one batch per torch thread, up to MAX_CONCURRENT_BATCHES."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        assert engine.concurrent_batches == MAX_CONCURRENT_BATCHES
+        seen = _map_in_threads(lambda _: (threading.get_ident(), torch.get_num_threads()), list(range(8)), 4)
+        assert {threads for _, threads in seen} == {2} and len({thread for thread, _ in seen}) <= 4
+        assert _map_in_threads(lambda item: item * 2, [3, 1, 2], 3) == [6, 2, 4]
+        assert torch.get_num_threads() == 8
+        torch.set_num_threads(1)
+        assert engine.concurrent_batches == 1
+    finally:
+        torch.set_num_threads(before)
