@@ -42,8 +42,9 @@ log = logging.getLogger("sam_batch")
 READ_AHEAD = 2  # images being read or waiting, decoded, for an actor: per segmenting actor
 MAX_COMMITS = 2  # shard commits in flight; reads pause while this many are running
 STAGE_TASK_CPUS = 0.25  # CPU share a read or commit task declares (mostly I/O)
-# cores per CPU segmenting actor: two batch threads in one actor decode as fast as two 1-core
-# actors (docs/benchmarks.md), with half the model copies and no core idle at a job's tail
+# cores per CPU segmenting actor: two batch threads in one actor decode within ~6% of two 1-core
+# actors on even image counts (docs/benchmarks.md), with half the model copies and no core idle
+# at a job's tail (14% faster on 3 images)
 CPUS_PER_ACTOR = 2
 MAX_ATTEMPTS = 3  # tries of one image (or one task) on workers that die under it
 

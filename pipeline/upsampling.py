@@ -100,7 +100,6 @@ class _AxisMap:
             return None
         return (start, end), (int(self.first[start]), int(self.last[end - 1]) + 1)
 
-
     def apply(self, pixels: tuple[int, int], first: int, values: torch.Tensor) -> torch.Tensor:
         """`matrix[start:end, first:first + n] @ values` for `values` (n, k) whose rows are the
         low-res indexes from `first` on (covering the pixels' supports): (end - start, k).
