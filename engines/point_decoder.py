@@ -1,40 +1,54 @@
 """SAM's mask decoder for many single-point prompts on one image: the same arithmetic, less work.
 
-`MaskDecoder.forward` runs every prompt through the full two-way transformer on (HW, C) =
+`MaskDecoder.forward` runs every prompt through the full two-way transformer on (N, C) =
 (4096, 256) image tokens. Automatic mask generation sends 1,024 prompts per crop, so the
-image-side work dominates (3.6 GFLOP a prompt, memory-bound). Three exact rearrangements cut
-it, without changing what is computed (only the order of fp32 roundings):
+image-side work dominates (3.6 GFLOP a prompt, memory-bound). Exact rearrangements cut it,
+without changing what is computed (only the order of fp32 roundings):
 
 1. **Once per crop** (`ImageSide`): the image tokens plus the no-mask embedding, their
-   positional encoding, and the first layer's image-side projections (token-to-image keys and
-   values, image-to-token queries), which do not depend on the prompt.
-2. **Projections folded into the few prompt tokens.** An attention between the 7 prompt
-   tokens and the 4096 image tokens never needs the image side projected: a token-to-image
-   query is folded into the key weights (q Wk) and scored against the raw image tokens, and the
-   softmax-weighted sum of the raw tokens is projected afterwards (rows of the weights sum to
-   one, so the value bias passes through); an image-to-token attention folds the query weights
-   into the 7 keys (Wq^T k) and the output projection into the 7 values (v Wo^T). Each
-   (4096 × 256) × (256 × 128) projection becomes a (4096 × 256) × (256 × 56) product (8 heads
-   × 7 tokens); the final attention runs only for the 4 tokens read after it (IoU and the three
-   multimask tokens). The key bias is dropped: it adds the same number to every score of a
-   query, and softmax ignores it.
-3. **The first upscaling layer in low rank.** The image tokens leaving the transformer are the
-   crop's tokens plus two attention updates, each a mix of 56 vectors per prompt, through two
-   LayerNorms. The 2×2 transposed convolution is linear, so it is applied once per crop to the
-   crop's tokens (scaled by the two LayerNorms' gains) and, per prompt, to those 112 vectors
-   and four constant directions; each pixel combines them with its own LayerNorm statistics.
+   positional encoding, the first block's image-side projections (token-to-image keys and
+   values, image-to-token queries), and every later projection of the crop's own part of the
+   image tokens (below), none of which depends on the prompt.
+2. **Image tokens in low rank.** After an image-to-token attention, a pixel's token is the
+   crop's token plus a mix of 56 vectors (8 heads × 7 prompt tokens, the attention's values
+   through its output projection), weighted by that pixel's 56 attention weights; a LayerNorm
+   then scales and shifts it. So every image token the transformer makes is, per pixel,
+   a scalar times the crop's (centred) token, plus the pixel's weights times a prompt's 56
+   vectors, plus constants. Nothing of size (N, C) is made per prompt:
+   - a projection of the tokens (a later attention's keys, values or queries) is the crop
+     part's projection, made once per crop, plus the 56 vectors' projections, mixed per pixel;
+   - a score against a projected token folds the query into the 56 projected vectors
+     (56 numbers per query), so it costs 56 multiply-adds per pixel and query;
+   - a LayerNorm's variance is the squared norm of the centred token: the crop part's norm
+     (once per crop), the cross terms (the crop against each attention's output projection,
+     per head, once per crop, times the per-head values) and the quadratic form of the weights
+     in the 56 vectors' Gram matrix.
+   Softmax ignores terms that are the same for every pixel (a token-to-image key bias) and its
+   weights sum to one, so value biases pass straight through. The final attention runs only for
+   the 4 tokens read after it (IoU and the three multimask tokens).
+3. **The first upscaling layer in low rank.** The 2×2 transposed convolution is linear, so it
+   is applied once per crop to the crop's part of the final tokens and, per prompt, to the 113
+   vectors that mix into them; each pixel combines them with its own weights and LayerNorm scales.
 
-Prompts run `chunk` at a time so their (4096, 256) working tensors stay in the CPU's cache.
-With `min_iou`, prompts whose three predicted IoUs are all at or below it skip the upscaling
-(their logits stay zero: the IoU filter drops them before anything reads them).
+The prompt tokens' work up to block 2's token-to-image attention reads no image token a prompt
+changes, so it runs for all prompts of a call at once (large matrix products); the rest runs
+`chunk` prompts at a time, its per-pixel arrays (H T, N) per prompt. With `min_iou`, prompts
+whose three predicted IoUs are all at or below it skip the upscaling (their logits are zero:
+the IoU filter drops them before anything reads them).
 
-Shapes: B prompts, T = 7 tokens (IoU, 4 mask tokens, point, padding), C = 256, HW = 4096,
-heads H = 8 of D = 16 in the cross attentions, M = 3 multimask outputs.
+Shapes: B prompts, T = 7 tokens (IoU, 4 mask tokens, point, padding), C = 256, N = 4096 image
+tokens (64 × 64), heads H = 8 of D = 16 in the cross attentions (H T = 56), M = 3 multimask
+outputs. Notation (also in the code): s the crop's tokens centred over C; g1, b1 and g2, b2 the
+gains and biases of the two blocks' image LayerNorms (norm4); s~ = s g1 centred again, and
+b1c = b1 centred; w1, w2 (B, H T, N) the two image-to-token attention weights; r1, r2 (B, N) the
+two LayerNorms' 1/std. Then block 1's image tokens are x1 = r1 z + b1 with
+z = s g1 + w1 (A1c g1), and block 2's are x2 = r1 r2 (s~ + w1 A1t) g2 + r2 (b1c + w2 A2c) g2 + b2,
+where A1, A2 (B, H T, C) are the mixed vectors, A1c, A2c them centred over C, A1t = A1c g1 centred.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -46,27 +60,41 @@ OUTPUTS = [0, 2, 3, 4]  # the tokens read after the transformer: IoU, mask token
 
 @dataclass(frozen=True)
 class ImageSide:
-    """The prompt-independent part of decoding one crop.
+    """The prompt-independent part of decoding one crop (notation of the module notes).
 
-    src, pe: (HW, C) image tokens (+ no-mask embedding) and their positional encoding;
-    t2i_k, t2i_v: (1, H, HW, D) the first block's token-to-image keys and values;
-    i2t_q: (H, D, HW) the first block's image-to-token queries, scaled by 1/sqrt(D);
-    upscale: (HW, 4 C/4) the first transposed convolution of src * gamma1 * gamma2 (no bias),
-    in block order (a, b, C/4).
+    t2i_k, t2i_v: (1, H, N, D) block 1's token-to-image keys (src + pe) and values (src);
+    i2t_q: (H, D, N) block 1's image-to-token queries (src + pe), scaled by 1/sqrt(D);
+    cross1, cross1_g, cross2: the crop against the mixed vectors of block 1's and block 2's
+    image-to-token attentions, per head: (H, D + 1, N) s through block 1's output projection
+    with the row s.bo1, (H, D + 2, N) s~ g1 through it with the rows (s~ g1).bo1 and sum(s~ g1),
+    (H, D + 1, N) s~ through block 2's with the row s~.bo2 (bo1, bo2: the output biases);
+    keys2, queries2, keys3: (2, H, D, N) the crop part (s g1, s g1, s~ g2) and the constant part
+    (pe + b1, pe + b1 with the query bias, pe + b2) of block 2's token-to-image keys, its
+    image-to-token queries and the final attention's keys;
+    values2, values3: (H, N, D) block 2's and the final attention's values of s g1 and s~ g2;
+    norms: (3, N) per pixel |s|^2, |s~|^2 and s~.b1c;
+    upscale: (N, 4 C/4) the first transposed convolution of s~ g2 (no bias), block order (a, b, C/4).
     """
 
-    src: torch.Tensor
-    pe: torch.Tensor
     t2i_k: torch.Tensor
     t2i_v: torch.Tensor
     i2t_q: torch.Tensor
+    cross1: torch.Tensor
+    cross1_g: torch.Tensor
+    cross2: torch.Tensor
+    keys2: torch.Tensor
+    queries2: torch.Tensor
+    keys3: torch.Tensor
+    values2: torch.Tensor
+    values3: torch.Tensor
+    norms: torch.Tensor
     upscale: torch.Tensor
 
 
 class PointDecoder:
     """Decodes B single-point prompts against one crop's `ImageSide` (see the module notes).
 
-    chunk: prompts decoded together; tile: image tokens per step of the per-pixel passes.
+    chunk: prompts decoded together; tile: image tokens per step of the upscaling.
     """
 
     def __init__(self, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, chunk: int = 2, tile: int = 512) -> None:
@@ -78,6 +106,7 @@ class PointDecoder:
         self.chunk = chunk
         self.tile = tile
         self.blocks = tuple(mask_decoder.transformer.layers)
+        self.heads = self.blocks[0].cross_attn_image_to_token.num_heads
         up1, norm, _, up2, _ = mask_decoder.output_upscaling
         self.up1_weight = up1.weight.permute(2, 3, 1, 0).reshape(-1, up1.weight.shape[0])  # (4 C/4, C) rows (a, b, c)
         self.up1_bias = up1.bias.repeat(4)
@@ -91,14 +120,46 @@ class PointDecoder:
         src = (embedding + self.prompts.embed_mask(None))[0].flatten(1).T.contiguous()
         pe = self.prompts.dense_pe()[0].flatten(1).T.contiguous()
         first, second = self.blocks
-        keys_with_pe = src + pe
-        t2i = first.cross_attn_token_to_image
-        i2t = first.cross_attn_image_to_token
-        t2i_k = _heads(t2i.k_proj(keys_with_pe), t2i.num_heads)[None]
-        t2i_v = _heads(t2i.v_proj(src), t2i.num_heads)[None]
-        i2t_q = (_heads(i2t.q_proj(keys_with_pe), i2t.num_heads) * _scale(i2t)).transpose(1, 2).contiguous()
-        upscale = (src * first.norm4.weight * second.norm4.weight) @ self.up1_weight.T
-        return ImageSide(src, pe, t2i_k, t2i_v, i2t_q, upscale)
+        final = self.decoder.transformer.final_attn_token_to_image
+        (g1, b1), (g2, b2) = _affine(first.norm4), _affine(second.norm4)
+        t2i1, i2t1 = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+        t2i2, i2t2 = second.cross_attn_token_to_image, second.cross_attn_image_to_token
+        heads = self.heads
+        s = _centred(src)
+        s_g1 = s * g1
+        st = _centred(s_g1)
+        st_g2 = st * g2
+        b1c = _centred(b1)
+
+        def columns(x: torch.Tensor, weight: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+            """(N, C) @ (C, H D) -> (H, D, N), each head followed by the `extra` rows (N,)."""
+            per_head = (x @ weight).T.reshape(heads, -1, len(x))
+            return torch.cat([per_head, *(row.expand(heads, 1, -1) for row in extra)], dim=1).contiguous()
+
+        def rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # (N, C) @ (C, H D) -> (H, N, D)
+            return _heads(x @ weight, heads).contiguous()
+
+        o1, bo1 = i2t1.out_proj.weight, i2t1.out_proj.bias
+        o2, bo2 = i2t2.out_proj.weight, i2t2.out_proj.bias
+        st_g1 = st * g1
+        return ImageSide(
+            t2i_k=_heads(t2i1.k_proj(src + pe), heads)[None],
+            t2i_v=_heads(t2i1.v_proj(src), heads)[None],
+            i2t_q=(_heads(i2t1.q_proj(src + pe), heads) * _scale(i2t1)).transpose(1, 2).contiguous(),
+            cross1=columns(s, o1, s @ bo1),
+            cross1_g=columns(st_g1, o1, st_g1 @ bo1, st_g1.sum(1)),
+            cross2=columns(st, o2, st @ bo2),
+            keys2=torch.stack([columns(s_g1, t2i2.k_proj.weight.T), columns(pe + b1, t2i2.k_proj.weight.T)]),
+            queries2=torch.stack([
+                columns(s_g1, i2t2.q_proj.weight.T),
+                columns(pe + b1, i2t2.q_proj.weight.T) + i2t2.q_proj.bias.reshape(heads, -1, 1),
+            ]),
+            keys3=torch.stack([columns(st_g2, final.k_proj.weight.T), columns(pe + b2, final.k_proj.weight.T)]),
+            values2=rows(s_g1, t2i2.v_proj.weight.T),
+            values3=rows(st_g2, final.v_proj.weight.T),
+            norms=torch.stack([(s * s).sum(1), (st * st).sum(1), st @ b1c]),
+            upscale=st_g2 @ self.up1_weight.T,
+        )
 
     @torch.inference_mode()
     def decode(
@@ -106,17 +167,21 @@ class PointDecoder:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """coords (B, N, 2) xy in input-frame pixels, labels (B, N) -> logits (B, M, 256, 256), IoU (B, M)."""
         tokens = self._tokens(coords, labels)
-        size = side.src.shape[0]
-        logits = side.src.new_zeros((len(tokens), 3, 16 * size))  # raster order, rows of 4 * 64
+        opening = self._token_opening(side, tokens)
+        size = side.upscale.shape[0]
+        logits = side.upscale.new_empty((len(tokens), 3, 16 * size))  # raster order, rows of 4 * 64
         ious = []
         for start in range(0, len(tokens), self.chunk):
-            out_tokens, parts = self._transformer(side, tokens[start : start + self.chunk])
+            part = slice(start, start + self.chunk)
+            out_tokens, parts = self._transformer(side, tokens[part], opening.select(part))
             iou = self.decoder.iou_prediction_head(out_tokens[:, 0])[:, 1:]  # the multimask IoUs
             ious.append(iou)
             passing = (iou > min_iou).any(1) if min_iou is not None else torch.ones_like(iou[:, 0], dtype=torch.bool)
             if passing.all():
-                logits[start : start + len(iou)] = self._mask_logits(side, out_tokens, parts)
-            elif passing.any():
+                logits[part] = self._mask_logits(side, out_tokens, parts)
+                continue
+            logits[start + torch.nonzero(~passing)[:, 0]] = 0
+            if passing.any():
                 index = torch.nonzero(passing)[:, 0]
                 logits[start + index] = self._mask_logits(side, out_tokens[index], parts.select(index))
         return logits.unflatten(-1, (4 * int(size**0.5), -1)), torch.cat(ious)
@@ -127,90 +192,121 @@ class PointDecoder:
         output_tokens = torch.cat([self.decoder.iou_token.weight, self.decoder.mask_tokens.weight])
         return torch.cat([output_tokens.expand(len(sparse), -1, -1), sparse], dim=1)
 
-    def _tiles(self, size: int) -> list[slice]:
-        """Slices of `tile` image tokens (a multiple of the grid's width, so whole rows)."""
-        return [slice(start, min(start + self.tile, size)) for start in range(0, size, self.tile)]
-
-    def _transformer(self, side: ImageSide, tokens: torch.Tensor) -> tuple[torch.Tensor, _UpscaleParts]:
-        """The two-way transformer on B prompts' tokens (B, T, C).
-
-        The image tokens go through it a tile of pixels at a time, in two passes (each block's
-        image-to-token update, then the next token-to-image scores), and are never kept whole
-        but in one (B, HW, C) buffer. Returns the output tokens that are read, `OUTPUTS` (B, 4, C),
-        and what the first upscaling layer needs of the image tokens.
-        """
+    def _token_opening(self, side: ImageSide, tokens: torch.Tensor) -> _TokenOpening:
+        """The prompt tokens' work up to block 2's token-to-image attention (block 1's token side,
+        its image-to-token keys and values, block 2's self-attention), which needs no image token
+        a prompt changes: all B prompts at once."""
         first, second = self.blocks
-        final = self.decoder.transformer
-        batch, size = len(tokens), side.src.shape[0]
-        # block 1, token side: self-attention without positional encoding or residual
+        heads = self.heads
         queries = first.norm1(first.self_attn(tokens, tokens, tokens))
         queries = first.norm2(queries + _attend_shared(first.cross_attn_token_to_image, queries + tokens, side))
         queries = first.norm3(queries + first.mlp(queries))
-        i2t1 = first.cross_attn_image_to_token
-        keys1 = _heads(i2t1.k_proj(queries + tokens), i2t1.num_heads)  # (B, H, T, D)
-        vectors1 = _update_vectors(i2t1, queries)
-        # block 2, self-attention; its token-to-image queries folded into the key weights
+        i2t = first.cross_attn_image_to_token
+        keys1, values1 = _heads(i2t.k_proj(queries + tokens), heads), _heads(i2t.v_proj(queries), heads)
+        vectors1 = _mixed_vectors(i2t, values1)
         q = queries + tokens
         queries = second.norm1(queries + second.self_attn(q, q, queries))
         t2i = second.cross_attn_token_to_image
-        folded_t2i = _fold_token_queries(t2i, queries + tokens)
-        # pass 1: block 1's image update and norm, block 2's token-to-image scores
-        parts = _UpscaleParts.empty(batch, vectors1.shape[1], size, side.src)
-        image = side.src.new_empty((batch, size, side.src.shape[1]))
-        scores = side.src.new_empty((batch, folded_t2i.shape[1], size))
-        for tile in self._tiles(size):
-            weights = _softmax_over_tokens(keys1 @ side.i2t_q[:, :, tile], i2t1.num_heads)
-            x, mean, rstd = _layer_norm(torch.baddbmm(side.src[tile], weights.transpose(1, 2), vectors1), first.norm4)
-            image[:, tile], parts.weights1[:, :, tile] = x, weights
-            parts.mean1[:, tile], parts.rstd1[:, tile] = mean[..., 0], rstd[..., 0]
-            torch.bmm(folded_t2i, (x + side.pe[tile]).transpose(1, 2), out=scores[:, :, tile])
-        queries = second.norm2(queries + _token_output(t2i, torch.softmax(scores, dim=-1) @ image))
-        queries = second.norm3(queries + second.mlp(queries))
-        i2t2 = second.cross_attn_image_to_token
-        folded_i2t, bias_i2t = _fold_image_queries(i2t2, queries + tokens)
-        vectors2 = _update_vectors(i2t2, queries)
-        attn = final.final_attn_token_to_image
-        queries, tokens = queries[:, OUTPUTS], tokens[:, OUTPUTS]  # the final attention's other rows go unread
-        folded_final = _fold_token_queries(attn, queries + tokens)
-        scores = scores[:, : folded_final.shape[1]]
-        # pass 2: block 2's image update and norm (over block 1's, in place), the final scores
-        for tile in self._tiles(size):
-            previous = image[:, tile]
-            weights = _softmax_over_tokens(torch.baddbmm(bias_i2t, folded_i2t, (previous + side.pe[tile]).transpose(1, 2)), i2t2.num_heads)
-            x, mean, rstd = _layer_norm(torch.baddbmm(previous, weights.transpose(1, 2), vectors2), second.norm4)
-            image[:, tile], parts.weights2[:, :, tile] = x, weights
-            parts.mean2[:, tile], parts.rstd2[:, tile] = mean[..., 0], rstd[..., 0]
-            torch.bmm(folded_final, (x + side.pe[tile]).transpose(1, 2), out=scores[:, :, tile])
-        queries = final.norm_final_attn(queries + _token_output(attn, torch.softmax(scores, dim=-1) @ image))
-        parts.basis = self._upscale_basis(vectors1, vectors2)
-        return queries, parts
+        queries2 = _heads(t2i.q_proj(queries + tokens), heads) * _scale(t2i)
+        return _TokenOpening(queries, keys1, values1, vectors1.mean(-1, keepdim=True), _centred(vectors1), queries2)
 
-    def _upscale_basis(self, vectors1: torch.Tensor, vectors2: torch.Tensor) -> torch.Tensor:
-        """The first transposed convolution of every per-prompt direction of the image tokens.
+    def _transformer(
+        self, side: ImageSide, tokens: torch.Tensor, opening: _TokenOpening
+    ) -> tuple[torch.Tensor, _UpscaleParts]:
+        """The rest of the two-way transformer on B prompts' tokens (B, T, C), image tokens in low
+        rank (notation of the module notes).
 
-        With P the attention weights (HW, H T), A their vectors (H T, C) (output bias
-        included), m and r a LayerNorm's mean and 1/std per pixel, g and beta its affine:
-        keys1 = r1 (src + P1 A1 - m1) g1 + beta1, keys2 = r2 (keys1 + P2 A2 - m2) g2 + beta2, so
-        keys2 = r1 r2 src g1 g2 + r1 r2 P1 (A1 g1 g2) + r2 P2 (A2 g2) - r1 r2 m1 g1 g2
-        + r2 beta1 g2 - r2 m2 g2 + beta2. Returns those directions' convolutions (B, 2 H T + 3, 4 C/4),
-        in the order of `_UpscaleParts.coefficients`.
+        Returns the output tokens that are read, `OUTPUTS` (B, 4, C), and what the first
+        upscaling layer needs of the final image tokens.
         """
         first, second = self.blocks
-        g1, g2 = first.norm4.weight, second.norm4.weight
-        constants = torch.stack([g1 * g2, first.norm4.bias * g2, g2]).expand(len(vectors1), -1, -1)
-        return torch.cat([vectors1 * (g1 * g2), vectors2 * g2, constants], dim=1) @ self.up1_weight.T
+        final = self.decoder.transformer
+        heads, width = self.heads, self.up1_weight.shape[1]  # H; C, the LayerNorms' width
+        t2i, i2t = second.cross_attn_token_to_image, second.cross_attn_image_to_token
+        attn = final.final_attn_token_to_image
+        (g1, b1), (g2, b2) = _affine(first.norm4), _affine(second.norm4)
+        b1c = _centred(b1)
+        sq_s, sq_st, st_b1c = side.norms
+        a1c, q2, values1 = opening.vectors1, opening.queries2, opening.values1
+        a1g = a1c * g1
+        one = values1.new_full((*values1.shape[:3], 1), 1 / heads)  # each head's share of an output bias
+        # block 1's image-to-token attention (weights w1) and norm (1/std r1)
+        w1 = _softmax_over_tokens(_per_head(opening.keys1, side.i2t_q), heads)  # (B, H T, N)
+        n_mixed = w1.shape[1]
+        left = torch.cat([a1c @ a1c.mT, _folded(q2, a1g @ t2i.k_proj.weight.T, heads)], dim=1)
+        gram1_w1, scores = (left @ w1).split(n_mixed, dim=1)
+        cross1 = _per_head(torch.cat([values1, one], -1), side.cross1)  # s . A1c
+        r1 = torch.rsqrt((sq_s + torch.add(gram1_w1, cross1, alpha=2).mul_(w1).sum(1)) / width + first.norm4.eps)
+        # block 2's token-to-image attention: x1 + pe the keys, x1 the values
+        weighted = torch.softmax(_scores_(scores, q2, side.keys2, r1), dim=-1).mul_(r1[:, None])  # (B, H T, N)
+        mixed = _per_head_values(weighted, side.values2)
+        mixed += _heads_of(weighted @ w1.mT, heads) @ _heads(a1g @ t2i.v_proj.weight.T, heads)
+        mixed += _head_vector(t2i.v_proj(b1), heads)
+        queries = second.norm2(opening.queries + t2i.out_proj(_merge_heads(mixed)))
+        queries = second.norm3(queries + second.mlp(queries))
+        # block 2's image-to-token attention (x1 + pe the queries; weights w2) and norm (r2)
+        keys2 = _heads(i2t.k_proj(queries + tokens), heads) * _scale(i2t)
+        values2 = _heads(i2t.v_proj(queries), heads)
+        a2 = _mixed_vectors(i2t, values2)
+        a2c, a1t = _centred(a2), _centred(a1g)
+        queries, tokens = queries[:, OUTPUTS], tokens[:, OUTPUTS]  # the final attention's other rows go unread
+        q3 = _heads(attn.q_proj(queries + tokens), heads) * _scale(attn)  # (B, H, 4, D)
+        n_out = q3.shape[1] * q3.shape[2]
+        a1t_g2, a2c_g2, b1c_g2 = a1t * g2, a2c * g2, b1c * g2
+        k_weight, v_weight = attn.k_proj.weight.T, attn.v_proj.weight.T
+        left = torch.cat(
+            [
+                _folded(keys2, a1g @ i2t.q_proj.weight.T, heads),
+                a1t @ a1t.mT,
+                a2 @ a1t.mT,
+                _folded(q3, a1t_g2 @ k_weight, heads),
+                (a1t @ b1c)[:, None],
+            ],
+            dim=1,
+        )
+        scores, gram_t_w1, cross2, scores3, b1c_w1 = (left @ w1).split([n_mixed] * 3 + [n_out, 1], dim=1)
+        w2 = _softmax_over_tokens(_scores_(scores, keys2, side.queries2, r1), heads)
+        cross1_g = _per_head(torch.cat([values1, one, -_heads_of(opening.vectors1_mean, heads)], -1), side.cross1_g)  # s~ . A1t
+        sq_zc = sq_st + torch.add(gram_t_w1, cross1_g, alpha=2).mul_(w1).sum(1)
+        _add_per_head_(cross2, torch.cat([values2, one], -1), side.cross2)  # zc . A2c
+        left = torch.cat([a2c @ a2c.mT, _folded(q3, a2c_g2 @ k_weight, heads), (a2c @ b1c)[:, None]], dim=1)
+        bias = left.new_zeros((len(left), left.shape[1], 1))  # the final scores' b1c g2 term
+        bias[:, n_mixed : n_mixed + n_out] = _fold_vector(q3, b1c_g2 @ k_weight, heads)
+        gram2_w2, scores3_w2, b1c_w2 = torch.baddbmm(bias, left, w2).split([n_mixed, n_out, 1], dim=1)
+        sq_y2 = (  # |y2c|^2 = |r1 zc + b1c + w2 A2c|^2
+            r1 * r1 * sq_zc
+            + 2 * r1 * (st_b1c + b1c_w1[:, 0])
+            + cross2.mul_(2 * r1[:, None]).add_(gram2_w2).mul_(w2).sum(1)
+            + 2 * b1c_w2[:, 0]
+            + (b1c * b1c).sum()
+        )
+        r2 = torch.rsqrt(sq_y2 / width + second.norm4.eps)
+        r12 = r1 * r2
+        # the final token-to-image attention, for the tokens read: x2 + pe the keys, x2 the values
+        scores = _scores_(scores3, q3, side.keys3, r12).addcmul_(scores3_w2, r2[:, None])
+        probabilities = torch.softmax(scores, dim=-1)
+        weighted, weighted2 = probabilities * r12[:, None], probabilities.mul_(r2[:, None])
+        mixed = _per_head_values(weighted, side.values3)
+        mixed += _heads_of(weighted @ w1.mT, heads) @ _heads(a1t_g2 @ v_weight, heads)
+        mixed += _heads_of(weighted2 @ w2.mT, heads) @ _heads(a2c_g2 @ v_weight, heads)
+        mixed += _heads_of(weighted2.sum(-1, keepdim=True), heads) * _head_vector(b1c_g2 @ v_weight, heads)
+        mixed += _head_vector(attn.v_proj(b2), heads)
+        queries = final.norm_final_attn(queries + attn.out_proj(_merge_heads(mixed)))
+        basis = torch.cat([a1t_g2, a2c_g2, b1c_g2.expand(len(a2c), 1, -1)], dim=1) @ self.up1_weight.T
+        return queries, _UpscaleParts(w1, w2, r12, r2, basis)
 
     def _mask_logits(self, side: ImageSide, tokens: torch.Tensor, parts: _UpscaleParts) -> torch.Tensor:
-        """Output tokens (K, 4, C) and their image tokens' parts -> logits (K, M, HW * 16) in raster
+        """Output tokens (K, 4, C) and their image tokens' parts -> logits (K, M, N * 16) in raster
         order (4 h rows of 4 w), a tile (whole rows of the token grid) at a time."""
         hyper = torch.stack(
             [self.decoder.output_hypernetworks_mlps[i](tokens[:, i]) for i in range(1, tokens.shape[1])],
             dim=1,
         )  # (K, M, C/8), the mask tokens' rows of the hypernetwork
-        size, width = side.src.shape[0], int(side.src.shape[0] ** 0.5)
+        size = side.upscale.shape[0]
+        width = int(size**0.5)
         offset = self.blocks[1].norm4.bias @ self.up1_weight.T + self.up1_bias
         norm = self.up_norm
-        out = side.src.new_empty((len(tokens), hyper.shape[1], 16 * size))
+        out = side.upscale.new_empty((len(tokens), hyper.shape[1], 16 * size))
         rows = out.view(*out.shape[:2], width, 2, 2, 4 * width)  # (K, M, y, a, a', 4 x + 2 b + b')
         for tile in self._tiles(size):
             scale, coefficients = parts.coefficients(tile)
@@ -225,44 +321,63 @@ class PointDecoder:
                 rows[:, :, y_rows, :, a2] = logits.view(*logits.shape[:2], -1, 2, 4 * width)
         return out
 
+    def _tiles(self, size: int) -> list[slice]:
+        """Slices of `tile` image tokens (a multiple of the grid's width, so whole rows)."""
+        return [slice(start, min(start + self.tile, size)) for start in range(0, size, self.tile)]
+
+
+@dataclass(frozen=True)
+class _TokenOpening:
+    """`PointDecoder._token_opening` for B prompts: queries (B, T, C) after block 2's
+    self-attention; keys1, values1 (B, H, T, D) block 1's image-to-token keys and values;
+    vectors1_mean (B, H T, 1) and vectors1 (B, H T, C) the mean over C of the mixed vectors A1
+    and A1c (A1 centred); queries2 (B, H, T, D) block 2's token-to-image queries, scaled."""
+
+    queries: torch.Tensor
+    keys1: torch.Tensor
+    values1: torch.Tensor
+    vectors1_mean: torch.Tensor
+    vectors1: torch.Tensor
+    queries2: torch.Tensor
+
+    def select(self, part: slice) -> _TokenOpening:
+        return _TokenOpening(*(getattr(self, field.name)[part] for field in fields(self)))
+
 
 @dataclass
 class _UpscaleParts:
-    """Per pixel, what makes the final image tokens out of the crop's: B prompts, HW pixels.
+    """Per pixel, what mixes the final image tokens x2 (module notes): B prompts, N pixels.
 
-    weights1, weights2: (B, H T, HW) the two image-to-token attention weights; mean1, rstd1,
-    mean2, rstd2: (B, HW) the two LayerNorms' statistics; basis: (B, 2 H T + 3, 4 C/4).
+    weights1, weights2: (B, H T, N) the two image-to-token attention weights w1, w2;
+    scale1, scale2: (B, N) r1 r2 and r2; basis: (B, 2 H T + 1, 4 C/4) the first transposed
+    convolution of A1t g2, A2c g2 and b1c g2 (no bias).
     """
 
     weights1: torch.Tensor
     weights2: torch.Tensor
-    mean1: torch.Tensor
-    rstd1: torch.Tensor
-    mean2: torch.Tensor
-    rstd2: torch.Tensor
-    basis: torch.Tensor | None = None
-
-    @classmethod
-    def empty(cls, batch: int, mixed: int, size: int, like: torch.Tensor) -> _UpscaleParts:
-        weights = [like.new_empty((batch, mixed, size)) for _ in range(2)]
-        return cls(*weights, *(like.new_empty((batch, size)) for _ in range(4)))
+    scale1: torch.Tensor
+    scale2: torch.Tensor
+    basis: torch.Tensor
 
     def select(self, index: torch.Tensor) -> _UpscaleParts:
-        fields = (self.weights1, self.weights2, self.mean1, self.rstd1, self.mean2, self.rstd2, self.basis)
+        fields = (self.weights1, self.weights2, self.scale1, self.scale2, self.basis)
         return _UpscaleParts(*(f[index] for f in fields))
 
     def coefficients(self, tile: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """For the pixels of `tile`: r1 r2 (B, n, 1), and every basis row's coefficient (B, n, 2 H T + 3)."""
-        r12 = (self.rstd1[:, tile] * self.rstd2[:, tile])[:, None]
-        r2 = self.rstd2[:, tile][:, None]
-        rows = [
-            self.weights1[:, :, tile] * r12,
-            self.weights2[:, :, tile] * r2,
-            -self.mean1[:, tile][:, None] * r12,
-            r2,
-            -self.mean2[:, tile][:, None] * r2,
-        ]
-        return r12.transpose(1, 2), torch.cat(rows, dim=1).transpose(1, 2)
+        """For the pixels of `tile`: r1 r2 (B, n, 1), the crop part's scale, and every basis
+        row's coefficient (B, n, 2 H T + 1)."""
+        scale1, scale2 = self.scale1[:, None, tile], self.scale2[:, None, tile]
+        rows = [self.weights1[:, :, tile] * scale1, self.weights2[:, :, tile] * scale2, scale2]
+        return scale1.transpose(1, 2), torch.cat(rows, dim=1).transpose(1, 2)
+
+
+def _affine(norm: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    return norm.weight, norm.bias
+
+
+def _centred(x: torch.Tensor) -> torch.Tensor:
+    """x less its mean over the last dimension."""
+    return x - x.mean(-1, keepdim=True)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -270,17 +385,27 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(-1, (heads, -1)).transpose(-3, -2)
 
 
+def _head_vector(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(H D,) -> (H, 1, D), to add to (B, H, T, D)."""
+    return x.reshape(heads, 1, -1)
+
+
+def _heads_of(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, H T, ...) -> (B, H, T, ...)."""
+    return x.unflatten(1, (heads, -1))
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, D) -> (B, T, H D)."""
+    return x.transpose(1, 2).flatten(2)
+
+
 def _scale(attention: Attention) -> float:
     return (attention.q_proj.out_features // attention.num_heads) ** -0.5
 
 
-def _layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LayerNorm over C, with its per-row mean and 1/std (..., 1)."""
-    return torch.native_layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-
-
 def _softmax_over_tokens(scores: torch.Tensor, heads: int) -> torch.Tensor:
-    """Image-to-token scores (B, H, T, n) or (B, H T, n) -> weights (B, H T, n), softmax over T."""
+    """Image-to-token scores (B, H, T, N) or (B, H T, N) -> weights (B, H T, N), softmax over T."""
     batch, n = scores.shape[0], scores.shape[-1]
     return torch.softmax(scores.reshape(batch, heads, -1, n), dim=2).flatten(1, 2)
 
@@ -294,51 +419,56 @@ def _attend_shared(attention: Attention, queries: torch.Tensor, side: ImageSide)
     return attention.out_proj(out.transpose(1, 2).reshape(batch, n_tokens, -1))
 
 
-def _fold_token_queries(attention: Attention, queries: torch.Tensor) -> torch.Tensor:
-    """Token-to-image queries (B, T, C) folded into the key weights: (B, H T, C), scaled.
-
-    Scoring them against raw image tokens gives the attention's scores less the key bias's
-    share, which is the same for every image token of a query, so softmax is unchanged.
-    """
+def _mixed_vectors(attention: Attention, values: torch.Tensor) -> torch.Tensor:
+    """An image-to-token attention's per-head values (B, H, T, D) through its output projection:
+    the vectors (B, H T, C) an image token's weights mix. Each carries 1/H of the output bias,
+    since each head's weights sum to one."""
     heads = attention.num_heads
-    q = _heads(attention.q_proj(queries), heads) * _scale(attention)  # (B, H, T, D)
-    k_weight = attention.k_proj.weight.unflatten(0, (heads, -1))  # (H, D, C)
-    return torch.einsum("bhtd,hdc->bhtc", q, k_weight).flatten(1, 2)
-
-
-def _token_output(attention: Attention, mixed: torch.Tensor) -> torch.Tensor:
-    """Token-to-image output from the softmax-weighted sums of raw image tokens (B, H T, C) -> (B, T, C).
-
-    The value projection comes after the sum: the weights of each query sum to one.
-    """
-    heads = attention.num_heads
-    v_weight = attention.v_proj.weight.unflatten(0, (heads, -1))  # (H, D, C)
-    out = torch.einsum("bhtc,hdc->bthd", mixed.unflatten(1, (heads, -1)), v_weight).flatten(2)
-    return attention.out_proj(out + attention.v_proj.bias)
-
-
-def _fold_image_queries(attention: Attention, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image-to-token keys (tokens (B, T, C)) folded into the query weights.
-
-    Returns (B, H T, C) and the query bias's share (B, H T, 1): scores (B, H T, n) of image
-    tokens x (B, n, C) are `bias + folded @ x^T`.
-    """
-    heads = attention.num_heads
-    keys = _heads(attention.k_proj(tokens), heads) * _scale(attention)  # (B, H, T, D)
-    q_weight = attention.q_proj.weight.unflatten(0, (heads, -1))  # (H, D, C)
-    folded = torch.einsum("bhtd,hdc->bhtc", keys, q_weight).flatten(1, 2)
-    bias = torch.einsum("bhtd,hd->bht", keys, attention.q_proj.bias.unflatten(0, (heads, -1))).flatten(1)
-    return folded, bias[..., None]
-
-
-def _update_vectors(attention: Attention, values: torch.Tensor) -> torch.Tensor:
-    """Image-to-token values (tokens (B, T, C)) through the output projection: (B, H T, C).
-
-    An image token's update is its attention weights (H T) times these vectors; each carries
-    1/H of the output bias, since each head's weights sum to one.
-    """
-    heads = attention.num_heads
-    v = _heads(attention.v_proj(values), heads)  # (B, H, T, D)
     o_weight = attention.out_proj.weight.unflatten(1, (heads, -1))  # (C, H, D)
-    vectors = torch.einsum("bhtd,chd->bhtc", v, o_weight) + attention.out_proj.bias / heads
+    vectors = torch.einsum("bhtd,chd->bhtc", values, o_weight) + attention.out_proj.bias / heads
     return vectors.flatten(1, 2)
+
+
+def _per_head(x: torch.Tensor, crop: torch.Tensor) -> torch.Tensor:
+    """Per-head vectors x (B, H, T, K) against the crop's (H, K, N) -> (B, H T, N)."""
+    heads, _, n = crop.shape
+    out = crop.new_empty((len(x), heads * x.shape[2], n))
+    for b, view in enumerate(out.view(len(x), heads, -1, n)):
+        torch.bmm(x[b], crop, out=view)
+    return out
+
+
+def _add_per_head_(out: torch.Tensor, x: torch.Tensor, crop: torch.Tensor) -> torch.Tensor:
+    """out (B, H T, N) += per-head vectors x (B, H, T, K) against the crop's (H, K, N), in place."""
+    heads, _, n = crop.shape
+    for b in range(len(out)):
+        out[b].view(heads, -1, n).baddbmm_(x[b], crop)
+    return out
+
+
+def _per_head_values(weights: torch.Tensor, crop: torch.Tensor) -> torch.Tensor:
+    """Weights over the pixels (B, H T, N) times the crop's per-head values (H, N, D) -> (B, H, T, D)."""
+    heads, n, dim = crop.shape
+    out = crop.new_empty((len(weights), heads, weights.shape[1] // heads, dim))
+    for b in range(len(weights)):
+        torch.bmm(weights[b].view(heads, -1, n), crop, out=out[b])
+    return out
+
+
+def _folded(x: torch.Tensor, vectors: torch.Tensor, heads: int) -> torch.Tensor:
+    """Per-head queries (B, H, T, D) scored against J projected vectors (B, J, H D) -> (B, H T, J)."""
+    return (x @ _heads(vectors, heads).transpose(-1, -2)).flatten(1, 2)
+
+
+def _fold_vector(x: torch.Tensor, vector: torch.Tensor, heads: int) -> torch.Tensor:
+    """Per-head queries (B, H, T, D) scored against one projected vector (H D,) -> (B, H T, 1)."""
+    return (x * _head_vector(vector, heads)).sum(-1).flatten(1)[..., None]
+
+
+def _scores_(mixed: torch.Tensor, x: torch.Tensor, crop: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Scores (B, H T, N) of per-head queries x (B, H, T, D) against image tokens that project to
+    `scale` (B, N) times (the crop part `crop[0]` plus a per-prompt mix), plus the constant part
+    `crop[1]`; crop (2, H, D, N). `mixed` holds the queries' scores against the mix and becomes
+    the scores, in place."""
+    _add_per_head_(mixed, x, crop[0]).mul_(scale[:, None])
+    return _add_per_head_(mixed, x, crop[1])
