@@ -313,12 +313,12 @@ class PointDecoder:
             x = torch.addcmul(offset, side.upscale[tile], scale).baddbmm_(coefficients, parts.basis)
             x = x.view(len(x), -1, width, 2, 2, x.shape[-1] // 4)  # (K, y, x, a, b, C/4)
             x = torch.ops.aten.gelu_(F.layer_norm(x, norm.weight.shape, norm.weight, norm.bias, norm.eps))
-            x = x.transpose(2, 3).contiguous()  # (K, y, a, x, b, C/4)
             y_rows = slice(tile.start // width, tile.stop // width)
             for a2, (weight, bias) in enumerate(zip(self.up2_weight.chunk(2), self.up2_bias.chunk(2))):
-                z = torch.ops.aten.gelu_(F.linear(x, weight, bias))  # (K, y, a, x, b, (b', C/8))
-                logits = hyper @ z.view(len(z), -1, hyper.shape[-1]).transpose(1, 2)  # (K, M, (y, a, x, b, b'))
-                rows[:, :, y_rows, :, a2] = logits.view(*logits.shape[:2], -1, 2, 4 * width)
+                z = torch.ops.aten.gelu_(F.linear(x, weight, bias))  # (K, y, x, a, b, (b', C/8))
+                logits = hyper @ z.view(len(z), -1, hyper.shape[-1]).transpose(1, 2)  # (K, M, (y, x, a, b, b'))
+                logits = logits.view(*logits.shape[:2], -1, width, 2, 2, 2).transpose(3, 4)  # (K, M, y, a, x, b, b')
+                rows[:, :, y_rows, :, a2].unflatten(-1, (width, 2, 2)).copy_(logits)
         return out
 
     def _tiles(self, size: int) -> list[slice]:
