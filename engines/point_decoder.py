@@ -245,9 +245,9 @@ class PointDecoder:
         queries = second.norm2(opening.queries + t2i.out_proj(_merge_heads(mixed)))
         queries = second.norm3(queries + second.mlp(queries))
         # block 2's image-to-token attention (x1 + pe the queries; weights w2) and norm (r2)
-        keys2 = _heads(i2t.k_proj(queries + tokens), heads) * _scale(i2t)
-        values2 = _heads(i2t.v_proj(queries), heads)
-        a2 = _mixed_vectors(i2t, values2)
+        i2t_keys = _heads(i2t.k_proj(queries + tokens), heads) * _scale(i2t)
+        i2t_values = _heads(i2t.v_proj(queries), heads)
+        a2 = _mixed_vectors(i2t, i2t_values)
         a2c, a1t = _centred(a2), _centred(a1g)
         queries, tokens = queries[:, OUTPUTS], tokens[:, OUTPUTS]  # the final attention's other rows go unread
         q3 = _heads(attn.q_proj(queries + tokens), heads) * _scale(attn)  # (B, H, 4, D)
@@ -256,7 +256,7 @@ class PointDecoder:
         k_weight, v_weight = attn.k_proj.weight.T, attn.v_proj.weight.T
         left = torch.cat(
             [
-                _folded(keys2, a1g @ i2t.q_proj.weight.T, heads),
+                _folded(i2t_keys, a1g @ i2t.q_proj.weight.T, heads),
                 a1t @ a1t.mT,
                 a2 @ a1t.mT,
                 _folded(q3, a1t_g2 @ k_weight, heads),
@@ -265,10 +265,10 @@ class PointDecoder:
             dim=1,
         )
         scores, gram_t_w1, cross2, scores3, b1c_w1 = (left @ w1).split([n_mixed] * 3 + [n_out, 1], dim=1)
-        w2 = _softmax_over_tokens(_scores_(scores, keys2, side.queries2, r1), heads)
+        w2 = _softmax_over_tokens(_scores_(scores, i2t_keys, side.queries2, r1), heads)
         cross1_g = _per_head(torch.cat([values1, one, -_heads_of(opening.vectors1_mean, heads)], -1), side.cross1_g)  # s~ . A1t
         sq_zc = sq_st + torch.add(gram_t_w1, cross1_g, alpha=2).mul_(w1).sum(1)
-        _add_per_head_(cross2, torch.cat([values2, one], -1), side.cross2)  # zc . A2c
+        _add_per_head_(cross2, torch.cat([i2t_values, one], -1), side.cross2)  # zc . A2c
         left = torch.cat([a2c @ a2c.mT, _folded(q3, a2c_g2 @ k_weight, heads), (a2c @ b1c)[:, None]], dim=1)
         bias = left.new_zeros((len(left), left.shape[1], 1))  # the final scores' b1c g2 term
         bias[:, n_mixed : n_mixed + n_out] = _fold_vector(q3, b1c_g2 @ k_weight, heads)
@@ -360,8 +360,7 @@ class _UpscaleParts:
     basis: torch.Tensor
 
     def select(self, index: torch.Tensor) -> _UpscaleParts:
-        fields = (self.weights1, self.weights2, self.scale1, self.scale2, self.basis)
-        return _UpscaleParts(*(f[index] for f in fields))
+        return _UpscaleParts(*(getattr(self, field.name)[index] for field in fields(self)))
 
     def coefficients(self, tile: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """For the pixels of `tile`: r1 r2 (B, n, 1), the crop part's scale, and every basis
