@@ -130,17 +130,7 @@ class RayExecutor:
             log.info("attaching to the Ray cluster at %s", address)
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            cpus = len(os.sched_getaffinity(0))
-            ray.init(
-                address="local",  # always a new embedded Ray, never a cluster found on this machine
-                _node_ip_address="127.0.0.1",
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-                num_cpus=cpus,
-                # the actors hold a worker per core; keep the read/commit workers alive between tasks
-                # too, rather than start (and import torch into) a new one every few seconds
-                _system_config={"num_workers_soft_limit": 2 * cpus},
-            )
+            _start_embedded_ray(ray)
         return True
 
     def _actors(self, cluster: dict[str, float], node_cpus: int, n_images: int) -> tuple[dict, int]:
@@ -164,6 +154,35 @@ class RayExecutor:
 
 class JobFailure(RuntimeError):
     """The job cannot go on (e.g. no segmenting actor can load the model)."""
+
+
+def _start_embedded_ray(ray) -> None:
+    """A new Ray on this machine alone, with every server listening on 127.0.0.1 only.
+
+    `ray.init` replaces a loopback `_node_ip_address` with the machine's routable address, and
+    its servers then listen on all interfaces, unless Ray takes multi-node clusters to be off
+    (as on macOS and Windows: `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`). That flag is read once,
+    when `ray` is imported, so it is turned off here for the start alone; the node's address is
+    fixed by then and handed to every process Ray starts.
+    """
+    from ray._private import ray_constants
+
+    cpus = len(os.sched_getaffinity(0))
+    clusters_enabled = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(
+            address="local",  # always a new embedded Ray, never a cluster found on this machine
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            num_cpus=cpus,
+            # the actors hold a worker per core; keep the read/commit workers alive between tasks
+            # too, rather than start (and import torch into) a new one every few seconds
+            _system_config={"num_workers_soft_limit": 2 * cpus},
+        )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = clusters_enabled
 
 
 class _RayPipeline:

@@ -1,8 +1,13 @@
-"""How the Ray executor sizes its segmenting actors (no Ray needed: `_actors` is arithmetic)."""
+"""How the Ray executor sizes its segmenting actors (`_actors` is arithmetic, no Ray needed), and
+where the embedded Ray it starts listens (a real Ray)."""
 
 from __future__ import annotations
 
+import ipaddress
+
+import psutil
 import pytest
+import ray
 
 from sam_batch.jobs.executors import STAGE_TASK_CPUS, RayExecutor
 from sam_batch.jobs.schema import parse_job
@@ -33,3 +38,32 @@ def test_gpu_actors_take_one_gpu_each_unless_the_job_asks_for_the_cpu() -> None:
     assert executor()._actors({"CPU": 16, "GPU": 4}, 16, 100) == ({"num_gpus": 1, "num_cpus": 1}, 4)
     assert executor()._actors({"CPU": 16, "GPU": 4}, 16, 2) == ({"num_gpus": 1, "num_cpus": 1}, 2)
     assert executor("cpu")._actors({"CPU": 16, "GPU": 4}, 16, 100)[1] == 8
+
+
+def is_loopback(ip: str) -> bool:
+    """True for 127.0.0.0/8 and ::1, also when written as an IPv4-mapped IPv6 address."""
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+def test_embedded_ray_listens_on_loopback_only() -> None:
+    assert executor()._init_ray(ray), "a Ray was already running in this process"
+    try:
+        # a task starts a worker process, so that the worker's server is among those checked
+        worker_address = ray.get(ray.remote(ray.util.get_node_ip_address).remote())
+        nodes = {node["NodeManagerAddress"] for node in ray.nodes()}
+        driver = psutil.Process()
+        listening = {
+            (process.name(), conn.laddr)
+            for process in [driver, *driver.children(recursive=True)]
+            for conn in process.net_connections("inet")
+            if conn.status == psutil.CONN_LISTEN
+        }
+    finally:
+        ray.shutdown()
+    assert (worker_address, nodes) == ("127.0.0.1", {"127.0.0.1"})
+    assert len(listening) >= 4  # the driver, GCS, raylet and worker at least
+    assert {name: addr for name, addr in listening if not is_loopback(addr.ip)} == {}
+    from ray._private import ray_constants
+
+    assert ray_constants.ENABLE_RAY_CLUSTER, "the multi-node flag is back on after the start"
