@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 
-from sam_batch.engines.backend import set_cpu_threads
 from sam_batch.jobs.dataset import OutputDataset, Shard
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.jobs.worker import ImageResult, ImageSegmenter, commit_shard, image_result
@@ -71,7 +70,6 @@ class LocalExecutor:
         self.job = job
 
     def run(self, shards: list[Shard], dataset: OutputDataset) -> Iterator[Event]:
-        set_cpu_threads()
         segmenter = ImageSegmenter(self.job, "local")
         options, bands = self.job.input.storage_options, self.job.raster.bands
         unread = (uri for shard in shards for uri in shard.uris)
@@ -178,7 +176,7 @@ def _start_embedded_ray(ray) -> None:
             logging_level=logging.WARNING,
             num_cpus=cpus,
             # the actors hold a worker per core; keep the read/commit workers alive between tasks
-            # too, rather than start (and import torch into) a new one every few seconds
+            # too, rather than start a new one (Python, Ray, pyarrow) every few seconds
             _system_config={"num_workers_soft_limit": 2 * cpus},
         )
     finally:
@@ -352,12 +350,11 @@ class _SegmenterActor:
         import ray
 
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        set_cpu_threads(max(1, math.ceil(cpus)))
         node = ray.get_runtime_context().get_node_id()[:8]
         self.segmenter: ImageSegmenter | None = None
         self.load_error: str | None = None
         try:
-            self.segmenter = ImageSegmenter(job, f"node-{node}/pid-{os.getpid()}")
+            self.segmenter = ImageSegmenter(job, f"node-{node}/pid-{os.getpid()}", max(1, math.ceil(cpus)))
         except Exception as error:  # noqa: BLE001 - reported to the driver by ready()
             self.load_error = f"{type(error).__name__}: {' '.join(str(error).split())}"
 

@@ -3,6 +3,9 @@
 `ImageSegmenter` loads the model once and then turns input URIs into rows. A failing image
 becomes an `images` row with status `error` and a one-line reason naming the stage; the job
 goes on. `commit_shard` writes a shard's rows once all its images are back.
+
+torch (the engine, the generator) loads only when an `ImageSegmenter` is made, so a driver and
+the read and commit tasks of a Ray job never import it.
 """
 
 from __future__ import annotations
@@ -13,12 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sam_batch.engines.backend import build_engine
 from sam_batch.jobs.dataset import OutputDataset, Shard
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.pipeline.images import ImageError, load_image
 from sam_batch.pipeline.rasters import ArrayScene, RasterScene, is_raster
-from sam_batch.pipeline.scenes import segment_scene
 from sam_batch.pipeline.tables import image_row, images_table, mask_rows, masks_table
 
 STAGES = ("read", "segment", "encode", "write")
@@ -36,12 +37,18 @@ class ImageResult:
 
 
 class ImageSegmenter:
-    """Holds one engine; turns input URIs into output rows."""
+    """Holds one engine; turns input URIs into output rows. `threads`: torch's intra-op threads
+    in this process (None: every core it may use)."""
 
-    def __init__(self, job: JobSpec, worker_name: str = "local") -> None:
+    def __init__(self, job: JobSpec, worker_name: str = "local", threads: int | None = None) -> None:
+        from sam_batch.engines.backend import build_engine, set_cpu_threads
+        from sam_batch.pipeline.scenes import segment_scene
+
+        set_cpu_threads(threads)
         self.job = job
         self.worker_name = worker_name
         self.params = job.amg
+        self.segment_scene = segment_scene
         self.engine = build_engine(
             job.model.type,
             job.model.checkpoint,
@@ -74,7 +81,7 @@ class ImageSegmenter:
                 size = (scene.height, scene.width)
                 seconds["read"] = time.perf_counter() - started
                 t = time.perf_counter()
-                result = segment_scene(self.engine, scene, self.params, raster.tile_size, raster.tile_overlap)
+                result = self.segment_scene(self.engine, scene, self.params, raster.tile_size, raster.tile_overlap)
                 seconds["segment"] = time.perf_counter() - t
             t = time.perf_counter()
             rows = mask_rows(uri, result.records())

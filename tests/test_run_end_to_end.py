@@ -182,6 +182,19 @@ def test_render_draws_an_overlay(ray_run, tmp_path) -> None:
     assert missing.returncode == 1 and "nope.jpg" in missing.stderr
 
 
+def test_torch_loads_in_the_segmenting_actors_only(tmp_path) -> None:
+    """A Ray job's driver, and the read and commit tasks (functions of modules the driver
+    imports), never import torch: it is the segmenting actors' alone."""
+    out = tmp_path / "out"
+    job = write_job(tmp_path, "light-driver", [str(IMAGES / "dog.jpg")], out, amg={"points_per_side": 2})
+    driver = "import sys; from sam_batch.cli import main; rc = main(sys.argv[1:]); print('torch' in sys.modules); sys.exit(rc)"
+    result = subprocess.run([sys.executable, "-c", driver, "run", str(job)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "False"
+    assert pq.read_table(out / "images").column("status").to_pylist() == ["ok"]
+    assert pq.read_table(out / "masks").num_rows > 0
+
+
 def test_validate_prints_the_plan_without_running(tmp_path) -> None:
     job = write_job(tmp_path, "plan", [str(IMAGES / "*.jpg")], tmp_path / "out", run={"shard_size": 3})
     result = sam_batch("validate", str(job))
