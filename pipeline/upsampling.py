@@ -55,11 +55,10 @@ class MaskUpsampler:
 
         None when no low-res logit exceeds it (then no crop pixel does either).
         """
-        active = low_res > threshold
-        active_rows = torch.nonzero(active.any(1))[:, 0]
+        active_rows = torch.nonzero(low_res.amax(1) > threshold)[:, 0]  # rows holding a logit above it
         if not len(active_rows):
             return None
-        active_cols = torch.nonzero(active.any(0))[:, 0]
+        active_cols = torch.nonzero(low_res.amax(0) > threshold)[:, 0]
         rows = self.row_map.window(int(active_rows[0]), int(active_rows[-1]))
         cols = self.col_map.window(int(active_cols[0]), int(active_cols[-1]))
         if rows is None or cols is None:
