@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 MAX_PHOTO_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses larger photos as bombs
 MAX_RASTER_PIXELS = 30_000 * 30_000  # read whole into memory until windowed reading lands
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")  # e.g. PIL's "<_io.BytesIO object at 0x7f…>"
 
 
 class ImageError(Exception):
@@ -146,5 +147,6 @@ def raster_error_reason(error: Exception) -> str:
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
+    """The error's message on one line, without object addresses (the same on every run)."""
+    text = " ".join(OBJECT_REPR.sub("", str(error)).split()) or type(error).__name__
     return text[:300]
