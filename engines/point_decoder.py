@@ -91,6 +91,84 @@ class ImageSide:
     upscale: torch.Tensor
 
 
+@dataclass(frozen=True)
+class _SideWeights:
+    """What `PointDecoder.image_side` multiplies the crop by: every projection it makes, stacked
+    per input into one (rows, C) matrix, and the parts that depend on the weights alone.
+
+    src (3 H D, C) with src_constant (3 H D, N): block 1's token-to-image keys and values and
+    image-to-token queries (scaled) of src + pe; s (H (D + 1) + 3 H D, C): cross1 per head, then
+    the crop parts of keys2, queries2 and values2 (g1 folded in); st (H (D + 2) + H (D + 1) + 2 H D + 1, C):
+    cross1_g and cross2 per head, the crop parts of keys3 and values3 (g2 folded in), and b1c;
+    upscale (C, 4 C/4): the first transposed convolution with g2 folded in; *_constant (H, D, N):
+    the constant parts of keys2, queries2 and keys3. *_rows: the row counts to split products by.
+    """
+
+    src: torch.Tensor
+    src_constant: torch.Tensor
+    src_rows: list[int]
+    s: torch.Tensor
+    s_rows: list[int]
+    st: torch.Tensor
+    st_rows: list[int]
+    upscale: torch.Tensor
+    keys2_constant: torch.Tensor
+    queries2_constant: torch.Tensor
+    keys3_constant: torch.Tensor
+    g1: torch.Tensor
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, decoder: PointDecoder) -> _SideWeights:
+        heads = decoder.heads
+        first, second = decoder.blocks
+        final = decoder.decoder.transformer.final_attn_token_to_image
+        (g1, b1), (g2, b2) = _affine(first.norm4), _affine(second.norm4)
+        t2i1, i2t1 = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+        t2i2, i2t2 = second.cross_attn_token_to_image, second.cross_attn_image_to_token
+        o1, bo1 = i2t1.out_proj.weight.T, i2t1.out_proj.bias  # (H D, C), (C,)
+        o2, bo2 = i2t2.out_proj.weight.T, i2t2.out_proj.bias
+        pe = decoder.prompts.dense_pe()[0].flatten(1)  # (C, N)
+
+        def per_head(weight: torch.Tensor, *rows: torch.Tensor) -> torch.Tensor:
+            """(H D, C) -> (H (D + len(rows)), C): each head's D rows followed by `rows` (C,)."""
+            return torch.cat([weight.view(heads, -1, weight.shape[1]), *(r.expand(heads, 1, -1) for r in rows)], 1).flatten(0, 1)
+
+        def constant(linear: torch.nn.Linear, shift: torch.Tensor, bias: bool) -> torch.Tensor:  # -> (H, D, N)
+            out = linear.weight @ (pe + shift[:, None])
+            return (out + linear.bias[:, None] if bias else out).view(heads, -1, pe.shape[1])
+
+        scale = _scale(i2t1)
+        src = [t2i1.k_proj.weight, t2i1.v_proj.weight, i2t1.q_proj.weight * scale]
+        src_constant = torch.cat([
+            t2i1.k_proj.weight @ pe + t2i1.k_proj.bias[:, None],
+            t2i1.v_proj.bias[:, None].expand(-1, pe.shape[1]),
+            (i2t1.q_proj.weight @ pe + i2t1.q_proj.bias[:, None]) * scale,
+        ])
+        s = [per_head(o1, bo1), t2i2.k_proj.weight * g1, i2t2.q_proj.weight * g1, t2i2.v_proj.weight * g1]
+        st = [
+            per_head(o1 * g1, bo1 * g1, g1),
+            per_head(o2, bo2),
+            final.k_proj.weight * g2,
+            final.v_proj.weight * g2,
+            _centred(b1)[None],
+        ]
+        return cls(
+            src=torch.cat(src),
+            src_constant=src_constant.contiguous(),
+            src_rows=[len(w) for w in src],
+            s=torch.cat(s),
+            s_rows=[len(w) for w in s],
+            st=torch.cat(st),
+            st_rows=[len(w) for w in st],
+            upscale=(decoder.up1_weight * g2).T.contiguous(),
+            keys2_constant=constant(t2i2.k_proj, b1, bias=False),
+            queries2_constant=constant(i2t2.q_proj, b1, bias=True),
+            keys3_constant=constant(final.k_proj, b2, bias=False),
+            g1=g1.detach(),
+        )
+
+
 class PointDecoder:
     """Decodes B single-point prompts against one crop's `ImageSide` (see the module notes).
 
@@ -113,52 +191,45 @@ class PointDecoder:
         self.up_norm = norm
         self.up2_weight = up2.weight.permute(2, 3, 1, 0).reshape(-1, up2.weight.shape[0])  # (4 C/8, C/4)
         self.up2_bias = up2.bias.repeat(4)
+        self.side_weights = _SideWeights.of(self)
 
     @torch.inference_mode()
     def image_side(self, embedding: torch.Tensor) -> ImageSide:
-        """(1, C, 64, 64) image embedding -> its `ImageSide`."""
-        src = (embedding + self.prompts.embed_mask(None))[0].flatten(1).T.contiguous()
-        pe = self.prompts.dense_pe()[0].flatten(1).T.contiguous()
-        first, second = self.blocks
-        final = self.decoder.transformer.final_attn_token_to_image
-        (g1, b1), (g2, b2) = _affine(first.norm4), _affine(second.norm4)
-        t2i1, i2t1 = first.cross_attn_token_to_image, first.cross_attn_image_to_token
-        t2i2, i2t2 = second.cross_attn_token_to_image, second.cross_attn_image_to_token
-        heads = self.heads
-        s = _centred(src)
-        s_g1 = s * g1
-        st = _centred(s_g1)
-        st_g2 = st * g2
-        b1c = _centred(b1)
+        """(1, C, 64, 64) image embedding -> its `ImageSide`: four matrix products, of src, s
+        and s~ (as (C, N) columns) with the stacked weights of `_SideWeights`."""
+        weights, heads = self.side_weights, self.heads
+        src = (embedding + self.prompts.embed_mask(None))[0].flatten(1)  # (C, N)
+        s = src - src.mean(0)
+        st = s * weights.g1[:, None]
+        st -= st.mean(0)
+        n = src.shape[1]
 
-        def columns(x: torch.Tensor, weight: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
-            """(N, C) @ (C, H D) -> (H, D, N), each head followed by the `extra` rows (N,)."""
-            per_head = (x @ weight).T.reshape(heads, -1, len(x))
-            return torch.cat([per_head, *(row.expand(heads, 1, -1) for row in extra)], dim=1).contiguous()
+        def per_head(rows: torch.Tensor) -> torch.Tensor:  # (H D', N) -> (H, D', N)
+            return rows.view(heads, -1, n)
 
-        def rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # (N, C) @ (C, H D) -> (H, N, D)
-            return _heads(x @ weight, heads).contiguous()
+        def by_pixel(rows: torch.Tensor) -> torch.Tensor:  # (H D, N) -> (H, N, D)
+            return per_head(rows).transpose(1, 2).contiguous()
 
-        o1, bo1 = i2t1.out_proj.weight, i2t1.out_proj.bias
-        o2, bo2 = i2t2.out_proj.weight, i2t2.out_proj.bias
-        st_g1 = st * g1
+        of_src = torch.addmm(weights.src_constant, weights.src, src).split(weights.src_rows)
+        of_s = torch.mm(weights.s, s).split(weights.s_rows)
+        of_st = torch.mm(weights.st, st).split(weights.st_rows)
+        t2i_k, t2i_v, i2t_q = of_src
+        cross1, keys2, queries2, values2 = of_s
+        cross1_g, cross2, keys3, values3, st_b1c = of_st
         return ImageSide(
-            t2i_k=_heads(t2i1.k_proj(src + pe), heads)[None],
-            t2i_v=_heads(t2i1.v_proj(src), heads)[None],
-            i2t_q=(_heads(i2t1.q_proj(src + pe), heads) * _scale(i2t1)).transpose(1, 2).contiguous(),
-            cross1=columns(s, o1, s @ bo1),
-            cross1_g=columns(st_g1, o1, st_g1 @ bo1, st_g1.sum(1)),
-            cross2=columns(st, o2, st @ bo2),
-            keys2=torch.stack([columns(s_g1, t2i2.k_proj.weight.T), columns(pe + b1, t2i2.k_proj.weight.T)]),
-            queries2=torch.stack([
-                columns(s_g1, i2t2.q_proj.weight.T),
-                columns(pe + b1, i2t2.q_proj.weight.T) + i2t2.q_proj.bias.reshape(heads, -1, 1),
-            ]),
-            keys3=torch.stack([columns(st_g2, final.k_proj.weight.T), columns(pe + b2, final.k_proj.weight.T)]),
-            values2=rows(s_g1, t2i2.v_proj.weight.T),
-            values3=rows(st_g2, final.v_proj.weight.T),
-            norms=torch.stack([(s * s).sum(1), (st * st).sum(1), st @ b1c]),
-            upscale=st_g2 @ self.up1_weight.T,
+            t2i_k=by_pixel(t2i_k)[None],
+            t2i_v=by_pixel(t2i_v)[None],
+            i2t_q=per_head(i2t_q),
+            cross1=per_head(cross1),
+            cross1_g=per_head(cross1_g),
+            cross2=per_head(cross2),
+            keys2=torch.stack([per_head(keys2), weights.keys2_constant]),
+            queries2=torch.stack([per_head(queries2), weights.queries2_constant]),
+            keys3=torch.stack([per_head(keys3), weights.keys3_constant]),
+            values2=by_pixel(values2),
+            values3=by_pixel(values3),
+            norms=torch.stack([(s * s).sum(0), (st * st).sum(0), st_b1c[0]]),
+            upscale=torch.mm(st.T, weights.upscale),
         )
 
     @torch.inference_mode()
