@@ -172,7 +172,8 @@ class _SideWeights:
 class PointDecoder:
     """Decodes B single-point prompts against one crop's `ImageSide` (see the module notes).
 
-    chunk: prompts decoded together; tile: image tokens per step of the upscaling.
+    chunk: prompts decoded together; tile: image tokens per step of the upscaling. Matrices
+    derived from the weights are made here, so make the decoder after the weights are loaded.
     """
 
     def __init__(self, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, chunk: int = 2, tile: int = 512) -> None:
