@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from sam_batch.engines.backend import LoadedModel
 
 DEFAULT_OPSET = 17
-EXPORT_VERSION = 2  # part of the cache key: bump whenever the exported graphs change
+EXPORT_VERSION = 3  # part of the cache key: bump whenever the exported graphs change
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
 EMBEDDING_SHAPE = (1, 256, 64, 64)
 ENCODER_INPUTS, ENCODER_OUTPUTS = ("images",), ("image_embeddings",)

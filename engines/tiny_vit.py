@@ -120,6 +120,7 @@ class WindowAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, window: int) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5  # a Python float, so a traced graph holds a constant
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -134,7 +135,7 @@ class WindowAttention(nn.Module):
         bias = self.attention_biases[:, self.attention_bias_idxs]  # (heads, window², window²)
         # softmax(q k^T / sqrt(d) + bias) v, written out: scaled_dot_product_attention's CPU path
         # spends about a tenth of the encoder checking a float mask for -inf rows
-        scores = torch.baddbmm(bias.repeat(b, 1, 1), (q * q.shape[-1] ** -0.5).flatten(0, 1), k.flatten(0, 1).transpose(1, 2))
+        scores = torch.baddbmm(bias.repeat(b, 1, 1), (q * self.scale).flatten(0, 1), k.flatten(0, 1).transpose(1, 2))
         out = torch.softmax(scores, dim=-1).bmm(v.flatten(0, 1)).view(b, self.num_heads, n, -1)
         return self.proj(out.transpose(1, 2).reshape(b, n, dim))
 
