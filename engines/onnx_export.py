@@ -18,6 +18,7 @@ layer, which the TensorRT back-end can pin to fp32.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -36,7 +37,8 @@ if TYPE_CHECKING:
     from sam_batch.engines.backend import LoadedModel
 
 DEFAULT_OPSET = 17
-EXPORT_VERSION = 3  # part of the cache key: bump whenever the exported graphs change
+# the modules the graphs are traced from (beside this one): their source is part of the cache key
+GRAPH_MODULES = ("sam", "tiny_vit", "vit", "prompt_decoder", "onnx_export")
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
 EMBEDDING_SHAPE = (1, 256, 64, 64)
 ENCODER_INPUTS, ENCODER_OUTPUTS = ("images",), ("image_embeddings",)
@@ -121,11 +123,20 @@ def export_onnx(
     return export_model(load_model(model_type, checkpoint, sha256).model, out_dir, opset)
 
 
+def graph_source_digest() -> str:
+    """16 hex digits of the sha256 of the `GRAPH_MODULES` source files, in that order."""
+    digest = hashlib.sha256()
+    for name in GRAPH_MODULES:
+        digest.update(Path(__file__).with_name(f"{name}.py").read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def cached_onnx(loaded: LoadedModel, opset: int = DEFAULT_OPSET) -> OnnxFiles:
     """The ONNX pair of `loaded`, exported on first use into the weights cache.
 
     The folder is keyed by everything that changes the graphs: model type, checkpoint sha256,
-    opset, the onnx and torch versions that wrote them, and `EXPORT_VERSION`. Concurrent first
+    opset, the onnx and torch versions that wrote them, and the source of `GRAPH_MODULES` (so
+    changed model code never reuses an old export). Concurrent first
     users (e.g. Ray actors) each export into a private folder and rename it into place; the
     first rename wins.
     """
@@ -133,7 +144,7 @@ def cached_onnx(loaded: LoadedModel, opset: int = DEFAULT_OPSET) -> OnnxFiles:
 
     key = (
         f"{loaded.model_type}-{loaded.checkpoint_sha256[:16]}-opset{opset}-onnx{onnx.__version__}"
-        f"-torch{torch.__version__}-v{EXPORT_VERSION}"
+        f"-torch{torch.__version__}-code{graph_source_digest()}"
     )
     folder = cache_dir() / "onnx" / key
     files = OnnxFiles.in_folder(folder)

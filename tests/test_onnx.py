@@ -7,6 +7,7 @@ AMG recall/precision 1.0 against the torch engine (8×8 grid) and against the go
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from conftest import IMAGES, PARITY_LINES, load_golden
 from sam_batch.cli import main as cli_main
 from sam_batch.engines.backend import EngineError, build_engine, load_model, set_cpu_threads
 from sam_batch.engines.onnx_backend import OnnxEngine
-from sam_batch.engines.onnx_export import DEFAULT_OPSET, EXPORT_VERSION, cached_onnx, decoder_output_shapes
+from sam_batch.engines.onnx_export import DEFAULT_OPSET, cached_onnx, decoder_output_shapes, graph_source_digest
 from sam_batch.pipeline.amg import generate_masks, to_records
 from sam_batch.pipeline.images import load_image
 from sam_batch.pipeline.params import AmgParams
@@ -71,10 +72,27 @@ def test_graphs_pass_the_checker_with_dynamic_prompt_axes(engines) -> None:
     }
 
 
-def test_graphs_are_cached_by_model_checkpoint_opset_and_versions(engines) -> None:
+def test_a_change_to_the_model_code_is_a_new_export(tmp_path, monkeypatch) -> None:
+    """The cache key follows the source the graphs are traced from, not a hand-bumped number."""
+    from sam_batch.engines import onnx_export
+
+    here = Path(onnx_export.__file__).parent
+    for name in onnx_export.GRAPH_MODULES:
+        shutil.copy(here / f"{name}.py", tmp_path / f"{name}.py")
+    monkeypatch.setattr(onnx_export, "__file__", str(tmp_path / "onnx_export.py"))
+    before = graph_source_digest()
+    assert before == onnx_export.graph_source_digest()
+    with open(tmp_path / "tiny_vit.py", "a") as module:
+        module.write("\n# changed\n")
+    assert graph_source_digest() != before
+
+
+def test_graphs_are_cached_by_model_checkpoint_opset_versions_and_code(engines) -> None:
     files = engines[1].files
+    code = graph_source_digest()
+    assert len(code) == 16 and int(code, 16) >= 0
     assert files.encoder.parent.name == (
-        f"vit_t-6dbb90523a35330f-opset{DEFAULT_OPSET}-onnx{onnx.__version__}-torch{torch.__version__}-v{EXPORT_VERSION}"
+        f"vit_t-6dbb90523a35330f-opset{DEFAULT_OPSET}-onnx{onnx.__version__}-torch{torch.__version__}-code{code}"
     )
     stamp = files.decoder.stat().st_mtime_ns
     again = cached_onnx(load_model("vit_t"))
