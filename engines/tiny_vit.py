@@ -135,8 +135,8 @@ class WindowAttention(nn.Module):
         bias = self.attention_biases[:, self.attention_bias_idxs]  # (heads, window², window²)
         # softmax(q k^T / sqrt(d) + bias) v, written out: scaled_dot_product_attention's CPU path
         # spends about a tenth of the encoder checking a float mask for -inf rows
-        scores = torch.baddbmm(bias.repeat(b, 1, 1), (q * self.scale).flatten(0, 1), k.flatten(0, 1).transpose(1, 2))
-        out = torch.softmax(scores, dim=-1).bmm(v.flatten(0, 1)).view(b, self.num_heads, n, -1)
+        scores = torch.matmul(q * self.scale, k.transpose(-1, -2)).add_(bias)  # (B, heads, window², window²)
+        out = torch.softmax(scores, dim=-1).matmul(v)
         return self.proj(out.transpose(1, 2).reshape(b, n, dim))
 
 
