@@ -130,7 +130,7 @@ class _SideWeights:
         o2, bo2 = i2t2.out_proj.weight.T, i2t2.out_proj.bias
         pe = decoder.prompts.dense_pe()[0].flatten(1)  # (C, N)
 
-        def per_head(weight: torch.Tensor, *rows: torch.Tensor) -> torch.Tensor:
+        def head_rows(weight: torch.Tensor, *rows: torch.Tensor) -> torch.Tensor:
             """(H D, C) -> (H (D + len(rows)), C): each head's D rows followed by `rows` (C,)."""
             return torch.cat([weight.view(heads, -1, weight.shape[1]), *(r.expand(heads, 1, -1) for r in rows)], 1).flatten(0, 1)
 
@@ -145,10 +145,10 @@ class _SideWeights:
             t2i1.v_proj.bias[:, None].expand(-1, pe.shape[1]),
             (i2t1.q_proj.weight @ pe + i2t1.q_proj.bias[:, None]) * scale,
         ])
-        s = [per_head(o1, bo1), t2i2.k_proj.weight * g1, i2t2.q_proj.weight * g1, t2i2.v_proj.weight * g1]
+        s = [head_rows(o1, bo1), t2i2.k_proj.weight * g1, i2t2.q_proj.weight * g1, t2i2.v_proj.weight * g1]
         st = [
-            per_head(o1 * g1, bo1 * g1, g1),
-            per_head(o2, bo2),
+            head_rows(o1 * g1, bo1 * g1, g1),
+            head_rows(o2, bo2),
             final.k_proj.weight * g2,
             final.v_proj.weight * g2,
             _centred(b1)[None],
@@ -200,16 +200,15 @@ class PointDecoder:
         and s~ (as (C, N) columns) with the stacked weights of `_SideWeights`."""
         weights, heads = self.side_weights, self.heads
         src = (embedding + self.prompts.embed_mask(None))[0].flatten(1)  # (C, N)
-        s = src - src.mean(0)
-        st = s * weights.g1[:, None]
-        st -= st.mean(0)
+        s = _centred(src, dim=0)
+        st = _centred(s * weights.g1[:, None], dim=0)
         n = src.shape[1]
 
-        def per_head(rows: torch.Tensor) -> torch.Tensor:  # (H D', N) -> (H, D', N)
+        def by_head(rows: torch.Tensor) -> torch.Tensor:  # (H D', N) -> (H, D', N)
             return rows.view(heads, -1, n)
 
         def by_pixel(rows: torch.Tensor) -> torch.Tensor:  # (H D, N) -> (H, N, D)
-            return per_head(rows).transpose(1, 2).contiguous()
+            return by_head(rows).transpose(1, 2).contiguous()
 
         of_src = torch.addmm(weights.src_constant, weights.src, src).split(weights.src_rows)
         of_s = torch.mm(weights.s, s).split(weights.s_rows)
@@ -220,13 +219,13 @@ class PointDecoder:
         return ImageSide(
             t2i_k=by_pixel(t2i_k)[None],
             t2i_v=by_pixel(t2i_v)[None],
-            i2t_q=per_head(i2t_q),
-            cross1=per_head(cross1),
-            cross1_g=per_head(cross1_g),
-            cross2=per_head(cross2),
-            keys2=torch.stack([per_head(keys2), weights.keys2_constant]),
-            queries2=torch.stack([per_head(queries2), weights.queries2_constant]),
-            keys3=torch.stack([per_head(keys3), weights.keys3_constant]),
+            i2t_q=by_head(i2t_q),
+            cross1=by_head(cross1),
+            cross1_g=by_head(cross1_g),
+            cross2=by_head(cross2),
+            keys2=torch.stack([by_head(keys2), weights.keys2_constant]),
+            queries2=torch.stack([by_head(queries2), weights.queries2_constant]),
+            keys3=torch.stack([by_head(keys3), weights.keys3_constant]),
             values2=by_pixel(values2),
             values3=by_pixel(values3),
             norms=torch.stack([(s * s).sum(0), (st * st).sum(0), st_b1c[0]]),
@@ -446,9 +445,9 @@ def _affine(norm: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
     return norm.weight, norm.bias
 
 
-def _centred(x: torch.Tensor) -> torch.Tensor:
-    """x less its mean over the last dimension."""
-    return x - x.mean(-1, keepdim=True)
+def _centred(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """x less its mean over `dim`."""
+    return x - x.mean(dim, keepdim=True)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:

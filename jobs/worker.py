@@ -42,13 +42,11 @@ class ImageSegmenter:
 
     def __init__(self, job: JobSpec, worker_name: str = "local", threads: int | None = None) -> None:
         from sam_batch.engines.backend import build_engine, set_cpu_threads
-        from sam_batch.pipeline.scenes import segment_scene
 
         set_cpu_threads(threads)
         self.job = job
         self.worker_name = worker_name
         self.params = job.amg
-        self.segment_scene = segment_scene
         self.engine = build_engine(
             job.model.type,
             job.model.checkpoint,
@@ -66,6 +64,8 @@ class ImageSegmenter:
         tiles when larger than `raster.tile_size`. Never raises for a bad image: the failure
         is the images row's `error`.
         """
+        from sam_batch.pipeline.scenes import segment_scene  # imports torch, so not at the top
+
         seconds = {**dict.fromkeys(STAGES, 0.0), "read": read_seconds}
         started = time.perf_counter() - read_seconds
         size: tuple[int, int] | None = None
@@ -81,7 +81,7 @@ class ImageSegmenter:
                 size = (scene.height, scene.width)
                 seconds["read"] = time.perf_counter() - started
                 t = time.perf_counter()
-                result = self.segment_scene(self.engine, scene, self.params, raster.tile_size, raster.tile_overlap)
+                result = segment_scene(self.engine, scene, self.params, raster.tile_size, raster.tile_overlap)
                 seconds["segment"] = time.perf_counter() - t
             t = time.perf_counter()
             rows = mask_rows(uri, result.records())
