@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 # The CPU build of torch from this machine's disk; an unpinned torch would pull a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench bench-env bench-memory
+.PHONY: install demo test test-fast bench bench-env bench-memory gpu-kit
 
 install: $(VENV)/.installed
 
@@ -45,3 +45,24 @@ bench: install bench-env
 # (sam_batch/bench_memory.py); about 10-20 minutes on 2 cores.
 bench-memory: install
 	$(VENV)/bin/sam-batch bench-memory --write-doc
+
+# What a GPU machine lent through the device tool needs beside the checkout, packed into
+# $(KIT) (carry it; run deploy/gpu-check.sh there, see docs/benchmarks.md): the vit_t weights
+# (fetched by `sam-batch weights fetch`, or copied from WEIGHTS_FROM and verified), the photos and
+# golden files, and wheels for what that machine's Python $(KIT_PYTHON) lacks (pycocotools, and
+# MobileSAM's generator for the reference phase).
+KIT ?= .gpu-kit
+KIT_PYTHON ?= 3.12
+WEIGHTS_FROM ?=
+SHARED ?= ../shared
+
+gpu-kit: install
+	rm -rf $(KIT) && mkdir -p $(KIT)/weights $(KIT)/images $(KIT)/golden $(KIT)/wheels
+	test -z "$(WEIGHTS_FROM)" || cp "$(WEIGHTS_FROM)" $(KIT)/weights/mobile_sam.pt
+	SAM_BATCH_CACHE=$(abspath $(KIT))/weights $(VENV)/bin/sam-batch weights fetch vit_t
+	cp $(SHARED)/data/images/*.jpg $(KIT)/images/
+	cp $(SHARED)/golden/*.json $(KIT)/golden/
+	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version $(KIT_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(KIT)/wheels pycocotools==2.0.11 mobilesam-mirror==1.0.0
+	du -sh $(KIT)

@@ -100,7 +100,7 @@ class TorchEngine:
         crop_hw = (crop.shape[0], crop.shape[1])
         resized = resize_longest_side(crop)
         batch = image_to_input(resized, self.model.pixel_mean.cpu(), self.model.pixel_std.cpu())
-        with self._autocast():
+        with self.autocast():
             embedding = self.model.embed(batch.to(self.device)).float()
         side = self.point_decoder.image_side(embedding) if self.point_decoder is not None else None
         return CropEmbedding(embedding, (resized.shape[0], resized.shape[1]), crop_hw, side)
@@ -121,7 +121,7 @@ class TorchEngine:
         labels = torch.ones((len(points), 1), dtype=torch.int64, device=self.device)
         if self.point_decoder is not None and crop.image_side is not None:
             return self.point_decoder.decode(crop.image_side, coords_t, labels, min_iou)
-        with self._autocast():
+        with self.autocast():
             logits, iou = self.model.decode(crop.embedding, coords_t, labels)
         return logits.float(), iou.float()
 
@@ -137,7 +137,8 @@ class TorchEngine:
             return 1
         return min(torch.get_num_threads(), MAX_CONCURRENT_BATCHES)
 
-    def _autocast(self):
+    def autocast(self):
+        """The autocast context of the engine's precision (off at fp32)."""
         if self.dtype == torch.float32:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.dtype)

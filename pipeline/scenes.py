@@ -42,9 +42,11 @@ class SceneResult:
 
     def records(self) -> list[dict]:
         """`amg.to_records`'s records plus geometry (WKB) and geometry_bbox, in mask order."""
-        from rasterio.transform import Affine
+        affine = None
+        if self.transform is not None:  # only georeferenced scenes need rasterio
+            from rasterio.transform import Affine
 
-        affine = Affine(*self.transform) if self.transform is not None else None
+            affine = Affine(*self.transform)
         return [_record(m, (self.height, self.width), affine) for m in self.masks]
 
 

@@ -80,10 +80,12 @@ from mobile_sam import SamAutomaticMaskGenerator, sam_model_registry
 
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(spec["threads"])
-model = sam_model_registry[spec["model_type"]](checkpoint=spec["checkpoint"]).to("cpu").eval()
+model = sam_model_registry[spec["model_type"]](checkpoint=spec["checkpoint"]).to(spec["device"]).eval()
 generator = SamAutomaticMaskGenerator(
     model, points_per_side=spec["points_per_side"], output_mode="coco_rle"
 )
+if spec["warm_up"]:  # once, untimed: CUDA's kernels and allocator
+    generator.generate(np.load(spec["images"][0][0]))
 for pixels, out in spec["images"]:
     image = np.load(pixels)
     start = time.perf_counter()
@@ -170,6 +172,23 @@ def agreement(ours: list[dict], reference: list[dict], match_iou: float = MATCH_
         precision=float((best_for_ours >= match_iou).mean()),
         mean_best_iou=float(best_for_reference.mean()),
     )
+
+
+def read_golden(path: Path) -> dict:
+    """A golden file (`image`, `shape`, `params`, `masks`) with each mask's fields parsed from the
+    strings they are stored as (`segmentation`, `bbox`, ...) into Python values."""
+    data = json.loads(path.read_text())
+    data["masks"] = [{k: _parse_field(v) for k, v in record.items()} for record in data["masks"]]
+    return data
+
+
+def _parse_field(value):
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:  # Python reprs, single-quoted
+        return json.loads(value.replace("'", '"'))
 
 
 def format_table(results: list[ImageResult]) -> str:
@@ -289,10 +308,12 @@ def reference_python(ref_venv: Path) -> Path:
 
 def run_reference(
     python: Path, pixels: list[Path], checkpoint: Path, *, model_type: str, points_per_side: int, threads: int,
-    log=print,
+    device: str = "cpu", warm_up: bool = False, isolated: bool = True, log=print,
 ) -> tuple[list[Side], dict, float]:
     """The reference generator on every .npy of `pixels`, in one subprocess of `python`.
 
+    On `device`, after one untimed `generate` with `warm_up`; `isolated` runs `python -I`
+    (its own environment only), else it sees this process's PYTHONPATH.
     Returns its side per image, the versions it reports (torch, mobile_sam) and the process's
     wall time in s (interpreter start, imports, model load, every `generate`).
     """
@@ -302,13 +323,15 @@ def run_reference(
         "checkpoint": str(checkpoint),
         "points_per_side": points_per_side,
         "threads": threads,
+        "device": device,
+        "warm_up": warm_up,
         "images": [[str(p), str(o)] for p, o in zip(pixels, outs)],
     }
     driver = pixels[0].parent / "reference_driver.py"
     driver.write_text(REFERENCE_DRIVER)
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [str(python), "-I", str(driver), json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [str(python), *(["-I"] if isolated else []), str(driver), json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     _check(proc, _echo_lines(proc, proc.stderr, log), "the reference generator")
     stdout = proc.stdout.read()

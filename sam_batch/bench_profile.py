@@ -16,6 +16,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+import numpy as np
+
 STAGES = {  # stage -> (object holder, attribute) wrapped; "engine" stands for the engine built
     "encode": ("engine", "encode"),
     "decode": ("engine", "decode"),
@@ -27,36 +29,54 @@ STAGES = {  # stage -> (object holder, attribute) wrapped; "engine" stands for t
 
 
 def profile_image(uri: str, *, model: str = "vit_t", threads: int | None = None, points_per_side: int = 32) -> dict:
-    """Seconds per stage of one image, plus `generate` (all of it) and the number of masks."""
+    """Seconds per stage of one image on the CPU, plus `generate` (all of it) and the number of masks."""
     from sam_batch.engines.backend import build_engine, set_cpu_threads
-    from sam_batch.pipeline import amg
     from sam_batch.pipeline.images import load_image
-    from sam_batch.pipeline.params import AmgParams
 
     used = set_cpu_threads(threads)
     engine = build_engine(model, device="cpu")
     image = load_image(uri)
+    seconds, masks = stage_seconds(engine, image, points_per_side)
+    return {"image": uri, "size": list(image.shape[:2]), "threads": used, "masks": masks,
+            **{k: round(v, 2) for k, v in seconds.items()}}
+
+
+def stage_seconds(
+    engine, image: np.ndarray, points_per_side: int, synchronize: Callable[[], None] = lambda: None
+) -> tuple[Counter[str], int]:
+    """Seconds per stage (`STAGES`, and `generate` for the whole) of `generate_masks` +
+    `to_records` with `engine` on `image` (H, W, 3) uint8, and the number of masks.
+
+    `synchronize` runs where each stage starts and ends (on a GPU, `torch.cuda.synchronize`), so
+    work queued by one stage is counted in it, not in the next.
+    """
+    from sam_batch.pipeline import amg
+    from sam_batch.pipeline.params import AmgParams
+
     seconds: Counter[str] = Counter()
     holders = {"engine": engine, "amg": amg}
     originals = {stage: getattr(holders[h], a) for stage, (h, a) in STAGES.items()}
     for stage, (holder, attribute) in STAGES.items():
-        setattr(holders[holder], attribute, _timed(originals[stage], stage, seconds))
+        setattr(holders[holder], attribute, _timed(originals[stage], stage, seconds, synchronize))
     try:
+        synchronize()
         start = time.perf_counter()
         records = amg.to_records(amg.generate_masks(engine, image, AmgParams(points_per_side=points_per_side)))
         seconds["generate"] = time.perf_counter() - start
     finally:
         for stage, (holder, attribute) in STAGES.items():
             setattr(holders[holder], attribute, originals[stage])
-    return {"image": uri, "size": list(image.shape[:2]), "threads": used, "masks": len(records),
-            **{k: round(v, 2) for k, v in seconds.items()}}
+    return seconds, len(records)
 
 
-def _timed(function: Callable, stage: str, seconds: Counter) -> Callable:
+def _timed(function: Callable, stage: str, seconds: Counter, synchronize: Callable[[], None]) -> Callable:
     def timed(*args, **kwargs):
+        synchronize()
         start = time.perf_counter()
         try:
-            return function(*args, **kwargs)
+            result = function(*args, **kwargs)
+            synchronize()
+            return result
         finally:
             seconds[stage] += time.perf_counter() - start
 

@@ -23,8 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 DEFAULT_SCENE = "../shared/data/images/RGB.byte.tif"
 
 

@@ -1,4 +1,4 @@
-"""The `sam-batch` command line: run, validate, render, weights fetch, bench, bench-memory."""
+"""The `sam-batch` command line: run, validate, render, weights fetch, bench, bench-memory, bench-gpu."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
         from sam_batch.bench_memory import main as bench_memory_main
 
         return bench_memory_main(argv[1:])
+    if argv[:1] == ["bench-gpu"]:  # and bench-gpu
+        from sam_batch.bench_gpu import main as bench_gpu_main
+
+        return bench_gpu_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     for noisy in ("ray", "fsspec", "s3fs", "botocore", "urllib3", "rasterio"):
@@ -64,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("bench", help="the reference generator and sam-batch side by side (see bench --help)")
     commands.add_parser("bench-memory", help="peak memory of a Ray run over 100 and 1,000 images (see bench-memory --help)")
+    commands.add_parser("bench-gpu", help="precisions, compile, encoder batches and whole runs on a GPU (see bench-gpu --help)")
 
     weights = commands.add_parser("weights", help="manage model weights")
     weights_commands = weights.add_subparsers(dest="weights_command", required=True)

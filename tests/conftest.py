@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -42,18 +41,9 @@ def pytest_terminal_summary(terminalreporter) -> None:
 
 def load_golden(name: str) -> dict:
     """A golden file with its `segmentation`, `bbox`, ... parsed into Python values."""
-    data = json.loads((GOLDEN / name).read_text())
-    data["masks"] = [{k: _parse(v) for k, v in record.items()} for record in data["masks"]]
-    return data
+    from sam_batch.bench import read_golden
 
-
-def _parse(value):
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return json.loads(value.replace("'", '"'))
+    return read_golden(GOLDEN / name)
 
 
 def golden_files() -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -192,6 +191,30 @@ def test_torch_loads_in_the_segmenting_actors_only(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "False"
     assert pq.read_table(out / "images").column("status").to_pylist() == ["ok"]
+    assert pq.read_table(out / "masks").num_rows > 0
+
+
+BLOCK_IMPORTS = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError("not installed here: " + name)
+sys.meta_path.insert(0, Block())
+from sam_batch.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_photos_run_in_process_without_ray_or_rasterio(tmp_path) -> None:
+    """The in-process executor on photos needs neither Ray nor rasterio (a GPU box without them,
+    as deploy/gpu-check.sh finds one, runs jobs)."""
+    out = tmp_path / "out"
+    job = write_job(tmp_path, "bare", [str(IMAGES / "dog.jpg")], out, amg={"points_per_side": 2}, run={"executor": "local"})
+    driver = BLOCK_IMPORTS.format(blocked=("ray", "rasterio"))
+    result = subprocess.run([sys.executable, "-c", driver, "run", str(job)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert pq.read_table(out / "images").select(["status", "error"]).to_pylist() == [{"status": "ok", "error": None}]
     assert pq.read_table(out / "masks").num_rows > 0
 
 

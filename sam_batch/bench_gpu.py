@@ -1,0 +1,522 @@
+"""`sam-batch bench-gpu`: what only a GPU can show, as one prepared, time-boxed run.
+
+Made for a short loan of a GPU machine: `make gpu-kit` packs the weights, images, golden files
+and missing wheels into `.gpu-kit/`, and `deploy/gpu-check.sh` runs this there (see
+docs/benchmarks.md, "Measuring on a GPU"). Phases, in this order:
+
+1. generate: per model and precision, `generate_masks` + `to_records` on every image (after
+   one untimed warm-up image), best of `--repeats`: seconds per image, images/s, masks, peak
+   GPU memory; the masks of fp16/bf16 against fp32 on the same device, and of fp32 against the
+   golden files (MobileSAM's reference generator, fp32 on a CPU) where one fits the parameters.
+2. reference (with `--reference`): MobileSAM's own generator, fp32, on the same device and
+   images (after one warm-up): seconds per image; ours at each precision against it, in masks
+   and in time.
+3. run: `sam-batch run` as a process (`run.executor: local`, `engine.precision`
+   `--run-precision`) over the images, copied until there are `--run-images`, with
+   `raster.tile_size` above every image's size (so none is tiled, as in the reference): wall
+   seconds, the run's own images/s and masks.
+4. profile (`--profile PRECISION ...`): seconds per stage (encoder, decoder, upsampling and
+   stability, boxes, NMS, RLE; `bench_profile.stage_seconds`) summed over the images, the device
+   synchronised around each stage.
+5. encoder: the image encoder alone on each of `--encoder-batches` images per call (random
+   inputs): ms per image, to show what several images per encoder call would gain.
+6. compile (`--compile PRECISION ...`): generate again with the image encoder and the mask
+   decoder under `torch.compile`: the first call's seconds, seconds per image, agreement with
+   the eager masks.
+
+`MODEL[:random]` in `--models`: `vit_t` loads the checkpoint (the cached default or
+`--checkpoint`); `vit_h:random` builds the model with random weights, for timing alone: its
+masks are meaningless, so no agreement is reported for it, and its filters see other numbers
+of masks than real weights would give.
+
+Each result is appended to OUT/results.jsonl as soon as it is measured and OUT/report.md is
+rewritten from them, so a run cut short still returns what it measured; no phase starts once
+`--budget-s` seconds have passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sam_batch.bench import agreement, read_golden
+
+GOLDEN_NAME = "{image}.pps{points}.crop0.minarea0.json"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to measure: its type, and whether it loads the checkpoint or random weights."""
+
+    model_type: str
+    random_weights: bool
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        model_type, _, weights = text.partition(":")
+        if weights not in ("", "random"):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected MODEL or MODEL:random")
+        return cls(model_type, weights == "random")
+
+    @property
+    def label(self) -> str:
+        return f"{self.model_type}{' (random weights)' if self.random_weights else ''}"
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One generate measurement: best seconds and records per image name."""
+
+    seconds: dict[str, float]
+    records: dict[str, list[dict]]
+
+
+class Results:
+    """The results so far: appended to OUT/results.jsonl one by one, OUT/report.md rewritten."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.rows: list[dict] = []
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.jsonl").write_text("")
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.out / "results.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        (self.out / "report.md").write_text(format_report(self.rows))
+        print(json.dumps(row), flush=True)
+
+
+class Budget:
+    """Seconds since the start, against the time box within which phases may start."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.started = time.perf_counter()
+
+    def spent(self) -> bool:
+        return time.perf_counter() - self.started >= self.seconds
+
+
+def environment(device: str) -> dict:
+    """torch, CUDA and the device, for the report's header."""
+    import torch
+
+    row = {"phase": "environment", "torch": torch.__version__, "cuda": torch.version.cuda, "device": device,
+           "torch_threads": torch.get_num_threads()}
+    if device.startswith("cuda"):
+        row |= {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32}
+        props = torch.cuda.get_device_properties(device)
+        row |= {"gpu": props.name, "capability": f"{props.major}.{props.minor}",
+                "gpu_memory_gib": round(props.total_memory / 2**30, 1)}
+    return row
+
+
+class Engines:
+    """TorchEngines on one device, over one model per spec, loaded (or randomly initialised,
+    seeded) once: every precision runs on the same weights, cast by autocast."""
+
+    def __init__(self, device: str, checkpoint: str | None) -> None:
+        self.device = device
+        self.checkpoint = checkpoint
+        self.models: dict[ModelSpec, object] = {}
+
+    def engine(self, spec: ModelSpec, precision: str, *, fresh: bool = False):
+        """An engine at `precision`; `fresh` builds its own model (to change its modules)."""
+        from sam_batch.engines.backend import TorchEngine, pick_device
+
+        model = None if fresh else self.models.get(spec)
+        if model is None:
+            model = self._build(spec)
+            if not fresh:
+                self.models[spec] = model
+        return TorchEngine(model, pick_device(self.device), precision)
+
+    def _build(self, spec: ModelSpec):
+        import torch
+
+        from sam_batch.engines.backend import load_model
+        from sam_batch.engines.sam import build_sam
+
+        if not spec.random_weights:
+            return load_model(spec.model_type, self.checkpoint).model
+        torch.manual_seed(0)
+        return build_sam(spec.model_type)
+
+
+class GpuMemory:
+    """Peak memory allocated by torch on a CUDA device between `reset` and `peak_mib` (None on a CPU)."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+
+    def reset(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_mib(self) -> float | None:
+        if not self.cuda:
+            return None
+        import torch
+
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+def time_generate(engine, images: dict[str, np.ndarray], points_per_side: int, repeats: int) -> tuple[dict, dict]:
+    """Best-of-`repeats` seconds and the records of each image (the first run's), after one warm-up."""
+    from sam_batch.bench import run_ours
+
+    run_ours(engine, next(iter(images.values())), points_per_side)  # kernels, caches, allocator
+    seconds, records = {}, {}
+    for name, image in images.items():
+        runs = [run_ours(engine, image, points_per_side) for _ in range(repeats)]
+        seconds[name] = min(run.seconds for run in runs)
+        records[name] = runs[0].records
+    return seconds, records
+
+
+def generate_row(spec: ModelSpec, precision: str, seconds: dict, records: dict, memory: GpuMemory) -> dict:
+    """One generate result: per image seconds and masks, images/s over them, peak memory."""
+    return {
+        "phase": "generate",
+        "model": spec.label,
+        "precision": precision,
+        "images": {name: {"seconds": round(s, 4), "masks": len(records[name])} for name, s in seconds.items()},
+        "images_per_second": round(len(seconds) / sum(seconds.values()), 3),
+        "peak_gpu_mib": memory.peak_mib(),
+    }
+
+
+def agreement_row(compared: str, model: str, ours: dict, theirs: dict) -> dict:
+    """Agreement per image of `ours` with `theirs` (records per image name), and the lowest of each."""
+    per_image = {name: agreement(ours[name], theirs[name]) for name in ours if name in theirs}
+    return {
+        "phase": "agreement",
+        "model": model,
+        "compared": compared,
+        "images": {
+            name: {"recall": round(a.recall, 4), "precision": round(a.precision, 4),
+                   "mean_iou": round(a.mean_best_iou, 4), "masks": [len(ours[name]), len(theirs[name])]}
+            for name, a in per_image.items()
+        },
+        "min_recall": round(min((a.recall for a in per_image.values()), default=float("nan")), 4),
+        "min_precision": round(min((a.precision for a in per_image.values()), default=float("nan")), 4),
+    }
+
+
+def golden_records(golden_dir: Path | None, names: list[str], points_per_side: int) -> dict[str, list[dict]]:
+    """The reference's records per image name, from the golden files made with these parameters."""
+    from sam_batch.pipeline.params import AmgParams
+
+    found = {}
+    for name in names:
+        path = golden_dir / GOLDEN_NAME.format(image=name, points=points_per_side) if golden_dir else None
+        if path is not None and path.exists():
+            golden = read_golden(path)
+            if AmgParams(**golden["params"]) == AmgParams(points_per_side=points_per_side):
+                found[name] = golden["masks"]
+    return found
+
+
+def encoder_rows(
+    spec: ModelSpec, engine, precision: str, device: str, batches: list[int], calls: int = 3
+) -> Iterator[dict]:
+    """ms per image of the image encoder alone (random inputs), on each of `batches` images per call."""
+    import torch
+
+    memory = GpuMemory(device)
+    for batch in batches:
+        inputs = torch.randn(batch, 3, 1024, 1024, device=engine.device)
+        memory.reset()
+        with torch.inference_mode(), engine.autocast():
+            for _ in range(2):
+                engine.model.embed(inputs)
+            _synchronize(device)
+            started = time.perf_counter()
+            for _ in range(calls):
+                engine.model.embed(inputs)
+            _synchronize(device)
+        per_image = (time.perf_counter() - started) / (calls * batch)
+        yield {"phase": "encoder", "model": spec.label, "precision": precision, "images_per_call": batch,
+               "ms_per_image": round(per_image * 1000, 3), "peak_gpu_mib": memory.peak_mib()}
+
+
+def compile_engine(engine, backend: str) -> None:
+    """Put the engine's image encoder and mask decoder under `torch.compile` (compiled at first call)."""
+    import torch
+
+    engine.model.image_encoder = torch.compile(engine.model.image_encoder, backend=backend)
+    engine.model.mask_decoder = torch.compile(engine.model.mask_decoder, backend=backend)
+
+
+def run_row(uris: list[Path], workdir: Path, *, checkpoint: str | None, device: str, precision: str,
+            points_per_side: int, copies: int) -> dict:
+    """`sam-batch run` (in-process executor) as a process over `copies` images made of `uris`."""
+    import yaml
+
+    inputs = workdir / "inputs"
+    inputs.mkdir(parents=True)
+    listed = []
+    for i in range(copies):
+        source = uris[i % len(uris)]
+        listed.append(str(inputs / f"{i:04d}-{source.name}"))
+        shutil.copyfile(source, listed[-1])
+    job = {
+        "name": "bench-gpu",
+        "input": {"uris": listed},
+        "model": {"type": "vit_t", "checkpoint": checkpoint},
+        "engine": {"device": device, "precision": precision},
+        "amg": {"points_per_side": points_per_side},
+        "raster": {"tile_size": 8192},
+        "output": {"uri": str(workdir / "out")},
+        "run": {"executor": "local"},
+    }
+    (workdir / "job.yaml").write_text(yaml.safe_dump(job))
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "sam_batch.cli", "run", str(workdir / "job.yaml")],
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"phase": "run", "precision": precision, "error": f"exit {proc.returncode}: {tail}"}
+    record = json.loads((workdir / "out" / "run.json").read_text())
+    return {
+        "phase": "run", "precision": precision, "images": copies, "process_seconds": round(wall, 2),
+        "process_images_per_second": round(copies / wall, 3), "run_images_per_second": record["images_per_second"],
+        "images_ok": record["images_ok"], "images_error": record["images_error"], "masks": record["masks"],
+        "stage_seconds": record["stage_seconds"],
+    }
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+class Session:
+    """One bench-gpu run: the phases in order, each result added as it is measured, none
+    started once the budget is spent, a failed one recorded without losing the others."""
+
+    def __init__(self, args: argparse.Namespace, results: Results) -> None:
+        from sam_batch.pipeline.images import load_image
+
+        self.args = args
+        self.results = results
+        self.budget = Budget(args.budget_s)
+        self.engines = Engines(args.device, args.checkpoint)
+        self.images = {Path(uri).name: load_image(uri) for uri in args.images}
+        self.golden = golden_records(args.golden, list(self.images), args.points_per_side)
+        self.eager: dict[tuple[ModelSpec, str], Measured] = {}  # generate's, for the agreements
+
+    def measure(self) -> None:
+        args = self.args
+        self.results.add(environment(args.device))
+        for spec in args.models:
+            for precision in args.precisions:
+                self._phase(f"generate {spec.label} {precision}", self.generate, spec, precision)
+        if args.reference:
+            self._phase("reference", self.reference)
+        if args.run_images:
+            self._phase("run", self.run)
+        for spec in args.models:
+            for precision in args.profile:
+                self._phase(f"profile {spec.label} {precision}", self.profile, spec, precision)
+        for spec in args.models if args.encoder_batches else []:
+            for precision in args.precisions:
+                self._phase(f"encoder {spec.label} {precision}", self.encoder, spec, precision)
+        for spec in args.models:
+            for precision in args.compile:
+                self._phase(f"compile {spec.label} {precision}", self.compiled, spec, precision)
+
+    def _phase(self, name: str, step: Callable[..., None], *step_args) -> None:
+        if self.budget.spent():
+            self.results.add({"phase": "skipped", "what": name, "reason": f"the {self.args.budget_s:.0f} s budget was spent"})
+            return
+        try:
+            step(*step_args)
+        except Exception as error:  # noqa: BLE001 - one failed phase must not lose the others
+            self.results.add({"phase": "failed", "what": name, "error": f"{type(error).__name__}: {error}"[:500]})
+
+    def generate(self, spec: ModelSpec, precision: str) -> None:
+        engine = self.engines.engine(spec, precision)
+        memory = GpuMemory(self.args.device)
+        memory.reset()
+        seconds, records = time_generate(engine, self.images, self.args.points_per_side, self.args.repeats)
+        self.results.add(generate_row(spec, precision, seconds, records, memory))
+        self.eager[spec, precision] = Measured(seconds, records)
+        if spec.random_weights:
+            return
+        device = self.args.device
+        if precision == "fp32" and self.golden:
+            self._agreement(f"{device} fp32 vs the reference (golden, CPU fp32)", spec, records, self.golden)
+        if precision != "fp32" and (spec, "fp32") in self.eager:
+            self._agreement(f"{precision} vs fp32 ({device})", spec, records, self.eager[spec, "fp32"].records)
+
+    def reference(self) -> None:
+        """MobileSAM's own generator (fp32) on the same device and images, against ours at each precision."""
+        reference = run_reference_on(self.images, self.args)
+        self.results.add({
+            "phase": "reference", "model": "vit_t", "precision": "fp32",
+            "images": {n: {"seconds": round(s, 4), "masks": len(reference.records[n])} for n, s in reference.seconds.items()},
+            "images_per_second": round(len(self.images) / sum(reference.seconds.values()), 3),
+        })
+        for (spec, precision), ours in self.eager.items():
+            if spec == ModelSpec("vit_t", False):
+                row = agreement_row(f"{precision} vs the reference fp32 ({self.args.device})", spec.label,
+                                    ours.records, reference.records)
+                row["reference_seconds_over_ours"] = round(sum(reference.seconds.values()) / sum(ours.seconds.values()), 2)
+                self.results.add(row)
+
+    def run(self) -> None:
+        args = self.args
+        with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
+            self.results.add(run_row([Path(uri) for uri in args.images], Path(tmp), checkpoint=args.checkpoint,
+                                     device=args.device, precision=args.run_precision,
+                                     points_per_side=args.points_per_side, copies=args.run_images))
+
+    def profile(self, spec: ModelSpec, precision: str) -> None:
+        from sam_batch.bench import run_ours
+        from sam_batch.bench_profile import stage_seconds
+
+        engine = self.engines.engine(spec, precision)
+        run_ours(engine, next(iter(self.images.values())), self.args.points_per_side)  # warm-up
+        totals: Counter[str] = Counter()
+        masks = 0
+        for image in self.images.values():
+            seconds, n_masks = stage_seconds(engine, image, self.args.points_per_side, lambda: _synchronize(self.args.device))
+            totals.update(seconds)
+            masks += n_masks
+        self.results.add({"phase": "profile", "model": spec.label, "precision": precision, "images": len(self.images),
+                          "masks": masks, "seconds": {stage: round(s, 4) for stage, s in totals.items()}})
+
+    def encoder(self, spec: ModelSpec, precision: str) -> None:
+        engine = self.engines.engine(spec, precision)
+        for row in encoder_rows(spec, engine, precision, self.args.device, self.args.encoder_batches):
+            self.results.add(row)
+
+    def compiled(self, spec: ModelSpec, precision: str) -> None:
+        engine = self.engines.engine(spec, precision, fresh=True)
+        started = time.perf_counter()
+        compile_engine(engine, self.args.compile_backend)
+        memory = GpuMemory(self.args.device)
+        memory.reset()
+        seconds, records = time_generate(engine, self.images, self.args.points_per_side, self.args.repeats)
+        row = generate_row(spec, precision, seconds, records, memory)
+        row |= {"phase": "compile", "backend": self.args.compile_backend,
+                "compile_and_timing_seconds": round(time.perf_counter() - started, 2)}
+        self.results.add(row)
+        if not spec.random_weights and (spec, precision) in self.eager:
+            self._agreement(f"compiled vs eager {precision}", spec, records, self.eager[spec, precision].records)
+
+    def _agreement(self, compared: str, spec: ModelSpec, ours: dict, theirs: dict) -> None:
+        self.results.add(agreement_row(compared, spec.label, ours, theirs))
+
+
+def run_reference_on(images: dict[str, np.ndarray], args: argparse.Namespace) -> Measured:
+    """MobileSAM's generator (fp32) in `args.reference_python` on `args.device`, one warm-up first."""
+    import torch
+
+    from sam_batch.bench import run_reference
+    from sam_batch.engines.checkpoints import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint("vit_t", args.checkpoint, None)
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-reference-") as tmp:
+        pixels = [Path(tmp) / f"image{i}.npy" for i in range(len(images))]
+        for path, image in zip(pixels, images.values()):
+            np.save(path, image)
+        sides, _, _ = run_reference(
+            Path(args.reference_python), pixels, checkpoint, model_type="vit_t", points_per_side=args.points_per_side,
+            threads=torch.get_num_threads(), device=args.device, warm_up=True, isolated=False, log=lambda line: None,
+        )
+    return Measured({n: side.seconds for n, side in zip(images, sides)}, {n: side.records for n, side in zip(images, sides)})
+
+
+def format_report(rows: list[dict]) -> str:
+    """Markdown of the results so far: one table per phase."""
+    lines = ["# bench-gpu", ""]
+    for row in rows:
+        if row["phase"] == "environment":
+            lines.append("- " + ", ".join(f"{k}: {v}" for k, v in row.items() if k != "phase"))
+    lines += ["", "| phase | model | precision | images/s | peak GPU MiB | detail |", "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        phase = row["phase"]
+        if phase in ("generate", "compile", "reference"):
+            per_image = ", ".join(f"{n} {v['seconds']:.3f} s / {v['masks']} masks" for n, v in row["images"].items())
+            lines.append(f"| {phase} | {row['model']} | {row['precision']} | {row['images_per_second']} | "
+                         f"{row.get('peak_gpu_mib', '')} | {per_image} |")
+        elif phase == "agreement":
+            speedup = f", reference s / ours {row['reference_seconds_over_ours']}" if "reference_seconds_over_ours" in row else ""
+            lines.append(f"| agreement | {row['model']} | {row['compared']} | | | min recall {row['min_recall']}, "
+                         f"min precision {row['min_precision']} over {len(row['images'])} images{speedup} |")
+        elif phase == "profile":
+            stages = ", ".join(f"{stage} {s:.3f} s" for stage, s in row["seconds"].items())
+            lines.append(f"| profile | {row['model']} | {row['precision']} | | | {row['images']} images, "
+                         f"{row['masks']} masks: {stages} |")
+        elif phase == "encoder":
+            lines.append(f"| encoder | {row['model']} | {row['precision']} | {1000 / row['ms_per_image']:.1f} | "
+                         f"{row['peak_gpu_mib']} | {row['images_per_call']} per call: {row['ms_per_image']} ms per image |")
+        elif phase == "run" and "error" not in row:
+            lines.append(f"| run | vit_t | {row['precision']} | {row['process_images_per_second']} (process), "
+                         f"{row['run_images_per_second']} (run) | | {row['images_ok']} of {row['images']} images ok, {row['masks']} masks, "
+                         f"{row['process_seconds']} s |")
+        elif phase in ("run", "skipped", "failed"):
+            lines.append(f"| {phase} | | | | | {row.get('what', '')} {row.get('error', row.get('reason', ''))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sam-batch bench-gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", nargs="+", required=True, help="image files (photos)")
+    parser.add_argument("--golden", type=Path, help="the folder of golden files, for fp32 parity")
+    parser.add_argument("--out", type=Path, required=True, help="folder for results.jsonl and report.md")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--models", nargs="+", type=ModelSpec.parse, default=[ModelSpec("vit_t", False)],
+                        help="MODEL or MODEL:random (default: vit_t)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "bf16"])
+    parser.add_argument("--checkpoint", help="weights for models without :random (default: the cached default)")
+    parser.add_argument("--points-per-side", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--reference", action="store_true",
+                        help="also time MobileSAM's generator on --device, in --reference-python")
+    parser.add_argument("--reference-python", default=sys.executable,
+                        help="a Python that imports mobile_sam (default: this one, with its PYTHONPATH)")
+    parser.add_argument("--run-images", type=int, default=64, help="images in the `sam-batch run` phase (0: skip)")
+    parser.add_argument("--run-precision", default="fp16")
+    parser.add_argument("--encoder-batches", nargs="*", type=int, default=[1, 4, 8],
+                        help="images per encoder call in the encoder phase (none: skip it)")
+    parser.add_argument("--profile", nargs="*", default=[], metavar="PRECISION",
+                        help="also time each stage, the device synchronised around it, at these precisions")
+    parser.add_argument("--compile", nargs="*", default=[], metavar="PRECISION",
+                        help="also measure under torch.compile at these precisions")
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="no phase starts after this many seconds")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    results = Results(args.out)
+    Session(args, results).measure()
+    print(f"bench-gpu: {len(results.rows)} results in {args.out / 'results.jsonl'} and {args.out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
