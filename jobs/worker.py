@@ -18,7 +18,7 @@ import numpy as np
 
 from sam_batch.jobs.dataset import OutputDataset, Shard
 from sam_batch.jobs.schema import JobSpec
-from sam_batch.pipeline.images import ImageError, load_image
+from sam_batch.pipeline.images import ImageError, load_image, one_line_reason
 from sam_batch.pipeline.rasters import ArrayScene, RasterScene, is_raster
 from sam_batch.pipeline.tables import image_row, images_table, mask_rows, masks_table
 
@@ -89,8 +89,8 @@ class ImageSegmenter:
         except ImageError as error:
             return self._result(uri, [], size, started, seconds, error=str(error))
         except Exception as error:  # noqa: BLE001 - one image's failure must not end the job
-            reason = " ".join(str(error).split())[:300]
-            return self._result(uri, [], size, started, seconds, error=f"segment: {type(error).__name__}: {reason}")
+            reason = f"segment: {type(error).__name__}: {one_line_reason(error)}"
+            return self._result(uri, [], size, started, seconds, error=reason)
         return self._result(uri, rows, size, started, seconds, crs=result.crs, transform=result.transform)
 
     def _result(

@@ -40,7 +40,7 @@ def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
     except FileNotFoundError:
         raise ImageError("read", "file not found") from None
     except Exception as error:  # noqa: BLE001 - any storage failure becomes an error row
-        raise ImageError("read", _one_line(error)) from None
+        raise ImageError("read", one_line_reason(error)) from None
     if not data:
         raise ImageError("read", "file is empty (0 bytes)")
     return data
@@ -66,7 +66,7 @@ def _decode_photo(data: bytes) -> np.ndarray:
     except Image.DecompressionBombError:
         raise ImageError("decode", f"header claims over {MAX_PHOTO_PIXELS} pixels (decompression bomb)") from None
     except Exception as error:  # noqa: BLE001
-        raise ImageError("decode", f"not a readable image ({_one_line(error)})") from None
+        raise ImageError("decode", f"not a readable image ({one_line_reason(error)})") from None
     _check_size(image.width, image.height, MAX_PHOTO_PIXELS)
     try:
         image = ImageOps.exif_transpose(image)
@@ -74,7 +74,7 @@ def _decode_photo(data: bytes) -> np.ndarray:
             return _gray_to_rgb(_stretch_to_uint8(np.asarray(image)[None]))
         return np.asarray(image.convert("RGB"))
     except Exception as error:  # noqa: BLE001
-        raise ImageError("decode", _one_line(error)) from None
+        raise ImageError("decode", one_line_reason(error)) from None
 
 
 def _decode_raster(data: bytes, bands: Sequence[int] | None) -> np.ndarray:
@@ -146,7 +146,7 @@ def raster_error_reason(error: Exception) -> str:
     return re.sub(r"^(/vsi\w+/)?[0-9a-f-]{32,36}\.?\w*/*, ?", "", text)[:300]
 
 
-def _one_line(error: BaseException) -> str:
+def one_line_reason(error: BaseException) -> str:
     """The error's message on one line, without object addresses (the same on every run)."""
     text = " ".join(OBJECT_REPR.sub("", str(error)).split()) or type(error).__name__
     return text[:300]

@@ -122,3 +122,25 @@ def test_corrupt_geotiff_fails_at_decode() -> None:
 def test_missing_file_fails_at_read(tmp_path) -> None:
     with pytest.raises(ImageError, match="^read: file not found$"):
         load_image(str(tmp_path / "nope.jpg"))
+
+
+def test_a_failure_while_segmenting_is_one_stable_line(monkeypatch) -> None:
+    """An unexpected exception in the model becomes the row's `segment:` error, on one line and
+    without object addresses, and the segmenter goes on with the next image."""
+    from sam_batch.jobs.schema import parse_job
+    from sam_batch.jobs.worker import ImageSegmenter
+
+    job = parse_job({"name": "fails", "input": {"uris": ["x.jpg"]}, "output": {"uri": "out"},
+                     "engine": {"device": "cpu"}, "amg": {"points_per_side": 2}})
+    segmenter = ImageSegmenter(job, threads=1)
+    encode = segmenter.engine.encode
+
+    def broken(crop):
+        raise RuntimeError(f"cannot encode\n{object()} of shape {crop.shape}")
+
+    monkeypatch.setattr(segmenter.engine, "encode", broken)
+    failed = segmenter.segment(str(IMAGES / "dog.jpg"))
+    assert failed.image_row["status"] == "error"
+    assert failed.image_row["error"] == "segment: RuntimeError: cannot encode of shape (534, 800, 3)"
+    monkeypatch.setattr(segmenter.engine, "encode", encode)
+    assert segmenter.segment(str(IMAGES / "dog.jpg")).image_row["status"] == "ok"
