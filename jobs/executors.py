@@ -41,10 +41,14 @@ log = logging.getLogger("sam_batch")
 READ_AHEAD = 2  # images being read or waiting, decoded, for an actor: per segmenting actor
 MAX_COMMITS = 2  # shard commits in flight; reads pause while this many are running
 STAGE_TASK_CPUS = 0.25  # CPU share a read or commit task declares (mostly I/O)
-# cores per CPU segmenting actor: two batch threads in one actor decode within ~6% of two 1-core
+# cores per CPU segmenting actor: two batch threads in one actor decode within ~3-6% of two 1-core
 # actors on even image counts (docs/benchmarks.md), with half the model copies and no core idle
 # at a job's tail (14% faster on 3 images)
 CPUS_PER_ACTOR = 2
+# ... except where each crop's prompts are one decode batch: then only the encoder uses the second
+# core, and 1-core actors were 21% faster (40 small images, 4x4 points, docs/benchmarks.md), where
+# a node has the memory for an actor per core (a segmenting actor peaked at 879 MiB)
+ONE_CORE_ACTOR_MEMORY = 2 * 2**30  # bytes of a node's Ray `memory` per core
 MAX_ATTEMPTS = 3  # tries of one image (or one task) on workers that die under it
 
 
@@ -101,9 +105,9 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, job: JobSpec, cpus_per_actor: int = CPUS_PER_ACTOR) -> None:
+    def __init__(self, job: JobSpec, cpus_per_actor: int | None = None) -> None:
         self.job = job
-        self.cpus_per_actor = cpus_per_actor
+        self.cpus_per_actor = cpus_per_actor  # None: chosen from the job and the nodes (`_actors`)
 
     def run(self, shards: list[Shard], dataset: OutputDataset) -> Iterator[Event]:
         n_images = sum(len(s.uris) for s in shards)
@@ -113,8 +117,10 @@ class RayExecutor:
 
         started_here = self._init_ray(ray)
         try:
-            node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
-            resources, n_actors = self._actors(ray.cluster_resources(), int(node_cpus), n_images)
+            largest = max((n["Resources"] for n in ray.nodes() if n["Alive"]), key=lambda r: r.get("CPU", 0), default={})
+            resources, n_actors = self._actors(
+                ray.cluster_resources(), int(largest.get("CPU", 1)), n_images, largest.get("memory")
+            )
             yield from _RayPipeline(ray, self.job, dataset, resources, n_actors).run(shards)
         finally:
             if started_here:
@@ -131,11 +137,14 @@ class RayExecutor:
             _start_embedded_ray(ray)
         return True
 
-    def _actors(self, cluster: dict[str, float], node_cpus: int, n_images: int) -> tuple[dict, int]:
+    def _actors(
+        self, cluster: dict[str, float], node_cpus: int, n_images: int, node_memory: float | None = None
+    ) -> tuple[dict, int]:
         """Resources of one segmenting actor and how many to start, from `cluster_resources()`
-        and the CPUs of the largest node.
+        and the CPUs and Ray `memory` (bytes) of the largest node.
 
-        A CPU actor takes `cpus_per_actor` cores (as many as a node has, if fewer) and leaves
+        A CPU actor takes `cpus_per_actor` cores (as many as a node has, if fewer; by default
+        `_cores_per_actor`) and leaves
         `STAGE_TASK_CPUS` of them to the read and commit tasks, so the stages never wait for each
         other's CPUs. With fewer images than that makes actors, the actors started share the
         cores (as far as one node holds them).
@@ -144,10 +153,18 @@ class RayExecutor:
         if gpus and self.job.engine.device != "cpu":
             return {"num_gpus": 1, "num_cpus": 1}, min(gpus, n_images)
         cpus = max(1, int(cluster.get("CPU", 1)))
-        per_actor = max(1, min(self.cpus_per_actor, node_cpus))
+        per_actor = max(1, min(self.cpus_per_actor or self._cores_per_actor(node_cpus, node_memory), node_cpus))
         count = min(max(1, cpus // per_actor), n_images)
         share = min(max(per_actor, cpus // count), max(node_cpus, 1))
         return {"num_cpus": share - STAGE_TASK_CPUS}, count
+
+    def _cores_per_actor(self, node_cpus: int, node_memory: float | None) -> int:
+        """1 where every crop's prompts fit in one decode batch (nothing for a second batch
+        thread to do) and the node has `ONE_CORE_ACTOR_MEMORY` per core, else `CPUS_PER_ACTOR`."""
+        amg = self.job.amg
+        one_batch = amg.points_per_side**2 <= amg.points_per_batch
+        roomy = node_memory is None or node_memory >= ONE_CORE_ACTOR_MEMORY * node_cpus
+        return 1 if one_batch and roomy else CPUS_PER_ACTOR
 
 
 class JobFailure(RuntimeError):

@@ -13,8 +13,9 @@ from sam_batch.jobs.executors import STAGE_TASK_CPUS, RayExecutor
 from sam_batch.jobs.schema import parse_job
 
 
-def executor(device: str = "auto") -> RayExecutor:
-    return RayExecutor(parse_job({"name": "sizing", "input": {"uris": ["x.jpg"]}, "output": {"uri": "out"}, "engine": {"device": device}}))
+def executor(device: str = "auto", **amg) -> RayExecutor:
+    return RayExecutor(parse_job({"name": "sizing", "input": {"uris": ["x.jpg"]}, "output": {"uri": "out"},
+                                  "engine": {"device": device}, "amg": amg}))
 
 
 @pytest.mark.parametrize(
@@ -32,6 +33,30 @@ def executor(device: str = "auto") -> RayExecutor:
 def test_cpu_actors_take_two_cores_each_and_share_the_rest(cluster, node_cpus, n_images, want_cpus, want_count) -> None:
     resources, count = executor()._actors(cluster, node_cpus, n_images)
     assert (resources, count) == ({"num_cpus": want_cpus - STAGE_TASK_CPUS}, want_count)
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize(
+    ("amg", "node_memory", "n_images", "want_cpus", "want_count"),
+    [
+        ({"points_per_side": 8}, 64 * GIB, 1000, 1, 16),  # 64 prompts: one batch per crop, an actor per core
+        ({"points_per_side": 4, "crop_n_layers": 1}, None, 1000, 1, 16),  # deeper layers have fewer points
+        ({"points_per_side": 8}, 16 * GIB, 1000, 2, 8),  # 1 GiB a core is too little for an actor each
+        ({"points_per_side": 8, "points_per_batch": 32}, 64 * GIB, 1000, 2, 8),  # two batches: two threads
+        ({"points_per_side": 9}, 64 * GIB, 1000, 2, 8),
+        ({"points_per_side": 4}, 64 * GIB, 4, 4, 4),  # fewer images than cores: the actors share them
+    ],
+)
+def test_one_batch_grids_take_a_core_per_actor_where_memory_allows(amg, node_memory, n_images, want_cpus, want_count) -> None:
+    resources, count = executor(**amg)._actors({"CPU": 16}, 16, n_images, node_memory)
+    assert (resources, count) == ({"num_cpus": want_cpus - STAGE_TASK_CPUS}, want_count)
+
+
+def test_a_given_actor_size_is_kept() -> None:
+    sized = RayExecutor(executor(points_per_side=4).job, cpus_per_actor=2)
+    assert sized._actors({"CPU": 16}, 16, 1000, None) == ({"num_cpus": 2 - STAGE_TASK_CPUS}, 8)
 
 
 def test_gpu_actors_take_one_gpu_each_unless_the_job_asks_for_the_cpu() -> None:
