@@ -53,6 +53,7 @@ import numpy as np
 from sam_batch.bench import agreement, read_golden
 
 GOLDEN_NAME = "{image}.pps{points}.crop0.minarea0.json"
+RUN_TIMEOUT_S = 300  # the run phase's process, so a hung run cannot take a lent machine's whole time
 
 
 @dataclass(frozen=True)
@@ -289,7 +290,7 @@ def run_row(uris: list[Path], workdir: Path, *, checkpoint: str | None, device: 
     (workdir / "job.yaml").write_text(yaml.safe_dump(job))
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "sam_batch.cli", "run", str(workdir / "job.yaml")],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
