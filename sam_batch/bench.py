@@ -306,6 +306,14 @@ def reference_python(ref_venv: Path) -> Path:
     return python
 
 
+def save_pixels(images: list[np.ndarray], folder: Path) -> list[Path]:
+    """Each image (H, W, 3) uint8 as `folder`/image{i}.npy, the reference driver's input."""
+    paths = [folder / f"image{i}.npy" for i in range(len(images))]
+    for path, image in zip(paths, images):
+        np.save(path, image)
+    return paths
+
+
 def run_reference(
     python: Path, pixels: list[Path], checkpoint: Path, *, model_type: str, points_per_side: int, threads: int,
     device: str = "cpu", warm_up: bool = False, isolated: bool = True, log=print,
@@ -333,11 +341,32 @@ def run_reference(
     proc = subprocess.Popen(
         [str(python), *(["-I"] if isolated else []), str(driver), json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    _check(proc, _echo_lines(proc, proc.stderr, log), "the reference generator")
+    check_exit(proc, _echo_lines(proc, proc.stderr, log), "the reference generator")
     stdout = proc.stdout.read()
     seconds = time.perf_counter() - started
     sides = [Side(**json.loads(out.read_text())) for out in outs]
     return sides, json.loads(stdout.strip().splitlines()[-1]), seconds
+
+
+def write_run_job(
+    workdir: Path, name: str, uris: list[str], *, model_type: str, checkpoint: str | None, points_per_side: int,
+    **sections: dict,
+) -> Path:
+    """workdir/job.yaml: a job over `uris` writing into workdir/out; `sections` add job sections
+    (`engine`, `raster`, `run`, ...). Returns its path."""
+    import yaml
+
+    job = {
+        "name": name,
+        "input": {"uris": list(uris)},
+        "model": {"type": model_type, "checkpoint": checkpoint},
+        "amg": {"points_per_side": points_per_side},
+        "output": {"uri": str(workdir / "out")},
+        **sections,
+    }
+    job_file = workdir / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+    return job_file
 
 
 def run_pipeline(
@@ -349,25 +378,17 @@ def run_pipeline(
     process's wall time in s.
     """
     import pyarrow.parquet as pq
-    import yaml
 
     from sam_batch.jobs.plan import normalise_uri
 
-    job = {
-        "name": "bench",
-        "input": {"uris": list(uris)},
-        "model": {"type": model_type, "checkpoint": str(checkpoint)},
-        "amg": {"points_per_side": points_per_side},
-        "output": {"uri": str(workdir / "out")},
-    }
-    job_file = workdir / "job.yaml"
-    job_file.write_text(yaml.safe_dump(job))
+    job_file = write_run_job(workdir, "bench", uris, model_type=model_type, checkpoint=str(checkpoint),
+                             points_per_side=points_per_side)
     started = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "sam_batch.cli", "run", str(job_file)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    _check(proc, _echo_lines(proc, proc.stdout, log), "sam-batch run")
+    check_exit(proc, _echo_lines(proc, proc.stdout, log), "sam-batch run")
     seconds = time.perf_counter() - started
     rows = pq.read_table(workdir / "out" / "masks", columns=["image_uri", "mask_id", "segmentation"]).to_pylist()
     by_listed = {normalise_uri(uri): uri for uri in uris}  # the run lists local paths absolute
@@ -377,7 +398,7 @@ def run_pipeline(
     return records, seconds
 
 
-def _check(proc: subprocess.Popen, output: str, what: str) -> None:
+def check_exit(proc: subprocess.Popen | subprocess.CompletedProcess, output: str, what: str) -> None:
     """BenchError with the last line `proc` wrote, if it failed."""
     if proc.returncode != 0:
         last = (output.strip().splitlines() or ["no output"])[-1]
@@ -463,9 +484,7 @@ def _bench(args: argparse.Namespace, python: Path, argv: list[str]) -> int:
     engine = build_engine(args.model, str(checkpoint), device="cpu")
     with tempfile.TemporaryDirectory(prefix="sam-batch-bench-") as tmp:
         images = [load_image(uri) for uri in args.images]
-        pixels = [Path(tmp) / f"image{i}.npy" for i in range(len(images))]
-        for path, image in zip(pixels, images):
-            np.save(path, image)
+        pixels = save_pixels(images, Path(tmp))
         results, versions = [], {}
         for uri, image, path in zip(args.images, images, pixels):  # interleaved, so drifts in load hit both
             [reference], versions, _ = run_reference(

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sam_batch.bench import agreement, read_golden
+from sam_batch.bench import agreement, check_exit, read_golden, write_run_job
 
 GOLDEN_NAME = "{image}.pps{points}.crop0.minarea0.json"
 RUN_TIMEOUT_S = 300  # the run phase's process, so a hung run cannot take a lent machine's whole time
@@ -268,8 +268,6 @@ def compile_engine(engine, backend: str) -> None:
 def run_row(uris: list[Path], workdir: Path, *, checkpoint: str | None, device: str, precision: str,
             points_per_side: int, copies: int) -> dict:
     """`sam-batch run` (in-process executor) as a process over `copies` images made of `uris`."""
-    import yaml
-
     inputs = workdir / "inputs"
     inputs.mkdir(parents=True)
     listed = []
@@ -277,24 +275,15 @@ def run_row(uris: list[Path], workdir: Path, *, checkpoint: str | None, device: 
         source = uris[i % len(uris)]
         listed.append(str(inputs / f"{i:04d}-{source.name}"))
         shutil.copyfile(source, listed[-1])
-    job = {
-        "name": "bench-gpu",
-        "input": {"uris": listed},
-        "model": {"type": "vit_t", "checkpoint": checkpoint},
-        "engine": {"device": device, "precision": precision},
-        "amg": {"points_per_side": points_per_side},
-        "raster": {"tile_size": 8192},
-        "output": {"uri": str(workdir / "out")},
-        "run": {"executor": "local"},
-    }
-    (workdir / "job.yaml").write_text(yaml.safe_dump(job))
+    job_file = write_run_job(
+        workdir, "bench-gpu", listed, model_type="vit_t", checkpoint=checkpoint, points_per_side=points_per_side,
+        engine={"device": device, "precision": precision}, raster={"tile_size": 8192}, run={"executor": "local"},
+    )
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "sam_batch.cli", "run", str(workdir / "job.yaml")],
+    proc = subprocess.run([sys.executable, "-m", "sam_batch.cli", "run", str(job_file)],
                           capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"phase": "run", "precision": precision, "error": f"exit {proc.returncode}: {tail}"}
+    check_exit(proc, proc.stderr, "sam-batch run")  # a failure is the phase's one-line `failed` row
     record = json.loads((workdir / "out" / "run.json").read_text())
     return {
         "phase": "run", "precision": precision, "images": copies, "process_seconds": round(wall, 2),
@@ -434,14 +423,12 @@ def run_reference_on(images: dict[str, np.ndarray], args: argparse.Namespace) ->
     """MobileSAM's generator (fp32) in `args.reference_python` on `args.device`, one warm-up first."""
     import torch
 
-    from sam_batch.bench import run_reference
+    from sam_batch.bench import run_reference, save_pixels
     from sam_batch.engines.checkpoints import resolve_checkpoint
 
     checkpoint = resolve_checkpoint("vit_t", args.checkpoint, None)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-reference-") as tmp:
-        pixels = [Path(tmp) / f"image{i}.npy" for i in range(len(images))]
-        for path, image in zip(pixels, images.values()):
-            np.save(path, image)
+        pixels = save_pixels(list(images.values()), Path(tmp))
         sides, _, _ = run_reference(
             Path(args.reference_python), pixels, checkpoint, model_type="vit_t", points_per_side=args.points_per_side,
             threads=torch.get_num_threads(), device=args.device, warm_up=True, isolated=False, log=lambda line: None,
@@ -473,11 +460,11 @@ def format_report(rows: list[dict]) -> str:
         elif phase == "encoder":
             lines.append(f"| encoder | {row['model']} | {row['precision']} | {1000 / row['ms_per_image']:.1f} | "
                          f"{row['peak_gpu_mib']} | {row['images_per_call']} per call: {row['ms_per_image']} ms per image |")
-        elif phase == "run" and "error" not in row:
+        elif phase == "run":
             lines.append(f"| run | vit_t | {row['precision']} | {row['process_images_per_second']} (process), "
                          f"{row['run_images_per_second']} (run) | | {row['images_ok']} of {row['images']} images ok, {row['masks']} masks, "
                          f"{row['process_seconds']} s |")
-        elif phase in ("run", "skipped", "failed"):
+        elif phase in ("skipped", "failed"):
             lines.append(f"| {phase} | | | | | {row.get('what', '')} {row.get('error', row.get('reason', ''))} |")
     return "\n".join(lines) + "\n"
 
