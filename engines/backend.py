@@ -8,6 +8,7 @@ engine's device, so the per-pixel filtering in `pipeline.amg` runs where the log
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +220,30 @@ def build_engine(
 
         return TensorRTEngine.from_model(loaded, device, precision)
     return TorchEngine(loaded.model, pick_device(device), precision)
+
+
+# glibc malloc's options (mallopt(3)): keep freed memory in the process for the next allocation,
+# instead of giving it back to the system and faulting it in again (page by page) the next time
+MALLOC_OPTIONS = (
+    (-1, 2**30),  # M_TRIM_THRESHOLD: give back the heap's free top only beyond 1 GiB
+    (-2, 64 * 2**20),  # M_TOP_PAD: grow the heap 64 MiB at a time
+    (-3, 32 * 2**20),  # M_MMAP_THRESHOLD: blocks below 32 MiB (glibc's maximum) come from the heap
+)
+
+
+def keep_freed_memory() -> bool:
+    """Set `MALLOC_OPTIONS` in this process (a worker that segments on the CPU); False where the
+    C library has no `mallopt` (not glibc) or refuses one.
+
+    A 32x32 image allocates and frees gigabytes in blocks of megabytes; with glibc's defaults
+    many go back to the system when freed, and each new one is faulted in again.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return all([mallopt(option, value) == 1 for option, value in MALLOC_OPTIONS])
 
 
 def set_cpu_threads(n_threads: int | None = None) -> int:

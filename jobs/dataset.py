@@ -55,6 +55,11 @@ class Plan:
     job: dict
     shards: tuple[Shard, ...]
 
+    @property
+    def uris(self) -> list[str]:
+        """Every input, in plan order."""
+        return [uri for shard in self.shards for uri in shard.uris]
+
     def to_json(self) -> str:
         return json.dumps(
             {
@@ -86,7 +91,10 @@ class OutputDataset:
     # -- the plan -------------------------------------------------------------------------
 
     def read_plan(self) -> Plan | None:
-        """The frozen plan, None if there is none; `DatasetError` if it cannot be read."""
+        """The frozen plan, None if there is none; `DatasetError` if it cannot be read (or the
+        output's root is a file)."""
+        if self.fs.isfile(self.root):
+            raise DatasetError(f"output.uri {self.uri!r} is a file; it names the folder the tables go to")
         path = self.path(BOOKKEEPING, "plan.json")
         if not self.fs.exists(path):
             return None
@@ -117,16 +125,22 @@ class OutputDataset:
         return {int(n[len("shard-") : -len(".json")]) for n in names if n.startswith("shard-") and n.endswith(".json")}
 
     def commit_shard(self, shard: Shard, masks: pa.Table, images: pa.Table, stats: dict) -> bool:
-        """Publish a shard's two tables and create its marker; False if it was already committed."""
+        """Publish a shard's two tables and create its marker; False if it was already committed.
+
+        Both files are written in full before either moves into place, masks first: a crash
+        between the two moves (the only window) leaves masks whose image rows a re-run adds,
+        never an image row without its masks. A re-run writes the same bytes under the same names.
+        """
         if self.fs.exists(self._marker(shard)):
             return False
         attempt = self.path(BOOKKEEPING, "attempts", f"{shard.name}-{uuid.uuid4().hex}")
         self.fs.makedirs(attempt, exist_ok=True)
-        for table_name, table in (("masks", masks), ("images", images)):
-            staged = f"{attempt}/{table_name}.parquet"
-            self._write_bytes(staged, _parquet_bytes(table))
+        tables = {"masks": masks, "images": images}
+        for table_name, table in tables.items():
+            self._write_bytes(f"{attempt}/{table_name}.parquet", _parquet_bytes(table))
+        for table_name in tables:
             self.fs.makedirs(self.path(table_name), exist_ok=True)
-            self.fs.mv(staged, self.path(table_name, f"{shard.name}.parquet"))
+            self.fs.mv(f"{attempt}/{table_name}.parquet", self.path(table_name, f"{shard.name}.parquet"))
         self._remove(attempt)  # empty by now; object stores have no folder left to remove
         return self._create_marker(shard, stats)
 

@@ -34,7 +34,7 @@ import numpy as np
 from sam_batch.jobs.dataset import OutputDataset, Shard
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.jobs.worker import ImageResult, ImageSegmenter, commit_shard, image_result
-from sam_batch.pipeline.images import TIFF_MAGIC, ImageError, decode_image, read_bytes
+from sam_batch.pipeline.images import TIFF_MAGIC, ImageError, decode_image, one_line_reason, read_bytes
 
 log = logging.getLogger("sam_batch")
 
@@ -301,8 +301,7 @@ def _read_image(uri: str, storage_options: dict, bands: tuple[int, ...] | None) 
     except ImageError as error:
         return _ReadStatus(str(error), time.perf_counter() - started), None
     except Exception as error:  # noqa: BLE001 - one image's failure must not end the job
-        reason = " ".join(str(error).split())[:300]
-        return _ReadStatus(f"decode: {type(error).__name__}: {reason}", time.perf_counter() - started), None
+        return _ReadStatus(f"decode: {one_line_reason(error, typed=True)}", time.perf_counter() - started), None
     return _ReadStatus(None, time.perf_counter() - started), image
 
 
@@ -490,8 +489,7 @@ class _CommitStage:
             return ShardCommit(shard, self.ray.get(ref))
         except self.ray.exceptions.RayError as error:
             cause = getattr(error, "cause", None) or error
-            reason = " ".join(str(cause).split())[:300] or type(cause).__name__
-            raise JobFailure(f"committing {shard.name} failed: {type(cause).__name__}: {reason}") from None
+            raise JobFailure(f"committing {shard.name} failed: {one_line_reason(cause, typed=True)}") from None
 
 
 def _worker_lost_errors(ray) -> tuple[type[Exception], ...]:

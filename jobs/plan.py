@@ -8,14 +8,14 @@ de-duplicated, then cut into shards of `run.shard_size` in that order.
 from __future__ import annotations
 
 import io
-import os
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sam_batch.jobs.dataset import Plan, Shard
-from sam_batch.jobs.schema import JobSpec
+from sam_batch.jobs.schema import JobSpec, normalise_uri
+from sam_batch.pipeline.images import one_line_reason
 
 GLOB_CHARS = "*?["
 
@@ -46,11 +46,16 @@ def make_plan(job: JobSpec, uris: list[str]) -> Plan:
 
 
 def _expand(pattern: str, options: dict) -> list[str]:
-    """A glob → the files it matches; a plain URI → itself (missing ones become error rows later)."""
+    """A glob → the files it matches; a plain URI → itself (missing ones become error rows later).
+
+    A URI with glob characters that names an existing file (`scan[1].png`) is that file.
+    """
     if not any(c in pattern for c in GLOB_CHARS):
         return [normalise_uri(pattern)]
     fs, path = fsspec.core.url_to_fs(pattern, **options)
     try:
+        if fs.isfile(path):
+            return [normalise_uri(pattern)]
         found = fs.glob(path, detail=True)
     except Exception as error:  # noqa: BLE001 - storage errors name the pattern, never options
         raise PlanError(f"input.uris: cannot list {pattern!r}: {type(error).__name__}") from None
@@ -79,10 +84,11 @@ def _parquet_uris(uri: str, data: bytes) -> list[str]:
         names = parquet.schema_arrow.names
         column = parquet.read(columns=["uri"]).column("uri") if "uri" in names else None
     except Exception as error:  # noqa: BLE001
-        reason = " ".join(str(error).split())[:200]
-        raise PlanError(f"input.manifest: {uri!r} is not a readable Parquet file ({reason})") from None
+        raise PlanError(f"input.manifest: {uri!r} is not a readable Parquet file ({one_line_reason(error)})") from None
     if column is None:
         raise PlanError(f"input.manifest: {uri!r} has no 'uri' column (columns: {names})")
+    if pa.types.is_dictionary(column.type):  # categorical strings, as pandas writes them
+        column = column.cast(column.type.value_type)
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         raise PlanError(f"input.manifest: {uri!r}: the 'uri' column holds {column.type}, not strings")
     return [u.strip() for u in column.to_pylist() if u and u.strip()]
@@ -98,11 +104,5 @@ def _text_uris(uri: str, data: bytes) -> list[str]:
 
 
 def _as_uri(fs, path: str, pattern: str) -> str:
-    if "://" in pattern:
-        return fs.unstrip_protocol(path)
-    return os.path.abspath(path)
-
-
-def normalise_uri(uri: str) -> str:
-    """Local paths become absolute so ids do not depend on the working directory."""
-    return uri if "://" in uri else os.path.abspath(uri)
+    """A path a glob found, spelled like the pattern's listed files (`normalise_uri`)."""
+    return normalise_uri(fs.unstrip_protocol(path) if "://" in pattern else path)

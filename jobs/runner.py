@@ -69,26 +69,29 @@ class RunSummary:
 
 def prepare_plan(job: JobSpec, dataset: OutputDataset, overwrite: bool) -> Plan:
     """The frozen plan of this output, made now if there is none; refuses another job's output
-    (or an unreadable plan) unless `overwrite`, which clears the output first."""
+    (or an unreadable plan) unless `overwrite`, which replaces the output, but only once the new
+    plan is made: a job that lists no input leaves the old output as it was."""
     try:
         existing = dataset.read_plan()
+        readable = True
     except DatasetError:
         if not overwrite:
             raise
-        log.warning("--overwrite: the plan at %s cannot be read; removing the previous output", job.output.uri)
-        dataset.clear()
-        existing = None
+        existing, readable = None, False
     if existing is not None and existing.fingerprint == job.fingerprint():
+        log.info("resuming: the plan of this job's first run stands (%d images in %d shards; "
+                 "`sam-batch validate` lists inputs added or removed since)", len(existing.uris), len(existing.shards))
         return existing
     if existing is not None and not overwrite:
         raise JobRefused(
             f"output.uri {job.output.uri!r} holds the output of a different job "
             f"({existing.job.get('name')!r}); use another output.uri or pass --overwrite to replace it"
         )
-    if existing is not None:
-        log.warning("--overwrite: removing the previous output at %s", job.output.uri)
-        dataset.clear()
     plan = make_plan(job, list_inputs(job))
+    if existing is not None or not readable:
+        why = "" if readable else " (its plan cannot be read)"
+        log.warning("--overwrite: removing the previous output at %s%s", job.output.uri, why)
+        dataset.clear()
     dataset.write_plan(plan)
     return plan
 
@@ -163,13 +166,15 @@ class Progress:
             return
         rate = self.done / max(time.perf_counter() - self.started, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        error = result.image_row["error"]
         log.info(
-            "[%d/%d] %s %s masks=%d | total masks=%d %.3f img/s eta %.0fs",
+            "[%d/%d] %s %s masks=%d%s | total masks=%d %.3f img/s eta %.0fs",
             self.done,
             self.total,
             result.image_row["status"],
             result.uri,
             len(result.mask_rows),
+            f" ({error})" if error else "",
             summary.masks,
             rate,
             eta,

@@ -18,6 +18,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -477,15 +478,28 @@ class JobSpec:
     def fingerprint(self) -> str:
         """SHA-256 hex of the canonical JSON of everything that determines the output.
 
-        Excludes ``run.*`` and every ``storage_options`` (credentials, no effect on results);
-        independent of key order in the job file.
+        Excludes ``run.*``, every ``storage_options`` (credentials, no effect on results) and
+        ``output.uri`` (the plan holding the fingerprint sits there); input URIs count as
+        `normalise_uri` spells them, as a set. Independent of key order in the job file.
         """
         data = self.to_dict()
         del data["run"]
         for section in ("input", "output"):
             del data[section]["storage_options"]
+        del data["output"]["uri"]
+        data["input"]["uris"] = sorted({normalise_uri(uri) for uri in self.input.uris})
+        if self.input.manifest is not None:
+            data["input"]["manifest"] = normalise_uri(self.input.manifest)
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def normalise_uri(uri: str) -> str:
+    """One spelling per file: local paths (and `file://` URLs) absolute and normalised, so ids
+    depend neither on the working directory nor on how a path was written; other URLs as given."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return uri if "://" in uri else os.path.abspath(uri)
 
 
 def _plain(value: Any) -> Any:
@@ -619,7 +633,12 @@ def _reject_unknown_keys(data: Mapping[Any, Any], section: str, known: Sequence[
         if key not in known:
             path = f"{section}.{key}" if section else str(key)
             suggestion = _suggest(key, known) if isinstance(key, str) else ""
-            raise JobError(f"unknown key {path!r}{suggestion}", field=path)
+            raise JobError(f"unknown key {path!r}{suggestion or _allowed(section, known)}", field=path)
+
+
+def _allowed(section: str, known: Sequence[str]) -> str:
+    """`` (amg has: a, b, ...)``: the keys one place of the job file takes."""
+    return f" ({section or 'the job file'} has: {', '.join(known)})"
 
 
 def _apply_overrides(
@@ -664,8 +683,14 @@ def _check_override_key(key: str, parts: list[str]) -> None:
         and ".".join(parts[:2]) in _FIELD_KEYS
         and all(parts)
     )
-    if key not in _FIELD_KEYS and not under_options:
-        raise JobError(f"--set {key}: unknown key{_suggest(key, _FIELD_KEYS)}", field=key)
+    if key in _FIELD_KEYS or under_options:
+        return
+    if key in _SECTIONS:
+        fields = [f.name for f in dataclasses.fields(_SECTIONS[key])]
+        raise JobError(f"--set {key}: a section, not a field; set one of its fields ({key}.{fields[0]}, ...)", field=key)
+    section, known = (parts[0], [f.name for f in dataclasses.fields(_SECTIONS[parts[0]])]) if parts[0] in _SECTIONS else ("", _TOP_KEYS)
+    hint = _suggest(key, _FIELD_KEYS) or _allowed(section, known)
+    raise JobError(f"--set {key}: unknown key{hint}", field=key)
 
 
 def _related(path: str, key: str) -> bool:

@@ -41,9 +41,10 @@ class ImageSegmenter:
     in this process (None: every core it may use)."""
 
     def __init__(self, job: JobSpec, worker_name: str = "local", threads: int | None = None) -> None:
-        from sam_batch.engines.backend import build_engine, set_cpu_threads
+        from sam_batch.engines.backend import build_engine, keep_freed_memory, set_cpu_threads
 
         set_cpu_threads(threads)
+        keep_freed_memory()
         self.job = job
         self.worker_name = worker_name
         self.params = job.amg
@@ -89,7 +90,7 @@ class ImageSegmenter:
         except ImageError as error:
             return self._result(uri, [], size, started, seconds, error=str(error))
         except Exception as error:  # noqa: BLE001 - one image's failure must not end the job
-            reason = f"segment: {type(error).__name__}: {one_line_reason(error)}"
+            reason = f"segment: {one_line_reason(error, typed=True)}"
             return self._result(uri, [], size, started, seconds, error=reason)
         return self._result(uri, rows, size, started, seconds, crs=result.crs, transform=result.transform)
 

@@ -84,21 +84,60 @@ def _decode_raster(data: bytes, bands: Sequence[int] | None) -> np.ndarray:
     try:
         with MemoryFile(data) as memfile, memfile.open() as src:
             _check_size(src.width, src.height, MAX_RASTER_PIXELS)
-            chosen = list(bands) if bands else list(range(1, min(src.count, 3) + 1))
-            if max(chosen) > src.count:
-                raise ImageError("decode", f"bands {chosen} asked for, the file has {src.count}")
+            chosen = rgb_bands(src, bands)
+            palette = palette_colours(src, chosen)
             pixels = src.read(chosen)
     except ImageError:
         raise
     except rasterio.errors.RasterioError as error:
         raise ImageError("decode", f"raster read failed: {raster_error_reason(error)}") from None
-    if pixels.dtype != np.uint8:
+    if palette is not None:
+        pixels = apply_palette(pixels, palette)
+    elif pixels.dtype != np.uint8:
         pixels = _stretch_to_uint8(pixels)
     if pixels.shape[0] == 1:
         return _gray_to_rgb(pixels)
-    if pixels.shape[0] == 2:
-        raise ImageError("decode", "a 2-band raster has no RGB view; set raster.bands")
     return np.ascontiguousarray(np.moveaxis(pixels, 0, -1))
+
+
+def rgb_bands(src, bands: Sequence[int] | None) -> list[int]:
+    """The 1-based bands of rasterio dataset `src` shown as RGB: `bands` as given, else the
+    first three that are not alpha (one band is shown as gray; the alpha band marks the valid
+    pixels through the dataset mask). `ImageError` for a band the file lacks, two bands, or
+    complex pixels."""
+    not_alpha = [b for b, colour in zip(src.indexes, src.colorinterp) if colour.name != "alpha"]
+    chosen = list(bands) if bands else (not_alpha or list(src.indexes))[:3]
+    if max(chosen) > src.count:
+        raise ImageError("decode", f"bands {chosen} asked for, the file has {src.count}")
+    if len(chosen) == 2:
+        raise ImageError("decode", f"bands {chosen}: two bands have no RGB view; set raster.bands")
+    dtypes = {src.dtypes[b - 1] for b in chosen}
+    if any(np.dtype(d).kind == "c" for d in dtypes):
+        raise ImageError("decode", f"{'/'.join(sorted(dtypes))} pixels have no RGB view")
+    return chosen
+
+
+def palette_colours(src, bands: list[int]) -> np.ndarray | None:
+    """The colours (K, 3) uint8 of index 0..K-1 when `bands` is one palette band of `src`
+    (an indexed-colour or 1-bit file), else None."""
+    if len(bands) != 1 or src.colorinterp[bands[0] - 1].name != "palette":
+        return None
+    try:
+        colormap = src.colormap(bands[0])
+    except ValueError:  # no colour table after all: shown as gray
+        return None
+    colours = np.zeros((max(colormap) + 1, 3), dtype=np.uint8)
+    for index, rgba in colormap.items():
+        colours[index] = rgba[:3]
+    return colours
+
+
+def apply_palette(pixels: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """Indexes (1, H, W) -> RGB (3, H, W) uint8 through `colours` (K, 3); indexes past K are black."""
+    index = pixels[0].astype(np.int64)
+    rgb = colours[np.clip(index, 0, len(colours) - 1)]
+    rgb[(index < 0) | (index >= len(colours))] = 0
+    return np.moveaxis(rgb, -1, 0)
 
 
 def _stretch_to_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -146,7 +185,10 @@ def raster_error_reason(error: Exception) -> str:
     return re.sub(r"^(/vsi\w+/)?[0-9a-f-]{32,36}\.?\w*/*, ?", "", text)[:300]
 
 
-def one_line_reason(error: BaseException) -> str:
-    """The error's message on one line, without object addresses (the same on every run)."""
-    text = " ".join(OBJECT_REPR.sub("", str(error)).split()) or type(error).__name__
-    return text[:300]
+def one_line_reason(error: BaseException, *, typed: bool = False) -> str:
+    """The error's message on one line, without object addresses (the same on every run); its
+    type's name when it has no message. `typed`: always led by the type's name (`Type: message`)."""
+    text = " ".join(OBJECT_REPR.sub("", str(error)).split())[:300]
+    if typed or not text:
+        return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text

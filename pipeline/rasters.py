@@ -20,8 +20,12 @@ import numpy as np
 from sam_batch.pipeline.images import (
     TIFF_MAGIC,
     ImageError,
+    apply_palette,
     apply_stretch,
+    one_line_reason,
+    palette_colours,
     raster_error_reason,
+    rgb_bands,
     stretch_limits,
 )
 
@@ -68,7 +72,7 @@ def is_raster(uri: str, storage_options: dict | None = None) -> bool:
     except FileNotFoundError:
         raise ImageError("read", "file not found") from None
     except Exception as error:  # noqa: BLE001 - any storage failure becomes an error row
-        raise ImageError("read", " ".join(str(error).split())[:300] or type(error).__name__) from None
+        raise ImageError("read", one_line_reason(error)) from None
     if not head:
         raise ImageError("read", "file is empty (0 bytes)")
     return head in TIFF_MAGIC
@@ -77,8 +81,8 @@ def is_raster(uri: str, storage_options: dict | None = None) -> bool:
 class RasterScene:
     """A raster opened for windowed reading; use as a context manager.
 
-    bands: 1-based band indexes used as RGB (None = the first three; one band is repeated
-    as gray); nodata: overrides the file's nodata value. Pixels are valid where any chosen
+    bands: 1-based band indexes used as RGB (None = the first three that are not alpha; one
+    band is repeated as gray, or coloured through its palette); nodata: overrides the file's nodata value. Pixels are valid where any chosen
     band differs from nodata (and is not NaN), or, for files without a nodata value, where
     GDAL's dataset mask (alpha band or internal mask) says so.
     """
@@ -112,18 +116,16 @@ class RasterScene:
             raise ImageError("decode", f"image has no pixels ({self.width}x{self.height})")
         if self.width * self.height > MAX_SCENE_PIXELS:
             raise ImageError("decode", f"header claims {self.width}x{self.height} pixels, over {MAX_SCENE_PIXELS}")
-        self.bands = list(bands) if bands else list(range(1, min(src.count, 3) + 1))
-        if max(self.bands) > src.count:
-            raise ImageError("decode", f"bands {self.bands} asked for, the file has {src.count}")
-        if len(self.bands) == 2:
-            raise ImageError("decode", "a 2-band raster has no RGB view; set raster.bands")
+        self.bands = rgb_bands(src, bands)
+        self.palette = palette_colours(src, self.bands)
         self.crs = src.crs
         self.transform = src.transform if src.crs is not None else None
         self.nodata = nodata if nodata is not None else src.nodata
         self._use_dataset_mask = self.nodata is None and any(
             flag.name in ("per_dataset", "alpha") for flag in src.mask_flag_enums[self.bands[0] - 1]
         )
-        self.stretch = self._stretch_limits() if src.dtypes[self.bands[0] - 1] != "uint8" else None
+        plain = self.palette is not None or src.dtypes[self.bands[0] - 1] == "uint8"
+        self.stretch = None if plain else self._stretch_limits()
 
     def __enter__(self) -> RasterScene:
         return self
@@ -145,7 +147,10 @@ class RasterScene:
         rio_window = self._rasterio.windows.Window(x0, y0, x1 - x0, y1 - y0)
         pixels = self._guarded(lambda: self._src.read(self.bands, window=rio_window))
         valid = self._valid(pixels, lambda: self._src.dataset_mask(window=rio_window))
-        rgb = pixels if self.stretch is None else apply_stretch(pixels, *self.stretch)
+        if self.palette is not None:
+            rgb = apply_palette(pixels, self.palette)
+        else:
+            rgb = pixels if self.stretch is None else apply_stretch(pixels, *self.stretch)
         if valid is not None:
             rgb = np.where(valid, rgb, 0).astype(np.uint8)
         if rgb.shape[0] == 1:

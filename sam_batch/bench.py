@@ -379,7 +379,7 @@ def run_pipeline(
     """
     import pyarrow.parquet as pq
 
-    from sam_batch.jobs.plan import normalise_uri
+    from sam_batch.jobs.schema import normalise_uri
 
     job_file = write_run_job(workdir, "bench", uris, model_type=model_type, checkpoint=str(checkpoint),
                              points_per_side=points_per_side)
@@ -471,7 +471,7 @@ def _bench(args: argparse.Namespace, python: Path, argv: list[str]) -> int:
     """Both sides on every image, the report, and the doc section if asked."""
     import torch
 
-    from sam_batch.engines.backend import build_engine, set_cpu_threads
+    from sam_batch.engines.backend import build_engine, keep_freed_memory, set_cpu_threads
     from sam_batch.engines.checkpoints import resolve_checkpoint
     from sam_batch.pipeline.images import load_image
 
@@ -480,6 +480,7 @@ def _bench(args: argparse.Namespace, python: Path, argv: list[str]) -> int:
 
     load_before = os.getloadavg()[0]
     threads = set_cpu_threads(args.threads)
+    keep_freed_memory()  # as a segmenting worker does
     checkpoint = resolve_checkpoint(args.model, args.checkpoint, None, log=progress)
     engine = build_engine(args.model, str(checkpoint), device="cpu")
     with tempfile.TemporaryDirectory(prefix="sam-batch-bench-") as tmp:

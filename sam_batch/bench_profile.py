@@ -30,10 +30,11 @@ STAGES = {  # stage -> (object holder, attribute) wrapped; "engine" stands for t
 
 def profile_image(uri: str, *, model: str = "vit_t", threads: int | None = None, points_per_side: int = 32) -> dict:
     """Seconds per stage of one image on the CPU, plus `generate` (all of it) and the number of masks."""
-    from sam_batch.engines.backend import build_engine, set_cpu_threads
+    from sam_batch.engines.backend import build_engine, keep_freed_memory, set_cpu_threads
     from sam_batch.pipeline.images import load_image
 
     used = set_cpu_threads(threads)
+    keep_freed_memory()
     engine = build_engine(model, device="cpu")
     image = load_image(uri)
     seconds, masks = stage_seconds(engine, image, points_per_side)

@@ -110,16 +110,24 @@ def _validate(args: argparse.Namespace) -> int:
     from sam_batch.jobs.schema import load_job
 
     job = load_job(args.job, args.overrides)
-    plan = make_plan(job, list_inputs(job))
+    listed = list_inputs(job)
     existing = OutputDataset(job.output.uri, job.output.storage_options).read_plan()
+    resumes = existing is not None and existing.fingerprint == job.fingerprint()
+    plan = existing if resumes else make_plan(job, listed)
     print(f"job {job.name!r}: valid ({job.model.type}, backend {job.engine.backend}, executor {job.run.executor})")
-    print(f"inputs: {sum(len(s.uris) for s in plan.shards)} images in {len(plan.shards)} shards of up to {job.run.shard_size}")
+    frozen = " (frozen by the job's first run)" if resumes else f" of up to {job.run.shard_size}"
+    print(f"inputs: {len(plan.uris)} images in {len(plan.shards)} shards{frozen}")
     for shard in plan.shards:
         print(f"  {shard.name}: {len(shard.uris)} images, first {shard.uris[0]}")
     if existing is None:
         print(f"output: {job.output.uri} (new)")
-    elif existing.fingerprint == job.fingerprint():
+    elif resumes:
         print(f"output: {job.output.uri} (holds this job: a run resumes it)")
+        added, gone = sorted(set(listed) - set(plan.uris)), sorted(set(plan.uris) - set(listed))
+        for what, uris in (("listed now, not in the frozen plan (a run skips them)", added),
+                           ("in the frozen plan, no longer listed (a run still does them)", gone)):
+            if uris:
+                print(f"  {len(uris)} {what}: first {uris[0]}")
     else:
         print(f"output: {job.output.uri} (holds a different job: a run needs --overwrite)")
     return EXIT_OK
@@ -129,7 +137,7 @@ def _render(args: argparse.Namespace) -> int:
     import pyarrow.compute as pc
 
     from sam_batch.jobs.dataset import OutputDataset
-    from sam_batch.jobs.plan import normalise_uri
+    from sam_batch.jobs.schema import normalise_uri
     from sam_batch.pipeline.images import load_image
     from sam_batch.pipeline.render import overlay
 

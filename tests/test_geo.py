@@ -17,17 +17,19 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import rasterio
+from PIL import Image
 from rasterio.transform import Affine
 
 from sam_batch.engines.backend import build_engine
 from sam_batch.pipeline.geometry import mask_geometry
-from sam_batch.pipeline.images import apply_stretch, stretch_limits
+from sam_batch.pipeline.images import ImageError, apply_stretch, decode_image, stretch_limits
 from sam_batch.pipeline.params import AmgParams
 from sam_batch.pipeline.rasters import RasterScene
 from sam_batch.pipeline.rle import decode_rle
 from sam_batch.pipeline.scenes import MAX_NODATA_FRACTION, segment_scene
 
-LANDSAT = Path(__file__).resolve().parents[2] / "shared" / "data" / "images" / "RGB.byte.tif"
+IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
+LANDSAT = IMAGES / "RGB.byte.tif"
 PARAMS = AmgParams(points_per_side=6)
 SAM_BATCH = str(Path(sys.executable).parent / "sam-batch")
 
@@ -118,6 +120,50 @@ def test_bands_and_nodata_override(tmp_path: Path) -> None:
     assert np.array_equal(rgb, np.moveaxis(np.where(nodata, 0, data[::-1]), 0, -1))
     with pytest.raises(Exception, match="decode: bands \\[1, 2, 4\\] asked for, the file has 3"):
         RasterScene(str(LANDSAT), bands=[1, 2, 4])
+
+
+def _both_readers(path: Path) -> list[np.ndarray]:
+    """The RGB of a raster as a scene (windowed, as the segmenting worker reads it) and decoded
+    whole (as `load_image` does)."""
+    with RasterScene(str(path)) as scene:
+        rgb, _ = scene.read((0, 0, scene.width, scene.height))
+    return [rgb, decode_image(path.read_bytes())]
+
+
+def test_palette_and_one_bit_rasters_are_shown_in_their_colours(tmp_path: Path) -> None:
+    """An indexed-colour TIFF and a 1-bit TIFF: the model sees the colours, not the indexes."""
+    photo = Image.open(IMAGES / "dog.jpg").convert("RGB").resize((96, 64))
+    photo.convert("P", palette=Image.ADAPTIVE, colors=8).save(tmp_path / "palette.tif")
+    photo.convert("1").save(tmp_path / "bilevel.tif")
+    for name in ("palette.tif", "bilevel.tif"):
+        expected = np.asarray(Image.open(tmp_path / name).convert("RGB"))
+        for rgb in _both_readers(tmp_path / name):
+            assert rgb.shape == (64, 96, 3) and np.array_equal(rgb, expected), name
+
+
+def test_gray_with_alpha_is_gray_with_the_alpha_as_valid_pixels(tmp_path: Path) -> None:
+    """A 1-band scene with an alpha band (as `gdalwarp -dstalpha` writes): gray, alpha masking."""
+    gray = _landsat()[:1]
+    alpha = np.where(gray[0] > 0, 255, 0).astype(np.uint8)[None]
+    path = _rewrite(tmp_path / "gray_alpha.tif", np.concatenate([gray, alpha]), nodata=None, alpha="YES")
+    with RasterScene(str(path)) as scene:
+        assert scene.bands == [1]
+        rgb, valid = scene.read((0, 0, 791, 718))
+    assert np.array_equal(valid, alpha[0] > 0)
+    assert np.array_equal(rgb, np.repeat(np.where(alpha[0] > 0, gray[0], 0)[..., None], 3, axis=-1))
+    whole = decode_image(path.read_bytes())
+    assert np.array_equal(whole, np.repeat(gray[0][..., None], 3, axis=-1))
+
+
+def test_rasters_without_an_rgb_view_are_one_line_decode_errors(tmp_path: Path) -> None:
+    two = _rewrite(tmp_path / "two.tif", _landsat()[:2])
+    complex_pixels = _rewrite(tmp_path / "complex.tif", _landsat()[:1].astype(np.complex64), nodata=None)
+    for path, reason in [(two, "bands \\[1, 2\\]: two bands have no RGB view"),
+                         (complex_pixels, "complex64 pixels have no RGB view")]:
+        with pytest.raises(ImageError, match=f"^decode: {reason}"):
+            RasterScene(str(path))
+        with pytest.raises(ImageError, match=f"^decode: {reason}"):
+            decode_image(path.read_bytes())
 
 
 def test_scene_over_fsspec_memory_filesystem() -> None:

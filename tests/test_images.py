@@ -142,5 +142,20 @@ def test_a_failure_while_segmenting_is_one_stable_line(monkeypatch) -> None:
     failed = segmenter.segment(str(IMAGES / "dog.jpg"))
     assert failed.image_row["status"] == "error"
     assert failed.image_row["error"] == "segment: RuntimeError: cannot encode of shape (534, 800, 3)"
+
+    def silent(crop):
+        raise RuntimeError()
+
+    monkeypatch.setattr(segmenter.engine, "encode", silent)
+    assert segmenter.segment(str(IMAGES / "dog.jpg")).image_row["error"] == "segment: RuntimeError"
     monkeypatch.setattr(segmenter.engine, "encode", encode)
     assert segmenter.segment(str(IMAGES / "dog.jpg")).image_row["status"] == "ok"
+
+
+def test_one_line_reason_names_the_type_when_the_message_is_empty() -> None:
+    from sam_batch.pipeline.images import one_line_reason
+
+    assert one_line_reason(OSError("disk\n  gone")) == "disk gone"
+    assert one_line_reason(KeyError()) == "KeyError"
+    assert one_line_reason(ValueError(f"bad {object()}"), typed=True) == "ValueError: bad"
+    assert one_line_reason(MemoryError(), typed=True) == "MemoryError"

@@ -70,13 +70,27 @@ def test_parquet_manifest_gives_its_uri_column(tmp_path, photos) -> None:
     table = pa.table({"id": [1, 2, 3], "uri": [str(photos[1]), None, str(photos[0])]})
     pq.write_table(table, manifest)
     assert listed(job_for(str(manifest))) == sorted(str(p) for p in photos)
+    pq.write_table(table.set_column(1, "uri", table["uri"].dictionary_encode()), manifest)  # categorical
+    assert listed(job_for(str(manifest))) == sorted(str(p) for p in photos)
 
 
 def test_manifest_and_uris_are_united_without_duplicates(tmp_path, photos) -> None:
     manifest = tmp_path / "list.txt"
-    manifest.write_text(f"{photos[0]}\n{IMAGES / 'groceries.jpg'}\n")
-    inputs = listed(job_for(str(manifest), uris=[str(photos[0].parent / "*.jpg")]))
+    manifest.write_text(f"{photos[0]}\n{IMAGES / 'groceries.jpg'}\nfile://{photos[1]}\n")
+    inputs = listed(job_for(str(manifest), uris=[f"file://{photos[0].parent}/*.jpg", str(photos[0].parent / ".." / photos[0].parent.name / "dog.jpg")]))
     assert inputs == sorted({str(photos[0]), str(photos[1]), str(IMAGES / "groceries.jpg")})
+
+
+def test_a_listed_file_with_glob_characters_in_its_name_is_that_file(tmp_path, photos) -> None:
+    """`scan[1].jpg` names a file: it is listed as itself, not read as a pattern matching `scan1.jpg`."""
+    bracketed = tmp_path / "scan[1].jpg"
+    bracketed.write_bytes(photos[0].read_bytes())
+    (tmp_path / "scan1.jpg").write_bytes(photos[1].read_bytes())
+    def of(*uris: Path) -> dict:
+        return {**job_for("unused"), "input": {"uris": [str(u) for u in uris]}}
+
+    assert listed(of(bracketed, photos[1])) == sorted([str(bracketed), str(photos[1])])
+    assert listed(of(tmp_path / "scan[0-9].jpg")) == [str(tmp_path / "scan1.jpg")]
 
 
 def test_a_missing_file_in_the_manifest_is_an_error_row_and_the_job_goes_on(tmp_path, photos) -> None:

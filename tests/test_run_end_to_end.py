@@ -58,6 +58,8 @@ def test_every_input_is_one_images_row(ray_run) -> None:
     assert (by_name["truck.jpg"]["width"], by_name["truck.jpg"]["height"]) == (1800, 1200)
     assert sum(r["n_masks"] for r in good) > 0
     assert "images: 11 ok, 1 error" in result.stdout
+    # the progress line of a failed image says why
+    assert f"error {IMAGES / 'corrupt.tif'} masks=0 ({bad['error']}) | total masks=" in result.stderr
 
 
 def test_every_mask_decodes_to_its_area_and_box(ray_run) -> None:
@@ -225,12 +227,50 @@ def test_validate_prints_the_plan_without_running(tmp_path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_a_resumed_job_keeps_its_frozen_plan_and_overwrite_keeps_the_output_until_a_new_plan(tmp_path) -> None:
+    """A file added after the first run is not in the job (validate says so, a run resumes the
+    frozen plan); the output is the job's however its URI is spelled; --overwrite with a job
+    that lists nothing fails before it removes anything."""
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        Image.open(IMAGES / "dog.jpg").resize((96, 64)).save(folder / name)
+    out = tmp_path / "out"
+    job = write_job(tmp_path, "frozen", [str(folder / "*.jpg")], out, amg={"points_per_side": 2},
+                    run={"executor": "local", "shard_size": 1})
+    sam_batch("run", str(job))
+    Image.open(IMAGES / "dog.jpg").resize((96, 64)).save(folder / "c.jpg")
+
+    validate = sam_batch("validate", str(job)).stdout
+    assert "inputs: 2 images in 2 shards (frozen by the job's first run)" in validate
+    assert f"1 listed now, not in the frozen plan (a run skips them): first {folder / 'c.jpg'}" in validate
+    resumed = sam_batch("run", str(job), "--set", f"output.uri={out}/")
+    assert "resuming: the plan of this job's first run stands (2 images in 2 shards" in resumed.stderr
+    assert "0 ok, 0 error" in resumed.stdout and "2 already done" in resumed.stdout
+
+    nothing = sam_batch("run", str(job), "--set", f"input.uris=[{folder}/*.png]", "--overwrite", check=False)
+    assert nothing.returncode == 1 and "no images found" in nothing.stderr and "removing" not in nothing.stderr
+    assert sorted(Path(u).name for u in pq.read_table(out / "images").column("image_uri").to_pylist()) == ["a.jpg", "b.jpg"]
+    assert "holds this job" in sam_batch("validate", str(job)).stdout
+
+
 def test_invalid_job_exits_2_naming_the_field(tmp_path) -> None:
     job = write_job(tmp_path, "bad", [str(IMAGES / "dog.jpg")], tmp_path / "out", engine={"backend": "tensorflow"})
     result = sam_batch("run", str(job), check=False)
     assert result.returncode == 2
     assert "engine.backend" in result.stderr and "torch" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_output_uri_that_is_a_file_is_one_line_for_validate_and_run(tmp_path) -> None:
+    (tmp_path / "out").write_text("not a folder")
+    job = write_job(tmp_path, "file-out", [str(IMAGES / "dog.jpg")], tmp_path / "out", run={"executor": "local"})
+    for command in ("validate", "run"):
+        result = sam_batch(command, str(job), check=False)
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert f"output.uri '{tmp_path / 'out'}' is a file" in result.stderr
 
 
 def test_no_inputs_is_a_job_failure(tmp_path) -> None:
@@ -277,6 +317,31 @@ def test_plan_and_run_record_are_never_half_written(tmp_path) -> None:
     assert json.loads((tmp_path / "out" / "run.json").read_text()) == {"images_ok": 1}
     dataset.clean_attempts()
     assert sorted(p.name for p in (tmp_path / "out" / "_sam_batch").iterdir()) == ["plan.json"]
+
+
+def test_a_commit_that_dies_before_its_files_are_written_publishes_nothing(tmp_path) -> None:
+    """Both tables are staged in full before either is moved under masks/ or images/."""
+    from sam_batch.jobs.dataset import OutputDataset, Shard
+    from sam_batch.pipeline.tables import IMAGES_SCHEMA, MASKS_SCHEMA
+
+    dataset = OutputDataset(str(tmp_path / "out"))
+    write_bytes = dataset._write_bytes
+
+    def dies_on_images(path: str, data: bytes) -> None:
+        if path.endswith("images.parquet"):
+            raise OSError("killed")
+        write_bytes(path, data)
+
+    dataset._write_bytes = dies_on_images
+    shard = Shard(0, ("x.jpg",))
+    with pytest.raises(OSError):
+        dataset.commit_shard(shard, MASKS_SCHEMA.empty_table(), IMAGES_SCHEMA.empty_table(), {})
+    assert not (tmp_path / "out" / "masks").exists() and not (tmp_path / "out" / "images").exists()
+    dataset._write_bytes = write_bytes
+    assert dataset.commit_shard(shard, MASKS_SCHEMA.empty_table(), IMAGES_SCHEMA.empty_table(), {})
+    assert dataset.committed_shards() == {0}
+    dataset.clean_attempts()
+    assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["shard-00000.parquet"]
 
 
 def test_local_executor_reads_ahead_and_bad_files_are_rows(tmp_path) -> None:

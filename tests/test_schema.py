@@ -243,8 +243,10 @@ def test_unknown_nested_key_with_suggestion() -> None:
 
 def test_unknown_keys_top_level_and_without_suggestion() -> None:
     assert error_of(minimal(inputs={})).message == "unknown key 'inputs' (did you mean 'input'?)"
-    assert error_of(minimal(raster={"zzz": 1})).message == "unknown key 'raster.zzz'"
-    assert error_of(minimal(run={True: 1})).message == "unknown key 'run.True'"
+    raster_keys = "tile_size, tile_overlap, bands, nodata"
+    assert error_of(minimal(raster={"zzz": 1})).message == f"unknown key 'raster.zzz' (raster has: {raster_keys})"
+    assert error_of(minimal(run={True: 1})).message.startswith("unknown key 'run.True' (run has: ray_address, ")
+    assert error_of(minimal(zzz={})).message == "unknown key 'zzz' (the job file has: name, input, model, engine, amg, raster, output, run)"
 
 
 @pytest.mark.parametrize(
@@ -417,7 +419,9 @@ def test_later_override_wins_and_file_is_untouched(tmp_path: Path) -> None:
             "amg.point_per_side=16",
             "--set amg.point_per_side: unknown key (did you mean 'amg.points_per_side'?)",
         ),
-        ("amg=16", "--set amg: unknown key"),
+        ("amg=16", "--set amg: a section, not a field; set one of its fields (amg.points_per_side, ...)"),
+        ("amg.zzz=1", "--set amg.zzz: unknown key (amg has: points_per_side, points_per_batch, "),
+        ("zzz.x=1", "--set zzz.x: unknown key (the job file has: name, input, "),
         ("amg.points_per_side.x=1", "--set amg.points_per_side.x: unknown key"),
         ("input.storage_options.=1", "--set input.storage_options.: unknown key"),
         ("amg.points_per_side", "--set expects key=value"),
@@ -491,6 +495,18 @@ def test_fingerprint_tracks_what_changes_results() -> None:
         output={"uri": "out", "storage_options": {"secret": CANARY}},
     )
     assert parse_job(with_options).fingerprint() == base
+
+
+def test_fingerprint_is_the_same_however_paths_are_spelled(tmp_path: Path, monkeypatch) -> None:
+    """The output's place and the inputs' spelling and order do not make another job."""
+    monkeypatch.chdir(tmp_path)
+    base = parse_job(minimal(input={"uris": ["a.tif", "scenes/b.tif"]}, output={"uri": "out"})).fingerprint()
+    for uris, output in [
+        ([str(tmp_path / "scenes/b.tif"), "./a.tif"], str(tmp_path / "out") + "/"),
+        ([f"file://{tmp_path}/a.tif", "scenes//b.tif", "a.tif"], f"file://{tmp_path}/elsewhere"),
+    ]:
+        assert parse_job(minimal(input={"uris": uris}, output={"uri": output})).fingerprint() == base
+    assert parse_job(minimal(input={"uris": ["a.tif"]})).fingerprint() != base
 
 
 # --- secrets ---------------------------------------------------------------------------------
