@@ -243,7 +243,8 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return all([mallopt(option, value) == 1 for option, value in MALLOC_OPTIONS])
+    applied = [mallopt(option, value) == 1 for option, value in MALLOC_OPTIONS]  # each one tried
+    return all(applied)
 
 
 def set_cpu_threads(n_threads: int | None = None) -> int:

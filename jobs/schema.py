@@ -434,10 +434,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "run": RunSpec,
 }
 _TOP_KEYS = ("name", *_SECTIONS)
-_FIELD_KEYS = (
-    "name",
-    *(f"{key}.{f.name}" for key, cls in _SECTIONS.items() for f in dataclasses.fields(cls)),
-)
+_SECTION_KEYS = {key: tuple(f.name for f in dataclasses.fields(cls)) for key, cls in _SECTIONS.items()}
+_FIELD_KEYS = ("name", *(f"{key}.{name}" for key, names in _SECTION_KEYS.items() for name in names))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -619,9 +617,8 @@ def _build_section(raw: Any, key: str, cls: type[Any]) -> Any:
         raw = {}
     if not isinstance(raw, Mapping):
         raise _err(key, f"expected a mapping, got {_kind(raw)}")
-    fields = dataclasses.fields(cls)
-    _reject_unknown_keys(raw, key, [f.name for f in fields])
-    for f in fields:
+    _reject_unknown_keys(raw, key, _SECTION_KEYS[key])
+    for f in dataclasses.fields(cls):
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and f.name not in raw:
             raise _err(f"{key}.{f.name}", "required")
@@ -685,11 +682,11 @@ def _check_override_key(key: str, parts: list[str]) -> None:
     )
     if key in _FIELD_KEYS or under_options:
         return
-    if key in _SECTIONS:
-        fields = [f.name for f in dataclasses.fields(_SECTIONS[key])]
-        raise JobError(f"--set {key}: a section, not a field; set one of its fields ({key}.{fields[0]}, ...)", field=key)
-    section, known = (parts[0], [f.name for f in dataclasses.fields(_SECTIONS[parts[0]])]) if parts[0] in _SECTIONS else ("", _TOP_KEYS)
-    hint = _suggest(key, _FIELD_KEYS) or _allowed(section, known)
+    if key in _SECTION_KEYS:
+        first = _SECTION_KEYS[key][0]
+        raise JobError(f"--set {key}: a section, not a field; set one of its fields ({key}.{first}, ...)", field=key)
+    section = parts[0] if parts[0] in _SECTION_KEYS else ""
+    hint = _suggest(key, _FIELD_KEYS) or _allowed(section, _SECTION_KEYS.get(section, _TOP_KEYS))
     raise JobError(f"--set {key}: unknown key{hint}", field=key)
 
 

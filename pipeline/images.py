@@ -189,6 +189,6 @@ def one_line_reason(error: BaseException, *, typed: bool = False) -> str:
     """The error's message on one line, without object addresses (the same on every run); its
     type's name when it has no message. `typed`: always led by the type's name (`Type: message`)."""
     text = " ".join(OBJECT_REPR.sub("", str(error)).split())[:300]
-    if typed or not text:
-        return f"{type(error).__name__}: {text}" if text else type(error).__name__
-    return text
+    if not text:
+        return type(error).__name__
+    return f"{type(error).__name__}: {text}" if typed else text

@@ -82,9 +82,10 @@ class RasterScene:
     """A raster opened for windowed reading; use as a context manager.
 
     bands: 1-based band indexes used as RGB (None = the first three that are not alpha; one
-    band is repeated as gray, or coloured through its palette); nodata: overrides the file's nodata value. Pixels are valid where any chosen
-    band differs from nodata (and is not NaN), or, for files without a nodata value, where
-    GDAL's dataset mask (alpha band or internal mask) says so.
+    band is repeated as gray, or coloured through its palette); nodata: overrides the file's
+    nodata value. Pixels are valid where any chosen band differs from nodata (and is not NaN),
+    or, for files without a nodata value, where GDAL's dataset mask (alpha band or internal
+    mask) says so.
     """
 
     def __init__(
