@@ -97,6 +97,12 @@ def box_near_crop_edge(
     return (near_crop & ~near_image).any(dim=1)
 
 
+# torchvision's CPU `batched_nms` keeps its first path up to this many boxes (4,000 coordinates);
+# above it, it re-sorts the kept boxes by score with an unstable sort, which reorders ties
+TORCHVISION_RESORT_ABOVE = 1000
+NMS_ROWS_AT_ONCE = 1024  # IoU rows compared at once: NMS holds a few (this many, N) arrays
+
+
 def box_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Greedy non-maximum suppression, as torchvision's CPU ``batched_nms`` with one category.
 
@@ -105,10 +111,14 @@ def box_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     (x1 - x0) * (y1 - y0), in the boxes' float dtype, compared against the threshold as a
     double.
 
-    Ties in score keep their input order (a stable sort, on CPU so the result does not
-    depend on the device). torchvision leaves tie order unspecified; the reference's golden
-    outputs with min_mask_region_area > 0 (scores all 0 or 1) list ties in input order,
-    and only that order reproduces their survivors.
+    Tie order follows torchvision's CPU code path for the number of boxes: up to
+    `TORCHVISION_RESORT_ABOVE` boxes, equal scores keep their input order (its NMS kernel sorts
+    stably); above it, the kept boxes are put in index order and sorted again by
+    ``torch.sort(descending=True)``, unstable, as torchvision does, so ties come out in that
+    sort's order. Both are checked against torchvision's own output (tests/data). The reference
+    on a GPU switches paths at another count and sorts ties in its own order.
+
+    Memory: a few `NMS_ROWS_AT_ONCE` x N arrays at a time, linear in N however many boxes.
 
     Args:
         boxes: (N, 4) float XYXY boxes.
@@ -118,23 +128,34 @@ def box_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     Returns:
         int64 indexes of kept boxes, on boxes' device, by descending score.
     """
-    order = torch.sort(scores.cpu(), descending=True, stable=True).indices
-    boxes = boxes[order.to(boxes.device)]
+    scores = scores.cpu()
+    order = torch.sort(scores, descending=True, stable=True).indices
+    kept = order[_greedy_survivors(boxes[order.to(boxes.device)], iou_threshold)]
+    if len(boxes) > TORCHVISION_RESORT_ABOVE:
+        kept = kept.sort().values
+        kept = kept[torch.sort(scores[kept], descending=True).indices]
+    return kept.to(boxes.device)
+
+
+def _greedy_survivors(boxes: Tensor, iou_threshold: float) -> list[int]:
+    """Positions of the boxes (N, 4) XYXY, sorted by descending score, that no earlier kept
+    box overlaps by more than ``iou_threshold``; IoUs `NMS_ROWS_AT_ONCE` rows at a time."""
     x0, y0, x1, y1 = boxes.unbind(dim=1)
     area = (x1 - x0) * (y1 - y0)
-    width = (torch.minimum(x1[:, None], x1) - torch.maximum(x0[:, None], x0)).clamp(min=0)
-    height = (torch.minimum(y1[:, None], y1) - torch.maximum(y0[:, None], y0)).clamp(min=0)
-    inter = width * height
-    iou = inter / (area[:, None] + area - inter)
-    overlaps = (iou > _float_below_or_at(iou_threshold, boxes.dtype)).cpu().numpy()
-
-    suppressed = np.zeros(len(order), dtype=bool)
-    kept = []
-    for i in range(len(order)):
-        if not suppressed[i]:
-            kept.append(i)
-            suppressed |= overlaps[i]
-    return order[kept].to(boxes.device)
+    threshold = _float_below_or_at(iou_threshold, boxes.dtype)
+    suppressed = np.zeros(len(boxes), dtype=bool)
+    kept: list[int] = []
+    for start in range(0, len(boxes), NMS_ROWS_AT_ONCE):
+        rows, later = slice(start, start + NMS_ROWS_AT_ONCE), slice(start, None)
+        width = (torch.minimum(x1[rows, None], x1[later]) - torch.maximum(x0[rows, None], x0[later])).clamp(min=0)
+        height = (torch.minimum(y1[rows, None], y1[later]) - torch.maximum(y0[rows, None], y0[later])).clamp(min=0)
+        inter = width * height
+        overlaps = (inter / (area[rows, None] + area[later] - inter) > threshold).cpu().numpy()
+        for row, overlap in enumerate(overlaps):
+            if not suppressed[start + row]:
+                kept.append(start + row)
+                suppressed[start:] |= overlap
+    return kept
 
 
 def _float_below_or_at(threshold: float, dtype: torch.dtype) -> float:
