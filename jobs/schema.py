@@ -55,6 +55,10 @@ _SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 _DEVICES = ("auto", "cpu", "cuda")
 _ENUM_CUTOFF = 0.8  # stricter than for keys: 'tensorflow' should not suggest 'tensorrt'
 
+# a crop's grid is points_per_side^2 prompts: 256 gives 65,536 (the reference's default is 32)
+MAX_POINTS_PER_SIDE = 256
+MAX_CROP_N_LAYERS = 4  # 1 + 4 + 16 + 64 + 256 = 341 crops, each encoded and decoded
+MAX_YAML_ALIASES = 16  # a job file shares a few settings (storage_options) by alias at most
 
 class JobError(ValueError):
     """An invalid job: the message is one line naming the field and what is wrong.
@@ -124,13 +128,15 @@ def _suggest(word: str, choices: Sequence[str], cutoff: float = 0.6) -> str:
     return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
 
 
-def _integer(minimum: int) -> _Rule:
+def _integer(minimum: int, maximum: int | None = None) -> _Rule:
     def rule(value: Any, path: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _err(path, f"expected an integer, got {_show(value)}")
         if value < minimum:
             raise _err(path, f"must be >= {minimum}, got {value}")
         return value
+        if maximum is not None and value > maximum:
+            raise _err(path, f"must be <= {maximum}, got {value}")
 
     return rule
 
@@ -345,13 +351,13 @@ class AmgSpec(_Section, AmgParams):
 
     _SECTION: ClassVar[str] = "amg"
     _RULES: ClassVar[Mapping[str, _Rule]] = {
-        "points_per_side": _integer(1),
+        "points_per_side": _integer(1, MAX_POINTS_PER_SIDE),
         "points_per_batch": _integer(1),
         "pred_iou_thresh": _number(0),
         "stability_score_thresh": _number(0, 1),
         "stability_score_offset": _number(0),
         "box_nms_thresh": _number(0, 1),
-        "crop_n_layers": _integer(0),
+        "crop_n_layers": _integer(0, MAX_CROP_N_LAYERS),
         "crop_nms_thresh": _number(0, 1),
         "crop_overlap_ratio": _number(0, 1, high_open=True),
         "crop_n_points_downscale_factor": _integer(1),
@@ -564,7 +570,29 @@ def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also rejects a key given twice in one mapping."""
+    """``yaml.SafeLoader`` that also rejects a key given twice in one mapping, and bounds
+    aliases (``*name``): at most `MAX_YAML_ALIASES`, each of a scalar or of a list or mapping of
+    scalars, so no alias expands another (nested aliases grow exponentially: "billion laughs").
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.aliases_seen = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        """Compose a node as SafeLoader does, checking an alias first."""
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            self.aliases_seen += 1
+            target = self.anchors.get(event.anchor)
+            if self.aliases_seen > MAX_YAML_ALIASES or (target is not None and not _is_flat(target)):
+                raise yaml.composer.ComposerError(
+                    None, None,
+                    f"alias *{event.anchor}: a job file may use up to {MAX_YAML_ALIASES} aliases, "
+                    "each of a scalar or of a list or mapping of scalars",
+                    event.start_mark,
+                )
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         """Construct a mapping as SafeLoader does, after checking for duplicate keys."""
@@ -583,6 +611,15 @@ class _StrictLoader(yaml.SafeLoader):
 
 def _safe_load(text: str) -> Any:
     return yaml.load(text, Loader=_StrictLoader)  # safe: a SafeLoader subclass
+
+
+def _is_flat(node: yaml.Node) -> bool:
+    """A scalar, or a list or mapping whose items are all scalars."""
+    if isinstance(node, yaml.ScalarNode):
+        return True
+    if isinstance(node, yaml.SequenceNode):
+        return all(isinstance(item, yaml.ScalarNode) for item in node.value)
+    return all(isinstance(k, yaml.ScalarNode) and isinstance(v, yaml.ScalarNode) for k, v in node.value)
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:

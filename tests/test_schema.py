@@ -258,6 +258,8 @@ def test_unknown_keys_top_level_and_without_suggestion() -> None:
         ("amg", {"points_per_side": 0}, "amg.points_per_side: must be >= 1, got 0"),
         ("amg", {"points_per_batch": 0}, "amg.points_per_batch: must be >= 1, got 0"),
         ("amg", {"pred_iou_thresh": -0.1}, "amg.pred_iou_thresh: must be >= 0, got -0.1"),
+        ("amg", {"points_per_side": 100000}, "amg.points_per_side: must be <= 256, got 100000"),
+        ("amg", {"crop_n_layers": 5}, "amg.crop_n_layers: must be <= 4, got 5"),
         ("amg", {"pred_iou_thresh": float("nan")}, "amg.pred_iou_thresh: expected a finite number"),
         ("amg", {"stability_score_thresh": 1.5}, "amg.stability_score_thresh: must be between 0"),
         ("amg", {"stability_score_offset": -1}, "amg.stability_score_offset: must be >= 0"),
@@ -378,6 +380,19 @@ output: {uri: o, storage_options: {<<: *shared, anon: false}}
 
 
 # --- overrides -------------------------------------------------------------------------------
+
+
+def test_nested_and_numerous_aliases_are_refused(tmp_path: Path) -> None:
+    """A billion laughs under storage_options: refused at its first alias of an alias, before
+    anything is expanded; so are more than MAX_YAML_ALIASES aliases of flat values."""
+    levels = ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    levels += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)]
+    bomb = "name: x\ninput: {uris: a, storage_options: {" + ", ".join(levels) + "}}\noutput: {uri: o}\n"
+    with pytest.raises(JobError, match=r"invalid YAML at line 2, .*alias \*l1: a job file may use up to 16 aliases"):
+        load_job(write(tmp_path, bomb))
+    many = "name: x\ninput: {uris: a, storage_options: {k: &k v, " + ", ".join(f"c{i}: *k" for i in range(17)) + "}}\noutput: {uri: o}\n"
+    with pytest.raises(JobError, match=r"alias \*k: a job file may use up to 16 aliases"):
+        load_job(write(tmp_path, many))
 
 
 def test_overrides_of_each_yaml_type(tmp_path: Path) -> None:
