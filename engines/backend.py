@@ -34,7 +34,10 @@ if TYPE_CHECKING:
     from sam_batch.engines.tensorrt_backend import TensorRTEngine
 
 BACKENDS = ("torch", "onnx", "tensorrt")
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# the dtype each precision computes in; tf32 is fp32 with TensorFloat-32 matrix products and
+# convolutions on the GPUs that have them (fp32 means full fp32: TF32 is turned off)
+PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LAYOUTS = ("cpu", "gpu")  # how a TorchEngine lays out the work (see TorchEngine)
 # batches decoded at once on the CPU: each holds the GIL for its Python between operators
 # (about a tenth of its time), so beyond a few threads more cores go to each batch instead
 MAX_CONCURRENT_BATCHES = 4
@@ -44,6 +47,28 @@ GPU_PROMPT_BATCH = 256  # prompts per decode call on a GPU (`min_prompt_batch`);
 def prompt_batch(device: torch.device) -> int:
     """The fewest prompts per decode call that keep `device` busy (see `pipeline.amg.Engine`)."""
     return GPU_PROMPT_BATCH if device.type == "cuda" else 1
+
+
+def allow_tf32(allowed: bool) -> None:
+    """Let CUDA matrix products and cuDNN convolutions of fp32 tensors use TensorFloat-32
+    (process-wide torch switches; PyTorch's own default allows it for convolutions). Through
+    `fp32_precision` where torch has it (2.9 on), else the older `allow_tf32` flags; the two
+    must not be mixed in one process, so read them back with `tf32_settings`."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        mode = "tf32" if allowed else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+        torch.backends.cudnn.allow_tf32 = allowed
+
+
+def tf32_settings() -> dict[str, object]:
+    """The TF32 switches as `allow_tf32` sets them, for reports."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        return {"tf32_matmul": torch.backends.cuda.matmul.fp32_precision,
+                "tf32_cudnn_conv": torch.backends.cudnn.conv.fp32_precision}
+    return {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn_conv": torch.backends.cudnn.allow_tf32}
 
 
 class EngineError(RuntimeError):
@@ -77,22 +102,36 @@ def pick_device(device: str) -> torch.device:
 
 
 class TorchEngine:
-    """SAM in PyTorch (eager), fp32 on CPU; fp16/bf16 on GPU.
+    """SAM in PyTorch (eager) on one device, in one of two layouts of the work (`LAYOUTS`):
 
-    On the CPU, prompts go through `engines.point_decoder` (the decoder's arithmetic with the
-    prompt-independent work done once per crop); on a GPU, through the model's batched decoder.
+    - cpu: prompts through `engines.point_decoder` (the decoder's arithmetic with the
+      prompt-independent work done once per crop), several batches at once, each kept mask
+      brought to full size only over its window, on the host; fp32 only.
+    - gpu: the model's batched decoder, at least `GPU_PROMPT_BATCH` prompts a call, masks
+      brought to full size a chunk at a time on the device; fp32, tf32, fp16 or bf16 (autocast).
+
+    `layout` None takes the device's own (gpu on CUDA, cpu otherwise); the gpu layout runs on
+    the CPU too, which is how the tests hold it to the golden files without a GPU.
+    `precision` sets torch's process-wide TF32 switches: on for tf32, off otherwise.
     """
 
-    def __init__(self, model: SamModel, device: torch.device, precision: str = "fp32") -> None:
-        if precision != "fp32" and device.type == "cpu":
+    def __init__(self, model: SamModel, device: torch.device, precision: str = "fp32", layout: str | None = None) -> None:
+        self.layout = layout or ("gpu" if device.type == "cuda" else "cpu")
+        if self.layout not in LAYOUTS:
+            raise EngineError(f"layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+        if self.layout == "cpu" and device.type != "cpu":
+            raise EngineError(f"the cpu layout runs on the CPU only, not on {device}")
+        if precision != "fp32" and self.layout == "cpu":
             raise EngineError(f"engine.precision: {precision} needs a GPU; use fp32 on the CPU")
         self.device = device
         self.dtype = PRECISIONS[precision]
+        allow_tf32(precision == "tf32")
         self.model = model.to(device).eval()
         self.mask_threshold = 0.0
-        self.min_prompt_batch = prompt_batch(device)
+        self.min_prompt_batch = GPU_PROMPT_BATCH if self.layout == "gpu" else 1
+        self.windowed_upscale = self.layout == "cpu"
         self.point_decoder = (
-            PointDecoder(self.model.prompt_encoder, self.model.mask_decoder) if device.type == "cpu" else None
+            PointDecoder(self.model.prompt_encoder, self.model.mask_decoder) if self.layout == "cpu" else None
         )
 
     @torch.inference_mode()
@@ -132,8 +171,8 @@ class TorchEngine:
 
     @property
     def concurrent_batches(self) -> int:
-        """Prompt batches to decode at once (see `pipeline.amg.Engine`): on the CPU one per
-        torch thread of the calling thread, up to `MAX_CONCURRENT_BATCHES`; else 1."""
+        """Prompt batches to decode at once (see `pipeline.amg.Engine`): in the cpu layout one
+        per torch thread of the calling thread, up to `MAX_CONCURRENT_BATCHES`; else 1."""
         if self.point_decoder is None:
             return 1
         return min(torch.get_num_threads(), MAX_CONCURRENT_BATCHES)
@@ -198,11 +237,13 @@ def build_engine(
     device: str = "auto",
     precision: str = "fp32",
     storage_options: dict | None = None,
+    layout: str | None = None,
 ) -> TorchEngine | OnnxEngine | TensorRTEngine:
     """Resolve the checkpoint, load it strictly into a fresh model and wrap it in `backend`'s engine.
 
     `onnx` and `tensorrt` derive their graphs from the loaded weights on first use and cache them
     under the weights cache (see `engines.onnx_backend`, `engines.tensorrt_backend`).
+    `layout` is the torch engine's (see `TorchEngine`).
     """
     if backend not in BACKENDS:
         raise EngineError(f"engine.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
@@ -219,7 +260,7 @@ def build_engine(
         from sam_batch.engines.tensorrt_backend import TensorRTEngine
 
         return TensorRTEngine.from_model(loaded, device, precision)
-    return TorchEngine(loaded.model, pick_device(device), precision)
+    return TorchEngine(loaded.model, pick_device(device), precision, layout)
 
 
 # glibc malloc's options (mallopt(3)): keep freed memory in the process for the next allocation,

@@ -99,6 +99,7 @@ class OnnxEngine:
         self.mask_threshold = 0.0
         self.min_prompt_batch = prompt_batch(device)
         self.concurrent_batches = 1  # onnxruntime spreads one call over its own threads
+        self.windowed_upscale = device.type == "cpu"  # its outputs are written on its device
 
     @classmethod
     def from_model(

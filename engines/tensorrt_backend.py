@@ -226,6 +226,7 @@ class TensorRTEngine:
         self.mask_threshold = 0.0
         self.min_prompt_batch = min(max_prompts, GPU_PROMPT_BATCH)
         self.concurrent_batches = 1
+        self.windowed_upscale = False  # its logits stay on the GPU
 
     @classmethod
     def from_model(

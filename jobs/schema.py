@@ -45,8 +45,9 @@ __all__ = [
 
 ModelType = Literal["vit_t", "vit_b", "vit_l", "vit_h"]
 Backend = Literal["torch", "onnx", "tensorrt"]
-Precision = Literal["fp32", "fp16", "bf16"]
+Precision = Literal["fp32", "tf32", "fp16", "bf16"]
 Executor = Literal["ray", "local"]
+Tiling = Literal["auto", "always", "never"]
 
 _REDACTED = "***"
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
@@ -54,11 +55,11 @@ _CUDA_INDEX_RE = re.compile(r"cuda:[0-9]+")
 _SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 _DEVICES = ("auto", "cpu", "cuda")
 _ENUM_CUTOFF = 0.8  # stricter than for keys: 'tensorflow' should not suggest 'tensorrt'
-
 # a crop's grid is points_per_side^2 prompts: 256 gives 65,536 (the reference's default is 32)
 MAX_POINTS_PER_SIDE = 256
 MAX_CROP_N_LAYERS = 4  # 1 + 4 + 16 + 64 + 256 = 341 crops, each encoded and decoded
 MAX_YAML_ALIASES = 16  # a job file shares a few settings (storage_options) by alias at most
+
 
 class JobError(ValueError):
     """An invalid job: the message is one line naming the field and what is wrong.
@@ -134,9 +135,9 @@ def _integer(minimum: int, maximum: int | None = None) -> _Rule:
             raise _err(path, f"expected an integer, got {_show(value)}")
         if value < minimum:
             raise _err(path, f"must be >= {minimum}, got {value}")
-        return value
         if maximum is not None and value > maximum:
             raise _err(path, f"must be <= {maximum}, got {value}")
+        return value
 
     return rule
 
@@ -369,10 +370,12 @@ class AmgSpec(_Section, AmgParams):
 class RasterSpec(_Section):
     """``raster``: tiling of large images and band selection for geospatial ones.
 
-    ``bands`` are 1-based band indexes used as RGB (null = the first three); ``nodata``
-    overrides the file's nodata value.
+    ``tiling`` says which images are cut into tiles (``pipeline.scenes.tile_size_for``: auto =
+    georeferenced scenes and very large images, always, never); ``bands`` are 1-based band
+    indexes used as RGB (null = the first three); ``nodata`` overrides the file's nodata value.
     """
 
+    tiling: Tiling = "auto"
     tile_size: int = 1024
     tile_overlap: int = 128
     bands: tuple[int, int, int] | None = None
@@ -380,6 +383,7 @@ class RasterSpec(_Section):
 
     _SECTION: ClassVar[str] = "raster"
     _RULES: ClassVar[Mapping[str, _Rule]] = {
+        "tiling": _choice(get_args(Tiling)),
         "tile_size": _integer(64),
         "tile_overlap": _integer(0),
         "bands": _bands,
@@ -609,10 +613,6 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _safe_load(text: str) -> Any:
-    return yaml.load(text, Loader=_StrictLoader)  # safe: a SafeLoader subclass
-
-
 def _is_flat(node: yaml.Node) -> bool:
     """A scalar, or a list or mapping whose items are all scalars."""
     if isinstance(node, yaml.ScalarNode):
@@ -620,6 +620,10 @@ def _is_flat(node: yaml.Node) -> bool:
     if isinstance(node, yaml.SequenceNode):
         return all(isinstance(item, yaml.ScalarNode) for item in node.value)
     return all(isinstance(k, yaml.ScalarNode) and isinstance(v, yaml.ScalarNode) for k, v in node.value)
+
+
+def _safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # safe: a SafeLoader subclass
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:

@@ -10,19 +10,26 @@ the read and commit tasks of a Ray job never import it.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sam_batch.jobs.dataset import OutputDataset, Shard
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.pipeline.images import ImageError, load_image, one_line_reason
-from sam_batch.pipeline.rasters import ArrayScene, RasterScene, is_raster
+from sam_batch.pipeline.rasters import ArrayScene, RasterScene, Scene, is_raster
 from sam_batch.pipeline.tables import image_row, images_table, mask_rows, masks_table
 
+if TYPE_CHECKING:
+    from sam_batch.pipeline.scenes import SceneResult
+
 STAGES = ("read", "segment", "encode", "write")
+log = logging.getLogger("sam_batch")
 
 
 @dataclass
@@ -61,11 +68,12 @@ class ImageSegmenter:
         """Rows of one input; `image` (H, W, 3) uint8 when a read stage has already decoded it,
         in `read_seconds`, which count in the row's seconds and the read stage's.
 
-        Rasters (TIFF magic) are read here, window by window; photos whole. Both are cut into
-        tiles when larger than `raster.tile_size`. Never raises for a bad image: the failure
-        is the images row's `error`.
+        Rasters (TIFF magic) are read here, window by window; photos whole. Either is cut into
+        tiles of `raster.tile_size` or segmented whole as `raster.tiling` says
+        (`pipeline.scenes.tile_size_for`). Never raises for a bad image: the failure is the
+        images row's `error`.
         """
-        from sam_batch.pipeline.scenes import segment_scene  # imports torch, so not at the top
+        from sam_batch.pipeline.scenes import tile_size_for  # imports torch, so not at the top
 
         seconds = {**dict.fromkeys(STAGES, 0.0), "read": read_seconds}
         started = time.perf_counter() - read_seconds
@@ -82,7 +90,8 @@ class ImageSegmenter:
                 size = (scene.height, scene.width)
                 seconds["read"] = time.perf_counter() - started
                 t = time.perf_counter()
-                result = segment_scene(self.engine, scene, self.params, raster.tile_size, raster.tile_overlap)
+                tile_size = tile_size_for(scene, raster.tiling, raster.tile_size)
+                result = self._segment_scene(uri, scene, tile_size)
                 seconds["segment"] = time.perf_counter() - t
             t = time.perf_counter()
             rows = mask_rows(uri, result.records())
@@ -93,6 +102,32 @@ class ImageSegmenter:
             reason = f"segment: {one_line_reason(error, typed=True)}"
             return self._result(uri, [], size, started, seconds, error=reason)
         return self._result(uri, rows, size, started, seconds, crs=result.crs, transform=result.transform)
+
+    def _segment_scene(self, uri: str, scene: Scene, tile_size: int) -> SceneResult:
+        """`segment_scene`, run again with half the prompts per decode call each time the decoder
+        runs out of device memory (the masks do not depend on the batch); the smaller batch
+        stays for the images after this one. Out of memory at one prompt a call is the image's
+        error, and the batch goes back to what it was when the image started."""
+        import torch
+
+        from sam_batch.pipeline.amg import DecoderOutOfMemory
+        from sam_batch.pipeline.scenes import segment_scene
+
+        started_with = (self.params, self.engine.min_prompt_batch)
+        while True:
+            try:
+                return segment_scene(self.engine, scene, self.params, tile_size, self.job.raster.tile_overlap)
+            except DecoderOutOfMemory as error:
+                failed = error.prompts  # the exception (and the tensors its frames hold) is gone below
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if failed <= 1:
+                self.params, self.engine.min_prompt_batch = started_with
+                raise DecoderOutOfMemory(failed)
+            self.params = dataclasses.replace(self.params, points_per_batch=failed // 2)
+            self.engine.min_prompt_batch = failed // 2
+            log.warning("%s: out of GPU memory at %d prompts per decode call; segmenting it again at %d",
+                        uri, failed, failed // 2)
 
     def _result(
         self,

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from sam_batch.pipeline.grids import crop_boxes, point_grids_per_layer
+from sam_batch.pipeline.held_masks import BoxedMasks, DeviceMasks
 from sam_batch.pipeline.masks import (
     box_near_crop_edge,
     box_nms,
@@ -51,11 +52,16 @@ class Engine(Protocol):
     concurrent_batches: how many batches to decode at once, each on its own thread with its
     share of the caller's torch threads (the CPU point decoder keeps two cores busier across two
     batches than within one); 1 decodes them one after another.
+
+    windowed_upscale: True where the logits are on the host and each mask is best brought to
+    full size only over the window where it can pass a threshold (`pipeline.upsampling`);
+    False where they stay on the engine's device and `upscale` takes a chunk at a time.
     """
 
     mask_threshold: float
     min_prompt_batch: int
     concurrent_batches: int
+    windowed_upscale: bool
 
     def encode(self, crop: np.ndarray): ...
 
@@ -64,16 +70,26 @@ class Engine(Protocol):
     def upscale(self, crop, low_res: torch.Tensor) -> torch.Tensor: ...
 
 
+class DecoderOutOfMemory(RuntimeError):
+    """The engine's device ran out of memory decoding `prompts` prompts in one call; fewer a
+    call may fit (the masks do not depend on how prompts are batched)."""
+
+    def __init__(self, prompts: int) -> None:
+        super().__init__(f"out of device memory decoding {prompts} prompts in one call")
+        self.prompts = prompts
+
+
 @dataclass
 class CropMasks:
     """Masks kept from one crop: on the engine's device while the crop is filtered, then on the
     host (`segment_crop` returns them there); points always on the host.
 
-    masks: bool (N, h, w) in crop pixels; boxes: (N, 4) XYXY in image pixels (last pixel
+    masks: N binary masks in crop pixels (`pipeline.held_masks`: dense on the device, or each
+    as its box's pixels on the host); boxes: (N, 4) XYXY in image pixels (last pixel
     inclusive); iou, stability: (N,); points: (N, 2) xy in image pixels; crop_box: XYXY.
     """
 
-    masks: torch.Tensor
+    masks: DeviceMasks | BoxedMasks
     boxes: torch.Tensor
     iou: torch.Tensor
     stability: torch.Tensor
@@ -86,7 +102,7 @@ class CropMasks:
     def select(self, index: torch.Tensor) -> CropMasks:
         """The masks at `index` (on any device), in that order."""
         return CropMasks(
-            masks=self.masks[index],
+            masks=self.masks.select(index),
             boxes=self.boxes[index],
             iou=self.iou[index],
             stability=self.stability[index],
@@ -144,7 +160,7 @@ def segment_crop(
     batches = _map_in_threads(filter_batch, [points[i : i + step] for i in range(0, len(points), step)],
                               engine.concurrent_batches)
     kept = CropMasks(
-        masks=torch.cat([b.masks for b in batches]),
+        masks=type(batches[0].masks).concat([b.masks for b in batches]),
         boxes=torch.cat([b.boxes for b in batches]),
         iou=torch.cat([b.iou for b in batches]),
         stability=torch.cat([b.stability for b in batches]),
@@ -186,23 +202,29 @@ def _filter_batch(
 
     Filters in the reference's order: predicted IoU, stability, crop edges. The IoU filter
     runs before upsampling (it does not depend on the mask), so rejected masks are never
-    brought to full size.
+    brought to full size. As in the reference, a threshold at or below 0 turns its filter off
+    (every IoU passes, negative ones too; an empty mask's NaN stability passes).
     """
-    low_res, iou = engine.decode(crop, points, min_iou=params.pred_iou_thresh)
+    filters_iou = params.pred_iou_thresh > 0
+    try:
+        low_res, iou = engine.decode(crop, points, min_iou=params.pred_iou_thresh if filters_iou else None)
+    except torch.cuda.OutOfMemoryError:
+        raise DecoderOutOfMemory(len(points)) from None
     n_out = low_res.shape[1]
     low_res, iou = low_res.flatten(0, 1), iou.flatten(0, 1)
     point_index = torch.arange(len(points), device=iou.device).repeat_interleave(n_out)
 
-    keep = iou > params.pred_iou_thresh
-    low_res, iou, point_index = low_res[keep], iou[keep], point_index[keep]
+    if filters_iou:
+        keep = iou > params.pred_iou_thresh
+        low_res, iou, point_index = low_res[keep], iou[keep], point_index[keep]
     keep, stability, masks = _stable_masks(engine, crop, low_res, params)
     iou, point_index = iou[keep], point_index[keep]
 
-    boxes = masks_to_boxes(masks)
+    boxes = masks.tight_boxes()
     keep = ~box_near_crop_edge(boxes, crop_box, [0, 0, image_hw[1], image_hw[0]])
     point_xy = torch.as_tensor(points, dtype=torch.float64)[point_index[keep].cpu()]
     return CropMasks(
-        masks=masks[keep],
+        masks=masks.select(torch.nonzero(keep)[:, 0]),
         boxes=uncrop_boxes(boxes[keep], crop_box),
         iou=iou[keep],
         stability=stability[keep],
@@ -213,69 +235,74 @@ def _filter_batch(
 
 def _stable_masks(
     engine: Engine, crop, low_res: torch.Tensor, params: AmgParams
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, DeviceMasks | BoxedMasks]:
     """The low-res logits (K, 256, 256) whose full-size masks pass the stability filter.
 
-    Returns their indexes (S,), stability scores (S,) and binary masks (S, h, w). On a GPU,
-    logits are brought to full size `UPSCALE_CHUNK` at a time, so full-size float masks never
-    pile up; on the CPU, each mask only over the window where it can pass a threshold.
+    Returns their indexes (S,), stability scores (S,) and binary masks (S of the crop's size).
+    With the engine's `windowed_upscale`, each mask only over the window where it can pass a
+    threshold, kept as its box's pixels on the host; else `UPSCALE_CHUNK` at a time on the
+    device, so full-size float masks never pile up, kept dense there.
     """
-    if low_res.device.type == "cpu":
+    if engine.windowed_upscale:
         return _stable_masks_windowed(MaskUpsampler(crop.input_hw, crop.crop_hw), low_res, engine.mask_threshold, params)
     return _stable_masks_batched(engine, crop, low_res, params)
 
 
 def _stable_masks_batched(
     engine: Engine, crop, low_res: torch.Tensor, params: AmgParams
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, DeviceMasks]:
     """`_stable_masks` a chunk of masks at a time, each over the whole crop."""
     kept, scores, masks = [], [], []
     for start in range(0, len(low_res), UPSCALE_CHUNK):
         logits = engine.upscale(crop, low_res[start : start + UPSCALE_CHUNK])
         stability = stability_score(logits, engine.mask_threshold, params.stability_score_offset)
-        stable = stability >= params.stability_score_thresh
+        stable = _passes_stability(stability, params.stability_score_thresh)
         kept.append(torch.nonzero(stable)[:, 0] + start)
         scores.append(stability[stable])
         masks.append(logits[stable] > engine.mask_threshold)
     if not masks:
-        return _no_masks(crop.crop_hw, low_res.device)
-    return torch.cat(kept), torch.cat(scores), torch.cat(masks)
+        none = torch.zeros(0, dtype=torch.int64, device=low_res.device)
+        return none, torch.zeros(0, device=low_res.device), DeviceMasks.empty(crop.crop_hw, low_res.device)
+    return torch.cat(kept), torch.cat(scores), DeviceMasks(torch.cat(masks))
 
 
 def _stable_masks_windowed(
     upsampler: MaskUpsampler, low_res: torch.Tensor, threshold: float, params: AmgParams
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, BoxedMasks]:
     """`_stable_masks` one mask at a time, each computed only where it can exceed threshold - offset.
 
     The pixel counts are numpy's (several times faster than torch's comparisons on the CPU);
     the score is `stability_score`'s: counts exact in float32, one rounded division.
     """
-    offset = params.stability_score_offset
+    offset, filters = params.stability_score_offset, params.stability_score_thresh > 0
     upper, lower, binary = (np.float32(threshold + offset), np.float32(threshold - offset), np.float32(threshold))
     kept, scores, windows = [], [], []
     for index, logits in enumerate(low_res):
         found = upsampler.logits_above(logits, threshold - offset)
-        if found is None:  # no pixel above the lower threshold: stability 0 / 0, never kept
+        if found is None:  # no pixel above the lower threshold (offset >= 0): an empty mask, 0 / 0
+            if not filters:
+                kept.append(index)
+                scores.append(np.float32(np.nan))
+                windows.append(None)
             continue
         window, full = found
         values = full.numpy()
-        with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0 when no pixel passes: NaN, not kept
+        with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0 when no pixel passes: NaN
             stability = np.float32(np.count_nonzero(values > upper)) / np.float32(np.count_nonzero(values > lower))
-        if stability >= params.stability_score_thresh:
+        if not filters or stability >= params.stability_score_thresh:
             kept.append(index)
             scores.append(stability)
-            windows.append((window, values > binary))
-    if not kept:
-        return _no_masks(upsampler.crop_hw, low_res.device)
-    masks = torch.zeros((len(kept), *upsampler.crop_hw), dtype=torch.bool)
-    for mask, (window, pixels) in zip(masks, windows):
-        mask[window.slices] = torch.from_numpy(pixels)
-    return torch.tensor(kept), torch.from_numpy(np.array(scores, dtype=np.float32)), masks
+            windows.append((window.rows[0], window.cols[0], values > binary))
+    masks = BoxedMasks.from_windows(upsampler.crop_hw, windows)
+    return torch.tensor(kept, dtype=torch.int64), torch.from_numpy(np.array(scores, dtype=np.float32)), masks
 
 
-def _no_masks(crop_hw: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    empty = torch.zeros(0, dtype=torch.int64, device=device)
-    return empty, torch.zeros(0, device=device), torch.zeros((0, *crop_hw), dtype=torch.bool, device=device)
+def _passes_stability(stability: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(K,) bool: stability >= threshold; all True when threshold <= 0 (the reference's filter is
+    off then, so NaN scores of empty masks pass too)."""
+    if threshold <= 0:
+        return torch.ones_like(stability, dtype=torch.bool)
+    return stability >= threshold
 
 
 def merge_crops(crops: list[CropMasks], image_hw: tuple[int, int], params: AmgParams) -> list[Mask]:
@@ -298,9 +325,14 @@ def merge_crops(crops: list[CropMasks], image_hw: tuple[int, int], params: AmgPa
 
 
 def _to_full_mask(crop: CropMasks, i: int, height: int, width: int) -> Mask:
+    """Mask `i` of `crop` over the whole image (a view of the crop's mask where the crop is the
+    image, so a large photo's masks are not held twice)."""
     x0, y0, x1, y1 = crop.crop_box
-    full = np.zeros((height, width), dtype=bool)
-    full[y0:y1, x0:x1] = crop.masks[i].numpy()
+    if (y1 - y0, x1 - x0) == (height, width):
+        full = crop.masks.full(i)
+    else:
+        full = np.zeros((height, width), dtype=bool)
+        full[y0:y1, x0:x1] = crop.masks.full(i)
     return Mask(
         mask=full,
         box=[float(v) for v in crop.boxes[i].tolist()],

@@ -1,12 +1,15 @@
 """Automatic mask generation over a whole scene, tile by tile, into output records.
 
-`segment_scene` cuts the scene into tiles (`tiles.plan_tiles`), reads one window at a time
-(memory bounded by the tile, not the scene), skips tiles with no valid pixel before the
-model, runs `amg.generate_masks` on each tile, drops masks lying mostly on nodata, makes one
-set of objects across seams (`tiles.merge_tiles`). `SceneResult.records` then writes them in
-scene pixels, with the polygon in the scene's CRS for georeferenced scenes. A scene that fits
-in one tile gives exactly the records of `amg.generate_masks` + `amg.to_records`.
-"""
+`tile_size_for` decides whether a scene is tiled at all (`raster.tiling`): by default a photo
+goes through the generator whole, as the reference generator segments it, and georeferenced
+scenes and images of more than `MAX_WHOLE_PIXELS` are tiled. `segment_scene` cuts the scene
+into tiles (`tiles.plan_tiles`), reads one window at a time (memory bounded by the tile, not the
+scene), skips tiles with no valid pixel before the model, runs `amg.generate_masks` on each
+tile, drops masks lying mostly on nodata (and, when there are several tiles, empty masks, which
+thresholds at 0 keep), makes one set of objects across seams (`tiles.merge_tiles`).
+`SceneResult.records` then writes them in scene pixels, with the polygon in the scene's CRS for
+georeferenced scenes. A scene that fits in one tile gives exactly the records of
+`amg.generate_masks` + `amg.to_records`."""
 
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ from sam_batch.pipeline.rle import encode_rle_placed
 from sam_batch.pipeline.tiles import SceneMask, Tile, is_cut, merge_tiles, plan_tiles
 
 MAX_NODATA_FRACTION = 0.5  # a mask with more of its pixels on nodata than this is dropped
+# `raster.tiling: auto` segments an image that is not georeferenced whole up to this many pixels
+# (4096 x 4096: a 12 MP phone photo goes whole); whole, every kept mask is a full-size bool array
+MAX_WHOLE_PIXELS = 4096 * 4096
 
 
 @dataclass
@@ -50,6 +56,23 @@ class SceneResult:
         return [_record(m, (self.height, self.width), affine) for m in self.masks]
 
 
+def tile_size_for(scene: Scene, tiling: str, tile_size: int) -> int:
+    """The tile size `segment_scene` should cut `scene` into, for `raster.tiling`:
+    `tile_size`, or the scene's longest side (one tile: the image whole).
+
+    auto: georeferenced scenes and images of more than `MAX_WHOLE_PIXELS` are tiled, others go
+    whole; always: every image larger than `tile_size` is tiled; never: none is.
+    """
+    if tiling not in ("auto", "always", "never"):
+        raise ValueError(f"raster.tiling {tiling!r} is not one of auto, always, never")
+    longest = max(scene.width, scene.height, tile_size)
+    if tiling == "never":
+        return longest
+    if tiling == "always" or scene.crs is not None or scene.width * scene.height > MAX_WHOLE_PIXELS:
+        return tile_size
+    return longest
+
+
 def segment_scene(engine: Engine, scene: Scene, params: AmgParams, tile_size: int, overlap: int) -> SceneResult:
     """All objects of a scene, one record each, in deterministic order (tile, then mask order)."""
     image_hw = (scene.height, scene.width)
@@ -62,6 +85,8 @@ def segment_scene(engine: Engine, scene: Scene, params: AmgParams, tile_size: in
             skipped += 1
             continue
         for mask in generate_masks(engine, rgb, params):
+            if len(tiles) > 1 and not mask.mask.any():
+                continue  # an empty mask (thresholds at 0) has no place to stand for across seams
             placed = _place(mask, tile, index, image_hw)
             if valid is None or _nodata_fraction(mask.mask, valid) <= MAX_NODATA_FRACTION:
                 masks.append(placed)

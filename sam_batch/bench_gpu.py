@@ -118,7 +118,9 @@ def environment(device: str) -> dict:
     row = {"phase": "environment", "torch": torch.__version__, "cuda": torch.version.cuda, "device": device,
            "torch_threads": torch.get_num_threads()}
     if device.startswith("cuda"):
-        row |= {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32}
+        from sam_batch.engines.backend import tf32_settings
+
+        row |= tf32_settings()  # as torch starts; each engine then sets them for its precision
         props = torch.cuda.get_device_properties(device)
         row |= {"gpu": props.name, "capability": f"{props.major}.{props.minor}",
                 "gpu_memory_gib": round(props.total_memory / 2**30, 1)}

@@ -3,7 +3,9 @@
 Runs `generate_masks` + `to_records` once on the image in this process and prints the wall
 seconds of each stage (encoder, decoder, upsampling + stability filter, boxes, NMS, RLE), summed
 over the image's crops and point batches. The stages are timed by wrapping the functions
-`pipeline.amg` calls, so the generator itself is unchanged. Batches decoded at once on several
+`pipeline.amg` calls, so the generator itself is unchanged; every stage is reported, 0 where
+the engine's path has none (the CPU path finds boxes with the windows, in
+"upsample+stability"; a GPU's in "boxes"). Batches decoded at once on several
 threads (`concurrent_batches`) add up their seconds, so with N threads the stages can sum to
 up to N times `generate`'s wall seconds.
 """
@@ -22,7 +24,7 @@ STAGES = {  # stage -> (object holder, attribute) wrapped; "engine" stands for t
     "encode": ("engine", "encode"),
     "decode": ("engine", "decode"),
     "upsample+stability": ("amg", "_stable_masks"),
-    "boxes": ("amg", "masks_to_boxes"),
+    "boxes": ("held_masks", "masks_to_boxes"),
     "nms": ("amg", "box_nms"),
     "rle": ("amg", "encode_rle"),
 }
@@ -51,11 +53,11 @@ def stage_seconds(
     `synchronize` runs where each stage starts and ends (on a GPU, `torch.cuda.synchronize`), so
     work queued by one stage is counted in it, not in the next.
     """
-    from sam_batch.pipeline import amg
+    from sam_batch.pipeline import amg, held_masks
     from sam_batch.pipeline.params import AmgParams
 
-    seconds: Counter[str] = Counter()
-    holders = {"engine": engine, "amg": amg}
+    seconds: Counter[str] = Counter(dict.fromkeys(STAGES, 0.0))
+    holders = {"engine": engine, "amg": amg, "held_masks": held_masks}
     originals = {stage: getattr(holders[h], a) for stage, (h, a) in STAGES.items()}
     for stage, (holder, attribute) in STAGES.items():
         setattr(holders[holder], attribute, _timed(originals[stage], stage, seconds, synchronize))

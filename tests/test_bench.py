@@ -159,10 +159,12 @@ def test_run_pipeline_times_sam_batch_run_and_reads_its_masks(tmp_path: Path, sh
 
 def test_profile_times_every_stage_of_one_image(shared_images: Path) -> None:
     from sam_batch.bench_profile import STAGES, profile_image
-    from sam_batch.pipeline import amg
+    from sam_batch.pipeline import amg, held_masks
 
-    before = {name: getattr(amg, name) for name in ("_stable_masks", "masks_to_boxes", "box_nms", "encode_rle")}
+    before = {name: getattr(amg, name) for name in ("_stable_masks", "box_nms", "encode_rle")}
+    boxes_before = held_masks.masks_to_boxes
     result = profile_image(str(shared_images / "truck.jpg"), threads=1, points_per_side=4)
     assert result["masks"] > 0 and result["threads"] == 1
     assert set(STAGES) <= set(result) and result["generate"] >= result["decode"] > 0
     assert all(getattr(amg, name) is f for name, f in before.items())  # unwrapped again
+    assert held_masks.masks_to_boxes is boxes_before

@@ -26,7 +26,7 @@ from sam_batch.pipeline.images import ImageError, apply_stretch, decode_image, s
 from sam_batch.pipeline.params import AmgParams
 from sam_batch.pipeline.rasters import RasterScene
 from sam_batch.pipeline.rle import decode_rle
-from sam_batch.pipeline.scenes import MAX_NODATA_FRACTION, segment_scene
+from sam_batch.pipeline.scenes import MAX_NODATA_FRACTION, MAX_WHOLE_PIXELS, segment_scene, tile_size_for
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
 LANDSAT = IMAGES / "RGB.byte.tif"
@@ -216,6 +216,7 @@ class CountingEngine:
         self.mask_threshold = engine.mask_threshold
         self.min_prompt_batch = engine.min_prompt_batch
         self.concurrent_batches = engine.concurrent_batches
+        self.windowed_upscale = engine.windowed_upscale
 
     def encode(self, crop):
         self.encoded += 1
@@ -226,6 +227,27 @@ class CountingEngine:
 
     def upscale(self, crop, low_res):
         return self.engine.upscale(crop, low_res)
+
+
+class SceneOfSize:
+    """A scene's size and georeferencing, no pixels."""
+
+    def __init__(self, width: int, height: int, crs: object | None = None) -> None:
+        self.width, self.height, self.crs, self.transform = width, height, crs, None
+
+
+def test_photos_go_whole_and_georeferenced_or_very_large_scenes_are_tiled() -> None:
+    photo, scene = SceneOfSize(1800, 1200), SceneOfSize(1800, 1200, crs="EPSG:32618")
+    huge = SceneOfSize(MAX_WHOLE_PIXELS // 1000 + 1, 1000)
+    assert tile_size_for(photo, "auto", 1024) == 1800
+    assert tile_size_for(scene, "auto", 1024) == tile_size_for(huge, "auto", 1024) == 1024
+    assert tile_size_for(SceneOfSize(4096, 4096), "auto", 1024) == 4096  # at the cap: whole
+    assert tile_size_for(photo, "always", 1024) == 1024
+    assert tile_size_for(scene, "never", 1024) == tile_size_for(photo, "never", 1024) == 1800
+    assert tile_size_for(huge, "never", 1024) == huge.width
+    assert tile_size_for(SceneOfSize(500, 300), "always", 1024) == 1024  # smaller than a tile: one tile
+    with pytest.raises(ValueError, match="raster.tiling 'sometimes' is not one of auto, always, never"):
+        tile_size_for(photo, "sometimes", 1024)
 
 
 def test_all_nodata_tiles_never_reach_the_model(tmp_path: Path, engine) -> None:

@@ -1,26 +1,32 @@
-"""Mask parity with MobileSAM's own generator on every golden file (fp32, CPU).
+"""Strict parity with MobileSAM's own generator on every golden file (fp32, CPU).
 
-For each golden file: at IoU >= 0.9, at least 98% of the reference masks are found among ours
-and at least 98% of ours are among the reference's.
+For each golden file in ../shared/golden and its extra/: the same number of masks and, index for
+index, the same RLE, bbox, point_coords and crop_box, predicted_iou within 1e-5 and
+stability_score within 5e-3 (`parity.strict_differences`). `KNOWN_PIXEL_DIFFERENCES` lists the
+masks that differ by a few pixels, and why; the README lists them too.
 """
 
 from __future__ import annotations
 
 import threading
 
-import numpy as np
 import pytest
 import torch
-from pycocotools import mask as mask_utils
 
 from conftest import IMAGES, PARITY_LINES, golden_files, load_golden
+from parity import largest_differences, strict_differences
 from sam_batch.engines.backend import MAX_CONCURRENT_BATCHES, build_engine, set_cpu_threads
 from sam_batch.pipeline.amg import _map_in_threads, generate_masks, to_records
 from sam_batch.pipeline.images import load_image
 from sam_batch.pipeline.params import AmgParams
 
-MATCH_IOU = 0.9
-MIN_AGREEMENT = 0.98
+# golden file -> {mask index: (pixels it may differ by, why)}
+KNOWN_PIXEL_DIFFERENCES: dict[str, dict[int, tuple[int, str]]] = {
+    "extra/groceries.jpg.pps8.iou0.stab0.json": {
+        41: (1, "pixel (row 239, col 1): the reference's logit there is +3.9e-6, ours is on the other side of 0 "
+                "within fp32 rounding"),
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -29,35 +35,39 @@ def engine():
     return build_engine("vit_t", device="cpu")
 
 
-def agreement(ours: list[dict], reference: list[dict]) -> tuple[float, float, float]:
-    """Recall (reference masks found), precision (our masks in the reference), mean best IoU."""
-    if not ours or not reference:
-        return float(not reference), float(not ours), 0.0
-    as_rle = lambda s: {"size": s["size"], "counts": s["counts"].encode()}  # noqa: E731
-    iou = np.asarray(
-        mask_utils.iou([as_rle(r["segmentation"]) for r in ours], [as_rle(r["segmentation"]) for r in reference], [0] * len(reference))
-    )
-    best_for_reference, best_for_ours = iou.max(axis=0), iou.max(axis=1)
-    return float((best_for_reference >= MATCH_IOU).mean()), float((best_for_ours >= MATCH_IOU).mean()), float(best_for_reference.mean())
-
-
 def golden_params(golden: dict) -> AmgParams:
     return AmgParams(**golden["params"])
 
 
+def check_strict(golden_name: str, ours: list[dict], label: str) -> None:
+    """Assert strict parity of `ours` with the golden file, and note the figures for the log."""
+    golden = load_golden(golden_name)
+    differences = strict_differences(ours, golden["masks"], KNOWN_PIXEL_DIFFERENCES.get(golden_name))
+    iou, stability = largest_differences(ours, golden["masks"])
+    flips = sum(a["segmentation"] != b["segmentation"] for a, b in zip(ours, golden["masks"]))
+    verdict = f"{len(differences)} differences" if differences else "strict-equal"
+    if flips and not differences:
+        verdict += f" (RLE of {flips} mask(s) within the known pixel differences)"
+    PARITY_LINES.append(
+        f"{label} {golden_name}: ours {len(ours)} reference {len(golden['masks'])}, {verdict}, "
+        f"max |d iou| {iou:.1e}, max |d stability| {stability:.1e}"
+    )
+    assert not differences, differences[:10]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("golden_name", golden_files())
-def test_masks_match_the_reference(engine, golden_name: str) -> None:
+def test_masks_are_the_references(engine, golden_name: str) -> None:
     golden = load_golden(golden_name)
     image = load_image(str(IMAGES / golden["image"]))
     assert list(image.shape) == golden["shape"]
-    ours = to_records(generate_masks(engine, image, golden_params(golden)))
-    recall, precision, mean_iou = agreement(ours, golden["masks"])
-    PARITY_LINES.append(
-        f"{golden_name}: ours {len(ours)} reference {len(golden['masks'])} "
-        f"recall {recall:.3f} precision {precision:.3f} mean IoU {mean_iou:.4f}"
-    )
-    assert recall >= MIN_AGREEMENT and precision >= MIN_AGREEMENT, (recall, precision)
+    check_strict(golden_name, to_records(generate_masks(engine, image, golden_params(golden))), "cpu layout")
+
+
+def test_every_golden_file_is_checked() -> None:
+    names = golden_files()
+    assert len(names) >= 15 and sum(name.startswith("extra/") for name in names) >= 3
+    assert set(KNOWN_PIXEL_DIFFERENCES) <= set(names)
 
 
 class _Batching:
@@ -66,7 +76,7 @@ class _Batching:
     threads) of every decode call."""
 
     def __init__(self, engine, min_prompt_batch: int = 1, concurrent_batches: int = 1) -> None:
-        self.engine, self.mask_threshold = engine, engine.mask_threshold
+        self.engine, self.mask_threshold, self.windowed_upscale = engine, engine.mask_threshold, engine.windowed_upscale
         self.min_prompt_batch, self.concurrent_batches = min_prompt_batch, concurrent_batches
         self.calls: list[tuple[int, int]] = []
 

@@ -120,7 +120,7 @@ def test_minimal_job_gets_spec_defaults(tmp_path: Path) -> None:
         crop_n_points_downscale_factor=1,
         min_mask_region_area=0,
     )
-    assert job.raster == RasterSpec(tile_size=1024, tile_overlap=128, bands=None, nodata=None)
+    assert job.raster == RasterSpec(tiling="auto", tile_size=1024, tile_overlap=128, bands=None, nodata=None)
     assert job.output == OutputSpec(uri="./out/demo", storage_options={})
     assert job.run == RunSpec(ray_address=None, shard_size=64, executor="ray")
 
@@ -152,6 +152,8 @@ def test_ints_accepted_for_floats_and_normalised() -> None:
         ("amg", {"points_per_side": 1, "crop_n_layers": 2, "min_mask_region_area": 100}),
         ("engine", {"device": "cuda:1", "precision": "bf16", "backend": "onnx"}),
         ("raster", {"tile_size": 64, "tile_overlap": 31, "bands": [4, 3, 2], "nodata": -9999}),
+        ("raster", {"tiling": "never"}),
+        ("engine", {"device": "cuda", "precision": "tf32"}),
         ("run", {"ray_address": "auto", "shard_size": 1, "executor": "local"}),
         ("model", {"type": "vit_h", "checkpoint": "s3://w/sam.pt", "sha256": "AB" * 32}),
     ],
@@ -209,7 +211,7 @@ def test_job_error_pickles_with_its_attributes() -> None:
         ("model", "type", ["vit_t", "vit_b", "vit_l", "vit_h"]),
         ("engine", "backend", ["torch", "onnx", "tensorrt"]),
         ("engine", "device", ["auto", "cpu", "cuda", "cuda:N"]),
-        ("engine", "precision", ["fp32", "fp16", "bf16"]),
+        ("engine", "precision", ["fp32", "tf32", "fp16", "bf16"]),
         ("run", "executor", ["ray", "local"]),
     ],
 )
@@ -243,7 +245,7 @@ def test_unknown_nested_key_with_suggestion() -> None:
 
 def test_unknown_keys_top_level_and_without_suggestion() -> None:
     assert error_of(minimal(inputs={})).message == "unknown key 'inputs' (did you mean 'input'?)"
-    raster_keys = "tile_size, tile_overlap, bands, nodata"
+    raster_keys = "tiling, tile_size, tile_overlap, bands, nodata"
     assert error_of(minimal(raster={"zzz": 1})).message == f"unknown key 'raster.zzz' (raster has: {raster_keys})"
     assert error_of(minimal(run={True: 1})).message.startswith("unknown key 'run.True' (run has: ray_address, ")
     assert error_of(minimal(zzz={})).message == "unknown key 'zzz' (the job file has: name, input, model, engine, amg, raster, output, run)"
@@ -256,10 +258,10 @@ def test_unknown_keys_top_level_and_without_suggestion() -> None:
         ("amg", {"points_per_side": True}, "amg.points_per_side: expected an integer, got true"),
         ("amg", {"points_per_side": 16.0}, "amg.points_per_side: expected an integer, got 16.0"),
         ("amg", {"points_per_side": 0}, "amg.points_per_side: must be >= 1, got 0"),
-        ("amg", {"points_per_batch": 0}, "amg.points_per_batch: must be >= 1, got 0"),
-        ("amg", {"pred_iou_thresh": -0.1}, "amg.pred_iou_thresh: must be >= 0, got -0.1"),
         ("amg", {"points_per_side": 100000}, "amg.points_per_side: must be <= 256, got 100000"),
         ("amg", {"crop_n_layers": 5}, "amg.crop_n_layers: must be <= 4, got 5"),
+        ("amg", {"points_per_batch": 0}, "amg.points_per_batch: must be >= 1, got 0"),
+        ("amg", {"pred_iou_thresh": -0.1}, "amg.pred_iou_thresh: must be >= 0, got -0.1"),
         ("amg", {"pred_iou_thresh": float("nan")}, "amg.pred_iou_thresh: expected a finite number"),
         ("amg", {"stability_score_thresh": 1.5}, "amg.stability_score_thresh: must be between 0"),
         ("amg", {"stability_score_offset": -1}, "amg.stability_score_offset: must be >= 0"),
@@ -271,6 +273,7 @@ def test_unknown_keys_top_level_and_without_suggestion() -> None:
         ("amg", {"min_mask_region_area": -5}, "amg.min_mask_region_area: must be >= 0, got -5"),
         ("amg", [1], "amg: expected a mapping, got a list of 1"),
         ("raster", {"tile_size": 32}, "raster.tile_size: must be >= 64, got 32"),
+        ("raster", {"tiling": "sometimes"}, "raster.tiling: 'sometimes' is not one of auto, always, never"),
         ("raster", {"tile_overlap": -1}, "raster.tile_overlap: must be >= 0, got -1"),
         (
             "raster",
@@ -379,9 +382,6 @@ output: {uri: o, storage_options: {<<: *shared, anon: false}}
     assert job.output.storage_options == {"region": "eu", "anon": False}
 
 
-# --- overrides -------------------------------------------------------------------------------
-
-
 def test_nested_and_numerous_aliases_are_refused(tmp_path: Path) -> None:
     """A billion laughs under storage_options: refused at its first alias of an alias, before
     anything is expanded; so are more than MAX_YAML_ALIASES aliases of flat values."""
@@ -393,6 +393,9 @@ def test_nested_and_numerous_aliases_are_refused(tmp_path: Path) -> None:
     many = "name: x\ninput: {uris: a, storage_options: {k: &k v, " + ", ".join(f"c{i}: *k" for i in range(17)) + "}}\noutput: {uri: o}\n"
     with pytest.raises(JobError, match=r"alias \*k: a job file may use up to 16 aliases"):
         load_job(write(tmp_path, many))
+
+
+# --- overrides -------------------------------------------------------------------------------
 
 
 def test_overrides_of_each_yaml_type(tmp_path: Path) -> None:

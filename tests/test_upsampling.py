@@ -14,6 +14,7 @@ from conftest import GOLDEN, MOBILE_SAM
 from sam_batch.engines.backend import CropEmbedding, upscale_logits
 from sam_batch.engines.sam import build_sam, preprocess_shape, scale_coords
 from sam_batch.pipeline.amg import _stable_masks_batched, _stable_masks_windowed
+from sam_batch.pipeline.masks import masks_to_boxes
 from sam_batch.pipeline.params import AmgParams
 from sam_batch.pipeline.upsampling import MaskUpsampler, bilinear_matrix
 
@@ -87,6 +88,7 @@ def test_windowed_stability_filter_equals_the_full_size_one(dog_logits) -> None:
 
     class Engine:
         mask_threshold = 0.0
+        windowed_upscale = False
 
         def upscale(self, crop, low_res):
             return upscale_logits(crop, low_res)
@@ -98,7 +100,9 @@ def test_windowed_stability_filter_equals_the_full_size_one(dog_logits) -> None:
     assert len(want_index) > 5
     assert index.tolist() == want_index.tolist()
     torch.testing.assert_close(scores, want_scores, atol=1e-6, rtol=0)
-    assert (masks != want_masks).sum() <= 10  # pixels at a logit within rounding of 0
+    dense = torch.stack([torch.from_numpy(masks.full(i)) for i in range(len(masks))])
+    assert (dense != want_masks.pixels).sum() <= 10  # pixels at a logit within rounding of 0
+    assert torch.equal(masks.tight_boxes(), masks_to_boxes(dense))  # each box is its mask's
 
 
 @pytest.mark.parametrize(("input_hw", "crop_hw"), [((1024, 1024), (1024, 1024)), ((683, 1024), (1200, 1800)), ((1024, 576), (1024, 576)), ((1024, 683), (150, 100))])
