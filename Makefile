@@ -35,7 +35,7 @@ bench-env: $(REF_VENV)/.installed
 $(REF_VENV)/.installed:
 	test -x $(REF_VENV)/bin/python || python3 -m venv $(REF_VENV)
 	$(REF_VENV)/bin/pip install --quiet $(REF_TORCH)
-	$(REF_VENV)/bin/pip install --quiet timm mobilesam-mirror segment-anything pycocotools pillow numpy
+	$(REF_VENV)/bin/pip install --quiet timm mobilesam-mirror segment-anything pycocotools pillow numpy opencv-python-headless
 	touch $@
 
 bench: install bench-env

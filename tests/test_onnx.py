@@ -19,7 +19,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import IMAGES, PARITY_LINES, load_golden
+from conftest import IMAGES, load_golden
+from sam_batch.bench import agreement
 from sam_batch.cli import main as cli_main
 from sam_batch.engines.backend import EngineError, build_engine, load_model, set_cpu_threads
 from sam_batch.engines.onnx_backend import OnnxEngine
@@ -27,7 +28,7 @@ from sam_batch.engines.onnx_export import DEFAULT_OPSET, cached_onnx, decoder_ou
 from sam_batch.pipeline.amg import generate_masks, to_records
 from sam_batch.pipeline.images import load_image
 from sam_batch.pipeline.params import AmgParams
-from test_parity_golden import MIN_AGREEMENT, agreement
+from test_parity_golden import check_strict
 
 SAM_BATCH = str(Path(sys.executable).parent / "sam-batch")
 EMBEDDING_RTOL = 1e-4  # relative (Frobenius) error of the image embedding
@@ -151,22 +152,18 @@ def test_amg_agrees_with_torch(engines, dog) -> None:
     params = AmgParams(points_per_side=8)
     expected = to_records(generate_masks(torch_engine, dog, params))
     ours = to_records(generate_masks(onnx_engine, dog, params))
-    recall, precision, _ = agreement(ours, expected)
-    assert expected and (recall, precision) == (1.0, 1.0), (len(ours), len(expected), recall, precision)
+    found = agreement(ours, expected)
+    assert expected and (found.recall, found.precision) == (1.0, 1.0), (len(ours), len(expected), found)
 
 
 @pytest.mark.slow
 def test_golden_parity_with_onnx(engines) -> None:
-    """The reference generator's masks for dog.jpg at its full 32×32 grid, through the onnx back-end."""
-    golden = load_golden("dog.jpg.pps32.crop0.minarea0.json")
+    """The reference generator's masks for dog.jpg at its full 32×32 grid, through the onnx
+    back-end: strict-equal, as the torch engine's."""
+    name = "dog.jpg.pps32.crop0.minarea0.json"
+    golden = load_golden(name)
     image = load_image(str(IMAGES / golden["image"]))
-    ours = to_records(generate_masks(engines[1], image, AmgParams(**golden["params"])))
-    recall, precision, mean_iou = agreement(ours, golden["masks"])
-    PARITY_LINES.append(
-        f"{golden['image']} (onnx back-end): ours {len(ours)} reference {len(golden['masks'])} "
-        f"recall {recall:.3f} precision {precision:.3f} mean IoU {mean_iou:.4f}"
-    )
-    assert recall >= MIN_AGREEMENT and precision >= MIN_AGREEMENT, (recall, precision)
+    check_strict(name, to_records(generate_masks(engines[1], image, AmgParams(**golden["params"]))), "onnx back-end")
 
 
 def test_export_onnx_command(tmp_path: Path, capsys) -> None:
