@@ -105,3 +105,16 @@ def test_thresholds_at_zero_keep_every_mask_of_the_real_point_decoder() -> None:
     kept = _filter_batch(engine, crop, points, image_box, image.shape[:2], off)
     assert len(kept) == 3 * len(points)
     assert len(_filter_batch(engine, crop, points, image_box, image.shape[:2], AmgParams())) < len(kept)
+
+
+class EmptyEngine(HandMadeEngine):
+    """Every prompt's three masks empty."""
+
+    def decode(self, crop, points, min_iou=None):
+        return torch.full((len(points), 3, 256, 256), -8.0), torch.full((len(points), 3), 0.95)
+
+
+def test_crop_layers_with_no_mask_at_all_give_no_masks() -> None:
+    """Where the reference raises (it concatenates no crop's data), sam-batch returns none."""
+    params = AmgParams(points_per_side=2, crop_n_layers=1)
+    assert generate_masks(EmptyEngine(True), np.zeros((SIDE, SIDE, 3), np.uint8), params) == []
