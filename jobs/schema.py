@@ -58,7 +58,7 @@ _ENUM_CUTOFF = 0.8  # stricter than for keys: 'tensorflow' should not suggest 't
 # a crop's grid is points_per_side^2 prompts: 256 gives 65,536 (the reference's default is 32)
 MAX_POINTS_PER_SIDE = 256
 MAX_CROP_N_LAYERS = 4  # 1 + 4 + 16 + 64 + 256 = 341 crops, each encoded and decoded
-MAX_YAML_ALIASES = 16  # a job file shares a few settings (storage_options) by alias at most
+MAX_YAML_ALIASES = 16  # anchors used by alias: a job file shares a few settings (storage_options)
 
 
 class JobError(ValueError):
@@ -575,27 +575,29 @@ def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
 
 class _StrictLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that also rejects a key given twice in one mapping, and bounds
-    aliases (``*name``): at most `MAX_YAML_ALIASES`, each of a scalar or of a list or mapping of
-    scalars, so no alias expands another (nested aliases grow exponentially: "billion laughs").
+    aliases (``*name``): at most `MAX_YAML_ALIASES`, each of a node that holds no alias, so no
+    alias expands another (nested aliases grow exponentially: "billion laughs"), and the data
+    is at most that many times the document.
     """
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
-        self.aliases_seen = 0
+        self.aliased: set[int] = set()  # ids of the nodes aliases stand for
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         """Compose a node as SafeLoader does, checking an alias first."""
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            self.aliases_seen += 1
             target = self.anchors.get(event.anchor)
-            if self.aliases_seen > MAX_YAML_ALIASES or (target is not None and not _is_flat(target)):
-                raise yaml.composer.ComposerError(
-                    None, None,
-                    f"alias *{event.anchor}: a job file may use up to {MAX_YAML_ALIASES} aliases, "
-                    "each of a scalar or of a list or mapping of scalars",
-                    event.start_mark,
-                )
+            if target is not None:
+                if len(self.aliased | {id(target)}) > MAX_YAML_ALIASES or self._holds_alias(target):
+                    raise yaml.composer.ComposerError(
+                        None, None,
+                        f"alias *{event.anchor}: a job file may use up to {MAX_YAML_ALIASES} anchors "
+                        "by alias, none of them holding an alias",
+                        event.start_mark,
+                    )
+                self.aliased.add(id(target))
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -612,14 +614,23 @@ class _StrictLoader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
-
-def _is_flat(node: yaml.Node) -> bool:
-    """A scalar, or a list or mapping whose items are all scalars."""
-    if isinstance(node, yaml.ScalarNode):
-        return True
-    if isinstance(node, yaml.SequenceNode):
-        return all(isinstance(item, yaml.ScalarNode) for item in node.value)
-    return all(isinstance(k, yaml.ScalarNode) and isinstance(v, yaml.ScalarNode) for k, v in node.value)
+    def _holds_alias(self, node: yaml.Node) -> bool:
+        """Whether an aliased node lies inside `node` (which is still being composed, when an
+        alias refers back to its own anchor: that holds one too)."""
+        seen: set[int] = set()
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            if id(current) in seen:
+                return True  # reached twice: a node is shared within it
+            seen.add(id(current))
+            if current is not node and id(current) in self.aliased:
+                return True
+            if isinstance(current, yaml.SequenceNode):
+                stack.extend(current.value)
+            elif isinstance(current, yaml.MappingNode):
+                stack.extend(item for pair in current.value for item in pair)
+        return False
 
 
 def _safe_load(text: str) -> Any:
