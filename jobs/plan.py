@@ -52,6 +52,8 @@ def _expand(pattern: str, options: dict) -> list[str]:
     """
     if not any(c in pattern for c in GLOB_CHARS):
         return [normalise_uri(pattern)]
+    if pattern.startswith("file://"):
+        pattern = normalise_uri(pattern)  # a plain path, percent-escapes decoded
     fs, path = fsspec.core.url_to_fs(pattern, **options)
     try:
         if fs.isfile(path):

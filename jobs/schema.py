@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,14 +212,26 @@ def _name(value: Any, path: str) -> str:
     return text
 
 
+def _uri(value: Any, path: str) -> str:
+    """A path or a URL whose protocols (each of a chain such as ``simplecache::s3://``) fsspec knows."""
+    from fsspec.registry import known_implementations, registry
+
+    uri = _string(value, path)
+    for part in uri.split("::"):
+        protocol = part.split("://", 1)[0] if "://" in part else None
+        if protocol is not None and protocol not in known_implementations and protocol not in registry:
+            raise _err(path, f"unknown storage protocol {protocol!r} (fsspec has no such filesystem)")
+    return uri
+
+
 def _uris(value: Any, path: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
-        return (_string(value, path),)
+        return (_uri(value, path),)
     if not isinstance(value, (list, tuple)):
         raise _err(path, f"expected a URI or a list of URIs, got {_kind(value)}")
-    return tuple(_string(item, f"{path}[{i}]") for i, item in enumerate(value))
+    return tuple(_uri(item, f"{path}[{i}]") for i, item in enumerate(value))
 
 
 def _storage_options(value: Any, path: str) -> dict[str, Any]:
@@ -302,7 +315,7 @@ class InputSpec(_Section):
     _SECTION: ClassVar[str] = "input"
     _RULES: ClassVar[Mapping[str, _Rule]] = {
         "uris": _uris,
-        "manifest": _optional(_string),
+        "manifest": _optional(_uri),
         "storage_options": _storage_options,
     }
 
@@ -322,7 +335,7 @@ class ModelSpec(_Section):
     _SECTION: ClassVar[str] = "model"
     _RULES: ClassVar[Mapping[str, _Rule]] = {
         "type": _choice(get_args(ModelType)),
-        "checkpoint": _optional(_string),
+        "checkpoint": _optional(_uri),
         "sha256": _optional(_sha256),
     }
 
@@ -408,7 +421,7 @@ class OutputSpec(_Section):
 
     _SECTION: ClassVar[str] = "output"
     _RULES: ClassVar[Mapping[str, _Rule]] = {
-        "uri": _string,
+        "uri": _uri,
         "storage_options": _storage_options,
     }
 
@@ -503,10 +516,11 @@ class JobSpec:
 
 
 def normalise_uri(uri: str) -> str:
-    """One spelling per file: local paths (and `file://` URLs) absolute and normalised, so ids
-    depend neither on the working directory nor on how a path was written; other URLs as given."""
+    """One spelling per file: local paths (and `file://` URLs, their percent-escapes decoded)
+    absolute and normalised, so ids depend neither on the working directory nor on how a path
+    was written; other URLs as given."""
     if uri.startswith("file://"):
-        uri = uri[len("file://"):]
+        uri = urllib.parse.unquote(uri[len("file://"):])  # a URL's %20 is a space in the path
     return uri if "://" in uri else os.path.abspath(uri)
 
 
@@ -600,20 +614,6 @@ class _StrictLoader(yaml.SafeLoader):
                 self.aliased.add(id(target))
         return super().compose_node(parent, index)
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        """Construct a mapping as SafeLoader does, after checking for duplicate keys."""
-        seen: set[tuple[str, str]] = set()
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
-                continue
-            key = (key_node.tag, key_node.value)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
     def _holds_alias(self, node: yaml.Node) -> bool:
         """Whether an aliased node lies inside `node` (which is still being composed, when an
         alias refers back to its own anchor: that holds one too)."""
@@ -631,6 +631,20 @@ class _StrictLoader(yaml.SafeLoader):
             elif isinstance(current, yaml.MappingNode):
                 stack.extend(item for pair in current.value for item in pair)
         return False
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """Construct a mapping as SafeLoader does, after checking for duplicate keys."""
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _safe_load(text: str) -> Any:

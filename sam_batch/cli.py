@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     render = commands.add_parser("render", help="draw the masks of one image over it")
     render.add_argument("output_uri")
     render.add_argument("image_uri")
-    render.add_argument("-o", "--out", required=True, help="the PNG to write")
+    render.add_argument("-o", "--out", required=True, help="the picture to write, in the format its extension names (.png, .jpg, ...)")
     render.set_defaults(handler=_render)
 
     commands.add_parser("bench", help="the reference generator and sam-batch side by side (see bench --help)")
@@ -138,18 +138,28 @@ def _render(args: argparse.Namespace) -> int:
 
     from sam_batch.jobs.dataset import OutputDataset
     from sam_batch.jobs.schema import normalise_uri
-    from sam_batch.pipeline.images import load_image
+    from sam_batch.pipeline.images import load_image, one_line_reason
     from sam_batch.pipeline.render import overlay
 
-    masks = OutputDataset(args.output_uri).read_table("masks")
+    output = OutputDataset(args.output_uri)
+    try:
+        plan = output.read_plan()
+    except Exception as error:  # noqa: BLE001 - a missing bucket, a file, an unreadable plan: one line
+        raise LookupError(f"{args.output_uri}: cannot be read as a sam-batch output ({one_line_reason(error)})") from None
+    if plan is None:
+        raise LookupError(f"{args.output_uri}: no sam-batch output there (no _sam_batch/plan.json)")
+    masks = output.read_table("masks")
     candidates = {args.image_uri, normalise_uri(args.image_uri)}
     rows = masks.filter(pc.is_in(masks["image_uri"], value_set=_string_array(candidates)))
     if rows.num_rows == 0:
-        images = OutputDataset(args.output_uri).read_table("images")
+        images = output.read_table("images")
         if pc.sum(pc.is_in(images["image_uri"], value_set=_string_array(candidates))).as_py() in (None, 0):
             raise LookupError(f"{args.image_uri}: not in the images table of {args.output_uri}")
     picture = overlay(load_image(args.image_uri), rows.column("segmentation").to_pylist())
-    picture.save(args.out, format="PNG")
+    try:
+        picture.save(args.out)  # the format its extension names
+    except ValueError as error:  # PIL: unknown file extension
+        raise ValueError(f"{args.out}: {error}; use .png or .jpg") from None
     print(f"{args.out}: {rows.num_rows} masks over {args.image_uri}")
     return EXIT_OK
 

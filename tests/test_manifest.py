@@ -93,6 +93,14 @@ def test_a_listed_file_with_glob_characters_in_its_name_is_that_file(tmp_path, p
     assert listed(of(tmp_path / "scan[0-9].jpg")) == [str(tmp_path / "scan1.jpg")]
 
 
+def test_file_urls_with_percent_escapes_name_their_files(tmp_path, photos) -> None:
+    spaced = tmp_path / "my dog.jpg"
+    spaced.write_bytes(photos[0].read_bytes())
+    url = f"file://{tmp_path}/my%20dog.jpg".replace(" ", "%20")
+    for uri in (url, url.replace("my%20dog.jpg", "my%20*.jpg")):
+        assert listed({**job_for("unused"), "input": {"uris": [uri]}}) == [str(spaced)]
+
+
 def test_a_missing_file_in_the_manifest_is_an_error_row_and_the_job_goes_on(tmp_path, photos) -> None:
     missing = tmp_path / "not-there.jpg"
     manifest = tmp_path / "list.txt"

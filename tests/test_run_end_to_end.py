@@ -179,6 +179,16 @@ def test_render_draws_an_overlay(ray_run, tmp_path) -> None:
     assert not np.array_equal(np.asarray(picture), original)
     missing = sam_batch("render", str(out), str(IMAGES / "nope.jpg"), "-o", str(png), check=False)
     assert missing.returncode == 1 and "nope.jpg" in missing.stderr
+    jpeg = tmp_path / "overlay.jpg"
+    sam_batch("render", str(out), str(IMAGES / "dog.jpg"), "-o", str(jpeg))
+    assert Image.open(jpeg).format == "JPEG" and Image.open(png).format == "PNG"
+    odd = sam_batch("render", str(out), str(IMAGES / "dog.jpg"), "-o", str(tmp_path / "overlay.xyz"), check=False)
+    assert odd.returncode == 1 and "overlay.xyz: unknown file extension" in odd.stderr
+    nowhere = sam_batch("render", str(tmp_path / "no-output"), str(IMAGES / "dog.jpg"), "-o", str(png), check=False)
+    assert nowhere.returncode == 1 and "no-output: no sam-batch output there" in nowhere.stderr
+    shard = next((out / "masks").glob("*.parquet"))
+    a_file = sam_batch("render", str(shard), str(IMAGES / "dog.jpg"), "-o", str(png), check=False)
+    assert a_file.returncode == 1 and "cannot be read as a sam-batch output" in a_file.stderr
 
 
 def test_torch_loads_in_the_segmenting_actors_only(tmp_path) -> None:

@@ -22,6 +22,7 @@ from sam_batch.jobs.schema import (
     RasterSpec,
     RunSpec,
     load_job,
+    normalise_uri,
     parse_job,
 )
 
@@ -396,12 +397,12 @@ def test_nested_and_numerous_aliases_are_refused(tmp_path: Path) -> None:
     many = "name: x\ninput: {uris: a, storage_options: {" + anchors + "}}\noutput: {uri: o}\n"
     with pytest.raises(JobError, match=r"alias \*k16: a job file may use up to 16 anchors"):
         load_job(write(tmp_path, many))
-
     shared = {"key": "k", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
     dumped = yaml.safe_dump(minimal(input={"uris": "s3://b/*.jpg", "storage_options": shared},
                                     output={"uri": "s3://b/out", "storage_options": shared}))
     assert "*id001" in dumped
     assert load_job(write(tmp_path, dumped)).output.storage_options == shared
+
 
 # --- overrides -------------------------------------------------------------------------------
 
@@ -533,6 +534,26 @@ def test_fingerprint_is_the_same_however_paths_are_spelled(tmp_path: Path, monke
     ]:
         assert parse_job(minimal(input={"uris": uris}, output={"uri": output})).fingerprint() == base
     assert parse_job(minimal(input={"uris": ["a.tif"]})).fingerprint() != base
+
+
+def test_file_urls_are_paths_with_their_escapes_decoded() -> None:
+    assert normalise_uri("file:///data/my%20dog.jpg") == "/data/my dog.jpg"
+    assert normalise_uri("s3://b/my%20dog.jpg") == "s3://b/my%20dog.jpg"  # other URLs as given
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "field"),
+    [
+        ("input", {"uris": ["a.jpg", "bogus://x/*.jpg"]}, "input.uris[1]"),
+        ("input", {"manifest": "nope://list.txt"}, "input.manifest"),
+        ("output", {"uri": "bogus://out"}, "output.uri"),
+        ("model", {"checkpoint": "simplecache::bogus://w.pt"}, "model.checkpoint"),
+    ],
+)
+def test_unknown_storage_protocols_are_invalid_jobs(section: str, values: dict, field: str) -> None:
+    error = error_of(minimal(**{section: values}))
+    assert error.field == field and "unknown storage protocol" in error.message
+    assert parse_job(minimal(input={"uris": ["s3://b/*.tif", "gs://b/x.tif", "memory://a.png"]}))
 
 
 # --- secrets ---------------------------------------------------------------------------------
