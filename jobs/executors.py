@@ -34,7 +34,7 @@ import numpy as np
 from sam_batch.jobs.dataset import OutputDataset, Shard
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.jobs.worker import ImageResult, ImageSegmenter, commit_shard, image_result
-from sam_batch.pipeline.images import TIFF_MAGIC, ImageError, decode_image, one_line_reason, read_bytes
+from sam_batch.pipeline.images import TIFF_MAGIC, ImageError, decode_image, one_line_reason, open_input, read_bytes
 
 log = logging.getLogger("sam_batch")
 
@@ -311,7 +311,7 @@ def _photo_bytes(uri: str, storage_options: dict) -> bytes | None:
     On any failure the file is read again by `read_bytes`, which names it (`read: …`).
     """
     try:
-        with fsspec.open(uri, "rb", **storage_options) as f:
+        with open_input(uri, storage_options) as f:
             head = f.read(len(TIFF_MAGIC[0]))
             data = head if head in TIFF_MAGIC else head + f.read()
     except Exception:  # noqa: BLE001 - read_bytes raises the one-line ImageError

@@ -10,7 +10,9 @@ Every failure is an `ImageError` whose message is one line naming the stage and 
 from __future__ import annotations
 
 import io
+import os
 import re
+import stat
 import warnings
 from collections.abc import Sequence
 
@@ -18,7 +20,9 @@ import fsspec
 import numpy as np
 from PIL import Image, ImageOps
 
-MAX_PHOTO_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses larger photos as bombs
+# photos with more pixels are refused (a 4 KB file can claim 12,000 x 12,000 and decode to
+# filler); 64 MP keeps today's 48-61 MP cameras; larger images belong in (tiled) TIFFs
+MAX_PHOTO_PIXELS = 8192 * 8192
 MAX_RASTER_PIXELS = 30_000 * 30_000  # read whole into memory until windowed reading lands
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")  # e.g. PIL's "<_io.BytesIO object at 0x7f…>"
@@ -32,11 +36,29 @@ class ImageError(Exception):
         super().__init__(f"{stage}: {reason}")
 
 
+def open_input(uri: str, storage_options: dict | None = None):
+    """`fsspec.open(uri, "rb")`, refusing a local path that is not a regular file (reading a FIFO
+    or a device can block forever) with `ImageError` ("read: ..."), as it does a missing one."""
+    if "://" not in uri:
+        try:
+            mode = os.stat(uri).st_mode
+        except FileNotFoundError:
+            raise ImageError("read", "file not found") from None
+        except OSError as error:
+            raise ImageError("read", one_line_reason(error)) from None
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a special file"
+            raise ImageError("read", f"{kind}, not a regular file")
+    return fsspec.open(uri, "rb", **(storage_options or {}))
+
+
 def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
     """The whole file behind a local path or fsspec URL."""
     try:
-        with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+        with open_input(uri, storage_options) as f:
             data = f.read()
+    except ImageError:
+        raise
     except FileNotFoundError:
         raise ImageError("read", "file not found") from None
     except Exception as error:  # noqa: BLE001 - any storage failure becomes an error row

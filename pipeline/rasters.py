@@ -23,6 +23,7 @@ from sam_batch.pipeline.images import (
     apply_palette,
     apply_stretch,
     one_line_reason,
+    open_input,
     palette_colours,
     raster_error_reason,
     rgb_bands,
@@ -67,8 +68,10 @@ def is_raster(uri: str, storage_options: dict | None = None) -> bool:
     Raises `ImageError` ("read: ...") when the file cannot be read or is empty.
     """
     try:
-        with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+        with open_input(uri, storage_options) as f:
             head = f.read(4)
+    except ImageError:
+        raise
     except FileNotFoundError:
         raise ImageError("read", "file not found") from None
     except Exception as error:  # noqa: BLE001 - any storage failure becomes an error row

@@ -159,3 +159,29 @@ def test_one_line_reason_names_the_type_when_the_message_is_empty() -> None:
     assert one_line_reason(KeyError()) == "KeyError"
     assert one_line_reason(ValueError(f"bad {object()}"), typed=True) == "ValueError: bad"
     assert one_line_reason(MemoryError(), typed=True) == "MemoryError"
+
+
+def test_a_photo_over_the_pixel_cap_is_refused_from_its_header() -> None:
+    """A small file whose header claims 12,000 x 12,000 is refused before decoding (the cap is
+    64 MP, below Pillow's own 179 MP); one at the cap's side still opens as far as its header."""
+    with pytest.raises(ImageError, match=r"^decode: header claims 12000x12000 pixels, over the limit of 67108864"):
+        decode_image(_bomb_png(12_000, 12_000))
+
+
+def test_inputs_that_are_not_regular_files_are_read_errors(tmp_path) -> None:
+    """A FIFO named like a photo would block a read forever; a folder is no image either."""
+    import os
+
+    from sam_batch.pipeline.rasters import is_raster
+
+    fifo = tmp_path / "x.jpg"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.jpg"
+    folder.mkdir()
+    for read in (lambda uri: load_image(uri), lambda uri: is_raster(uri)):
+        with pytest.raises(ImageError, match=r"^read: a FIFO, not a regular file$"):
+            read(str(fifo))
+        with pytest.raises(ImageError, match=r"^read: a directory, not a regular file$"):
+            read(str(folder))
+        with pytest.raises(ImageError, match=r"^read: file not found$"):
+            read(str(tmp_path / "missing.jpg"))

@@ -371,3 +371,19 @@ def test_local_executor_reads_ahead_and_bad_files_are_rows(tmp_path) -> None:
     assert rows[0]["error"].startswith("read:") and rows[2]["error"].startswith("decode:")
     assert all("\n" not in r["error"] for r in rows if r["error"])
     assert rows[1]["n_masks"] > 0 and rows[1]["seconds"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_a_fifo_named_like_a_photo_is_an_error_row_not_a_hang(tmp_path, executor: str) -> None:
+    import os
+
+    fifo = tmp_path / "x.jpg"
+    os.mkfifo(fifo)
+    out = tmp_path / "out"
+    job = write_job(tmp_path, "fifo", [str(fifo), str(IMAGES / "dog.jpg")], out,
+                    amg={"points_per_side": 2}, run={"executor": executor})
+    sam_batch("run", str(job))
+    rows = {Path(r["image_uri"]).name: r for r in pq.read_table(out / "images").to_pylist()}
+    assert rows["x.jpg"]["status"] == "error" and rows["x.jpg"]["error"] == "read: a FIFO, not a regular file"
+    assert rows["dog.jpg"]["status"] == "ok"
