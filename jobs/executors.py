@@ -19,16 +19,18 @@ small status, each image's rows, and holds the rows of the shards not yet comple
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
+import socket
 import time
+from contextlib import contextmanager, nullcontext
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 
 from sam_batch.jobs.dataset import OutputDataset, Shard
@@ -50,6 +52,7 @@ CPUS_PER_ACTOR = 2
 # a node has the memory for an actor per core (a segmenting actor peaked at 879 MiB)
 ONE_CORE_ACTOR_MEMORY = 2 * 2**30  # bytes of a node's Ray `memory` per core
 MAX_ATTEMPTS = 3  # tries of one image (or one task) on workers that die under it
+ATTACH_CONNECT_TIMEOUT_S = 10.0  # a cluster's address that accepts no connection in this long fails the job
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,7 @@ class RayExecutor:
             return False
         address = self.job.run.ray_address or os.environ.get("RAY_ADDRESS")
         if address:  # RAY_ADDRESS is how `ray job submit` tells a driver where its cluster is
-            log.info("attaching to the Ray cluster at %s", address)
-            ray.init(address=address, logging_level=logging.WARNING)
+            _attach(ray, address)
         else:
             _start_embedded_ray(ray)
         return True
@@ -171,6 +173,62 @@ class JobFailure(RuntimeError):
     """The job cannot go on (e.g. no segmenting actor can load the model)."""
 
 
+def _attach(ray, address: str) -> None:
+    """Join the cluster at `address` (`auto`, `host:port` or `ray://host:port`).
+
+    An address with a port must accept a TCP connection within `ATTACH_CONNECT_TIMEOUT_S`, else
+    the job fails at once with one line (Ray itself would retry for minutes). A cluster on a
+    loopback address is joined from 127.0.0.1, as it listens there (Ray would otherwise swap
+    the host for this machine's interface address and never reach it).
+    """
+    host, port = _host_and_port(address)
+    if port is not None:
+        try:
+            socket.create_connection((host, port), timeout=ATTACH_CONNECT_TIMEOUT_S).close()
+        except OSError as error:
+            reason = "no answer" if isinstance(error, TimeoutError) else (error.strerror or type(error).__name__)
+            raise JobFailure(
+                f"run.ray_address {address}: no Ray cluster reachable there ({reason} within "
+                f"{ATTACH_CONNECT_TIMEOUT_S:.0f} s)"
+            ) from None
+    log.info("attaching to the Ray cluster at %s", address)
+    loopback = host is not None and _is_loopback(host)
+    with _ray_multi_node_off(ray) if loopback else nullcontext():
+        ray.init(address=address, logging_level=logging.WARNING, **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
+
+
+def _host_and_port(address: str) -> tuple[str | None, int | None]:
+    """('host', port) of `host:port` or `ray://host:port`; (None, None) for `auto` and the like."""
+    rest = address.removeprefix("ray://")
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        return None, None
+    return host.strip("[]"), int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@contextmanager
+def _ray_multi_node_off(ray) -> Iterator[None]:
+    """Ray's multi-node flag off for what runs inside: `ray.init` then keeps a loopback node
+    address instead of swapping it for the machine's routable one (see `_start_embedded_ray`)."""
+    from ray._private import ray_constants
+
+    clusters_enabled = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = clusters_enabled
+
+
 def _start_embedded_ray(ray) -> None:
     """A new Ray on this machine alone, with every server listening on 127.0.0.1 only.
 
@@ -180,12 +238,8 @@ def _start_embedded_ray(ray) -> None:
     when `ray` is imported, so it is turned off here for the start alone; the node's address is
     fixed by then and handed to every process Ray starts.
     """
-    from ray._private import ray_constants
-
     cpus = len(os.sched_getaffinity(0))
-    clusters_enabled = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
+    with _ray_multi_node_off(ray):
         ray.init(
             address="local",  # always a new embedded Ray, never a cluster found on this machine
             _node_ip_address="127.0.0.1",
@@ -196,8 +250,6 @@ def _start_embedded_ray(ray) -> None:
             # too, rather than start a new one (Python, Ray, pyarrow) every few seconds
             _system_config={"num_workers_soft_limit": 2 * cpus},
         )
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = clusters_enabled
 
 
 class _RayPipeline:
