@@ -19,6 +19,7 @@ previous version or none, never half of one.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import uuid
@@ -134,15 +135,23 @@ class OutputDataset:
         if self.fs.exists(self._marker(shard)):
             return False
         attempt = self.path(BOOKKEEPING, "attempts", f"{shard.name}-{uuid.uuid4().hex}")
-        self.fs.makedirs(attempt, exist_ok=True)
-        tables = {"masks": masks, "images": images}
-        for table_name, table in tables.items():
-            self._write_bytes(f"{attempt}/{table_name}.parquet", _parquet_bytes(table))
-        for table_name in tables:
-            self.fs.makedirs(self.path(table_name), exist_ok=True)
-            self.fs.mv(f"{attempt}/{table_name}.parquet", self.path(table_name, f"{shard.name}.parquet"))
-        self._remove(attempt)  # empty by now; object stores have no folder left to remove
-        return self._create_marker(shard, stats)
+        try:
+            self.fs.makedirs(attempt, exist_ok=True)
+            tables = {"masks": masks, "images": images}
+            for table_name, table in tables.items():
+                self._write_bytes(f"{attempt}/{table_name}.parquet", _parquet_bytes(table))
+            for table_name in tables:
+                self.fs.makedirs(self.path(table_name), exist_ok=True)
+                self.fs.mv(f"{attempt}/{table_name}.parquet", self.path(table_name, f"{shard.name}.parquet"))
+            self._remove(attempt)  # empty by now; object stores have no folder left to remove
+            return self._create_marker(shard, stats)
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            raise DatasetError(
+                f"{self.uri}: no space left on its device while committing {shard.name}; free some and "
+                "run the same command again: the shards committed so far stay, and the run resumes after them"
+            ) from None
 
     def data_files(self, table_name: str) -> list[str]:
         """The committed data files of `masks` or `images`, as paths on `self.fs`."""

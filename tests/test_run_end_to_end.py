@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -387,3 +388,29 @@ def test_a_fifo_named_like_a_photo_is_an_error_row_not_a_hang(tmp_path, executor
     rows = {Path(r["image_uri"]).name: r for r in pq.read_table(out / "images").to_pylist()}
     assert rows["x.jpg"]["status"] == "error" and rows["x.jpg"]["error"] == "read: a FIFO, not a regular file"
     assert rows["dog.jpg"]["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_a_full_disk_names_the_output_and_a_rerun_resumes(tmp_path) -> None:
+    """On a 24 KiB tmpfs the second shard's commit finds no space: one line naming the output,
+    exit 1; with room again (the same mount, grown), the same command finishes the job."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs privileges this machine does not give")
+    try:
+        out = disk / "out"
+        names = ["dog.jpg", "groceries.jpg", "picture1.jpg"]
+        job = write_job(tmp_path, "full-disk", [str(IMAGES / n) for n in names], out,
+                        amg={"points_per_side": 2}, run={"executor": "local", "shard_size": 1})
+        full = sam_batch("run", str(job), check=False)
+        assert full.returncode == 1
+        assert f"{out}: no space left on its device while committing shard-0000" in full.stderr
+        assert "run the same command again" in full.stderr
+        subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+        again = sam_batch("run", str(job))
+        done = int(re.search(r"shards: \d+ committed, (\d+) already done", again.stdout).group(1))
+        assert done >= 1  # what the full disk let through was kept
+        assert sorted(Path(r["image_uri"]).name for r in pq.read_table(out / "images").to_pylist()) == names
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
