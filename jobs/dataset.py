@@ -91,11 +91,15 @@ class OutputDataset:
 
     # -- the plan -------------------------------------------------------------------------
 
+    def check_root(self) -> None:
+        """`DatasetError` if the output's root is a file."""
+        if self.fs.isfile(self.root):
+            raise DatasetError(f"output.uri {self.uri!r} is a file; it names the folder the tables go to")
+
     def read_plan(self) -> Plan | None:
         """The frozen plan, None if there is none; `DatasetError` if it cannot be read (or the
         output's root is a file)."""
-        if self.fs.isfile(self.root):
-            raise DatasetError(f"output.uri {self.uri!r} is a file; it names the folder the tables go to")
+        self.check_root()
         path = self.path(BOOKKEEPING, "plan.json")
         if not self.fs.exists(path):
             return None
@@ -111,9 +115,15 @@ class OutputDataset:
         self._publish(self.path(BOOKKEEPING, "plan.json"), plan.to_json().encode("utf-8"))
 
     def clear(self) -> None:
-        """Remove everything sam-batch wrote here (for --overwrite)."""
-        for part in ("masks", "images", BOOKKEEPING, "run.json"):
+        """Remove everything sam-batch wrote here (for --overwrite), but the lease of the run
+        doing it (`jobs.lease`)."""
+        for part in ("masks", "images", "run.json"):
             self._remove(self.path(part))
+        bookkeeping = self.path(BOOKKEEPING)
+        if self.fs.exists(bookkeeping):
+            for path in self.fs.ls(bookkeeping, detail=False):
+                if path.rstrip("/").rsplit("/", 1)[-1] != "lease.json":
+                    self._remove(path)
 
     # -- commits --------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 The plan is frozen at the output root on the first run. Running the same job again resumes it:
 committed shards are skipped. Running a different job against the same output is refused
-unless `overwrite` is set, which clears the old output first.
+unless `overwrite` is set, which clears the old output first. One run at a time holds an
+output (`jobs.lease`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from sam_batch import __version__
 from sam_batch.jobs.dataset import DatasetError, OutputDataset, Plan
 from sam_batch.jobs.executors import ShardCommit, make_executor
+from sam_batch.jobs.lease import OutputLease
 from sam_batch.jobs.plan import list_inputs, make_plan
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.jobs.worker import STAGES, ImageResult
@@ -96,10 +98,20 @@ def prepare_plan(job: JobSpec, dataset: OutputDataset, overwrite: bool) -> Plan:
     return plan
 
 
-def run_job(job: JobSpec, *, overwrite: bool = False) -> RunSummary:
-    """Run (or resume) a job to the end; per-image failures are rows, not exceptions."""
+def run_job(job: JobSpec, *, overwrite: bool = False, force: bool = False) -> RunSummary:
+    """Run (or resume) a job to the end; per-image failures are rows, not exceptions.
+
+    The run holds the output's lease throughout (`jobs.lease`): another run on the same output
+    is refused; `force` takes the lease from a run that holds it (one known to be dead).
+    """
     started = time.perf_counter()
     dataset = OutputDataset(job.output.uri, job.output.storage_options)
+    dataset.check_root()
+    with OutputLease(dataset, force=force):
+        return _run_holding_the_lease(job, dataset, overwrite, started)
+
+
+def _run_holding_the_lease(job: JobSpec, dataset: OutputDataset, overwrite: bool, started: float) -> RunSummary:
     plan = prepare_plan(job, dataset, overwrite)
     committed = dataset.committed_shards()
     todo = [s for s in plan.shards if s.shard_id not in committed]

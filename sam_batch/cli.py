@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("job", help="the job file (YAML)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--overwrite", action="store_true", help="replace an output made by a different job")
+    run.add_argument("--force", action="store_true", help="take the output from another run that holds it (one known to be dead)")
     run.set_defaults(handler=_run)
 
     validate = commands.add_parser("validate", help="validate a job file and print the plan")
@@ -92,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
     from sam_batch.jobs.schema import load_job
 
     job = load_job(args.job, args.overrides)
-    summary = run_job(job, overwrite=args.overwrite)
+    summary = run_job(job, overwrite=args.overwrite, force=args.force)
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary.stage_seconds.items())
     print(f"output: {job.output.uri}/masks/*.parquet and {job.output.uri}/images/*.parquet")
     print(

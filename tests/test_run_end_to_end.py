@@ -413,4 +413,5 @@ def test_a_full_disk_names_the_output_and_a_rerun_resumes(tmp_path) -> None:
         assert done >= 1  # what the full disk let through was kept
         assert sorted(Path(r["image_uri"]).name for r in pq.read_table(out / "images").to_pylist()) == names
     finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
+        if subprocess.run(["umount", str(disk)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)  # detach it even if busy

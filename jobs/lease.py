@@ -1,0 +1,162 @@
+"""One run at a time on an output: a lease at `<output.uri>/_sam_batch/lease.json`.
+
+A run takes the lease before it touches the output (plan, `--overwrite`, the clean-up of
+attempts) and gives it back at its end; while it runs, a thread renews it every
+`LEASE_RENEW_S`. A second run on the same output is refused with one line naming the holder.
+A lease is stale, and taken over, when it has not been renewed for `LEASE_TTL_S`, or at once
+when its holder was a process on this machine that no longer exists (a killed driver);
+`--force` takes it whatever its state, for a holder known to be dead elsewhere.
+
+The lease file is created only if absent (`open(..., "xb")`): exclusive on local and network
+file systems; on object stores it is as exclusive as the fsspec back-end's create-if-absent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+from sam_batch.jobs.dataset import BOOKKEEPING, OutputDataset
+
+LEASE_TTL_S = 60.0  # a lease not renewed for this long is a dead run's
+LEASE_RENEW_S = 10.0  # how often a running job renews its lease
+LEASE_FILE = "lease.json"
+UNREADABLE = "unreadable"  # the run id of a lease file that is not (yet) valid JSON
+UNREADABLE_GRACE_S = 1.0  # an unreadable lease is read once more after this, then taken over
+
+log = logging.getLogger("sam_batch")
+
+
+class LeaseHeld(RuntimeError):
+    """Another run holds the output's lease."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lease: a run id, its host, process id and the process's start (so a reused
+    process id is not taken for the holder), and when it last renewed (seconds since the epoch)."""
+
+    run_id: str
+    host: str
+    pid: int
+    process_start: str | None
+    renewed: float
+
+    def is_gone(self, now: float) -> bool:
+        """Whether the holder is certainly not running: not renewed for `LEASE_TTL_S`, or a
+        process of this machine that no longer exists."""
+        if now - self.renewed > LEASE_TTL_S:
+            return True
+        return self.host == socket.gethostname() and _process_start(self.pid) != self.process_start
+
+
+class OutputLease:
+    """The lease of one output for this run; a context manager (`acquire` ... `release`)."""
+
+    def __init__(self, dataset: OutputDataset, force: bool = False) -> None:
+        self.dataset = dataset
+        self.force = force
+        self.path = dataset.path(BOOKKEEPING, LEASE_FILE)
+        self.me = Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), _process_start(os.getpid()), 0.0)
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def __enter__(self) -> OutputLease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Take the lease, over a stale one or with `force`; `LeaseHeld` while another run holds it."""
+        fs = self.dataset.fs
+        fs.makedirs(self.dataset.path(BOOKKEEPING), exist_ok=True)
+        if not self._create():
+            holder = self._read()
+            if holder is not None and holder.run_id == UNREADABLE:  # perhaps being written this instant
+                time.sleep(UNREADABLE_GRACE_S)
+                holder = self._read()
+            if holder is not None and not self.force and not holder.is_gone(time.time()):
+                age = time.time() - holder.renewed
+                raise LeaseHeld(
+                    f"{self.dataset.uri} is being written by another run (process {holder.pid} on "
+                    f"{holder.host}, lease renewed {age:.0f} s ago); wait for it to end, or pass --force "
+                    "if that run is dead"
+                )
+            why = "--force" if self.force else "its holder is gone"
+            log.warning("%s: taking over the lease of a previous run (%s)", self.dataset.uri, why)
+            self._remove()
+            if not self._create():
+                raise LeaseHeld(f"{self.dataset.uri}: another run took the lease at the same moment; try again")
+        self._renewer = threading.Thread(target=self._renew_until_released, name="sam-batch-lease", daemon=True)
+        self._renewer.start()
+
+    def release(self) -> None:
+        """Stop renewing and remove the lease, if it is still this run's."""
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join(timeout=LEASE_RENEW_S)
+        holder = self._read()
+        if holder is not None and holder.run_id == self.me.run_id:
+            self._remove()
+
+    def _renew_until_released(self) -> None:
+        while not self._stop.wait(LEASE_RENEW_S):
+            holder = self._read()
+            if holder is None or holder.run_id != self.me.run_id:
+                log.error("%s: this run's lease was taken over by another run", self.dataset.uri)
+                return
+            try:
+                with self.dataset.fs.open(self.path, "wb") as f:
+                    f.write(self._body())
+            except OSError as error:  # a failed renewal is retried at the next tick
+                log.warning("%s: the lease could not be renewed (%s)", self.dataset.uri, type(error).__name__)
+
+    def _create(self) -> bool:
+        try:
+            with self.dataset.fs.open(self.path, "xb") as f:
+                f.write(self._body())
+        except FileExistsError:
+            return False
+        return True
+
+    def _body(self) -> bytes:
+        return json.dumps(asdict(self.me) | {"renewed": time.time()}).encode("utf-8")
+
+    def _read(self) -> Holder | None:
+        try:
+            return Holder(**json.loads(self.dataset.fs.cat_file(self.path)))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError):  # a half-written or foreign file: not a live holder
+            return Holder(UNREADABLE, "", 0, None, 0.0)
+
+    def _remove(self) -> None:
+        try:
+            self.dataset.fs.rm(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` (Linux: /proc/PID/stat's field 22, in clock ticks since
+    boot), 'alive' where that cannot be read but the process exists, None if it does not."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return "alive"
+    return "alive"
