@@ -8,6 +8,7 @@ de-duplicated, then cut into shards of `run.shard_size` in that order.
 from __future__ import annotations
 
 import io
+import logging
 
 import fsspec
 import pyarrow as pa
@@ -18,6 +19,7 @@ from sam_batch.jobs.schema import JobSpec, normalise_uri
 from sam_batch.pipeline.images import one_line_reason
 
 GLOB_CHARS = "*?["
+log = logging.getLogger("sam_batch")
 
 
 class PlanError(RuntimeError):
@@ -25,13 +27,21 @@ class PlanError(RuntimeError):
 
 
 def list_inputs(job: JobSpec) -> list[str]:
-    """Every input URI of the job, sorted, each once. Listed URIs that do not exist stay in."""
+    """Every input URI of the job, sorted, each once. Listed URIs that do not exist stay in;
+    files under `output.uri` never are inputs (a glob over the output's parent would otherwise
+    list the output's own Parquet files), and a warning says how many were left out."""
     options = job.input.storage_options
     uris: set[str] = set()
     for pattern in job.input.uris:
         uris.update(_expand(pattern, options))
     if job.input.manifest:
         uris.update(_read_manifest(job.input.manifest, options))
+    output = normalise_uri(job.output.uri).rstrip("/") + "/"
+    inside = {uri for uri in uris if uri.startswith(output)}
+    if inside:
+        log.warning("input: %d listed file(s) lie under output.uri %s and are left out, first %s",
+                    len(inside), job.output.uri, sorted(inside)[0])
+        uris -= inside
     if not uris:
         manifest = f" and manifest {job.input.manifest!r}" if job.input.manifest else ""
         raise PlanError(f"input: no images found for {list(job.input.uris)}{manifest}")
@@ -61,8 +71,19 @@ def _expand(pattern: str, options: dict) -> list[str]:
         found = fs.glob(path, detail=True)
     except Exception as error:  # noqa: BLE001 - storage errors name the pattern, never options
         raise PlanError(f"input.uris: cannot list {pattern!r}: {type(error).__name__}") from None
-    files = sorted(p for p, info in found.items() if info.get("type") == "file")
+    files = sorted(p for p, info in found.items() if _is_file(fs, p, info))
     return [_as_uri(fs, p, pattern) for p in files]
+
+
+def _is_file(fs, path: str, info: dict) -> bool:
+    """Whether a glob's match is a file, a symbolic link to a file included (a glob's details
+    describe the link itself)."""
+    if info.get("type") == "other" and info.get("islink"):
+        try:
+            info = fs.info(path)  # the link's target
+        except OSError:  # a broken link
+            return False
+    return info.get("type") == "file"
 
 
 def _read_manifest(uri: str, options: dict) -> list[str]:

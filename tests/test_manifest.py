@@ -93,6 +93,25 @@ def test_a_listed_file_with_glob_characters_in_its_name_is_that_file(tmp_path, p
     assert listed(of(tmp_path / "scan[0-9].jpg")) == [str(tmp_path / "scan1.jpg")]
 
 
+def test_files_under_the_output_are_never_inputs(tmp_path, photos, caplog) -> None:
+    """A glob over the output's parent (as after a first run of a job whose output sits among
+    its inputs) lists the photos, never what the output holds."""
+    (tmp_path / "a.jpg").write_bytes(photos[0].read_bytes())
+    (tmp_path / "out" / "masks").mkdir(parents=True)
+    (tmp_path / "out" / "masks" / "shard-00000.jpg").write_bytes(photos[1].read_bytes())
+    job = {**job_for("unused", out=str(tmp_path / "out")), "input": {"uris": [f"{tmp_path}/**/*.jpg"]}}
+    assert listed(job) == [str(tmp_path / "a.jpg")]
+    assert "1 listed file(s) lie under output.uri" in caplog.text
+
+
+def test_a_glob_lists_symbolic_links_to_files(tmp_path, photos) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "link.jpg").symlink_to(photos[0])
+    (tmp_path / "in" / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    job = {**job_for("unused"), "input": {"uris": [f"{tmp_path}/in/*.jpg"]}}
+    assert listed(job) == [str(tmp_path / "in" / "link.jpg")]
+
+
 def test_file_urls_with_percent_escapes_name_their_files(tmp_path, photos) -> None:
     spaced = tmp_path / "my dog.jpg"
     spaced.write_bytes(photos[0].read_bytes())
