@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from sam_batch import __version__
 from sam_batch.jobs.dataset import DatasetError, OutputDataset, Plan
 from sam_batch.jobs.executors import ShardCommit, make_executor
-from sam_batch.jobs.lease import OutputLease
+from sam_batch.jobs.lease import LeaseHeld, OutputLease
 from sam_batch.jobs.plan import list_inputs, make_plan
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.jobs.worker import STAGES, ImageResult
@@ -107,11 +107,13 @@ def run_job(job: JobSpec, *, overwrite: bool = False, force: bool = False) -> Ru
     started = time.perf_counter()
     dataset = OutputDataset(job.output.uri, job.output.storage_options)
     dataset.check_root()
-    with OutputLease(dataset, force=force):
-        return _run_holding_the_lease(job, dataset, overwrite, started)
+    with OutputLease(dataset, force=force) as lease:
+        return _run_holding_the_lease(job, dataset, lease, overwrite, started)
 
 
-def _run_holding_the_lease(job: JobSpec, dataset: OutputDataset, overwrite: bool, started: float) -> RunSummary:
+def _run_holding_the_lease(
+    job: JobSpec, dataset: OutputDataset, lease: OutputLease, overwrite: bool, started: float
+) -> RunSummary:
     plan = prepare_plan(job, dataset, overwrite)
     committed = dataset.committed_shards()
     todo = [s for s in plan.shards if s.shard_id not in committed]
@@ -129,6 +131,9 @@ def _run_holding_the_lease(job: JobSpec, dataset: OutputDataset, overwrite: bool
     workers: set[str] = set()
     try:
         for event in executor.run(todo, dataset):
+            if lease.lost:
+                raise LeaseHeld(f"{job.output.uri}: another run took this output's lease; this run stops "
+                                "(its committed shards stay)")
             if isinstance(event, ShardCommit):
                 summary.stage_seconds["write"] += event.stats["write_seconds"]
                 summary.shards_committed += int(event.stats["committed"])

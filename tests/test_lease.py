@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -41,15 +42,37 @@ def test_a_lease_not_renewed_in_time_or_of_a_dead_process_is_taken_over(tmp_path
     path.parent.mkdir(parents=True)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    holder = {"run_id": "r", "host": "elsewhere", "pid": 1, "process_start": "x", "renewed": time.time()}
+    holder = {"run_id": "r", "host": "elsewhere", "machine": "m", "pid": 1, "process_start": "x",
+              "renewed": time.time(), "from_a_newer_version": True}  # unknown keys are left out
+    here = {**holder, "host": socket.gethostname(), "machine": lease_module._machine(), "pid": dead.pid}
     for stale in ({**holder, "renewed": time.time() - lease_module.LEASE_TTL_S - 1},  # another host, silent
-                  {**holder, "host": os.uname().nodename, "pid": dead.pid}):  # this host, process gone
+                  here):  # this machine, process gone
         path.write_text(json.dumps(stale))
         with OutputLease(dataset):
             assert json.loads(path.read_text())["pid"] == os.getpid()
-    path.write_text(json.dumps(holder))  # another host, renewed just now: held
-    with pytest.raises(LeaseHeld, match="process 1 on elsewhere"):
-        OutputLease(dataset).acquire()
+    for held in (holder,  # another host, renewed just now
+                 {**here, "machine": "another container with the same host name"}):
+        path.write_text(json.dumps(held))
+        with pytest.raises(LeaseHeld, match=f"process {held['pid']} on {held['host']}"):
+            OutputLease(dataset).acquire()
+
+
+def test_a_run_whose_lease_is_taken_stops_at_its_next_event(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(lease_module, "LEASE_RENEW_S", 0.05)
+    dataset = OutputDataset(str(tmp_path / "out"))
+    first, second = OutputLease(dataset), OutputLease(dataset, force=True)
+    first.acquire()
+    try:
+        second.acquire()  # another run takes it
+        deadline = time.time() + 10
+        while not first.lost and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.lost
+        first.release()  # leaves the other run's lease alone
+        assert json.loads((tmp_path / "out" / "_sam_batch" / "lease.json").read_text())["run_id"] == second.me.run_id
+    finally:
+        first.release()
+        second.release()
 
 
 def test_the_lease_is_renewed_while_the_run_holds_it(tmp_path, monkeypatch) -> None:
