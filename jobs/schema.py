@@ -59,7 +59,7 @@ _ENUM_CUTOFF = 0.8  # stricter than for keys: 'tensorflow' should not suggest 't
 # a crop's grid is points_per_side^2 prompts: 256 gives 65,536 (the reference's default is 32)
 MAX_POINTS_PER_SIDE = 256
 MAX_CROP_N_LAYERS = 4  # 1 + 4 + 16 + 64 + 256 = 341 crops, each encoded and decoded
-MAX_YAML_ALIASES = 16  # anchors used by alias: a job file shares a few settings (storage_options)
+MAX_YAML_ALIASES = 16  # alias uses: a job file shares a few settings (storage_options) at most
 
 
 class JobError(ValueError):
@@ -589,14 +589,15 @@ def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
 
 class _StrictLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that also rejects a key given twice in one mapping, and bounds
-    aliases (``*name``): at most `MAX_YAML_ALIASES`, each of a node that holds no alias, so no
-    alias expands another (nested aliases grow exponentially: "billion laughs"), and the data
+    aliases (``*name``): at most `MAX_YAML_ALIASES` uses, each of a node that holds no alias, so
+    no alias expands another (nested aliases grow exponentially: "billion laughs") and the data
     is at most that many times the document.
     """
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self.aliased: set[int] = set()  # ids of the nodes aliases stand for
+        self.alias_uses = 0
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         """Compose a node as SafeLoader does, checking an alias first."""
@@ -604,11 +605,13 @@ class _StrictLoader(yaml.SafeLoader):
             event = self.peek_event()
             target = self.anchors.get(event.anchor)
             if target is not None:
-                if len(self.aliased | {id(target)}) > MAX_YAML_ALIASES or self._holds_alias(target):
+                self.alias_uses += 1
+                known = id(target) in self.aliased  # checked at its first use already
+                if self.alias_uses > MAX_YAML_ALIASES or (not known and self._holds_alias(target)):
                     raise yaml.composer.ComposerError(
                         None, None,
-                        f"alias *{event.anchor}: a job file may use up to {MAX_YAML_ALIASES} anchors "
-                        "by alias, none of them holding an alias",
+                        f"alias *{event.anchor}: a job file may use aliases up to {MAX_YAML_ALIASES} times, "
+                        "none of a node holding an alias",
                         event.start_mark,
                     )
                 self.aliased.add(id(target))

@@ -386,17 +386,19 @@ output: {uri: o, storage_options: {<<: *shared, anon: false}}
 
 def test_nested_and_numerous_aliases_are_refused(tmp_path: Path) -> None:
     """A billion laughs under storage_options: refused at its first alias of a node holding an
-    alias, before anything is expanded; so are aliases of more than MAX_YAML_ALIASES anchors.
-    Aliases of nested mappings that hold none, as yaml.safe_dump writes a shared dict, load."""
+    alias, before anything is expanded; so are more than MAX_YAML_ALIASES uses of aliases, of
+    one anchor or many. Aliases of nested mappings that hold none, as yaml.safe_dump writes a
+    shared dict, load."""
     levels = ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
     levels += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)]
     bomb = "name: x\ninput: {uris: a, storage_options: {" + ", ".join(levels) + "}}\noutput: {uri: o}\n"
-    with pytest.raises(JobError, match=r"invalid YAML at line 2, .*alias \*l1: a job file may use up to 16 anchors"):
+    with pytest.raises(JobError, match=r"invalid YAML at line 2, .*alias \*l1: a job file may use aliases up to 16 times"):
         load_job(write(tmp_path, bomb))
-    anchors = ", ".join(f"k{i}: &k{i} v" for i in range(17)) + ", " + ", ".join(f"c{i}: *k{i}" for i in range(17))
-    many = "name: x\ninput: {uris: a, storage_options: {" + anchors + "}}\noutput: {uri: o}\n"
-    with pytest.raises(JobError, match=r"alias \*k16: a job file may use up to 16 anchors"):
-        load_job(write(tmp_path, many))
+    for anchors in (", ".join(f"k{i}: &k{i} v" for i in range(17)) + ", " + ", ".join(f"c{i}: *k{i}" for i in range(17)),
+                    "k: &k [1, 2, 3], " + ", ".join(f"c{i}: *k" for i in range(17))):
+        many = "name: x\ninput: {uris: a, storage_options: {" + anchors + "}}\noutput: {uri: o}\n"
+        with pytest.raises(JobError, match=r"alias \*k1?6?: a job file may use aliases up to 16 times"):
+            load_job(write(tmp_path, many))
     shared = {"key": "k", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
     dumped = yaml.safe_dump(minimal(input={"uris": "s3://b/*.jpg", "storage_options": shared},
                                     output={"uri": "s3://b/out", "storage_options": shared}))
