@@ -25,6 +25,7 @@ import math
 import os
 import socket
 import time
+import urllib.parse
 from contextlib import contextmanager, nullcontext
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -134,7 +135,7 @@ class RayExecutor:
             return False
         address = self.job.run.ray_address or os.environ.get("RAY_ADDRESS")
         if address:  # RAY_ADDRESS is how `ray job submit` tells a driver where its cluster is
-            _attach(ray, address)
+            _attach(ray, address, "run.ray_address" if self.job.run.ray_address else "$RAY_ADDRESS")
         else:
             _start_embedded_ray(ray)
         return True
@@ -173,13 +174,14 @@ class JobFailure(RuntimeError):
     """The job cannot go on (e.g. no segmenting actor can load the model)."""
 
 
-def _attach(ray, address: str) -> None:
-    """Join the cluster at `address` (`auto`, `host:port` or `ray://host:port`).
+def _attach(ray, address: str, source: str) -> None:
+    """Join the cluster at `address` (`auto`, `host:port` or `ray://host:port`), given by `source`.
 
     An address with a port must accept a TCP connection within `ATTACH_CONNECT_TIMEOUT_S`, else
-    the job fails at once with one line (Ray itself would retry for minutes). A cluster on a
-    loopback address is joined from 127.0.0.1, as it listens there (Ray would otherwise swap
-    the host for this machine's interface address and never reach it).
+    the job fails at once with one line (Ray itself would retry for minutes). A cluster whose
+    nodes all listen on loopback addresses is joined from 127.0.0.1 (Ray would otherwise swap
+    a loopback host for this machine's interface address and never reach it); any other
+    cluster is joined as Ray joins it, so its remote nodes can reach this driver.
     """
     host, port = _host_and_port(address)
     if port is not None:
@@ -188,22 +190,40 @@ def _attach(ray, address: str) -> None:
         except OSError as error:
             reason = "no answer" if isinstance(error, TimeoutError) else (error.strerror or type(error).__name__)
             raise JobFailure(
-                f"run.ray_address {address}: no Ray cluster reachable there ({reason} within "
+                f"{source} {address}: no Ray cluster reachable there ({reason} within "
                 f"{ATTACH_CONNECT_TIMEOUT_S:.0f} s)"
             ) from None
     log.info("attaching to the Ray cluster at %s", address)
-    loopback = host is not None and _is_loopback(host)
+    loopback = host is not None and _is_loopback(host) and not address.startswith("ray://") and _nodes_on_loopback(address)
     with _ray_multi_node_off(ray) if loopback else nullcontext():
-        ray.init(address=address, logging_level=logging.WARNING, **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
+        node_ip = {"_node_ip_address": "127.0.0.1" if host == "localhost" else host} if loopback else {}
+        ray.init(address=address, logging_level=logging.WARNING, **node_ip)
+
+
+def _nodes_on_loopback(address: str) -> bool:
+    """Whether every live node of the cluster whose GCS is at `address` (host:port) is
+    registered at a loopback address; False when the GCS cannot say."""
+    from ray._raylet import GcsClient
+
+    try:
+        nodes = GcsClient(address=address).get_all_node_info(timeout=ATTACH_CONNECT_TIMEOUT_S).values()
+        addresses = [node.node_manager_address for node in nodes]
+    except Exception:  # noqa: BLE001 - a private Ray API: when it fails, Ray's own way stands
+        return False
+    return bool(addresses) and all(_is_loopback(a) for a in addresses)
 
 
 def _host_and_port(address: str) -> tuple[str | None, int | None]:
-    """('host', port) of `host:port` or `ray://host:port`; (None, None) for `auto` and the like."""
-    rest = address.removeprefix("ray://")
-    host, _, port = rest.rpartition(":")
-    if not host or not port.isdigit():
+    """('host', port) of `host:port`, `[v6]:port` or `ray://host:port`; (None, None) for `auto`
+    and anything else without a port."""
+    parts = urllib.parse.urlsplit(address if "://" in address else f"//{address}")
+    try:
+        port = parts.port
+    except ValueError:
         return None, None
-    return host.strip("[]"), int(port)
+    if parts.hostname is None or port is None:
+        return None, None
+    return parts.hostname, port
 
 
 def _is_loopback(host: str) -> bool:
