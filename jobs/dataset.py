@@ -156,10 +156,11 @@ class OutputDataset:
             self._remove(attempt)  # empty by now; object stores have no folder left to remove
             return self._create_marker(shard, stats)
         except OSError as error:
-            if error.errno != errno.ENOSPC:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
+            what = "no space left on its device" if error.errno == errno.ENOSPC else "over its disk quota"
             raise DatasetError(
-                f"{self.uri}: no space left on its device while committing {shard.name}; free some and "
+                f"{self.uri}: {what} while committing {shard.name}; free some and "
                 "run the same command again: the shards committed so far stay, and the run resumes after them"
             ) from None
 

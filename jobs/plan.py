@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 
 import fsspec
 import pyarrow as pa
@@ -36,8 +37,8 @@ def list_inputs(job: JobSpec) -> list[str]:
         uris.update(_expand(pattern, options))
     if job.input.manifest:
         uris.update(_read_manifest(job.input.manifest, options))
-    output = normalise_uri(job.output.uri).rstrip("/") + "/"
-    inside = {uri for uri in uris if uri.startswith(output)}
+    output = _real(normalise_uri(job.output.uri)).rstrip("/") + "/"
+    inside = {uri for uri in uris if _real(uri).startswith(output)}
     if inside:
         log.warning("input: %d listed file(s) lie under output.uri %s and are left out, first %s",
                     len(inside), job.output.uri, sorted(inside)[0])
@@ -73,6 +74,11 @@ def _expand(pattern: str, options: dict) -> list[str]:
         raise PlanError(f"input.uris: cannot list {pattern!r}: {type(error).__name__}") from None
     files = sorted(p for p, info in found.items() if _is_file(fs, p, info))
     return [_as_uri(fs, p, pattern) for p in files]
+
+
+def _real(uri: str) -> str:
+    """A local path with its symbolic links resolved; a URL as it is."""
+    return uri if "://" in uri else os.path.realpath(uri)
 
 
 def _is_file(fs, path: str, info: dict) -> bool:

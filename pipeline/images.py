@@ -13,6 +13,7 @@ import io
 import os
 import re
 import stat
+import urllib.parse
 import warnings
 from collections.abc import Sequence
 
@@ -39,9 +40,10 @@ class ImageError(Exception):
 def open_input(uri: str, storage_options: dict | None = None):
     """`fsspec.open(uri, "rb")`, refusing a local path that is not a regular file (reading a FIFO
     or a device can block forever) with `ImageError` ("read: ..."), as it does a missing one."""
-    if "://" not in uri:
+    path = urllib.parse.unquote(uri.removeprefix("file://")) if uri.startswith("file://") else uri
+    if "://" not in path:
         try:
-            mode = os.stat(uri).st_mode
+            mode = os.stat(path).st_mode
         except FileNotFoundError:
             raise ImageError("read", "file not found") from None
         except OSError as error:

@@ -185,3 +185,22 @@ def test_inputs_that_are_not_regular_files_are_read_errors(tmp_path) -> None:
             read(str(folder))
         with pytest.raises(ImageError, match=r"^read: file not found$"):
             read(str(tmp_path / "missing.jpg"))
+
+
+def test_the_pixel_cap_is_the_limit_exactly() -> None:
+    """A header at the cap passes the size check (and fails later, holding no pixels); one
+    pixel row more does not."""
+    with pytest.raises(ImageError) as at_cap:
+        decode_image(_bomb_png(8192, 8192))
+    assert "over the limit" not in str(at_cap.value)
+    with pytest.raises(ImageError, match="header claims 8192x8193 pixels, over the limit"):
+        decode_image(_bomb_png(8192, 8193))
+
+
+def test_file_urls_are_checked_as_the_paths_they_name(tmp_path) -> None:
+    import os
+
+    fifo = tmp_path / "my fifo.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match=r"^read: a FIFO, not a regular file$"):
+        load_image(f"file://{tmp_path}/my%20fifo.jpg")

@@ -102,6 +102,9 @@ def test_files_under_the_output_are_never_inputs(tmp_path, photos, caplog) -> No
     job = {**job_for("unused", out=str(tmp_path / "out")), "input": {"uris": [f"{tmp_path}/**/*.jpg"]}}
     assert listed(job) == [str(tmp_path / "a.jpg")]
     assert "1 listed file(s) lie under output.uri" in caplog.text
+    (tmp_path.parent / f"{tmp_path.name}-link").symlink_to(tmp_path)  # the output named through a link
+    via_link = {**job, "output": {"uri": str(tmp_path.parent / f"{tmp_path.name}-link" / "out") + "/"}}
+    assert listed(via_link) == [str(tmp_path / "a.jpg")]
 
 
 def test_a_glob_lists_symbolic_links_to_files(tmp_path, photos) -> None:

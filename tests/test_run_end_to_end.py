@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -415,3 +416,20 @@ def test_a_full_disk_names_the_output_and_a_rerun_resumes(tmp_path) -> None:
     finally:
         if subprocess.run(["umount", str(disk)], capture_output=True).returncode:
             subprocess.run(["umount", "-l", str(disk)], capture_output=True)  # detach it even if busy
+
+
+def test_a_commit_out_of_space_or_quota_is_one_line_naming_the_output(tmp_path, monkeypatch) -> None:
+    """Without a small disk to fill: the write fails as a full disk or a quota would."""
+    import errno
+
+    from sam_batch.jobs.dataset import DatasetError, OutputDataset, Shard
+    from sam_batch.pipeline.tables import images_table, masks_table
+
+    dataset = OutputDataset(str(tmp_path / "out"))
+    for code, what in ((errno.ENOSPC, "no space left on its device"), (errno.EDQUOT, "over its disk quota")):
+        def full(path: str, data: bytes, code: int = code) -> None:
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(dataset, "_write_bytes", full)
+        with pytest.raises(DatasetError, match=f"out: {what} while committing shard-00003; free some and run the same"):
+            dataset.commit_shard(Shard(3, ("a.jpg",)), masks_table([], []), images_table([]), {})
