@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 BOOKKEEPING = "_sam_batch"
+LEASE_FILE = "lease.json"  # under BOOKKEEPING: the lease of the run writing the output (`jobs.lease`)
 
 
 class DatasetError(RuntimeError):
@@ -122,7 +123,7 @@ class OutputDataset:
         bookkeeping = self.path(BOOKKEEPING)
         if self.fs.exists(bookkeeping):
             for path in self.fs.ls(bookkeeping, detail=False):
-                if path.rstrip("/").rsplit("/", 1)[-1] != "lease.json":
+                if path.rstrip("/").rsplit("/", 1)[-1] != LEASE_FILE:
                     self._remove(path)
 
     # -- commits --------------------------------------------------------------------------

@@ -23,13 +23,12 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
-from sam_batch.jobs.dataset import BOOKKEEPING, OutputDataset
+from sam_batch.jobs.dataset import BOOKKEEPING, LEASE_FILE, OutputDataset
 
 LEASE_TTL_S = 60.0  # a lease not renewed for this long is a dead run's
 LEASE_RENEW_S = 10.0  # how often a running job renews its lease
-LEASE_FILE = "lease.json"
 UNREADABLE = "unreadable"  # the run id of a lease file that is not (yet) valid JSON
 UNREADABLE_GRACE_S = 1.0  # an unreadable lease is read once more after this, then taken over
 
@@ -115,7 +114,7 @@ class OutputLease:
                 self._remove()
             if not self._create():
                 raise LeaseHeld(f"{self.dataset.uri}: another run took the lease at the same moment; try again")
-        if self._read_or_none() != self._written:
+        if self._read() != self._written:
             raise LeaseHeld(f"{self.dataset.uri}: another run took the lease at the same moment; try again")
         self._renewer = threading.Thread(target=self._renew_until_released, name="sam-batch-lease", daemon=True)
         self._renewer.start()
@@ -156,7 +155,7 @@ class OutputLease:
     def _write(self, mode: str) -> None:
         """Write the lease, renewed now: created only if absent ("xb"), or replaced whole by a
         rename ("wb"), so that no reader sees it half-written."""
-        self._written = Holder(**(asdict(self.me) | {"renewed": time.time()}))
+        self._written = replace(self.me, renewed=time.time())
         body = json.dumps(asdict(self._written)).encode("utf-8")
         target = self.path if mode == "xb" else f"{self.path}.{self.me.run_id}"
         with self.dataset.fs.open(target, mode) as f:
@@ -171,10 +170,6 @@ class OutputLease:
             return None
         except ValueError:  # a half-written or foreign file: not a live holder
             return Holder(UNREADABLE, "", None, 0, None, 0.0)
-
-    def _read_or_none(self) -> Holder | None:
-        holder = self._read()
-        return None if holder is None or holder.run_id == UNREADABLE else holder
 
     def _remove(self) -> None:
         try:
@@ -205,6 +200,6 @@ def _process_start(pid: int) -> str | None:
         os.kill(pid, 0)
     except ProcessLookupError:
         return None
-    except PermissionError:
-        return "alive"
+    except PermissionError:  # another user's process: it exists
+        pass
     return "alive"
