@@ -100,10 +100,6 @@ class BoxedMasks:
     def concat(cls, stacks: list[BoxedMasks]) -> BoxedMasks:
         return cls(stacks[0].hw, torch.cat([stack.boxes for stack in stacks]), [b for stack in stacks for b in stack.bits])
 
-    @classmethod
-    def empty(cls, hw: tuple[int, int], device: torch.device | None = None) -> BoxedMasks:
-        return cls(hw, torch.zeros((0, 4), dtype=torch.int64), [])
-
 
 def _tight(window: tuple[int, int, np.ndarray] | None) -> tuple[list[int], np.ndarray]:
     """The tight XYXY box (inclusive) of a window's True pixels, and the pixels within it."""
