@@ -26,10 +26,10 @@ import os
 import socket
 import time
 import urllib.parse
-from contextlib import contextmanager, nullcontext
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
