@@ -24,6 +24,8 @@ import logging
 import math
 import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.parse
 from collections import Counter, deque
@@ -54,6 +56,7 @@ CPUS_PER_ACTOR = 2
 ONE_CORE_ACTOR_MEMORY = 2 * 2**30  # bytes of a node's Ray `memory` per core
 MAX_ATTEMPTS = 3  # tries of one image (or one task) on workers that die under it
 ATTACH_CONNECT_TIMEOUT_S = 10.0  # a cluster's address that accepts no connection in this long fails the job
+REAPER_EXIT_TIMEOUT_S = 30.0  # seconds a run waits, after Ray's shutdown, for `jobs.reaper` to end what is left
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ class RayExecutor:
     def __init__(self, job: JobSpec, cpus_per_actor: int | None = None) -> None:
         self.job = job
         self.cpus_per_actor = cpus_per_actor  # None: chosen from the job and the nodes (`_actors`)
+        self.reaper: subprocess.Popen | None = None  # `jobs.reaper` of the embedded Ray started here
 
     def run(self, shards: list[Shard], dataset: OutputDataset) -> Iterator[Event]:
         n_images = sum(len(s.uris) for s in shards)
@@ -128,17 +132,25 @@ class RayExecutor:
             yield from _RayPipeline(ray, self.job, dataset, resources, n_actors).run(shards)
         finally:
             if started_here:
-                ray.shutdown()
+                self._shutdown_ray(ray)
 
     def _init_ray(self, ray) -> bool:
+        """Join or start Ray; False when this process was connected to one already."""
         if ray.is_initialized():
             return False
         address = self.job.run.ray_address or os.environ.get("RAY_ADDRESS")
         if address:  # RAY_ADDRESS is how `ray job submit` tells a driver where its cluster is
             _attach(ray, address, "run.ray_address" if self.job.run.ray_address else "$RAY_ADDRESS")
         else:
-            _start_embedded_ray(ray)
+            self.reaper = _start_embedded_ray(ray)
         return True
+
+    def _shutdown_ray(self, ray) -> None:
+        """Leave the Ray `_init_ray` joined or started; an embedded one's processes are all gone after."""
+        ray.shutdown()
+        if self.reaper is not None:
+            _stop_reaper(self.reaper)
+            self.reaper = None
 
     def _actors(
         self, cluster: dict[str, float], node_cpus: int, n_images: int, node_memory: float | None = None
@@ -249,8 +261,9 @@ def _ray_multi_node_off(ray) -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = clusters_enabled
 
 
-def _start_embedded_ray(ray) -> None:
-    """A new Ray on this machine alone, with every server listening on 127.0.0.1 only.
+def _start_embedded_ray(ray) -> subprocess.Popen:
+    """A new Ray on this machine alone, with every server listening on 127.0.0.1 only; returns
+    the `jobs.reaper` that ends its processes once this process is gone (`_start_reaper`).
 
     `ray.init` replaces a loopback `_node_ip_address` with the machine's routable address, and
     its servers then listen on all interfaces, unless Ray takes multi-node clusters to be off
@@ -270,6 +283,38 @@ def _start_embedded_ray(ray) -> None:
             # too, rather than start a new one (Python, Ray, pyarrow) every few seconds
             _system_config={"num_workers_soft_limit": 2 * cpus},
         )
+    return _start_reaper(ray)
+
+
+def _start_reaper(ray) -> subprocess.Popen:
+    """`python -m sam_batch.jobs.reaper` over the processes of the Ray this process started.
+
+    Ray has the kernel end its GCS and raylet with this process, but not what the raylet starts:
+    after a SIGKILL here, its dashboard agent and runtime-env agent lived on (adopted by init)
+    for a minute or more, blocked reporting the raylet's death to a GCS gone with it. The
+    reaper holds the read end of a pipe whose write end only this process has, so it sees this
+    process end however it ends, and then ends every process descended from Ray's own. Its own
+    session keeps it out of a terminal's Ctrl-C, which reaches this process and Ray's.
+    """
+    roots = [process.pid for _, process in ray._private.worker._global_node.live_processes()]
+    command = [sys.executable, "-m", "sam_batch.jobs.reaper", *(str(pid) for pid in roots)]
+    reaper = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+    with reaper.stdout:  # its first line: it has noted what Ray has started so far
+        if not reaper.stdout.readline():
+            log.warning("the reaper of this run's Ray failed to start: Ray's processes may outlive a killed run")
+    return reaper
+
+
+def _stop_reaper(reaper: subprocess.Popen) -> None:
+    """Close the reaper's pipe, as this process's end would, and wait for it to end what is left
+    of Ray (after `ray.shutdown`: agents still on their way out), at most `REAPER_EXIT_TIMEOUT_S`."""
+    reaper.stdin.close()
+    try:
+        reaper.wait(timeout=REAPER_EXIT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        log.warning("the reaper of this run's Ray did not end in %.0f s; stopping it", REAPER_EXIT_TIMEOUT_S)
+        reaper.kill()
+        reaper.wait()
 
 
 class _RayPipeline:

@@ -72,7 +72,8 @@ def is_loopback(ip: str) -> bool:
 
 
 def test_embedded_ray_listens_on_loopback_only() -> None:
-    assert executor()._init_ray(ray), "a Ray was already running in this process"
+    embedded = executor()
+    assert embedded._init_ray(ray), "a Ray was already running in this process"
     try:
         # a task starts a worker process, so that the worker's server is among those checked
         worker_address = ray.get(ray.remote(ray.util.get_node_ip_address).remote())
@@ -85,7 +86,7 @@ def test_embedded_ray_listens_on_loopback_only() -> None:
             if conn.status == psutil.CONN_LISTEN
         }
     finally:
-        ray.shutdown()
+        embedded._shutdown_ray(ray)
     assert (worker_address, nodes) == ("127.0.0.1", {"127.0.0.1"})
     assert len(listening) >= 4  # the driver, GCS, raylet and worker at least
     assert {name: addr for name, addr in listening if not is_loopback(addr.ip)} == {}

@@ -1,6 +1,7 @@
 """Faults injected for real: a segmenting actor killed mid-job, the driver SIGKILLed mid-job.
 
 Each run must end with the same rows as a clean run, and a re-run must not redo committed shards.
+A killed driver leaves no process of its embedded Ray behind.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from conftest import IMAGES
 pytestmark = pytest.mark.slow
 
 SAM_BATCH = str(Path(sys.executable).parent / "sam-batch")
+# bound on the wait for a killed driver's Ray to be gone (s): its reaper ends it within a second
+# or two; before it, Ray's dashboard and runtime-env agents lived on for a minute and more
+GONE_WAIT_S = 30.0
 NAMES = ["dog.jpg", "groceries.jpg", "picture1.jpg", "picture2.jpg", "rgb1.tif", "truck.jpg"]
 
 
@@ -67,6 +71,38 @@ def wait_for(condition, timeout: float = 600.0, what: str = "") -> None:
         time.sleep(0.2)
 
 
+def session_processes(*drivers: subprocess.Popen) -> list[psutil.Process]:
+    """Running processes in the sessions of `drivers`, each started with `start_new_session`:
+    every process their embedded Ray starts stays in the session, adopted by init or not (and
+    no process of another Ray on the machine is in it)."""
+    sessions = {driver.pid for driver in drivers}
+    found = []
+    for process in psutil.process_iter(["status"]):
+        try:
+            if process.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(process.pid) in sessions:
+                found.append(process)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
+def running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def described(processes: list[psutil.Process]) -> list[str]:
+    out = []
+    for process in processes:
+        try:
+            out.append(f"{process.pid}: {' '.join(' '.join(process.cmdline()).split())[:120]}")
+        except psutil.Error:
+            continue
+    return out
+
+
 def actor_pids(driver: psutil.Process) -> list[int]:
     """The segmenting actors of this driver's embedded Ray (not of other jobs on the machine)."""
     pids = []
@@ -106,18 +142,24 @@ def test_killed_actor_is_restarted_and_output_is_exactly_once(clean, tmp_path) -
 def test_sigkilled_driver_resumes_without_redoing_committed_shards(clean, tmp_path) -> None:
     out = tmp_path / "out"
     job = write_job(tmp_path / "job.yaml", out)
-    driver = subprocess.Popen([SAM_BATCH, "run", str(job)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen([SAM_BATCH, "run", str(job)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
     wait_for(lambda: committed(out) >= 1 or driver.poll() is not None, what="the first commit")
     assert driver.poll() is None, "the job ended before the fault could be injected"
-    ray_processes = psutil.Process(driver.pid).children(recursive=True)
+    ray_processes = psutil.Process(driver.pid).children(recursive=True)  # its reaper too, in a session of its own
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     # a commit task may outlive the driver by a moment: count markers once its Ray is gone
-    psutil.wait_procs(ray_processes, timeout=120)
+    psutil.wait_procs([*ray_processes, *session_processes(driver)], timeout=GONE_WAIT_S)
+    left = [p for p in ray_processes if running(p)] + session_processes(driver)
+    assert not left, described(left)
     done_before = committed(out)
     assert 1 <= done_before < 3
-    rerun = subprocess.run([SAM_BATCH, "run", str(job)], capture_output=True, text=True, timeout=1200)
-    assert rerun.returncode == 0, rerun.stderr
+    rerun = subprocess.Popen([SAM_BATCH, "run", str(job)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    _, stderr = rerun.communicate(timeout=1200)
+    assert rerun.returncode == 0, stderr
+    assert not session_processes(driver, rerun), described(session_processes(driver, rerun))
     record = json.loads((out / "run.json").read_text())
     assert record["shards_skipped"] == done_before
     assert record["images_ok"] + record["images_error"] == len(NAMES) - 2 * done_before
