@@ -156,20 +156,23 @@ class RayExecutor:
         self, cluster: dict[str, float], node_cpus: int, n_images: int, node_memory: float | None = None
     ) -> tuple[dict, int]:
         """Resources of one segmenting actor and how many to start, from `cluster_resources()`
-        and the CPUs and Ray `memory` (bytes) of the largest node.
+        and the CPUs and Ray `memory` (bytes) of the largest node; never more than
+        `run.max_actors` nor than `n_images`.
 
-        A CPU actor takes `cpus_per_actor` cores (as many as a node has, if fewer; by default
-        `_cores_per_actor`) and leaves
-        `STAGE_TASK_CPUS` of them to the read and commit tasks, so the stages never wait for each
-        other's CPUs. With fewer images than that makes actors, the actors started share the
-        cores (as far as one node holds them).
+        Unless `engine.device` is cpu, each actor takes one GPU where the cluster has GPUs, one
+        actor per GPU. Otherwise a CPU actor takes
+        `cpus_per_actor` cores (as many as a node has, if fewer; by default `_cores_per_actor`)
+        and leaves `STAGE_TASK_CPUS` of them to the read and commit tasks, so the stages never
+        wait for each other's CPUs. With fewer images (or `run.max_actors`) than that makes
+        actors, the actors started share the cores (as far as one node holds them).
         """
+        most = min(n_images, self.job.run.max_actors or n_images)
         gpus = int(cluster.get("GPU", 0))
         if gpus and self.job.engine.device != "cpu":
-            return {"num_gpus": 1, "num_cpus": 1}, min(gpus, n_images)
+            return {"num_gpus": 1, "num_cpus": 1}, min(gpus, most)
         cpus = max(1, int(cluster.get("CPU", 1)))
         per_actor = max(1, min(self.cpus_per_actor or self._cores_per_actor(node_cpus, node_memory), node_cpus))
-        count = min(max(1, cpus // per_actor), n_images)
+        count = min(max(1, cpus // per_actor), most)
         share = min(max(per_actor, cpus // count), max(node_cpus, 1))
         return {"num_cpus": share - STAGE_TASK_CPUS}, count
 

@@ -432,18 +432,22 @@ class RunSpec(_Section):
 
     ``ray_address`` null starts an embedded local Ray, ``"auto"`` or ``ray://…`` attaches;
     ``shard_size`` is the number of images per shard (the unit of commit and resume);
-    ``executor`` ``"local"`` runs in-process without Ray, for debugging.
+    ``executor`` ``"local"`` runs in-process without Ray, for debugging;
+    ``max_actors`` caps the segmenting actors (null: as many as the cluster's GPUs or cores
+    make).
     """
 
     ray_address: str | None = None
     shard_size: int = 64
     executor: Executor = "ray"
+    max_actors: int | None = None
 
     _SECTION: ClassVar[str] = "run"
     _RULES: ClassVar[Mapping[str, _Rule]] = {
         "ray_address": _optional(_string),
         "shard_size": _integer(1),
         "executor": _choice(get_args(Executor)),
+        "max_actors": _optional(_integer(1)),
     }
 
 

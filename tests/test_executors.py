@@ -13,9 +13,9 @@ from sam_batch.jobs.executors import STAGE_TASK_CPUS, RayExecutor
 from sam_batch.jobs.schema import parse_job
 
 
-def executor(device: str = "auto", **amg) -> RayExecutor:
+def executor(device: str = "auto", max_actors: int | None = None, **amg) -> RayExecutor:
     return RayExecutor(parse_job({"name": "sizing", "input": {"uris": ["x.jpg"]}, "output": {"uri": "out"},
-                                  "engine": {"device": device}, "amg": amg}))
+                                  "engine": {"device": device}, "amg": amg, "run": {"max_actors": max_actors}}))
 
 
 @pytest.mark.parametrize(
@@ -63,6 +63,20 @@ def test_gpu_actors_take_one_gpu_each_unless_the_job_asks_for_the_cpu() -> None:
     assert executor()._actors({"CPU": 16, "GPU": 4}, 16, 100) == ({"num_gpus": 1, "num_cpus": 1}, 4)
     assert executor()._actors({"CPU": 16, "GPU": 4}, 16, 2) == ({"num_gpus": 1, "num_cpus": 1}, 2)
     assert executor("cpu")._actors({"CPU": 16, "GPU": 4}, 16, 100)[1] == 8
+
+
+@pytest.mark.parametrize(
+    ("device", "cluster", "max_actors", "want_resources", "want_count"),
+    [
+        ("auto", {"CPU": 16, "GPU": 4}, 2, {"num_gpus": 1, "num_cpus": 1}, 2),
+        ("auto", {"CPU": 16, "GPU": 4}, 8, {"num_gpus": 1, "num_cpus": 1}, 4),
+        ("cpu", {"CPU": 16}, 2, {"num_cpus": 8 - STAGE_TASK_CPUS}, 2),  # the actors started share the cores
+        ("cpu", {"CPU": 16}, 1, {"num_cpus": 16 - STAGE_TASK_CPUS}, 1),
+        ("cpu", {"CPU": 16}, 100, {"num_cpus": 2 - STAGE_TASK_CPUS}, 8),
+    ],
+)
+def test_max_actors_caps_the_pool(device, cluster, max_actors, want_resources, want_count) -> None:
+    assert executor(device, max_actors)._actors(cluster, 16, 100) == (want_resources, want_count)
 
 
 def is_loopback(ip: str) -> bool:
