@@ -55,6 +55,8 @@ CPUS_PER_ACTOR = 2
 # a node has the memory for an actor per core (a segmenting actor peaked at 879 MiB)
 ONE_CORE_ACTOR_MEMORY = 2 * 2**30  # bytes of a node's Ray `memory` per core
 MAX_ATTEMPTS = 3  # tries of one image (or one task) on workers that die under it
+GPU_ACTOR_RESOURCES = {"num_gpus": 1, "num_cpus": 1}  # what a GPU segmenting actor asks Ray for
+RAY_RESOURCE_NAMES = {"num_gpus": "GPU", "num_cpus": "CPU"}  # actor option -> Ray's resource name
 ATTACH_CONNECT_TIMEOUT_S = 10.0  # a cluster's address that accepts no connection in this long fails the job
 REAPER_EXIT_TIMEOUT_S = 30.0  # seconds a run waits, after Ray's shutdown, for `jobs.reaper` to end what is left
 
@@ -129,6 +131,8 @@ class RayExecutor:
             resources, n_actors = self._actors(
                 ray.cluster_resources(), int(largest.get("CPU", 1)), n_images, largest.get("memory")
             )
+            if self.reaper is not None:  # an embedded Ray never grows: what it lacks it will never have
+                _check_fits(ray, resources)
             yield from _RayPipeline(ray, self.job, dataset, resources, n_actors).run(shards)
         finally:
             if started_here:
@@ -159,8 +163,9 @@ class RayExecutor:
         and the CPUs and Ray `memory` (bytes) of the largest node; never more than
         `run.max_actors` nor than `n_images`.
 
-        Unless `engine.device` is cpu, each actor takes one GPU where the cluster has GPUs, one
-        actor per GPU. Otherwise a CPU actor takes
+        With `engine.device` cuda (or cuda:N), or auto on a cluster with GPUs, each actor asks
+        for one GPU (`GPU_ACTOR_RESOURCES`), GPUs present or not, so that an autoscaler can add
+        them: one actor per GPU present, at least one. Otherwise a CPU actor takes
         `cpus_per_actor` cores (as many as a node has, if fewer; by default `_cores_per_actor`)
         and leaves `STAGE_TASK_CPUS` of them to the read and commit tasks, so the stages never
         wait for each other's CPUs. With fewer images (or `run.max_actors`) than that makes
@@ -168,8 +173,9 @@ class RayExecutor:
         """
         most = min(n_images, self.job.run.max_actors or n_images)
         gpus = int(cluster.get("GPU", 0))
-        if gpus and self.job.engine.device != "cpu":
-            return {"num_gpus": 1, "num_cpus": 1}, min(gpus, most)
+        device = self.job.engine.device
+        if device.startswith("cuda") or (gpus and device == "auto"):
+            return dict(GPU_ACTOR_RESOURCES), min(max(1, gpus), most)
         cpus = max(1, int(cluster.get("CPU", 1)))
         per_actor = max(1, min(self.cpus_per_actor or self._cores_per_actor(node_cpus, node_memory), node_cpus))
         count = min(max(1, cpus // per_actor), most)
@@ -318,6 +324,32 @@ def _stop_reaper(reaper: subprocess.Popen) -> None:
         log.warning("the reaper of this run's Ray did not end in %.0f s; stopping it", REAPER_EXIT_TIMEOUT_S)
         reaper.kill()
         reaper.wait()
+
+
+def _check_fits(ray, resources: dict) -> None:
+    """Fail at once where the cluster, which will not grow, lacks what one segmenting actor asks for."""
+    total = ray.cluster_resources()
+    lacking = _shortfall(resources, total, total)
+    if lacking:
+        raise JobFailure(f"no segmenting actor can start: each asks for {_amounts(resources)} and this machine has {lacking}")
+
+
+def _amounts(resources: dict) -> str:
+    """`{"num_gpus": 1, "num_cpus": 1}` as "1 GPU and 1 CPU"."""
+    return " and ".join(f"{amount:g} {RAY_RESOURCE_NAMES[option]}" for option, amount in resources.items())
+
+
+def _shortfall(resources: dict, total: dict[str, float], free: dict[str, float]) -> str:
+    """What a cluster with `total` resources, `free` of them unused (Ray's names: GPU, CPU),
+    lacks for one actor asking for `resources` ("no GPU", "2 GPU, 0 free"); "" when nothing."""
+    lacking = []
+    for option, amount in resources.items():
+        name = RAY_RESOURCE_NAMES[option]
+        if not total.get(name, 0):
+            lacking.append(f"no {name}")
+        elif free.get(name, 0) < amount:
+            lacking.append(f"{total[name]:g} {name}, {free.get(name, 0):g} free")
+    return " and ".join(lacking)
 
 
 class _RayPipeline:
@@ -517,6 +549,7 @@ class _ActorPool:
     def __init__(self, ray, job: JobSpec, resources: dict, n_actors: int) -> None:
         self.ray = ray
         self.job = job
+        self.resources = resources
         self.actor_class = ray.remote(_SegmenterActor).options(max_restarts=0, max_task_retries=0, **resources)
         self.n_actors = n_actors
         self.starting: dict = {}  # ready() ref -> actor
@@ -531,6 +564,8 @@ class _ActorPool:
     def start(self) -> None:
         for _ in range(self.n_actors):
             self._start_actor()
+        log.info("starting %d segmenting actor%s, each asking for %s", self.n_actors, "s" * (self.n_actors > 1),
+                 _amounts(self.resources))
 
     def stop(self) -> None:
         for actor in [*self.starting.values(), *self.idle, *(a for a, _ in self.busy.values())]:

@@ -65,10 +65,19 @@ def test_gpu_actors_take_one_gpu_each_unless_the_job_asks_for_the_cpu() -> None:
     assert executor("cpu")._actors({"CPU": 16, "GPU": 4}, 16, 100)[1] == 8
 
 
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_cuda_jobs_ask_for_a_gpu_even_where_the_cluster_has_none_yet(device) -> None:
+    """An autoscaler adds GPU nodes for the actors waiting for one: at least one actor asks."""
+    assert executor(device)._actors({"CPU": 16}, 16, 100) == ({"num_gpus": 1, "num_cpus": 1}, 1)
+    assert executor(device)._actors({"CPU": 16, "GPU": 3}, 16, 100) == ({"num_gpus": 1, "num_cpus": 1}, 3)
+    assert executor("auto")._actors({"CPU": 16}, 16, 100)[0] == {"num_cpus": 2 - STAGE_TASK_CPUS}
+
+
 @pytest.mark.parametrize(
     ("device", "cluster", "max_actors", "want_resources", "want_count"),
     [
-        ("auto", {"CPU": 16, "GPU": 4}, 2, {"num_gpus": 1, "num_cpus": 1}, 2),
+        ("cuda", {"CPU": 16, "GPU": 4}, 2, {"num_gpus": 1, "num_cpus": 1}, 2),
+        ("cuda", {"CPU": 16}, 3, {"num_gpus": 1, "num_cpus": 1}, 1),  # a cap, not a count: 1 with no GPU present
         ("auto", {"CPU": 16, "GPU": 4}, 8, {"num_gpus": 1, "num_cpus": 1}, 4),
         ("cpu", {"CPU": 16}, 2, {"num_cpus": 8 - STAGE_TASK_CPUS}, 2),  # the actors started share the cores
         ("cpu", {"CPU": 16}, 1, {"num_cpus": 16 - STAGE_TASK_CPUS}, 1),

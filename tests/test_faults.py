@@ -1,7 +1,7 @@
 """Faults injected for real: a segmenting actor killed mid-job, the driver SIGKILLed mid-job.
 
 Each run must end with the same rows as a clean run, and a re-run must not redo committed shards.
-A killed driver leaves no process of its embedded Ray behind.
+A driver that is killed or fails leaves no process of its embedded Ray behind.
 """
 
 from __future__ import annotations
@@ -165,6 +165,20 @@ def test_sigkilled_driver_resumes_without_redoing_committed_shards(clean, tmp_pa
     assert record["images_ok"] + record["images_error"] == len(NAMES) - 2 * done_before
     assert_same_rows(out, clean)
     assert not (out / "_sam_batch" / "attempts").exists()
+
+
+def test_a_driver_failing_after_starting_ray_leaves_no_process_behind(tmp_path) -> None:
+    """A `cuda` job on this machine's embedded Ray, which has no GPU: the driver fails after
+    starting Ray (one line, exit 1), and once it has exited none of Ray's processes is left."""
+    job = write_job(tmp_path / "job.yaml", tmp_path / "out")
+    driver = subprocess.Popen([SAM_BATCH, "run", str(job), "--set", "engine.device=cuda"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _, stderr = driver.communicate(timeout=600)
+    assert driver.returncode == 1
+    assert stderr.strip().splitlines()[-1] == (
+        "sam-batch: JobFailure: no segmenting actor can start: each asks for 1 GPU and 1 CPU and this machine has no GPU"
+    )
+    assert not session_processes(driver), described(session_processes(driver))
 
 
 def test_losing_a_worker_node_mid_job_loses_nothing(clean, tmp_path) -> None:
