@@ -32,7 +32,7 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -110,13 +110,19 @@ class RayExecutor:
 
     Attaches to `run.ray_address` (or, when that is null, to `$RAY_ADDRESS`, as set by
     `ray job submit`), else starts an embedded Ray bound to 127.0.0.1.
+
+    `actor_device` is for tests alone: the engine device the segmenting actors load the model
+    on instead of `engine.device`, while they still ask Ray for what `engine.device` implies
+    (so a test node that declares a GPU it does not have can run a `cuda` job's actors on its
+    CPU). In production it is None: a `cuda` actor that sees no CUDA GPU fails the job.
     """
 
     name = "ray"
 
-    def __init__(self, job: JobSpec, cpus_per_actor: int | None = None) -> None:
+    def __init__(self, job: JobSpec, cpus_per_actor: int | None = None, actor_device: str | None = None) -> None:
         self.job = job
         self.cpus_per_actor = cpus_per_actor  # None: chosen from the job and the nodes (`_actors`)
+        self.actor_device = actor_device
         self.reaper: subprocess.Popen | None = None  # `jobs.reaper` of the embedded Ray started here
 
     def run(self, shards: list[Shard], dataset: OutputDataset) -> Iterator[Event]:
@@ -133,7 +139,10 @@ class RayExecutor:
             )
             if self.reaper is not None:  # an embedded Ray never grows: what it lacks it will never have
                 _check_fits(ray, resources)
-            yield from _RayPipeline(ray, self.job, dataset, resources, n_actors).run(shards)
+            actor_job = self.job
+            if self.actor_device is not None:
+                actor_job = replace(self.job, engine=replace(self.job.engine, device=self.actor_device))
+            yield from _RayPipeline(ray, self.job, actor_job, dataset, resources, n_actors).run(shards)
         finally:
             if started_here:
                 self._shutdown_ray(ray)
@@ -355,10 +364,13 @@ def _shortfall(resources: dict, total: dict[str, float], free: dict[str, float])
 class _RayPipeline:
     """The driver's loop: moves every image through read → segment → commit, one event at a time."""
 
-    def __init__(self, ray, job: JobSpec, dataset: OutputDataset, actor_resources: dict, n_actors: int) -> None:
+    def __init__(
+        self, ray, job: JobSpec, actor_job: JobSpec, dataset: OutputDataset, actor_resources: dict, n_actors: int
+    ) -> None:
+        """`actor_job`: the job as the segmenting actors get it (`RayExecutor.actor_device`)."""
         self.ray = ray
         self.reads = _ReadStage(ray, job, capacity=READ_AHEAD * n_actors)
-        self.actors = _ActorPool(ray, job, actor_resources, n_actors)
+        self.actors = _ActorPool(ray, actor_job, actor_resources, n_actors)
         self.commits = _CommitStage(ray, dataset)
 
     def run(self, shards: list[Shard]) -> Iterator[Event]:
@@ -379,9 +391,13 @@ class _RayPipeline:
             self.actors.stop()
 
     def _next_event(self, ledger: _Ledger) -> Event | None:
-        """Wait for the next reference any stage holds, and let its stage handle it."""
+        """Wait for the next reference any stage holds, and let its stage handle it; None also
+        when the wait for a segmenting actor to be placed ran out first (`_ActorPool.placement_wait`)."""
         refs = [*self.reads.running, *self.actors.refs, *self.commits.running]
-        [ref], _ = self.ray.wait(refs, num_returns=1)
+        done, _ = self.ray.wait(refs, num_returns=1, timeout=self.actors.placement_wait())
+        if not done:
+            return None
+        [ref] = done
         if ref in self.reads.running:
             return self.reads.take(ref)
         if ref in self.commits.running:
@@ -509,25 +525,28 @@ class _ReadStage:
 
 
 class _SegmenterActor:
-    """A Ray actor around one `ImageSegmenter`; the model loads once, in the constructor.
-
-    A failure to load is kept and reported by `ready`, so the driver can name its cause.
-    """
+    """A Ray actor around one `ImageSegmenter`. The constructor only notes the job, so that the
+    driver sees when Ray has placed the actor (`placed`) apart from when the model has loaded
+    (`load`, once)."""
 
     def __init__(self, job: JobSpec) -> None:
+        self.job = job
+        self.segmenter: ImageSegmenter | None = None
+
+    def placed(self) -> None:
+        """Returns as soon as the actor runs: Ray has given it what it asked for."""
+
+    def load(self) -> str | None:
+        """Load the model; the reason it failed (one line), for the driver to name, else None."""
         import ray
 
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         node = ray.get_runtime_context().get_node_id()[:8]
-        self.segmenter: ImageSegmenter | None = None
-        self.load_error: str | None = None
         try:
-            self.segmenter = ImageSegmenter(job, f"node-{node}/pid-{os.getpid()}", max(1, math.ceil(cpus)))
-        except Exception as error:  # noqa: BLE001 - reported to the driver by ready()
-            self.load_error = f"{type(error).__name__}: {' '.join(str(error).split())}"
-
-    def ready(self) -> str | None:
-        return self.load_error
+            self.segmenter = ImageSegmenter(self.job, f"node-{node}/pid-{os.getpid()}", max(1, math.ceil(cpus)))
+        except Exception as error:  # noqa: BLE001 - reported to the driver
+            return f"{type(error).__name__}: {' '.join(str(error).split())}"
+        return None
 
     def segment(self, uri: str, image: np.ndarray | None, read_seconds: float) -> ImageResult:
         """Rows of one image decoded by a read task (`image` (H, W, 3) uint8), or of a TIFF
@@ -539,11 +558,14 @@ class _SegmenterActor:
 class _ActorPool:
     """Segmenting actors that survive losing some of them: to a killed process or a lost node.
 
-    Work goes only to actors that have loaded their model, one image at a time. When a call
-    fails because a worker, a node or the image's pixels were lost, its actor is replaced
-    (placed wherever Ray finds room) and the image goes back to the ledger, to be read again
-    first. An image lost `MAX_ATTEMPTS` times becomes an error row instead of taking the
-    job down.
+    An actor is first *placed* (Ray found it the resources it asks for, perhaps once an
+    autoscaler added a node), then *loads* its model; work goes only to actors that have
+    loaded it, one image at a time. While no actor of the pool is placed, the job waits at most
+    `run.actor_start_timeout_s`, then fails naming what an actor asks for and what the cluster
+    lacks. When a call fails because a worker, a node or the image's pixels were lost, its
+    actor is replaced (placed wherever Ray finds room) and the image goes back to the ledger,
+    to be read again first. An image lost `MAX_ATTEMPTS` times becomes an error row instead
+    of taking the job down.
     """
 
     def __init__(self, ray, job: JobSpec, resources: dict, n_actors: int) -> None:
@@ -552,14 +574,16 @@ class _ActorPool:
         self.resources = resources
         self.actor_class = ray.remote(_SegmenterActor).options(max_restarts=0, max_task_retries=0, **resources)
         self.n_actors = n_actors
-        self.starting: dict = {}  # ready() ref -> actor
+        self.placing: dict = {}  # placed() ref -> actor
+        self.starting: dict = {}  # load() ref -> actor
         self.busy: dict = {}  # segment() ref -> (actor, uri)
         self.idle: list = []
         self.attempts: Counter[str] = Counter()
+        self.unplaced_since: float | None = None  # time.monotonic() since which no actor is placed
 
     @property
     def refs(self) -> list:
-        return [*self.starting, *self.busy]
+        return [*self.placing, *self.starting, *self.busy]
 
     def start(self) -> None:
         for _ in range(self.n_actors):
@@ -568,8 +592,30 @@ class _ActorPool:
                  _amounts(self.resources))
 
     def stop(self) -> None:
-        for actor in [*self.starting.values(), *self.idle, *(a for a, _ in self.busy.values())]:
+        for actor in [*self.placing.values(), *self.starting.values(), *self.idle, *(a for a, _ in self.busy.values())]:
             self.ray.kill(actor)
+
+    def placement_wait(self) -> float | None:
+        """Seconds left to wait for an actor to be placed; None while one is.
+
+        Raises:
+            JobFailure: when no actor has been placed for `run.actor_start_timeout_s`.
+        """
+        if self.starting or self.idle or self.busy:
+            self.unplaced_since = None
+            return None
+        now = time.monotonic()
+        if self.unplaced_since is None:
+            self.unplaced_since = now
+        timeout = self.job.run.actor_start_timeout_s
+        left = self.unplaced_since + timeout - now
+        if left <= 0:
+            lacking = _shortfall(self.resources, self.ray.cluster_resources(), self.ray.available_resources())
+            where = f"the cluster has {lacking}" if lacking else "no node of the cluster has them all free"
+            raise JobFailure(
+                f"no segmenting actor could start in {timeout:g} s: each asks for {_amounts(self.resources)} and {where}"
+            )
+        return left
 
     def feed(self, ready: deque) -> None:
         """Hand decoded images from `ready` to idle actors."""
@@ -578,7 +624,10 @@ class _ActorPool:
             self.busy[actor.segment.remote(uri, pixels, read_seconds)] = (actor, uri)
 
     def take(self, ref, ledger: _Ledger) -> ImageResult | None:
-        """A finished `ready` (None) or `segment` call (the result, or None if re-queued)."""
+        """A finished `placed` or `load` (None) or `segment` call (the result, or None if re-queued)."""
+        if ref in self.placing:
+            self._on_placed(ref)
+            return None
         if ref in self.starting:
             self._on_started(ref)
             return None
@@ -586,7 +635,17 @@ class _ActorPool:
 
     def _start_actor(self) -> None:
         actor = self.actor_class.remote(self.job)
-        self.starting[actor.ready.remote()] = actor
+        self.placing[actor.placed.remote()] = actor
+
+    def _on_placed(self, ref) -> None:
+        actor = self.placing.pop(ref)
+        try:
+            self.ray.get(ref)
+        except _worker_lost_errors(self.ray):
+            log.warning("a segmenting actor died while starting; starting another")
+            self._start_actor()
+            return
+        self.starting[actor.load.remote()] = actor
 
     def _on_started(self, ref) -> None:
         actor = self.starting.pop(ref)

@@ -60,6 +60,10 @@ _ENUM_CUTOFF = 0.8  # stricter than for keys: 'tensorflow' should not suggest 't
 MAX_POINTS_PER_SIDE = 256
 MAX_CROP_N_LAYERS = 4  # 1 + 4 + 16 + 64 + 256 = 341 crops, each encoded and decoded
 MAX_YAML_ALIASES = 16  # alias uses: a job file shares a few settings (storage_options) at most
+# seconds a job waits for a segmenting actor to be placed (an autoscaler adding a GPU node
+# takes minutes) before it fails; at least a second, so that a placement can happen at all
+DEFAULT_ACTOR_START_TIMEOUT_S = 600.0
+MIN_ACTOR_START_TIMEOUT_S = 1.0
 
 
 class JobError(ValueError):
@@ -434,13 +438,15 @@ class RunSpec(_Section):
     ``shard_size`` is the number of images per shard (the unit of commit and resume);
     ``executor`` ``"local"`` runs in-process without Ray, for debugging;
     ``max_actors`` caps the segmenting actors (null: as many as the cluster's GPUs or cores
-    make).
+    make); ``actor_start_timeout_s`` is how long (s) the job waits, with no segmenting actor
+    placed, for the cluster to give one the resources it asks for before it fails.
     """
 
     ray_address: str | None = None
     shard_size: int = 64
     executor: Executor = "ray"
     max_actors: int | None = None
+    actor_start_timeout_s: float = DEFAULT_ACTOR_START_TIMEOUT_S
 
     _SECTION: ClassVar[str] = "run"
     _RULES: ClassVar[Mapping[str, _Rule]] = {
@@ -448,6 +454,7 @@ class RunSpec(_Section):
         "shard_size": _integer(1),
         "executor": _choice(get_args(Executor)),
         "max_actors": _optional(_integer(1)),
+        "actor_start_timeout_s": _number(MIN_ACTOR_START_TIMEOUT_S),
     }
 
 

@@ -124,7 +124,7 @@ def test_minimal_job_gets_spec_defaults(tmp_path: Path) -> None:
     )
     assert job.raster == RasterSpec(tiling="auto", tile_size=1024, tile_overlap=128, bands=None, nodata=None)
     assert job.output == OutputSpec(uri="./out/demo", storage_options={})
-    assert job.run == RunSpec(ray_address=None, shard_size=64, executor="ray", max_actors=None)
+    assert job.run == RunSpec(ray_address=None, shard_size=64, executor="ray", max_actors=None, actor_start_timeout_s=600.0)
 
 
 def test_spec_example_parses(tmp_path: Path) -> None:
@@ -157,7 +157,8 @@ def test_ints_accepted_for_floats_and_normalised() -> None:
         ("raster", {"tiling": "never"}),
         ("engine", {"device": "cuda", "precision": "tf32"}),
         ("run", {"ray_address": "auto", "shard_size": 1, "executor": "local"}),
-        ("run", {"max_actors": 1}),
+        ("run", {"max_actors": 1, "actor_start_timeout_s": 1}),
+        ("run", {"max_actors": None, "actor_start_timeout_s": 3600.5}),
         ("model", {"type": "vit_h", "checkpoint": "s3://w/sam.pt", "sha256": "AB" * 32}),
     ],
 )
@@ -292,6 +293,9 @@ def test_unknown_keys_top_level_and_without_suggestion() -> None:
         ("run", {"max_actors": 0}, "run.max_actors: must be >= 1, got 0"),
         ("run", {"max_actors": 2.5}, "run.max_actors: expected an integer, got 2.5"),
         ("run", {"max_actors": "4"}, "run.max_actors: expected an integer, got '4'"),
+        ("run", {"actor_start_timeout_s": 0}, "run.actor_start_timeout_s: must be >= 1.0, got 0.0"),
+        ("run", {"actor_start_timeout_s": "10m"}, "run.actor_start_timeout_s: expected a number, got '10m'"),
+        ("run", {"actor_start_timeout_s": None}, "run.actor_start_timeout_s: expected a number, got null"),
         ("model", {"sha256": "abc"}, "model.sha256: expected 64 hex characters, got 'abc'"),
         ("model", {"sha256": "g" * 64}, "model.sha256: expected 64 hex characters"),
         ("input", {"uris": []}, "input.uris: required unless input.manifest is given"),
@@ -522,7 +526,7 @@ def test_fingerprint_tracks_what_changes_results() -> None:
     assert parse_job(minimal(name="other")).fingerprint() != base
     assert parse_job(minimal(amg={"pred_iou_thresh": 0.88})).fingerprint() == base
     assert parse_job(minimal(run={"shard_size": 8, "executor": "local"})).fingerprint() == base
-    assert parse_job(minimal(run={"max_actors": 2})).fingerprint() == base
+    assert parse_job(minimal(run={"max_actors": 2, "actor_start_timeout_s": 60})).fingerprint() == base
     assert parse_job(minimal(run={"ray_address": "ray://head:10001"})).fingerprint() == base
     with_options = minimal(
         input={"uris": ["a.tif"], "storage_options": {"key": CANARY}},
