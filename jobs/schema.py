@@ -60,6 +60,9 @@ _ENUM_CUTOFF = 0.8  # stricter than for keys: 'tensorflow' should not suggest 't
 MAX_POINTS_PER_SIDE = 256
 MAX_CROP_N_LAYERS = 4  # 1 + 4 + 16 + 64 + 256 = 341 crops, each encoded and decoded
 MAX_YAML_ALIASES = 16  # alias uses: a job file shares a few settings (storage_options) at most
+# seconds one image read (a photo's bytes, a scene's opening, one window) may take by default:
+# a read this long is taken to be stuck, not slow (a 30 MB photo at 1 MB/s takes 30 s)
+DEFAULT_READ_TIMEOUT_S = 300.0
 
 
 class JobError(ValueError):
@@ -143,9 +146,9 @@ def _integer(minimum: int, maximum: int | None = None) -> _Rule:
     return rule
 
 
-def _number(low: float, high: float = math.inf, *, high_open: bool = False) -> _Rule:
+def _number(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False) -> _Rule:
     if high == math.inf:
-        allowed = f">= {low}"
+        allowed = f"> {low}" if low_open else f">= {low}"
     elif high_open:
         allowed = f">= {low} and < {high}"
     else:
@@ -160,7 +163,7 @@ def _number(low: float, high: float = math.inf, *, high_open: bool = False) -> _
         number = float(value)
         if not math.isfinite(number):
             raise _err(path, f"expected a finite number, got {_show(number)}")
-        if not (low <= number <= high) or (high_open and number == high):
+        if not (low <= number <= high) or (high_open and number == high) or (low_open and number == low):
             raise _err(path, f"must be {allowed}, got {_show(number)}")
         return number
 
@@ -432,18 +435,26 @@ class RunSpec(_Section):
 
     ``ray_address`` null starts an embedded local Ray, ``"auto"`` or ``ray://…`` attaches;
     ``shard_size`` is the number of images per shard (the unit of commit and resume);
-    ``executor`` ``"local"`` runs in-process without Ray, for debugging.
+    ``executor`` ``"local"`` runs in-process without Ray, for debugging;
+    ``read_timeout_s`` bounds each image read in s (a photo's bytes, a scene's opening, each
+    window): a read not done by then makes the image an error row; ``image_timeout_s`` is each
+    image's budget in s for segmenting (null: none, since what an image needs grows with its
+    size, the model and the grid), past which it is an error row.
     """
 
     ray_address: str | None = None
     shard_size: int = 64
     executor: Executor = "ray"
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    image_timeout_s: float | None = None
 
     _SECTION: ClassVar[str] = "run"
     _RULES: ClassVar[Mapping[str, _Rule]] = {
         "ray_address": _optional(_string),
         "shard_size": _integer(1),
         "executor": _choice(get_args(Executor)),
+        "read_timeout_s": _number(0, low_open=True),
+        "image_timeout_s": _optional(_number(0, low_open=True)),
     }
 
 
