@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sam_batch.jobs.bounded import read_bounded
 from sam_batch.jobs.dataset import OutputDataset, Shard
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.jobs.worker import ImageResult, ImageSegmenter, commit_shard, image_result
@@ -80,13 +81,14 @@ class LocalExecutor:
     def run(self, shards: list[Shard], dataset: OutputDataset) -> Iterator[Event]:
         segmenter = ImageSegmenter(self.job, "local")
         options, bands = self.job.input.storage_options, self.job.raster.bands
+        timeout_s = self.job.run.read_timeout_s
         unread = (uri for shard in shards for uri in shard.uris)
         with ThreadPoolExecutor(max_workers=1) as reader:
             ahead: deque = deque()
 
             def read_next() -> None:
                 if (uri := next(unread, None)) is not None:
-                    ahead.append((uri, reader.submit(_read_image, uri, options, bands)))
+                    ahead.append((uri, reader.submit(_read_image, uri, options, bands, timeout_s)))
 
             read_next()
             for shard in shards:
@@ -361,14 +363,19 @@ class _ReadStatus:
         return image_result(uri, [], seconds=self.seconds, stage_seconds={"read": self.seconds}, error=self.error)
 
 
-def _read_image(uri: str, storage_options: dict, bands: tuple[int, ...] | None) -> tuple[_ReadStatus, np.ndarray | None]:
+def _read_image(
+    uri: str, storage_options: dict, bands: tuple[int, ...] | None, timeout_s: float
+) -> tuple[_ReadStatus, np.ndarray | None]:
     """A read task: (status, pixels (H, W, 3) uint8); pixels None for an error or a TIFF.
 
     A TIFF is only sniffed (its first 4 bytes): the segmenting actor reads it window by window.
+    The read is waited for at most `timeout_s` s (`run.read_timeout_s`, counted from the task's
+    start, so never from a wait in Ray's queue), then is the image's error row; a read still
+    blocked is left on its daemon thread (`jobs.bounded`), which never holds a worker at exit.
     """
     started = time.perf_counter()
     try:
-        data = _photo_bytes(uri, storage_options)
+        data = read_bounded(timeout_s, _photo_bytes, uri, storage_options)
         image = None if data is None else decode_image(data, bands)
     except ImageError as error:
         return _ReadStatus(str(error), time.perf_counter() - started), None
@@ -412,7 +419,9 @@ class _ReadStage:
     def fill(self, ledger: _Ledger) -> None:
         """Start reads of the ledger's next images, up to the capacity."""
         while len(self.running) + len(self.ready) < self.capacity and (uri := ledger.next_uri()) is not None:
-            status, pixels = self.task.remote(uri, self.job.input.storage_options, self.job.raster.bands)
+            status, pixels = self.task.remote(
+                uri, self.job.input.storage_options, self.job.raster.bands, self.job.run.read_timeout_s
+            )
             self.running[status] = (uri, pixels)
 
     def take(self, ref) -> ImageResult | None:

@@ -1,0 +1,91 @@
+"""Bounded waits for reads that may never return.
+
+A read blocked in a system call (a socket that never answers) cannot be interrupted from
+Python. So reads run on a daemon thread of their own (`ReadThread`) and the caller waits for
+each at most `run.read_timeout_s`; past that it goes on with `ReadTimedOut` (the image's error
+row) and leaves the thread behind. The thread finishes the call if it ever returns (the
+result is dropped), then runs what was queued after it (closing the scene), and ends. A daemon
+thread never holds the process at exit, so a stuck read cannot keep a job from ending.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, TypeVar
+
+import numpy as np
+
+from sam_batch.pipeline.images import ImageError
+from sam_batch.pipeline.rasters import Scene, Window
+
+Result = TypeVar("Result")
+
+
+class ReadTimedOut(ImageError):
+    """A read not done within `run.read_timeout_s` (`timeout_s`, in s)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__("read", f"not done after {timeout_s:g} s (run.read_timeout_s)")
+
+
+class ReadThread:
+    """One daemon thread that runs reads one after another, each waited for at most `timeout_s` s.
+
+    Use as a context manager: leaving it queues the thread's end without waiting for it. After
+    a timeout the thread may still be blocked; calls queued behind it run once it is free.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()  # (future, function, args); None ends
+        threading.Thread(target=self._serve, name="sam-batch-read", daemon=True).start()
+
+    def __enter__(self) -> ReadThread:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._calls.put(None)
+
+    def call(self, function: Callable[..., Result], *args: Any) -> Result:
+        """`function(*args)` on the thread; `ReadTimedOut` if it is not back within `timeout_s`."""
+        future = self.post(function, *args)
+        try:
+            return future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            raise ReadTimedOut(self.timeout_s) from None
+
+    def post(self, function: Callable[..., Result], *args: Any) -> Future:
+        """Queue `function(*args)` on the thread without waiting for it."""
+        future: Future = Future()
+        self._calls.put((future, function, args))
+        return future
+
+    def _serve(self) -> None:
+        while (item := self._calls.get()) is not None:
+            future, function, args = item
+            try:
+                future.set_result(function(*args))
+            except BaseException as error:  # noqa: BLE001 - handed to the caller through the future
+                future.set_exception(error)
+
+
+class BoundedScene:
+    """A `pipeline.rasters.Scene` whose window reads run on `reads`, each waited for at most
+    its timeout; the scene's own thread, so that one thread alone touches its file."""
+
+    def __init__(self, scene: Scene, reads: ReadThread) -> None:
+        self.scene, self.reads = scene, reads
+        self.width, self.height, self.crs, self.transform = scene.width, scene.height, scene.crs, scene.transform
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.reads.call(self.scene.read, window)
+
+
+def read_bounded(timeout_s: float, function: Callable[..., Result], *args: Any) -> Result:
+    """`function(*args)` on a `ReadThread` of its own, waited for at most `timeout_s` s."""
+    with ReadThread(timeout_s) as thread:
+        return thread.call(function, *args)
