@@ -1,4 +1,4 @@
-"""Bounded waits for reads that may never return.
+"""Bounded waits for reads that may never return, and an image's budget for segmenting.
 
 A read blocked in a system call (a socket that never answers) cannot be interrupted from
 Python. So reads run on a daemon thread of their own (`ReadThread`) and the caller waits for
@@ -6,12 +6,16 @@ each at most `run.read_timeout_s`; past that it goes on with `ReadTimedOut` (the
 row) and leaves the thread behind. The thread finishes the call if it ever returns (the
 result is dropped), then runs what was queued after it (closing the scene), and ends. A daemon
 thread never holds the process at exit, so a stuck read cannot keep a job from ending.
+
+`Budget` is the cooperative side of `run.image_timeout_s`: the pipeline calls its `check`
+between tiles, crops and point batches, which raises `OverBudget` once the image's time is up.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -30,6 +34,13 @@ class ReadTimedOut(ImageError):
 
     def __init__(self, timeout_s: float) -> None:
         super().__init__("read", f"not done after {timeout_s:g} s (run.read_timeout_s)")
+
+
+class OverBudget(Exception):
+    """An image's segmenting ran past `run.image_timeout_s` (`budget_s`, in s)."""
+
+    def __init__(self, budget_s: float) -> None:
+        super().__init__(f"segment: over run.image_timeout_s ({budget_s:g} s)")
 
 
 class ReadThread:
@@ -89,3 +100,16 @@ def read_bounded(timeout_s: float, function: Callable[..., Result], *args: Any) 
     """`function(*args)` on a `ReadThread` of its own, waited for at most `timeout_s` s."""
     with ReadThread(timeout_s) as thread:
         return thread.call(function, *args)
+
+
+class Budget:
+    """`budget_s` seconds from now (None: no limit); `check` raises `OverBudget` once they are spent."""
+
+    def __init__(self, budget_s: float | None) -> None:
+        self.budget_s = budget_s
+        self.deadline = None if budget_s is None else time.monotonic() + budget_s
+
+    def check(self) -> None:
+        """Raise `OverBudget` if the budget is spent."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise OverBudget(self.budget_s)
