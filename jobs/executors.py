@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sam_batch.jobs.bounded import read_bounded
+from sam_batch.jobs.bounded import OverBudget, read_bounded
 from sam_batch.jobs.dataset import OutputDataset, Shard
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.jobs.worker import ImageResult, ImageSegmenter, commit_shard, image_result
@@ -55,6 +55,10 @@ CPUS_PER_ACTOR = 2
 ONE_CORE_ACTOR_MEMORY = 2 * 2**30  # bytes of a node's Ray `memory` per core
 MAX_ATTEMPTS = 3  # tries of one image (or one task) on workers that die under it
 ATTACH_CONNECT_TIMEOUT_S = 10.0  # a cluster's address that accepts no connection in this long fails the job
+# s the driver waits for an image's rows past `run.image_timeout_s` before it kills the actor: the
+# actor stops itself at its next check, so this covers, with room to spare, the longest step the
+# checks cannot split (one encoder call, one decode batch, the merge of the masks)
+SEGMENT_GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -303,7 +307,10 @@ class _RayPipeline:
     def _next_event(self, ledger: _Ledger) -> Event | None:
         """Wait for the next reference any stage holds, and let its stage handle it."""
         refs = [*self.reads.running, *self.actors.refs, *self.commits.running]
-        [ref], _ = self.ray.wait(refs, num_returns=1)
+        done, _ = self.ray.wait(refs, num_returns=1, timeout=self.actors.seconds_to_deadline())
+        if not done:
+            return self.actors.expire()
+        [ref] = done
         if ref in self.reads.running:
             return self.reads.take(ref)
         if ref in self.commits.running:
@@ -472,7 +479,9 @@ class _ActorPool:
     fails because a worker, a node or the image's pixels were lost, its actor is replaced
     (placed wherever Ray finds room) and the image goes back to the ledger, to be read again
     first. An image lost `MAX_ATTEMPTS` times becomes an error row instead of taking the
-    job down.
+    job down. With `run.image_timeout_s`, an actor whose image is not back `SEGMENT_GRACE_S`
+    after its budget (an actor stuck where it cannot check it) is killed and replaced, and the
+    image is its error row, not retried.
     """
 
     def __init__(self, ray, job: JobSpec, resources: dict, n_actors: int) -> None:
@@ -482,6 +491,7 @@ class _ActorPool:
         self.n_actors = n_actors
         self.starting: dict = {}  # ready() ref -> actor
         self.busy: dict = {}  # segment() ref -> (actor, uri)
+        self.deadlines: dict = {}  # segment() ref -> time.monotonic() past which its actor is killed
         self.idle: list = []
         self.attempts: Counter[str] = Counter()
 
@@ -501,7 +511,29 @@ class _ActorPool:
         """Hand decoded images from `ready` to idle actors."""
         while self.idle and ready:
             actor, (uri, pixels, read_seconds) = self.idle.pop(), ready.popleft()
-            self.busy[actor.segment.remote(uri, pixels, read_seconds)] = (actor, uri)
+            ref = actor.segment.remote(uri, pixels, read_seconds)
+            self.busy[ref] = (actor, uri)
+            if (budget_s := self.job.run.image_timeout_s) is not None:
+                self.deadlines[ref] = time.monotonic() + budget_s + SEGMENT_GRACE_S
+
+    def seconds_to_deadline(self) -> float | None:
+        """Seconds until the first busy actor's deadline (0 when past); None when none has one."""
+        if not self.deadlines:
+            return None
+        return max(0.0, min(self.deadlines.values()) - time.monotonic())
+
+    def expire(self) -> ImageResult | None:
+        """The error row of an image whose deadline has passed, its actor killed and replaced;
+        None when no deadline has passed."""
+        ref = min(self.deadlines, key=self.deadlines.get, default=None)
+        if ref is None or self.deadlines[ref] > time.monotonic():
+            return None
+        del self.deadlines[ref]
+        actor, uri = self.busy.pop(ref)
+        log.warning("%s: no rows %.0f s past run.image_timeout_s; replacing its segmenting actor", uri, SEGMENT_GRACE_S)
+        self.ray.kill(actor)
+        self._start_actor()
+        return image_result(uri, [], error=str(OverBudget(self.job.run.image_timeout_s)))
 
     def take(self, ref, ledger: _Ledger) -> ImageResult | None:
         """A finished `ready` (None) or `segment` call (the result, or None if re-queued)."""
@@ -528,6 +560,7 @@ class _ActorPool:
 
     def _on_segmented(self, ref, ledger: _Ledger) -> ImageResult | None:
         actor, uri = self.busy.pop(ref)
+        self.deadlines.pop(ref, None)
         try:
             result = self.ray.get(ref)
         except _worker_lost_errors(self.ray) as error:
