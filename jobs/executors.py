@@ -15,6 +15,10 @@ memory stays flat however long the input:
 
 Pixels go from a read task to an actor through Ray's object store; the driver gets each read's
 small status, each image's rows, and holds the rows of the shards not yet complete.
+
+Every wait is bounded: a read by `run.read_timeout_s` where it runs (`jobs.bounded`), an image's
+segmenting by `run.image_timeout_s` through the pipeline's checks and, on Ray, by the driver,
+which kills an actor whose image is not back `SEGMENT_GRACE_S` past that budget.
 """
 
 from __future__ import annotations
@@ -75,7 +79,9 @@ Event = ImageResult | ShardCommit
 
 class LocalExecutor:
     """Everything in this process, for debugging and GPU boxes without Ray: one image segmented
-    at a time while a thread reads and decodes the next (as a read task would)."""
+    at a time while a thread reads and decodes the next (as a read task would, its read bounded
+    by `run.read_timeout_s`). An image's budget is bounded by the pipeline's checks alone: a
+    thread cannot be killed."""
 
     name = "local"
 
