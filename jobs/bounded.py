@@ -93,6 +93,7 @@ class BoundedScene:
         self.width, self.height, self.crs, self.transform = scene.width, scene.height, scene.crs, scene.transform
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray | None]:
+        """The scene's `read` of `window` on the thread; `ReadTimedOut` past the timeout."""
         return self.reads.call(self.scene.read, window)
 
 
