@@ -3,7 +3,8 @@ error rows, and the rest of the shard commits, on both executors.
 
 Photos come over HTTP (fsspec's http filesystem) from a server on 127.0.0.1 that never answers
 for one of them; the scene is tiled, so the image budget's check runs between its tiles, while
-a photo of one tile, one crop and one batch of prompts finishes whatever the budget.
+a photo of one tile, one crop and one batch of prompts finishes whatever the budget. Without
+the model: a scene's window read that never returns, and a Ray actor stuck past its budget.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ import yaml
 
 from conftest import IMAGES
 from sam_batch.jobs import executors
+from sam_batch.jobs.bounded import BoundedScene, ReadThread, ReadTimedOut
 from sam_batch.jobs.schema import parse_job
-
-pytestmark = pytest.mark.slow
 
 SAM_BATCH = str(Path(sys.executable).parent / "sam-batch")
 STALLED = "stalled.jpg"  # the server never answers for this name
@@ -98,6 +98,7 @@ def images_by_name(out: Path) -> dict[str, dict]:
     return {row["image_uri"].rsplit("/", 1)[-1]: row for row in pq.read_table(out / "images").to_pylist()}
 
 
+@pytest.mark.slow
 def test_the_run_ends_with_its_shard_committed(timed_run) -> None:
     executor, out, result = timed_run
     assert result.returncode == 0, result.stderr
@@ -106,6 +107,7 @@ def test_the_run_ends_with_its_shard_committed(timed_run) -> None:
     assert [p.name for p in (out / "_sam_batch" / "commits").iterdir()] == ["shard-00000.json"]
 
 
+@pytest.mark.slow
 def test_a_read_that_never_returns_is_an_error_row(timed_run) -> None:
     _, out, _ = timed_run
     stalled = images_by_name(out)[STALLED]
@@ -113,6 +115,7 @@ def test_a_read_that_never_returns_is_an_error_row(timed_run) -> None:
     assert stalled["error"] == f"read: not done after {READ_TIMEOUT_S} s (run.read_timeout_s)"
 
 
+@pytest.mark.slow
 def test_an_image_over_its_budget_is_an_error_row(timed_run) -> None:
     _, out, _ = timed_run
     scene = images_by_name(out)[SCENE]
@@ -120,6 +123,7 @@ def test_an_image_over_its_budget_is_an_error_row(timed_run) -> None:
     assert scene["error"] == f"segment: over run.image_timeout_s ({IMAGE_TIMEOUT_S} s)"
 
 
+@pytest.mark.slow
 def test_the_other_images_are_whole(timed_run) -> None:
     _, out, _ = timed_run
     images = images_by_name(out)
@@ -129,6 +133,35 @@ def test_the_other_images_are_whole(timed_run) -> None:
         assert images[name]["n_masks"] > 0
         assert sum(m["image_uri"] == images[name]["image_uri"] for m in masks) == images[name]["n_masks"]
     assert len(masks) == sum(images[name]["n_masks"] for name in PHOTOS)
+
+
+class StuckScene:
+    """A scene whose window reads block until `release` is set; it records its closing."""
+
+    width = height = 8
+    crs = transform = None
+
+    def __init__(self, release: threading.Event) -> None:
+        self.release, self.closed = release, False
+
+    def read(self, window):
+        self.release.wait()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_window_read_that_never_returns_times_out_and_the_close_waits_for_it() -> None:
+    release = threading.Event()
+    stuck = StuckScene(release)
+    with ReadThread(0.01) as reads:
+        with pytest.raises(ReadTimedOut, match=r"^read: not done after 0\.01 s \(run\.read_timeout_s\)$"):
+            BoundedScene(stuck, reads).read((0, 0, 8, 8))
+        closed = reads.post(stuck.close)
+    assert not stuck.closed  # never while its read is running on the thread
+    release.set()
+    closed.result(timeout=60)
+    assert stuck.closed
 
 
 class HangingActor:
@@ -144,6 +177,7 @@ class HangingActor:
         threading.Event().wait()
 
 
+@pytest.mark.slow
 def test_an_actor_stuck_past_the_budget_is_killed_and_replaced(monkeypatch) -> None:
     import ray
 
