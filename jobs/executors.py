@@ -15,6 +15,10 @@ memory stays flat however long the input:
 
 Pixels go from a read task to an actor through Ray's object store; the driver gets each read's
 small status, each image's rows, and holds the rows of the shards not yet complete.
+
+Every wait is bounded: a read by `run.read_timeout_s` where it runs (`jobs.bounded`), an image's
+segmenting by `run.image_timeout_s` through the pipeline's checks and, on Ray, by the driver,
+which kills an actor whose image is not back `SEGMENT_GRACE_S` past that budget.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from sam_batch.jobs.bounded import OverBudget, read_bounded
 from sam_batch.jobs.dataset import OutputDataset, Shard
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.jobs.worker import ImageResult, ImageSegmenter, commit_shard, image_result
@@ -59,6 +64,10 @@ GPU_ACTOR_RESOURCES = {"num_gpus": 1, "num_cpus": 1}  # what a GPU segmenting ac
 RAY_RESOURCE_NAMES = {"num_gpus": "GPU", "num_cpus": "CPU"}  # actor option -> Ray's resource name
 ATTACH_CONNECT_TIMEOUT_S = 10.0  # a cluster's address that accepts no connection in this long fails the job
 REAPER_EXIT_TIMEOUT_S = 30.0  # seconds a run waits, after Ray's shutdown, for `jobs.reaper` to end what is left
+# s the driver waits for an image's rows past `run.image_timeout_s` before it kills the actor: the
+# actor stops itself at its next check, so this covers, with room to spare, the longest step the
+# checks cannot split (one encoder call, one decode batch, the merge of the masks)
+SEGMENT_GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,9 @@ Event = ImageResult | ShardCommit
 
 class LocalExecutor:
     """Everything in this process, for debugging and GPU boxes without Ray: one image segmented
-    at a time while a thread reads and decodes the next (as a read task would)."""
+    at a time while a thread reads and decodes the next (as a read task would, its read bounded
+    by `run.read_timeout_s`). An image's budget is bounded by the pipeline's checks alone: a
+    thread cannot be killed."""
 
     name = "local"
 
@@ -85,13 +96,14 @@ class LocalExecutor:
     def run(self, shards: list[Shard], dataset: OutputDataset) -> Iterator[Event]:
         segmenter = ImageSegmenter(self.job, "local")
         options, bands = self.job.input.storage_options, self.job.raster.bands
+        timeout_s = self.job.run.read_timeout_s
         unread = (uri for shard in shards for uri in shard.uris)
         with ThreadPoolExecutor(max_workers=1) as reader:
             ahead: deque = deque()
 
             def read_next() -> None:
                 if (uri := next(unread, None)) is not None:
-                    ahead.append((uri, reader.submit(_read_image, uri, options, bands)))
+                    ahead.append((uri, reader.submit(_read_image, uri, options, bands, timeout_s)))
 
             read_next()
             for shard in shards:
@@ -391,12 +403,13 @@ class _RayPipeline:
             self.actors.stop()
 
     def _next_event(self, ledger: _Ledger) -> Event | None:
-        """Wait for the next reference any stage holds, and let its stage handle it; None also
-        when the wait for a segmenting actor to be placed ran out first (`_ActorPool.placement_wait`)."""
+        """Wait for the next reference any stage holds, and let its stage handle it; when the
+        wait runs out first (`_ActorPool.wait_timeout`), the error row of an image past its
+        deadline, or None."""
         refs = [*self.reads.running, *self.actors.refs, *self.commits.running]
-        done, _ = self.ray.wait(refs, num_returns=1, timeout=self.actors.placement_wait())
+        done, _ = self.ray.wait(refs, num_returns=1, timeout=self.actors.wait_timeout())
         if not done:
-            return None
+            return self.actors.expire()
         [ref] = done
         if ref in self.reads.running:
             return self.reads.take(ref)
@@ -457,14 +470,19 @@ class _ReadStatus:
         return image_result(uri, [], seconds=self.seconds, stage_seconds={"read": self.seconds}, error=self.error)
 
 
-def _read_image(uri: str, storage_options: dict, bands: tuple[int, ...] | None) -> tuple[_ReadStatus, np.ndarray | None]:
+def _read_image(
+    uri: str, storage_options: dict, bands: tuple[int, ...] | None, timeout_s: float
+) -> tuple[_ReadStatus, np.ndarray | None]:
     """A read task: (status, pixels (H, W, 3) uint8); pixels None for an error or a TIFF.
 
     A TIFF is only sniffed (its first 4 bytes): the segmenting actor reads it window by window.
+    The read is waited for at most `timeout_s` s (`run.read_timeout_s`, counted from the task's
+    start, so never from a wait in Ray's queue), then is the image's error row; a read still
+    blocked is left on its daemon thread (`jobs.bounded`), which never holds a worker at exit.
     """
     started = time.perf_counter()
     try:
-        data = _photo_bytes(uri, storage_options)
+        data = read_bounded(timeout_s, _photo_bytes, uri, storage_options)
         image = None if data is None else decode_image(data, bands)
     except ImageError as error:
         return _ReadStatus(str(error), time.perf_counter() - started), None
@@ -508,7 +526,9 @@ class _ReadStage:
     def fill(self, ledger: _Ledger) -> None:
         """Start reads of the ledger's next images, up to the capacity."""
         while len(self.running) + len(self.ready) < self.capacity and (uri := ledger.next_uri()) is not None:
-            status, pixels = self.task.remote(uri, self.job.input.storage_options, self.job.raster.bands)
+            status, pixels = self.task.remote(
+                uri, self.job.input.storage_options, self.job.raster.bands, self.job.run.read_timeout_s
+            )
             self.running[status] = (uri, pixels)
 
     def take(self, ref) -> ImageResult | None:
@@ -565,7 +585,9 @@ class _ActorPool:
     lacks. When a call fails because a worker, a node or the image's pixels were lost, its
     actor is replaced (placed wherever Ray finds room) and the image goes back to the ledger,
     to be read again first. An image lost `MAX_ATTEMPTS` times becomes an error row instead
-    of taking the job down.
+    of taking the job down. With `run.image_timeout_s`, an actor whose image is not back
+    `SEGMENT_GRACE_S` after its budget (an actor stuck where it cannot check it) is killed and
+    replaced, and the image is its error row, not retried.
     """
 
     def __init__(self, ray, job: JobSpec, resources: dict, n_actors: int) -> None:
@@ -577,6 +599,7 @@ class _ActorPool:
         self.placing: dict = {}  # placed() ref -> actor
         self.starting: dict = {}  # load() ref -> actor
         self.busy: dict = {}  # segment() ref -> (actor, uri)
+        self.deadlines: dict = {}  # segment() ref -> time.monotonic() past which its actor is killed
         self.idle: list = []
         self.attempts: Counter[str] = Counter()
         self.unplaced_since: float | None = None  # time.monotonic() since which no actor is placed
@@ -621,7 +644,36 @@ class _ActorPool:
         """Hand decoded images from `ready` to idle actors."""
         while self.idle and ready:
             actor, (uri, pixels, read_seconds) = self.idle.pop(), ready.popleft()
-            self.busy[actor.segment.remote(uri, pixels, read_seconds)] = (actor, uri)
+            ref = actor.segment.remote(uri, pixels, read_seconds)
+            self.busy[ref] = (actor, uri)
+            if (budget_s := self.job.run.image_timeout_s) is not None:
+                self.deadlines[ref] = time.monotonic() + budget_s + SEGMENT_GRACE_S
+
+    def wait_timeout(self) -> float | None:
+        """Seconds the driver may wait for any reference: until an actor must be placed
+        (`placement_wait`) or the first busy actor's deadline passes (0 when past); None: no bound.
+
+        Raises:
+            JobFailure: when no actor has been placed for `run.actor_start_timeout_s`.
+        """
+        bounds = [self.placement_wait()]
+        if self.deadlines:
+            bounds.append(max(0.0, min(self.deadlines.values()) - time.monotonic()))
+        known = [b for b in bounds if b is not None]
+        return min(known) if known else None
+
+    def expire(self) -> ImageResult | None:
+        """The error row of an image whose deadline has passed, its actor killed and replaced;
+        None when no deadline has passed."""
+        ref = min(self.deadlines, key=self.deadlines.get, default=None)
+        if ref is None or self.deadlines[ref] > time.monotonic():
+            return None
+        del self.deadlines[ref]
+        actor, uri = self.busy.pop(ref)
+        log.warning("%s: no rows %.0f s past run.image_timeout_s; replacing its segmenting actor", uri, SEGMENT_GRACE_S)
+        self.ray.kill(actor)
+        self._start_actor()
+        return image_result(uri, [], error=str(OverBudget(self.job.run.image_timeout_s)))
 
     def take(self, ref, ledger: _Ledger) -> ImageResult | None:
         """A finished `placed` or `load` (None) or `segment` call (the result, or None if re-queued)."""
@@ -661,6 +713,7 @@ class _ActorPool:
 
     def _on_segmented(self, ref, ledger: _Ledger) -> ImageResult | None:
         actor, uri = self.busy.pop(ref)
+        self.deadlines.pop(ref, None)
         try:
             result = self.ray.get(ref)
         except _worker_lost_errors(self.ray) as error:

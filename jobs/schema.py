@@ -64,6 +64,9 @@ MAX_YAML_ALIASES = 16  # alias uses: a job file shares a few settings (storage_o
 # takes minutes) before it fails; at least a second, so that a placement can happen at all
 DEFAULT_ACTOR_START_TIMEOUT_S = 600.0
 MIN_ACTOR_START_TIMEOUT_S = 1.0
+# seconds one image read (a photo's bytes, a scene's opening, one window) may take by default:
+# a read this long is taken to be stuck, not slow (a 30 MB photo at 1 MB/s takes 30 s)
+DEFAULT_READ_TIMEOUT_S = 300.0
 
 
 class JobError(ValueError):
@@ -147,9 +150,9 @@ def _integer(minimum: int, maximum: int | None = None) -> _Rule:
     return rule
 
 
-def _number(low: float, high: float = math.inf, *, high_open: bool = False) -> _Rule:
+def _number(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False) -> _Rule:
     if high == math.inf:
-        allowed = f">= {low}"
+        allowed = f"> {low}" if low_open else f">= {low}"
     elif high_open:
         allowed = f">= {low} and < {high}"
     else:
@@ -164,7 +167,7 @@ def _number(low: float, high: float = math.inf, *, high_open: bool = False) -> _
         number = float(value)
         if not math.isfinite(number):
             raise _err(path, f"expected a finite number, got {_show(number)}")
-        if not (low <= number <= high) or (high_open and number == high):
+        if not (low <= number <= high) or (high_open and number == high) or (low_open and number == low):
             raise _err(path, f"must be {allowed}, got {_show(number)}")
         return number
 
@@ -440,6 +443,10 @@ class RunSpec(_Section):
     ``max_actors`` caps the segmenting actors (null: as many as the cluster's GPUs or cores
     make); ``actor_start_timeout_s`` is how long (s) the job waits, with no segmenting actor
     placed, for the cluster to give one the resources it asks for before it fails.
+    ``read_timeout_s`` bounds each image read in s (a photo's bytes, a scene's opening, each
+    window): a read not done by then makes the image an error row; ``image_timeout_s`` is each
+    image's budget in s for segmenting (null: none, since what an image needs grows with its
+    size, the model and the grid), past which it is an error row.
     """
 
     ray_address: str | None = None
@@ -447,6 +454,8 @@ class RunSpec(_Section):
     executor: Executor = "ray"
     max_actors: int | None = None
     actor_start_timeout_s: float = DEFAULT_ACTOR_START_TIMEOUT_S
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    image_timeout_s: float | None = None
 
     _SECTION: ClassVar[str] = "run"
     _RULES: ClassVar[Mapping[str, _Rule]] = {
@@ -455,6 +464,8 @@ class RunSpec(_Section):
         "executor": _choice(get_args(Executor)),
         "max_actors": _optional(_integer(1)),
         "actor_start_timeout_s": _number(MIN_ACTOR_START_TIMEOUT_S),
+        "read_timeout_s": _number(0, low_open=True),
+        "image_timeout_s": _optional(_number(0, low_open=True)),
     }
 
 

@@ -13,15 +13,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sam_batch.jobs.bounded import BoundedScene, Budget, OverBudget, ReadThread
 from sam_batch.jobs.dataset import OutputDataset, Shard
 from sam_batch.jobs.schema import JobSpec
-from sam_batch.pipeline.images import ImageError, load_image, one_line_reason
+from sam_batch.pipeline.images import ImageError, decode_image, one_line_reason, read_bytes
 from sam_batch.pipeline.rasters import ArrayScene, RasterScene, Scene, is_raster
 from sam_batch.pipeline.tables import image_row, images_table, mask_rows, masks_table
 
@@ -70,41 +72,54 @@ class ImageSegmenter:
 
         Rasters (TIFF magic) are read here, window by window; photos whole. Either is cut into
         tiles of `raster.tile_size` or segmented whole as `raster.tiling` says
-        (`pipeline.scenes.tile_size_for`). Never raises for a bad image: the failure is the
-        images row's `error`.
+        (`pipeline.scenes.tile_size_for`). Each read here is waited for at most
+        `run.read_timeout_s`; the image's work, from this call on (a raster's reads included),
+        stops at the first step past `run.image_timeout_s` (`jobs.bounded`). Never raises for a
+        bad image: the failure is the images row's `error`.
         """
         from sam_batch.pipeline.scenes import tile_size_for  # imports torch, so not at the top
 
         seconds = {**dict.fromkeys(STAGES, 0.0), "read": read_seconds}
         started = time.perf_counter() - read_seconds
+        budget = Budget(self.job.run.image_timeout_s)
         size: tuple[int, int] | None = None
-        options, raster = self.job.input.storage_options, self.job.raster
+        raster = self.job.raster
         try:
-            with ExitStack() as stack:
-                if image is not None:
-                    scene = ArrayScene(image)
-                elif is_raster(uri, options):
-                    scene = stack.enter_context(RasterScene(uri, options, raster.bands, raster.nodata))
-                else:
-                    scene = ArrayScene(load_image(uri, options, raster.bands))
+            with ReadThread(self.job.run.read_timeout_s) as reads, ExitStack() as stack:
+                scene = self._open_scene(uri, image, reads, stack)
                 size = (scene.height, scene.width)
                 seconds["read"] = time.perf_counter() - started
                 t = time.perf_counter()
                 tile_size = tile_size_for(scene, raster.tiling, raster.tile_size)
-                result = self._segment_scene(uri, scene, tile_size)
+                result = self._segment_scene(uri, scene, tile_size, budget.check)
                 seconds["segment"] = time.perf_counter() - t
             t = time.perf_counter()
             rows = mask_rows(uri, result.records())
             seconds["encode"] = time.perf_counter() - t
-        except ImageError as error:
+        except (ImageError, OverBudget) as error:
             return self._result(uri, [], size, started, seconds, error=str(error))
         except Exception as error:  # noqa: BLE001 - one image's failure must not end the job
             reason = f"segment: {one_line_reason(error, typed=True)}"
             return self._result(uri, [], size, started, seconds, error=reason)
         return self._result(uri, rows, size, started, seconds, crs=result.crs, transform=result.transform)
 
-    def _segment_scene(self, uri: str, scene: Scene, tile_size: int) -> SceneResult:
-        """`segment_scene`, run again with half the prompts per decode call each time the decoder
+    def _open_scene(self, uri: str, image: np.ndarray | None, reads: ReadThread, stack: ExitStack) -> Scene:
+        """`image` (H, W, 3) uint8 as a scene when a read stage decoded it; else the file at
+        `uri`: a raster opened, read window by window and closed on `reads` (`stack` queues the
+        close there), or a photo read whole on `reads` and decoded. Each read is waited for at
+        most `run.read_timeout_s` (`ReadTimedOut`)."""
+        if image is not None:
+            return ArrayScene(image)
+        options, raster = self.job.input.storage_options, self.job.raster
+        if not reads.call(is_raster, uri, options):
+            return ArrayScene(decode_image(reads.call(read_bytes, uri, options), raster.bands))
+        scene = reads.call(RasterScene, uri, options, raster.bands, raster.nodata)
+        stack.callback(reads.post, scene.__exit__, None, None, None)
+        return BoundedScene(scene, reads)
+
+    def _segment_scene(self, uri: str, scene: Scene, tile_size: int, check: Callable[[], None]) -> SceneResult:
+        """`segment_scene` under the image's time budget (`check`, which raises `OverBudget`),
+        run again with half the prompts per decode call each time the decoder
         runs out of device memory (the masks do not depend on the batch); the smaller batch
         stays for the images after this one. Out of memory at one prompt a call is the image's
         error, and the batch goes back to what it was when the image started."""
@@ -116,7 +131,7 @@ class ImageSegmenter:
         started_with = (self.params, self.engine.min_prompt_batch)
         while True:
             try:
-                return segment_scene(self.engine, scene, self.params, tile_size, self.job.raster.tile_overlap)
+                return segment_scene(self.engine, scene, self.params, tile_size, self.job.raster.tile_overlap, check)
             except DecoderOutOfMemory as error:
                 failed = error.prompts  # the exception (and the tensors its frames hold) is gone below
             if torch.cuda.is_available():

@@ -40,6 +40,7 @@ from sam_batch.pipeline.upsampling import MaskUpsampler
 
 
 UPSCALE_CHUNK = 16  # masks brought to full size at once: bounds memory, not results
+Check = Callable[[], None]  # called between steps of an image's work; raises to stop it
 
 
 class Engine(Protocol):
@@ -126,16 +127,26 @@ class Mask:
     crop_box: list[int]
 
 
-def generate_masks(engine: Engine, image: np.ndarray, params: AmgParams) -> list[Mask]:
-    """All masks of a uint8 (H, W, 3) image, in deterministic order."""
+def no_check() -> None:
+    """The default `check` of the functions below: no time budget."""
+
+
+def generate_masks(engine: Engine, image: np.ndarray, params: AmgParams, check: Check = no_check) -> list[Mask]:
+    """All masks of a uint8 (H, W, 3) image, in deterministic order.
+
+    check: called between crops and between point batches (never before the first), raises to
+    stop the image (a time budget); an image of one crop and one batch is never checked.
+    """
     height, width = image.shape[:2]
     boxes, layers = crop_boxes(height, width, params.crop_n_layers, params.crop_overlap_ratio)
     grids = point_grids_per_layer(
         params.points_per_side, params.crop_n_layers, params.crop_n_points_downscale_factor
     )
-    crops = [
-        segment_crop(engine, image, box, grids[layer], params) for box, layer in zip(boxes, layers)
-    ]
+    crops = []
+    for index, (box, layer) in enumerate(zip(boxes, layers)):
+        if index:
+            check()
+        crops.append(segment_crop(engine, image, box, grids[layer], params, check))
     return merge_crops(crops, (height, width), params)
 
 
@@ -145,11 +156,12 @@ def segment_crop(
     crop_box: list[int],
     grid: np.ndarray,
     params: AmgParams,
+    check: Check = no_check,
 ) -> CropMasks:
     """Encode the crop, decode its grid in batches, filter and NMS within the crop on the
     engine's device; only the survivors come back to the host.
 
-    grid: (P, 2) points in [0, 1] over the crop.
+    grid: (P, 2) points in [0, 1] over the crop; check: called before every batch but the first.
     """
     x0, y0, x1, y1 = crop_box
     height, width = image.shape[:2]
@@ -157,8 +169,14 @@ def segment_crop(
     points = grid * np.array([[x1 - x0, y1 - y0]], dtype=np.float64)
     step = max(params.points_per_batch, engine.min_prompt_batch)
     filter_batch = partial(_filter_batch, engine, crop, crop_box=crop_box, image_hw=(height, width), params=params)
-    batches = _map_in_threads(filter_batch, [points[i : i + step] for i in range(0, len(points), step)],
-                              engine.concurrent_batches)
+    starts = list(range(0, len(points), step))
+
+    def checked_batch(start: int) -> CropMasks:
+        if start:
+            check()
+        return filter_batch(points[start : start + step])
+
+    batches = _map_in_threads(checked_batch, starts, engine.concurrent_batches)
     kept = CropMasks(
         masks=type(batches[0].masks).concat([b.masks for b in batches]),
         boxes=torch.cat([b.boxes for b in batches]),

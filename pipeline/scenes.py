@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sam_batch.pipeline.amg import Engine, Mask, generate_masks
+from sam_batch.pipeline.amg import Check, Engine, Mask, generate_masks, no_check
 from sam_batch.pipeline.geometry import crs_label, mask_geometry
 from sam_batch.pipeline.params import AmgParams
 from sam_batch.pipeline.rasters import Scene
@@ -73,18 +73,26 @@ def tile_size_for(scene: Scene, tiling: str, tile_size: int) -> int:
     return longest
 
 
-def segment_scene(engine: Engine, scene: Scene, params: AmgParams, tile_size: int, overlap: int) -> SceneResult:
-    """All objects of a scene, one record each, in deterministic order (tile, then mask order)."""
+def segment_scene(
+    engine: Engine, scene: Scene, params: AmgParams, tile_size: int, overlap: int, check: Check = no_check
+) -> SceneResult:
+    """All objects of a scene, one record each, in deterministic order (tile, then mask order).
+
+    check: called before every tile but the first, and by `generate_masks` within each tile;
+    raises to stop the scene (a time budget).
+    """
     image_hw = (scene.height, scene.width)
     tiles = plan_tiles(scene.width, scene.height, tile_size, overlap)
     masks: list[SceneMask] = []
     skipped = 0
     for index, tile in enumerate(tiles):
+        if index:
+            check()
         rgb, valid = scene.read(tile.window)
         if valid is not None and not valid.any():
             skipped += 1
             continue
-        for mask in generate_masks(engine, rgb, params):
+        for mask in generate_masks(engine, rgb, params, check):
             if len(tiles) > 1 and not mask.mask.any():
                 continue  # an empty mask (thresholds at 0) has no place to stand for across seams
             placed = _place(mask, tile, index, image_hw)

@@ -118,3 +118,38 @@ def test_crop_layers_with_no_mask_at_all_give_no_masks() -> None:
     """Where the reference raises (it concatenates no crop's data), sam-batch returns none."""
     params = AmgParams(points_per_side=2, crop_n_layers=1)
     assert generate_masks(EmptyEngine(True), np.zeros((SIDE, SIDE, 3), np.uint8), params) == []
+
+
+class Steps:
+    """A `check` that counts its calls and raises at the call numbered `stop_at` (1-based)."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.calls, self.stop_at = 0, stop_at
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise TimeoutError("over budget")
+
+
+def test_the_check_runs_between_tiles_crops_and_batches_only() -> None:
+    image = np.zeros((SIDE, SIDE, 3), np.uint8)
+    one_step = Steps()
+    generate_masks(HandMadeEngine(True), image, AmgParams(points_per_side=2), one_step)
+    assert one_step.calls == 0  # one crop, one batch: nothing to check between
+    batches = Steps()
+    generate_masks(HandMadeEngine(True), image, AmgParams(points_per_side=2, points_per_batch=1), batches)
+    assert batches.calls == 3  # four batches of one point
+    crops = Steps()
+    generate_masks(HandMadeEngine(True), image, AmgParams(points_per_side=2, crop_n_layers=1), crops)
+    assert crops.calls == 4  # five crops, one batch each
+    tiles = Steps()
+    scene = segment_scene(HandMadeEngine(True), ArrayScene(np.zeros((SIDE, 2 * SIDE, 3), np.uint8)),
+                          AmgParams(points_per_side=2), 96, 16, tiles)
+    assert (scene.tiles, tiles.calls) == (2, 1)
+
+
+def test_a_check_that_raises_stops_the_image() -> None:
+    params = AmgParams(points_per_side=2, points_per_batch=1)
+    with pytest.raises(TimeoutError, match="over budget"):
+        generate_masks(HandMadeEngine(True), np.zeros((SIDE, SIDE, 3), np.uint8), params, Steps(stop_at=2))

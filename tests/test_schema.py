@@ -124,7 +124,10 @@ def test_minimal_job_gets_spec_defaults(tmp_path: Path) -> None:
     )
     assert job.raster == RasterSpec(tiling="auto", tile_size=1024, tile_overlap=128, bands=None, nodata=None)
     assert job.output == OutputSpec(uri="./out/demo", storage_options={})
-    assert job.run == RunSpec(ray_address=None, shard_size=64, executor="ray", max_actors=None, actor_start_timeout_s=600.0)
+    assert job.run == RunSpec(
+        ray_address=None, shard_size=64, executor="ray", max_actors=None, actor_start_timeout_s=600.0,
+        read_timeout_s=300.0, image_timeout_s=None,
+    )
 
 
 def test_spec_example_parses(tmp_path: Path) -> None:
@@ -159,6 +162,7 @@ def test_ints_accepted_for_floats_and_normalised() -> None:
         ("run", {"ray_address": "auto", "shard_size": 1, "executor": "local"}),
         ("run", {"max_actors": 1, "actor_start_timeout_s": 1}),
         ("run", {"max_actors": None, "actor_start_timeout_s": 3600.5}),
+        ("run", {"read_timeout_s": 0.5, "image_timeout_s": 3600}),
         ("model", {"type": "vit_h", "checkpoint": "s3://w/sam.pt", "sha256": "AB" * 32}),
     ],
 )
@@ -296,6 +300,10 @@ def test_unknown_keys_top_level_and_without_suggestion() -> None:
         ("run", {"actor_start_timeout_s": 0}, "run.actor_start_timeout_s: must be >= 1.0, got 0.0"),
         ("run", {"actor_start_timeout_s": "10m"}, "run.actor_start_timeout_s: expected a number, got '10m'"),
         ("run", {"actor_start_timeout_s": None}, "run.actor_start_timeout_s: expected a number, got null"),
+        ("run", {"read_timeout_s": 0}, "run.read_timeout_s: must be > 0, got 0.0"),
+        ("run", {"read_timeout_s": None}, "run.read_timeout_s: expected a number, got null"),
+        ("run", {"image_timeout_s": -1}, "run.image_timeout_s: must be > 0, got -1.0"),
+        ("run", {"image_timeout_s": float("inf")}, "run.image_timeout_s: expected a finite number, got inf"),
         ("model", {"sha256": "abc"}, "model.sha256: expected 64 hex characters, got 'abc'"),
         ("model", {"sha256": "g" * 64}, "model.sha256: expected 64 hex characters"),
         ("input", {"uris": []}, "input.uris: required unless input.manifest is given"),
@@ -528,6 +536,7 @@ def test_fingerprint_tracks_what_changes_results() -> None:
     assert parse_job(minimal(run={"shard_size": 8, "executor": "local"})).fingerprint() == base
     assert parse_job(minimal(run={"max_actors": 2, "actor_start_timeout_s": 60})).fingerprint() == base
     assert parse_job(minimal(run={"ray_address": "ray://head:10001"})).fingerprint() == base
+    assert parse_job(minimal(run={"read_timeout_s": 5, "image_timeout_s": 60})).fingerprint() == base
     with_options = minimal(
         input={"uris": ["a.tif"], "storage_options": {"key": CANARY}},
         output={"uri": "out", "storage_options": {"secret": CANARY}},
