@@ -1,9 +1,11 @@
 """Scenes: images read one window at a time, as RGB uint8 plus the mask of valid pixels.
 
-A `RasterScene` is a raster file (GeoTIFF, COG, any GDAL format) opened with rasterio through
-fsspec, so a window costs only the bytes of the blocks under it (a COG's range requests on
-object stores). Per scene, once, it picks the three bands, finds the nodata rule and, for
-data that is not uint8, the stretch limits (2nd and 98th percentiles of the valid pixels of a
+A `RasterScene` is a raster file (GeoTIFF, COG, any GDAL format) opened with rasterio, so a
+window costs only the bytes of the blocks under it, never the whole file: on S3 through GDAL's
+own reader (which merges and overlaps its range requests), on other object stores through
+fsspec in range requests of `REMOTE_BLOCK_BYTES` kept in a block cache (docs/benchmarks.md,
+"Rasters on S3"). Per scene, once, it picks the three bands, finds the
+nodata rule and, for data that is not uint8, the stretch limits (2nd and 98th percentiles of the valid pixels of a
 decimated read, which GDAL serves from overviews where the file has them): every tile is then
 stretched alike and seams do not change colour. An `ArrayScene` gives the same view of a
 photo already decoded in memory.
@@ -12,6 +14,7 @@ photo already decoded in memory.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import Protocol
 
 import fsspec
@@ -33,6 +36,13 @@ from sam_batch.pipeline.images import (
 Window = tuple[int, int, int, int]  # XYXY in scene pixels, end exclusive
 MAX_SCENE_PIXELS = 200_000 * 200_000  # a header beyond this is not a scene but a broken file
 STRETCH_SAMPLE_SIDE = 1024  # the decimated read for stretch limits is at most this a side
+# s3fs storage options and the argument of rasterio's AWSSession each is (`gdal_s3_session`)
+S3FS_TO_SESSION = {"key": "aws_access_key_id", "secret": "aws_secret_access_key", "token": "aws_session_token",
+                   "profile": "profile_name", "anon": "aws_unsigned"}
+# storage options that only tune fsspec's own caching, nothing GDAL would read differently
+FSSPEC_ONLY_OPTIONS = frozenset({"skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths",
+                                 "default_block_size", "default_fill_cache", "default_cache_type"})
+REMOTE_BLOCK_BYTES = 2 * 2**20  # one range request of a remote raster (docs/benchmarks.md, "Rasters on S3")
 
 
 class Scene(Protocol):
@@ -81,6 +91,51 @@ def is_raster(uri: str, storage_options: dict | None = None) -> bool:
     return head in TIFF_MAGIC
 
 
+def gdal_s3_session(storage_options: dict):
+    """GDAL's S3 reader set up with what s3fs's `storage_options` say (credentials, endpoint,
+    region, profile, anonymous access): a rasterio `AWSSession` and the GDAL settings beside
+    it; None when the options hold anything else (GDAL might then read otherwise than s3fs
+    would) or boto3, through which rasterio hands GDAL credentials, is not installed. Without
+    credentials in the options, boto3 finds them as s3fs's botocore does (environment, ~/.aws,
+    instance metadata). The session holds secrets: it goes only to GDAL."""
+    options = {k: v for k, v in storage_options.items() if k not in FSSPEC_ONLY_OPTIONS}
+    client = dict(options.pop("client_kwargs", None) or {})
+    endpoint = options.pop("endpoint_url", None) or client.pop("endpoint_url", None)
+    session_args = {S3FS_TO_SESSION[k]: options.pop(k) for k in list(options) if k in S3FS_TO_SESSION}
+    if "region_name" in client:
+        session_args["region_name"] = client.pop("region_name")
+    if options or client:
+        return None
+    settings = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}  # no listing of the scene's folder
+    if endpoint:
+        scheme, _, host = str(endpoint).partition("://")
+        if scheme not in ("http", "https") or not host.rstrip("/") or "/" in host.rstrip("/"):
+            return None
+        session_args["endpoint_url"] = host.rstrip("/")
+        settings.update(AWS_HTTPS="YES" if scheme == "https" else "NO", AWS_VIRTUAL_HOSTING="FALSE")
+    try:
+        from rasterio.session import AWSSession
+
+        return AWSSession(**session_args), settings
+    except ImportError:  # boto3
+        return None
+
+
+class BlockReads:
+    """The filesystem rasterio reads a remote raster through: `fs` itself, but each file opened
+    to read in blocks of `REMOTE_BLOCK_BYTES` kept in fsspec's block cache, instead of the
+    back-end's default (s3fs: 50 MiB read ahead, the whole of most files)."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem) -> None:
+        self._fs = fs
+
+    def open(self, path: str, mode: str = "rb", **kwargs):
+        return self._fs.open(path, mode, block_size=REMOTE_BLOCK_BYTES, cache_type="blockcache", **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._fs, name)
+
+
 class RasterScene:
     """A raster opened for windowed reading; use as a context manager.
 
@@ -101,17 +156,31 @@ class RasterScene:
         import rasterio
 
         self._rasterio = rasterio
-        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        self._open = ExitStack()  # GDAL's S3 settings, if any, then the dataset: closed in reverse
         try:
-            local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-            self._src = rasterio.open(path) if local else rasterio.open(path, opener=fs.open)
-        except rasterio.errors.RasterioError as error:
-            raise ImageError("decode", f"raster open failed: {raster_error_reason(error)}") from None
-        try:
+            self._src = self._open_dataset(uri, storage_options or {})
             self._describe(bands, nodata)
+        except rasterio.errors.RasterioError as error:
+            self._open.close()
+            raise ImageError("decode", f"raster open failed: {raster_error_reason(error)}") from None
         except BaseException:
-            self._src.close()
+            self._open.close()
             raise
+
+    def _open_dataset(self, uri: str, storage_options: dict):
+        """The rasterio dataset of `uri`: a local path directly; on S3 through GDAL's own reader
+        where `gdal_s3_session` can hand it the job's storage options; any other store through
+        its fsspec filesystem (`BlockReads`)."""
+        rasterio = self._rasterio
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+        protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+        if "file" in protocols:
+            return self._open.enter_context(rasterio.open(path))
+        if "s3" in protocols and (gdal_s3 := gdal_s3_session(storage_options)) is not None:
+            session, settings = gdal_s3
+            self._open.enter_context(rasterio.Env(session=session, **settings))
+            return self._open.enter_context(rasterio.open(f"s3://{path}"))
+        return self._open.enter_context(rasterio.open(path, opener=BlockReads(fs)))
 
     def _describe(self, bands: Sequence[int] | None, nodata: float | None) -> None:
         src = self._src
@@ -135,7 +204,7 @@ class RasterScene:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._src.close()
+        self._open.close()
 
     def _stretch_limits(self) -> tuple[float, float]:
         """Percentile limits of the valid pixels of a read decimated to STRETCH_SAMPLE_SIDE."""

@@ -43,7 +43,7 @@ def s3():
     }
     fs = s3fs.S3FileSystem(**options)
     fs.mkdir("photos")
-    for name in ("dog.jpg", "groceries.jpg", "corrupt.tif"):
+    for name in ("dog.jpg", "groceries.jpg", "corrupt.tif", "RGB.byte.tif"):
         fs.put_file(str(IMAGES / name), f"photos/in/{name}")
     fs.pipe_file("photos/in/empty.jpg", b"")
     yield fs, options
@@ -72,16 +72,19 @@ def test_output_lands_on_s3_and_reads_back(s3_run) -> None:
     fs, _, _, _ = s3_run
     images = pq.read_table("photos/out/images", filesystem=fs).to_pylist()
     by_name = {r["image_uri"].rsplit("/", 1)[-1]: r for r in images}
-    assert sorted(by_name) == ["corrupt.tif", "dog.jpg", "empty.jpg", "groceries.jpg"]
+    assert sorted(by_name) == ["RGB.byte.tif", "corrupt.tif", "dog.jpg", "empty.jpg", "groceries.jpg"]
     assert all(r["image_uri"].startswith("s3://photos/in/") for r in images)
     assert by_name["dog.jpg"]["status"] == "ok" and by_name["dog.jpg"]["n_masks"] > 0
     assert by_name["empty.jpg"]["error"] == "read: file is empty (0 bytes)"
     assert by_name["corrupt.tif"]["error"].startswith("decode: ")
+    scene = by_name["RGB.byte.tif"]  # a GeoTIFF read window by window from S3
+    assert scene["status"] == "ok" and scene["n_masks"] > 0 and scene["crs"] == "EPSG:32618"
     masks = pq.read_table("photos/out/masks", filesystem=fs)
     assert masks.num_rows == sum(r["n_masks"] for r in images)
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("photos/out/_sam_batch/commits")) == [
         "shard-00000.json",
         "shard-00001.json",
+        "shard-00002.json",
     ]
     assert not fs.exists("photos/out/_sam_batch/attempts")
 
@@ -90,15 +93,15 @@ def test_duckdb_reads_the_s3_output_through_pyarrow(s3_run) -> None:
     fs, _, _, _ = s3_run
     masks = pq.read_table("photos/out/masks", filesystem=fs)  # noqa: F841 - read by DuckDB below
     per_image = duckdb.sql("SELECT image_uri, count(*) FROM masks GROUP BY ALL").fetchall()
-    assert {uri.rsplit("/", 1)[-1] for uri, _ in per_image} == {"dog.jpg", "groceries.jpg"}
+    assert {uri.rsplit("/", 1)[-1] for uri, _ in per_image} == {"RGB.byte.tif", "dog.jpg", "groceries.jpg"}
 
 
 def test_rerun_on_s3_resumes(s3_run) -> None:
     fs, _, path, _ = s3_run
     result = subprocess.run([SAM_BATCH, "run", str(path)], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0 and "2 already done" in result.stdout
+    assert result.returncode == 0 and "3 already done" in result.stdout
     record = json.loads(fs.cat_file("photos/out/run.json"))
-    assert record["shards_skipped"] == 2 and record["images_ok"] == 0
+    assert record["shards_skipped"] == 3 and record["images_ok"] == 0
 
 
 def test_the_secret_never_leaks(s3_run) -> None:
@@ -114,3 +117,82 @@ def test_the_secret_never_leaks(s3_run) -> None:
     path.write_text(yaml.safe_dump(broken))
     failed = subprocess.run([SAM_BATCH, "run", str(path)], capture_output=True, text=True, timeout=300)
     assert failed.returncode == 1 and CANARY not in failed.stdout + failed.stderr
+
+
+SIDE = 4096  # pixels a side of the test scenes (48 MiB of RGB)
+WINDOW = (1024, 1024, 1536, 1536)  # XYXY: one 512-pixel window, 1/64 of the scene
+
+
+@pytest.fixture(scope="module")
+def scenes_behind_a_counter(s3, tmp_path_factory):
+    """A tiled COG with overviews and a plain strip TIFF (`SIDE`² RGB noise, so that blocks do not
+    compress away) on S3, and the options that reach them through a `CountingProxy`."""
+    import numpy as np
+    import rasterio
+    from rasterio.shutil import copy as copy_raster
+
+    from s3_counter import CountingProxy
+
+    fs, options = s3
+    tmp = tmp_path_factory.mktemp("scenes")
+    pixels = np.random.default_rng(0).integers(0, 256, (3, SIDE, SIDE), dtype=np.uint8)
+    profile = {"driver": "GTiff", "width": SIDE, "height": SIDE, "count": 3, "dtype": "uint8", "crs": "EPSG:32618",
+               "transform": rasterio.transform.from_origin(300_000, 4_000_000, 1, 1)}
+    with rasterio.open(tmp / "strip.tif", "w", **profile) as out:
+        out.write(pixels)
+    with rasterio.open(tmp / "tiled.tif", "w", tiled=True, blockxsize=256, blockysize=256, **profile) as out:
+        out.write(pixels)
+        out.build_overviews([2, 4, 8])
+    copy_raster(tmp / "tiled.tif", tmp / "cog.tif", driver="COG", blocksize=256)
+    for name in ("strip.tif", "cog.tif"):
+        fs.put_file(str(tmp / name), f"photos/scenes/{name}")
+    moto_port = int(options["client_kwargs"]["endpoint_url"].rsplit(":", 1)[1])
+    with CountingProxy(moto_port) as proxy:
+        through = {**options, "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{proxy.port}"},
+                   "skip_instance_cache": True}
+        yield fs, through, proxy
+
+
+READERS = {"gdal": {}, "fsspec": {"requester_pays": False}}  # an option only s3fs takes: read through it
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+@pytest.mark.parametrize("name", ["cog.tif", "strip.tif"])
+def test_scenes_on_s3_are_read_window_by_window(scenes_behind_a_counter, name, reader) -> None:
+    """A window costs the blocks under it: a few range requests, a fraction of the file, with
+    GDAL's S3 reader and with fsspec's."""
+    from sam_batch.pipeline.rasters import REMOTE_BLOCK_BYTES, RasterScene, gdal_s3_session
+
+    fs, through, proxy = scenes_behind_a_counter
+    options = {**through, **READERS[reader]}
+    assert (gdal_s3_session(options) is not None) == (reader == "gdal")
+    size = fs.size(f"photos/scenes/{name}")
+    proxy.reset()
+    with RasterScene(f"s3://photos/scenes/{name}", options) as scene:
+        rgb, valid = scene.read(WINDOW)
+    assert rgb.shape == (512, 512, 3) and valid is None and scene.crs == "EPSG:32618"
+    fetched, requests = proxy.bytes[f"/photos/scenes/{name}"], proxy.gets[f"/photos/scenes/{name}"]
+    # the blocks under the window (6 MiB of rows, or 4 tiles) and the header's, not the 48 MiB file
+    assert 0 < requests <= 6 and fetched <= size / 4
+    if reader == "fsspec":
+        assert fetched <= requests * REMOTE_BLOCK_BYTES
+
+
+def test_gdal_reads_s3_only_with_what_s3fs_would_use() -> None:
+    """The job's S3 options become GDAL's settings one for one; any option GDAL would not take
+    the same way sends the scene through fsspec instead."""
+    from sam_batch.pipeline.rasters import gdal_s3_session
+
+    session, settings = gdal_s3_session({"key": "id", "secret": CANARY, "token": "t", "skip_instance_cache": True,
+                                         "client_kwargs": {"endpoint_url": "https://s3.example.org:9000",
+                                                           "region_name": "eu-west-1"}})
+    assert session.get_credential_options() == {
+        "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": CANARY, "AWS_SESSION_TOKEN": "t",
+        "AWS_REGION": "eu-west-1", "AWS_S3_ENDPOINT": "s3.example.org:9000"}
+    assert settings == {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "AWS_HTTPS": "YES", "AWS_VIRTUAL_HOSTING": "FALSE"}
+    assert CANARY not in repr(session)
+    assert gdal_s3_session({"anon": True})[0].get_credential_options() == {"AWS_NO_SIGN_REQUEST": "YES"}
+    for other in ({"requester_pays": True}, {"config_kwargs": {"signature_version": "s3v4"}},
+                  {"client_kwargs": {"verify": False}}, {"endpoint_url": "http://host:9000/prefix"},
+                  {"endpoint_url": "ftp://host"}):
+        assert gdal_s3_session(other) is None, other
