@@ -20,6 +20,7 @@ previous version or none, never half of one.
 from __future__ import annotations
 
 import errno
+import importlib.metadata
 import io
 import json
 import uuid
@@ -31,6 +32,7 @@ import pyarrow.parquet as pq
 
 BOOKKEEPING = "_sam_batch"
 LEASE_FILE = "lease.json"  # under BOOKKEEPING: the lease of the run writing the output (`jobs.lease`)
+EXCLUSIVE_PROBE = "exclusive-probe"  # under BOOKKEEPING: the files `check_exclusive_create` makes
 
 
 class DatasetError(RuntimeError):
@@ -200,6 +202,27 @@ class OutputDataset:
         self._write_bytes(staged, data)
         self.fs.mv(staged, path)
 
+    def check_exclusive_create(self) -> None:
+        """`DatasetError` unless this store creates a file only if it is absent (`open(.., "xb")`),
+        on which commit markers and the lease rest. Probed with a file of its own under
+        `_sam_batch/`: created, created again (which must fail), removed."""
+        probe = self.path(BOOKKEEPING, f"{EXCLUSIVE_PROBE}-{uuid.uuid4().hex}")
+        self.fs.makedirs(self.path(BOOKKEEPING), exist_ok=True)
+        try:
+            for _ in range(2):
+                with self.fs.open(probe, "xb") as f:
+                    f.write(b"create only if absent")
+        except FileExistsError:
+            return
+        except (OSError, ValueError, NotImplementedError) as error:
+            reason = f"{type(error).__name__}: {' '.join(str(error).split())}"
+            raise DatasetError(f"{self.uri}: cannot create a file only if it is absent here ({reason}), "
+                               f"which commits need; {_backend(self.fs)}") from None
+        finally:
+            self._remove(probe)
+        raise DatasetError(f"{self.uri}: this store replaced a file it was asked to create only if absent, "
+                           f"so commits and the lease could not be exclusive; {_backend(self.fs)}")
+
     def _marker(self, shard: Shard) -> str:
         return self.path(BOOKKEEPING, "commits", f"{shard.name}.json")
 
@@ -217,6 +240,17 @@ class OutputDataset:
     def _write_bytes(self, path: str, data: bytes) -> None:
         with self.fs.open(path, "wb") as f:
             f.write(data)
+
+
+def _backend(fs: fsspec.AbstractFileSystem) -> str:
+    """The fsspec back-end of `fs` and its version, for a message (s3fs needs >= 2025.7.0)."""
+    package = type(fs).__module__.split(".", 1)[0]
+    try:
+        release = f"{package} {importlib.metadata.version(package)}"
+    except importlib.metadata.PackageNotFoundError:
+        release = package
+    return (f"its fsspec back-end is {type(fs).__name__} of {release} "
+            "(s3fs does this from 2025.7.0, gcsfs and adlfs from 2024.12.0)")
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

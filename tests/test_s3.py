@@ -178,6 +178,16 @@ def test_scenes_on_s3_are_read_window_by_window(scenes_behind_a_counter, name, r
         assert fetched <= requests * REMOTE_BLOCK_BYTES
 
 
+def test_s3_creates_only_if_absent(s3) -> None:
+    """The store check a run makes first passes on S3 (conditional puts), and leaves nothing."""
+    from sam_batch.jobs.dataset import OutputDataset
+
+    fs, options = s3
+    OutputDataset("s3://photos/probed", options).check_exclusive_create()
+    fs.invalidate_cache()
+    assert fs.find("photos/probed") == []
+
+
 def test_gdal_reads_s3_only_with_what_s3fs_would_use() -> None:
     """The job's S3 options become GDAL's settings one for one; any option GDAL would not take
     the same way sends the scene through fsspec instead."""
@@ -196,3 +206,10 @@ def test_gdal_reads_s3_only_with_what_s3fs_would_use() -> None:
                   {"client_kwargs": {"verify": False}}, {"endpoint_url": "http://host:9000/prefix"},
                   {"endpoint_url": "ftp://host"}):
         assert gdal_s3_session(other) is None, other
+
+
+def test_the_installed_s3fs_creates_only_if_absent() -> None:
+    """pip resolved an s3fs whose "xb" is a conditional put (2025.7.0 on), not the 2019 one it
+    fell back to before the extras asked for it."""
+    major, minor = (int(part) for part in s3fs.__version__.split(".")[:2])
+    assert (major, minor) >= (2025, 7), s3fs.__version__

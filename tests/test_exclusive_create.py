@@ -1,0 +1,74 @@
+"""Stores that cannot create a file only if it is absent are refused before a run touches them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fsspec
+import pytest
+import yaml
+from fsspec.implementations.memory import MemoryFileSystem
+
+from sam_batch.cli import EXIT_JOB_FAILED, main
+from sam_batch.jobs.dataset import BOOKKEEPING, DatasetError, OutputDataset
+
+
+class OverwritingFileSystem(MemoryFileSystem):
+    """A store whose "create only if absent" replaces the file, as s3fs 0.4 does on S3."""
+
+    protocol = "overwriting"
+    store: dict = {}  # its own files, apart from memory://'s
+    pseudo_dirs = [""]
+
+    def _open(self, path, mode="rb", **kwargs):
+        return super()._open(path, mode.replace("x", "w"), **kwargs)
+
+
+class RefusingFileSystem(MemoryFileSystem):
+    """A store that cannot create exclusively at all."""
+
+    protocol = "refusing"
+    store: dict = {}
+    pseudo_dirs = [""]
+
+    def _open(self, path, mode="rb", **kwargs):
+        if "x" in mode:
+            raise NotImplementedError("mode 'xb' is not supported")
+        return super()._open(path, mode, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def stores():
+    for cls in (OverwritingFileSystem, RefusingFileSystem):
+        fsspec.register_implementation(cls.protocol, cls, clobber=True)
+        cls.store.clear()
+    yield
+
+
+def test_a_store_that_creates_exclusively_passes_and_keeps_nothing(tmp_path: Path) -> None:
+    dataset = OutputDataset(str(tmp_path / "out"))
+    dataset.check_exclusive_create()
+    assert list((tmp_path / "out" / BOOKKEEPING).iterdir()) == []
+
+
+def test_a_store_that_overwrites_is_refused_by_name() -> None:
+    with pytest.raises(DatasetError, match=r"^overwriting://out: this store replaced a file it was asked to "
+                                           r"create only if absent.*its fsspec back-end is OverwritingFileSystem of "):
+        OutputDataset("overwriting://out").check_exclusive_create()
+    assert not OverwritingFileSystem.store  # the probe is gone
+
+
+def test_a_store_without_exclusive_create_is_refused_with_its_reason() -> None:
+    with pytest.raises(DatasetError, match=r"cannot create a file only if it is absent here "
+                                           r"\(NotImplementedError: mode 'xb' is not supported\)"):
+        OutputDataset("refusing://out").check_exclusive_create()
+
+
+def test_run_refuses_such_a_store_before_touching_it(tmp_path: Path, capsys) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"name": "lossy", "input": {"uris": [str(tmp_path / "none.jpg")]},
+                                   "output": {"uri": "overwriting://out"}, "run": {"executor": "local"}}))
+    assert main(["run", str(job)]) == EXIT_JOB_FAILED
+    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith("sam-batch: DatasetError: overwriting://out: this store replaced a file")
+    assert not OverwritingFileSystem.store  # no plan, no lease, no probe
