@@ -6,6 +6,7 @@ The credentials carry a canary secret that must never reach logs, errors or the 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -186,6 +187,35 @@ def test_s3_creates_only_if_absent(s3) -> None:
     OutputDataset("s3://photos/probed", options).check_exclusive_create()
     fs.invalidate_cache()
     assert fs.find("photos/probed") == []
+
+
+@pytest.mark.slow
+def test_a_run_on_an_s3_output_another_process_holds_is_refused(s3, tmp_path) -> None:
+    """This process holds the lease of an S3 output; `sam-batch run` there is refused with one
+    line naming the holder, and runs to the end once the lease is given back."""
+    from sam_batch.jobs.dataset import OutputDataset
+    from sam_batch.jobs.lease import OutputLease
+
+    fs, options = s3
+    names = ["dog.jpg", "groceries.jpg"]
+    job = {"name": "s3-lease", "input": {"uris": [str(IMAGES / n) for n in names]},
+           "output": {"uri": "s3://photos/leased", "storage_options": options},
+           "amg": {"points_per_side": 4}, "run": {"executor": "local", "shard_size": 1}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    with OutputLease(OutputDataset("s3://photos/leased", options)):
+        refused = subprocess.run([SAM_BATCH, "run", str(path)], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and CANARY not in refused.stdout + refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        f"sam-batch: LeaseHeld: s3://photos/leased is being written by another run (process {os.getpid()} on ")
+    fs.invalidate_cache()
+    assert not fs.exists("photos/leased/_sam_batch/plan.json")  # refused before it planned
+    result = subprocess.run([SAM_BATCH, "run", str(path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = pq.read_table("photos/leased/images", filesystem=fs).to_pylist()
+    assert sorted(r["image_uri"].rsplit("/", 1)[-1] for r in rows) == names
+    keys = [(m["image_id"], m["mask_id"]) for m in pq.read_table("photos/leased/masks", filesystem=fs).to_pylist()]
+    assert len(keys) == len(set(keys)) == sum(r["n_masks"] for r in rows) > 0
 
 
 def test_gdal_reads_s3_only_with_what_s3fs_would_use() -> None:
