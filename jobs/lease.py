@@ -9,9 +9,9 @@ or at once when its holder was a process of this machine (same boot, same proces
 that no longer exists (a killed driver); `--force` takes it whatever its state, for a holder
 known to be dead elsewhere. A run whose lease another run took fails at its next event.
 
-The lease file is created only if absent (`open(..., "xb")`) and read back: exclusive on local
-and network file systems; on object stores it is as exclusive as the fsspec back-end's
-create-if-absent (not at all with s3fs 0.4, whose "xb" overwrites).
+The lease file is created only if absent (`open(..., "xb")`) and read back; a run first checks
+that the output's store creates so (`OutputDataset.check_exclusive_create`) and refuses one
+that does not (s3fs 0.4 on S3, whose "xb" overwrites).
 """
 
 from __future__ import annotations
