@@ -7,14 +7,16 @@ Layout under the output root:
     run.json                       the run record of the latest run (summary, per-stage times)
     _sam_batch/plan.json           the frozen plan: job fingerprint, redacted job, shards
     _sam_batch/commits/shard-00000.json   commit markers: a shard is done iff its marker exists
-    _sam_batch/attempts/<shard>-<uuid>/   where attempts write before they publish
+    _sam_batch/attempts/<run_id>/<shard>-<uuid>/   where a run's attempts write before they publish
 
 A shard is published by writing its two files under a fresh attempt folder, moving them to
 their deterministic names, and then creating the marker only if it is absent. A retried or
 duplicated attempt produces the same bytes under the same names, so the output stays
 exactly-once; readers trust markers only. The plan and the run record are written the same way
 (a temporary under `attempts/`, then moved), so a process killed while writing one leaves the
-previous version or none, never half of one.
+previous version or none, never half of one. Attempts sit in a folder of their run (the run id
+of its lease, `jobs.lease`), so that a clean-up removes only its own run's and those of runs
+that no longer hold the lease, never those of a commit in flight of the run holding it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import pyarrow.parquet as pq
 
 BOOKKEEPING = "_sam_batch"
 LEASE_FILE = "lease.json"  # under BOOKKEEPING: the lease of the run writing the output (`jobs.lease`)
+ATTEMPTS = "attempts"  # under BOOKKEEPING: one folder per run, named by its run id
 
 
 class DatasetError(RuntimeError):
@@ -80,12 +83,20 @@ class Plan:
 
 
 class OutputDataset:
-    """One output root. All paths are built from shard numbers, never from input names."""
+    """One output root, as written by one run: its attempts go under `attempts/<run_id>/`
+    (a fresh id unless given: the run id of the run's lease). All paths are built from shard
+    numbers and run ids, never from input names."""
 
-    def __init__(self, uri: str, storage_options: dict | None = None) -> None:
+    def __init__(self, uri: str, storage_options: dict | None = None, run_id: str | None = None) -> None:
         self.uri = uri
-        self.fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        self.storage_options = storage_options or {}
+        self.run_id = run_id or uuid.uuid4().hex
+        self.fs, root = fsspec.core.url_to_fs(uri, **self.storage_options)
         self.root = root.rstrip("/")
+
+    def for_run(self, run_id: str) -> OutputDataset:
+        """The same output, written by the run `run_id`."""
+        return OutputDataset(self.uri, self.storage_options, run_id)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -145,7 +156,7 @@ class OutputDataset:
         """
         if self.fs.exists(self._marker(shard)):
             return False
-        attempt = self.path(BOOKKEEPING, "attempts", f"{shard.name}-{uuid.uuid4().hex}")
+        attempt = self._attempt(f"{shard.name}-{uuid.uuid4().hex}")
         try:
             self.fs.makedirs(attempt, exist_ok=True)
             tables = {"masks": masks, "images": images}
@@ -180,9 +191,18 @@ class OutputDataset:
             return schema.empty_table()
         return pq.ParquetDataset(files, filesystem=self.fs, schema=schema, filters=filters).read()
 
-    def clean_attempts(self) -> None:
-        """Remove leftovers of attempts that died before publishing."""
-        self._remove(self.path(BOOKKEEPING, "attempts"))
+    def clean_attempts(self, lease_holder: str | None) -> None:
+        """Remove the attempts of this run and those of every run but `lease_holder` (the run id
+        in the output's lease now, None if there is no lease): a run that does not hold the
+        lease has died or was taken over, so its attempts are stale; the holder's may be a
+        commit in flight."""
+        folder = self.path(BOOKKEEPING, ATTEMPTS)
+        if not self.fs.exists(folder):
+            return
+        for path in self.fs.ls(folder, detail=False):
+            run_id = path.rstrip("/").rsplit("/", 1)[-1]
+            if run_id == self.run_id or run_id != lease_holder:
+                self._remove(path)
 
     def _remove(self, path: str) -> None:
         try:
@@ -194,11 +214,15 @@ class OutputDataset:
         self._publish(self.path("run.json"), json.dumps(record, indent=1).encode("utf-8"))
 
     def _publish(self, path: str, data: bytes) -> None:
-        """Put `data` at `path` whole: written under `attempts/` first, then moved over `path`."""
-        staged = self.path(BOOKKEEPING, "attempts", f"publish-{uuid.uuid4().hex}")
+        """Put `data` at `path` whole: written under this run's attempts first, then moved over `path`."""
+        staged = self._attempt(f"publish-{uuid.uuid4().hex}")
         self.fs.makedirs(staged.rsplit("/", 1)[0], exist_ok=True)
         self._write_bytes(staged, data)
         self.fs.mv(staged, path)
+
+    def _attempt(self, name: str) -> str:
+        """A path in this run's folder of attempts."""
+        return self.path(BOOKKEEPING, ATTEMPTS, self.run_id, name)
 
     def _marker(self, shard: Shard) -> str:
         return self.path(BOOKKEEPING, "commits", f"{shard.name}.json")

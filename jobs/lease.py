@@ -119,6 +119,17 @@ class OutputLease:
         self._renewer = threading.Thread(target=self._renew_until_released, name="sam-batch-lease", daemon=True)
         self._renewer.start()
 
+    @property
+    def run_id(self) -> str:
+        """This run's id, as its lease names it."""
+        return self.me.run_id
+
+    def holder_run_id(self) -> str | None:
+        """The run id the output's lease names now (this run's while it holds it), None if there
+        is no lease."""
+        holder = self._read()
+        return None if holder is None else holder.run_id
+
     def release(self) -> None:
         """Stop renewing and remove the lease, if it is still this run's. Never raises: a
         lease left behind is taken over later, and the run's own outcome stands."""

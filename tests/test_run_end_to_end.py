@@ -130,7 +130,7 @@ def test_run_record_and_shards(ray_run) -> None:
     assert record["executor"] == "ray" and record["n_shards"] == 3 and record["shards_committed"] == 3
     assert record["images_ok"] == 11 and record["images_error"] == 1
     assert sorted(p.name for p in (out / "masks").iterdir()) == [f"shard-0000{i}.parquet" for i in range(3)]
-    assert not (out / "_sam_batch" / "attempts").exists()
+    assert not list((out / "_sam_batch" / "attempts").rglob("*"))  # no run's attempts left
 
 
 def test_rerun_resumes_without_redoing_work(ray_run) -> None:
@@ -301,7 +301,7 @@ def test_an_unreadable_plan_is_one_line_and_overwrite_starts_again(tmp_path) -> 
     assert "plan.json cannot be read" in refused.stderr and "--overwrite" in refused.stderr
     sam_batch("run", str(job), "--overwrite")
     assert pq.read_table(out / "images").column("status").to_pylist() == ["ok"]
-    assert not (out / "_sam_batch" / "attempts").exists()
+    assert not list((out / "_sam_batch" / "attempts").rglob("*"))  # no run's attempts left
 
 
 def test_plan_and_run_record_are_never_half_written(tmp_path) -> None:
@@ -325,8 +325,9 @@ def test_plan_and_run_record_are_never_half_written(tmp_path) -> None:
         dataset.write_run_record({"images_ok": 2})
     assert dataset.read_plan() == first
     assert json.loads((tmp_path / "out" / "run.json").read_text()) == {"images_ok": 1}
-    dataset.clean_attempts()
-    assert sorted(p.name for p in (tmp_path / "out" / "_sam_batch").iterdir()) == ["plan.json"]
+    dataset.clean_attempts(None)
+    assert sorted(p.name for p in (tmp_path / "out" / "_sam_batch").iterdir()) == ["attempts", "plan.json"]
+    assert not list((tmp_path / "out" / "_sam_batch" / "attempts").iterdir())
 
 
 def test_a_commit_that_dies_before_its_files_are_written_publishes_nothing(tmp_path) -> None:
@@ -350,7 +351,7 @@ def test_a_commit_that_dies_before_its_files_are_written_publishes_nothing(tmp_p
     dataset._write_bytes = write_bytes
     assert dataset.commit_shard(shard, MASKS_SCHEMA.empty_table(), IMAGES_SCHEMA.empty_table(), {})
     assert dataset.committed_shards() == {0}
-    dataset.clean_attempts()
+    dataset.clean_attempts(None)
     assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["shard-00000.parquet"]
 
 
