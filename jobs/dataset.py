@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -34,6 +35,8 @@ import pyarrow.parquet as pq
 BOOKKEEPING = "_sam_batch"
 LEASE_FILE = "lease.json"  # under BOOKKEEPING: the lease of the run writing the output (`jobs.lease`)
 ATTEMPTS = "attempts"  # under BOOKKEEPING: one folder per run, named by its run id
+TABLES = ("masks", "images")  # the data folders, in the order a commit moves their files into place
+SHARD_FILE = re.compile(r"shard-(\d+)(\.\w+)")  # a shard's data file or marker: number, suffix
 
 
 class DatasetError(RuntimeError):
@@ -141,25 +144,50 @@ class OutputDataset:
 
     def committed_shards(self) -> set[int]:
         """Numbers of the shards whose commit marker exists."""
-        folder = self.path(BOOKKEEPING, "commits")
+        return set(self._shard_files(self.path(BOOKKEEPING, "commits"), ".json"))
+
+    def remove_unfinished(self) -> list[str]:
+        """Remove the data files of shards that have no marker, and return their paths.
+
+        They are what a commit killed between its first move and its marker left published
+        (whole files, whose rows a run writes again). Only while holding the lease (`jobs.lease`),
+        before any commit of the run: no other commit is then under way.
+        """
+        committed = self.committed_shards()
+        removed: list[str] = []
+        for table_name in TABLES:
+            for shard_id, path in sorted(self._shard_files(self.path(table_name), ".parquet").items()):
+                if shard_id not in committed:
+                    self._remove(path)
+                    removed.append(path)
+        return removed
+
+    def _shard_files(self, folder: str, suffix: str) -> dict[int, str]:
+        """The files `shard-NNNNN<suffix>` in `folder`, by shard number."""
         if not self.fs.exists(folder):
-            return set()
-        names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
-        return {int(n[len("shard-") : -len(".json")]) for n in names if n.startswith("shard-") and n.endswith(".json")}
+            return {}
+        found: dict[int, str] = {}
+        for path in self.fs.ls(folder, detail=False):
+            match = SHARD_FILE.fullmatch(path.rstrip("/").rsplit("/", 1)[-1])
+            if match and match.group(2) == suffix:
+                found[int(match.group(1))] = path
+        return found
 
     def commit_shard(self, shard: Shard, masks: pa.Table, images: pa.Table, stats: dict) -> bool:
         """Publish a shard's two tables and create its marker; False if it was already committed.
 
-        Both files are written in full before either moves into place, masks first: a crash
-        between the two moves (the only window) leaves masks whose image rows a re-run adds,
-        never an image row without its masks. A re-run writes the same bytes under the same names.
+        Both files are written in full before either moves into place, masks first, then the
+        marker: a process killed between the first move and the marker leaves the shard's
+        masks file (and perhaps its images file) published without a marker, never an image
+        row without its masks. The next run removes them at its start (`remove_unfinished`)
+        and writes the same rows again under the same names.
         """
         if self.fs.exists(self._marker(shard)):
             return False
         attempt = self._attempt(f"{shard.name}-{uuid.uuid4().hex}")
         try:
             self.fs.makedirs(attempt, exist_ok=True)
-            tables = {"masks": masks, "images": images}
+            tables = dict(zip(TABLES, (masks, images)))
             for table_name, table in tables.items():
                 self._write_bytes(f"{attempt}/{table_name}.parquet", _parquet_bytes(table))
             for table_name in tables:

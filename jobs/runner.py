@@ -115,6 +115,7 @@ def _run_holding_the_lease(
     job: JobSpec, dataset: OutputDataset, lease: OutputLease, overwrite: bool, started: float
 ) -> RunSummary:
     dataset.clean_attempts(lease.holder_run_id())
+    _remove_unfinished(dataset)
     plan = prepare_plan(job, dataset, overwrite)
     committed = dataset.committed_shards()
     todo = [s for s in plan.shards if s.shard_id not in committed]
@@ -149,6 +150,14 @@ def _run_holding_the_lease(
     dataset.write_run_record(summary.to_dict())
     dataset.clean_attempts(lease.holder_run_id())
     return summary
+
+
+def _remove_unfinished(dataset: OutputDataset) -> None:
+    """Take back what a run killed in the middle of a commit published without its marker."""
+    removed = dataset.remove_unfinished()
+    if removed:
+        log.warning("removed %d data file(s) of shards published by a killed run but never committed, "
+                    "first %s; their shards are done again", len(removed), removed[0])
 
 
 def _count(summary: RunSummary, result: ImageResult) -> None:
