@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import posixpath
 import re
 import uuid
 from dataclasses import dataclass
@@ -32,15 +33,22 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sam_batch.jobs.schema import JobError
+
 BOOKKEEPING = "_sam_batch"
 LEASE_FILE = "lease.json"  # under BOOKKEEPING: the lease of the run writing the output (`jobs.lease`)
 ATTEMPTS = "attempts"  # under BOOKKEEPING: one folder per run, named by its run id
 TABLES = ("masks", "images")  # the data folders, in the order a commit moves their files into place
+WRITE_PROBE = ".sam-batch-write-probe-"  # + a uuid: the empty file `check_writable` creates and removes
 SHARD_FILE = re.compile(r"shard-(\d+)(\.\w+)")  # a shard's data file or marker: number, suffix
 
 
 class DatasetError(RuntimeError):
     """The output dataset cannot be used as asked."""
+
+
+class OutputNotWritable(JobError):
+    """The output's storage refuses writes: the job cannot run as written."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,30 @@ class OutputDataset:
         """`DatasetError` if the output's root is a file."""
         if self.fs.isfile(self.root):
             raise DatasetError(f"output.uri {self.uri!r} is a file; it names the folder the tables go to")
+
+    def check_writable(self) -> None:
+        """`OutputNotWritable` where the storage refuses to create and remove a small file in
+        the output's root, or, while the root does not exist, in the nearest folder above it
+        that does (so that checking creates no folder): no permission, a read-only file system."""
+        folder = self.root
+        while True:
+            probe = posixpath.join(folder, f"{WRITE_PROBE}{uuid.uuid4().hex}")
+            try:
+                self._write_bytes(probe, b"")
+                self.fs.rm(probe)
+                return
+            except FileNotFoundError:  # no such folder (yet): try the one above
+                if posixpath.dirname(folder) in ("", folder):
+                    raise self._not_writable(folder, "no folder above it exists") from None
+                folder = posixpath.dirname(folder)
+            except OSError as error:
+                if not isinstance(error, PermissionError) and error.errno != errno.EROFS:
+                    raise  # not a refusal (a network error, say): the run fails as it would later
+                raise self._not_writable(folder, error.strerror or " ".join(str(error).split())) from None
+
+    def _not_writable(self, folder: str, reason: str) -> OutputNotWritable:
+        message = f"output.uri {self.uri!r} cannot be written ({folder}: {reason})"
+        return OutputNotWritable(message, field="output.uri")
 
     def read_plan(self) -> Plan | None:
         """The frozen plan, None if there is none; `DatasetError` if it cannot be read (or the

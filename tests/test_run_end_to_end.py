@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -281,6 +282,45 @@ def test_an_output_uri_that_is_a_file_is_one_line_for_validate_and_run(tmp_path)
         result = sam_batch(command, str(job), check=False)
         assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert f"output.uri '{tmp_path / 'out'}' is a file" in result.stderr
+
+
+@pytest.fixture
+def read_only_folder(tmp_path) -> Iterator[Path]:
+    """A folder that refuses writes, holding a folder `existing`: of mode 0555, or for root
+    (whom modes do not stop) a tmpfs mounted read-only."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        (folder / "existing").mkdir()
+        for path in (folder / "existing", folder):
+            path.chmod(0o555)
+        yield folder
+        for path in (folder, folder / "existing"):
+            path.chmod(0o755)  # so that pytest can remove them
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs privileges this machine does not give")
+    try:
+        (folder / "existing").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        yield folder
+    finally:
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)  # detach it even if busy
+
+
+def test_a_read_only_output_is_one_line_for_validate_and_run_before_any_work(tmp_path, read_only_folder) -> None:
+    """A write probe in the output's root, or while it does not exist in the nearest folder
+    above it: `validate` and `run` say the same line, exit 2, and `run` starts nothing."""
+    reason = "Read-only file system" if os.geteuid() == 0 else "Permission denied"
+    for out, probed in ((read_only_folder / "existing", read_only_folder / "existing"),
+                        (read_only_folder / "new" / "out", read_only_folder)):
+        job = write_job(tmp_path, "read-only", [str(IMAGES / "dog.jpg")], out, run={"executor": "local"})
+        line = f"sam-batch: invalid job: output.uri '{out}' cannot be written ({probed}: {reason})"
+        for command in ("validate", "run"):
+            result = sam_batch(command, str(job), check=False)
+            assert result.returncode == 2 and result.stderr.strip().splitlines() == [line], result.stderr
+            assert "output:" not in result.stdout
 
 
 def test_no_inputs_is_a_job_failure(tmp_path) -> None:
