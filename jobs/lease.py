@@ -1,13 +1,14 @@
 """One run at a time on an output: a lease at `<output.uri>/_sam_batch/lease.json`.
 
 A run takes the lease before it touches the output (plan, `--overwrite`, the clean-up of
-attempts) and gives it back at its end; while it runs, a thread renews it every
-`LEASE_RENEW_S`. A second run on the same output is refused with one line naming the holder.
-A lease is stale, and taken over, when it has not been renewed for `LEASE_TTL_S` by the
-clocks of the holder and the reader (hosts whose clocks differ by more than that misjudge it),
-or at once when its holder was a process of this machine (same boot, same process namespace)
-that no longer exists (a killed driver); `--force` takes it whatever its state, for a holder
-known to be dead elsewhere. A run whose lease another run took fails at its next event.
+attempts and of data files a killed commit left without a marker) and gives it back at its end;
+while it runs, a thread renews it every `LEASE_RENEW_S`. A second run on the same output is
+refused with one line naming the holder. A lease is stale, and taken over, when it has not been
+renewed for `LEASE_TTL_S` by the clocks of the holder and the reader (hosts whose clocks differ
+by more than that misjudge it), or at once when its holder was a process of this machine (same
+boot, same process namespace) that no longer exists (a killed driver); `--force` takes it
+whatever its state, for a holder known to be dead elsewhere. A run whose lease another run took
+fails at its next event.
 
 The lease file is created only if absent (`open(..., "xb")`) and read back: exclusive on local
 and network file systems; on object stores it is as exclusive as the fsspec back-end's
