@@ -7,14 +7,16 @@ Layout under the output root:
     run.json                       the run record of the latest run (summary, per-stage times)
     _sam_batch/plan.json           the frozen plan: job fingerprint, redacted job, shards
     _sam_batch/commits/shard-00000.json   commit markers: a shard is done iff its marker exists
-    _sam_batch/attempts/<shard>-<uuid>/   where attempts write before they publish
+    _sam_batch/attempts/<run_id>/<shard>-<uuid>/   where a run's attempts write before they publish
 
 A shard is published by writing its two files under a fresh attempt folder, moving them to
 their deterministic names, and then creating the marker only if it is absent. A retried or
 duplicated attempt produces the same bytes under the same names, so the output stays
 exactly-once; readers trust markers only. The plan and the run record are written the same way
 (a temporary under `attempts/`, then moved), so a process killed while writing one leaves the
-previous version or none, never half of one.
+previous version or none, never half of one. Attempts sit in a folder of their run (the run id
+of its lease, `jobs.lease`), so that a clean-up removes only its own run's and those of runs
+that no longer hold the lease, never those of a commit in flight of the run holding it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import errno
 import importlib.metadata
 import io
 import json
+import posixpath
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -30,13 +34,23 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sam_batch.jobs.schema import JobError
+
 BOOKKEEPING = "_sam_batch"
 LEASE_FILE = "lease.json"  # under BOOKKEEPING: the lease of the run writing the output (`jobs.lease`)
 EXCLUSIVE_PROBE = "exclusive-probe"  # under BOOKKEEPING: the files `check_exclusive_create` makes
+ATTEMPTS = "attempts"  # under BOOKKEEPING: one folder per run, named by its run id
+TABLES = ("masks", "images")  # the data folders, in the order a commit moves their files into place
+WRITE_PROBE = ".sam-batch-write-probe-"  # + a uuid: the empty file `check_writable` creates and removes
+SHARD_FILE = re.compile(r"shard-(\d+)(\.\w+)")  # a shard's data file or marker: number, suffix
 
 
 class DatasetError(RuntimeError):
     """The output dataset cannot be used as asked."""
+
+
+class OutputNotWritable(JobError):
+    """The output's storage refuses writes: the job cannot run as written."""
 
 
 @dataclass(frozen=True)
@@ -82,12 +96,20 @@ class Plan:
 
 
 class OutputDataset:
-    """One output root. All paths are built from shard numbers, never from input names."""
+    """One output root, as written by one run: its attempts go under `attempts/<run_id>/`
+    (a fresh id unless given: the run id of the run's lease). All paths are built from shard
+    numbers and run ids, never from input names."""
 
-    def __init__(self, uri: str, storage_options: dict | None = None) -> None:
+    def __init__(self, uri: str, storage_options: dict | None = None, run_id: str | None = None) -> None:
         self.uri = uri
-        self.fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        self.storage_options = storage_options or {}
+        self.run_id = run_id or uuid.uuid4().hex
+        self.fs, root = fsspec.core.url_to_fs(uri, **self.storage_options)
         self.root = root.rstrip("/")
+
+    def for_run(self, run_id: str) -> OutputDataset:
+        """The same output, written by the run `run_id`."""
+        return OutputDataset(self.uri, self.storage_options, run_id)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -98,6 +120,30 @@ class OutputDataset:
         """`DatasetError` if the output's root is a file."""
         if self.fs.isfile(self.root):
             raise DatasetError(f"output.uri {self.uri!r} is a file; it names the folder the tables go to")
+
+    def check_writable(self) -> None:
+        """`OutputNotWritable` where the storage refuses to create and remove a small file in
+        the output's root, or, while the root does not exist, in the nearest folder above it
+        that does (so that checking creates no folder): no permission, a read-only file system."""
+        folder = self.root
+        while True:
+            probe = posixpath.join(folder, f"{WRITE_PROBE}{uuid.uuid4().hex}")
+            try:
+                self._write_bytes(probe, b"")
+                self.fs.rm(probe)
+                return
+            except FileNotFoundError:  # no such folder (yet): try the one above
+                if posixpath.dirname(folder) in ("", folder):
+                    raise self._not_writable(folder, "no folder above it exists") from None
+                folder = posixpath.dirname(folder)
+            except OSError as error:
+                if not isinstance(error, PermissionError) and error.errno != errno.EROFS:
+                    raise  # not a refusal (a network error, say): the run fails as it would later
+                raise self._not_writable(folder, error.strerror or " ".join(str(error).split())) from None
+
+    def _not_writable(self, folder: str, reason: str) -> OutputNotWritable:
+        message = f"output.uri {self.uri!r} cannot be written ({folder}: {reason})"
+        return OutputNotWritable(message, field="output.uri")
 
     def read_plan(self) -> Plan | None:
         """The frozen plan, None if there is none; `DatasetError` if it cannot be read (or the
@@ -132,25 +178,50 @@ class OutputDataset:
 
     def committed_shards(self) -> set[int]:
         """Numbers of the shards whose commit marker exists."""
-        folder = self.path(BOOKKEEPING, "commits")
+        return set(self._shard_files(self.path(BOOKKEEPING, "commits"), ".json"))
+
+    def remove_unfinished(self) -> list[str]:
+        """Remove the data files of shards that have no marker, and return their paths.
+
+        They are what a commit killed between its first move and its marker left published
+        (whole files, whose rows a run writes again). Only while holding the lease (`jobs.lease`),
+        before any commit of the run: no other commit is then under way.
+        """
+        committed = self.committed_shards()
+        removed: list[str] = []
+        for table_name in TABLES:
+            for shard_id, path in sorted(self._shard_files(self.path(table_name), ".parquet").items()):
+                if shard_id not in committed:
+                    self._remove(path)
+                    removed.append(path)
+        return removed
+
+    def _shard_files(self, folder: str, suffix: str) -> dict[int, str]:
+        """The files `shard-NNNNN<suffix>` in `folder`, by shard number."""
         if not self.fs.exists(folder):
-            return set()
-        names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
-        return {int(n[len("shard-") : -len(".json")]) for n in names if n.startswith("shard-") and n.endswith(".json")}
+            return {}
+        found: dict[int, str] = {}
+        for path in self.fs.ls(folder, detail=False):
+            match = SHARD_FILE.fullmatch(path.rstrip("/").rsplit("/", 1)[-1])
+            if match and match.group(2) == suffix:
+                found[int(match.group(1))] = path
+        return found
 
     def commit_shard(self, shard: Shard, masks: pa.Table, images: pa.Table, stats: dict) -> bool:
         """Publish a shard's two tables and create its marker; False if it was already committed.
 
-        Both files are written in full before either moves into place, masks first: a crash
-        between the two moves (the only window) leaves masks whose image rows a re-run adds,
-        never an image row without its masks. A re-run writes the same bytes under the same names.
+        Both files are written in full before either moves into place, masks first, then the
+        marker: a process killed between the first move and the marker leaves the shard's
+        masks file (and perhaps its images file) published without a marker, never an image
+        row without its masks. The next run removes them at its start (`remove_unfinished`)
+        and writes the same rows again under the same names.
         """
         if self.fs.exists(self._marker(shard)):
             return False
-        attempt = self.path(BOOKKEEPING, "attempts", f"{shard.name}-{uuid.uuid4().hex}")
+        attempt = self._attempt(f"{shard.name}-{uuid.uuid4().hex}")
         try:
             self.fs.makedirs(attempt, exist_ok=True)
-            tables = {"masks": masks, "images": images}
+            tables = dict(zip(TABLES, (masks, images)))
             for table_name, table in tables.items():
                 self._write_bytes(f"{attempt}/{table_name}.parquet", _parquet_bytes(table))
             for table_name in tables:
@@ -182,9 +253,18 @@ class OutputDataset:
             return schema.empty_table()
         return pq.ParquetDataset(files, filesystem=self.fs, schema=schema, filters=filters).read()
 
-    def clean_attempts(self) -> None:
-        """Remove leftovers of attempts that died before publishing."""
-        self._remove(self.path(BOOKKEEPING, "attempts"))
+    def clean_attempts(self, lease_holder: str | None) -> None:
+        """Remove the attempts of this run and those of every run but `lease_holder` (the run id
+        in the output's lease now, None if there is no lease): a run that does not hold the
+        lease has died or was taken over, so its attempts are stale; the holder's may be a
+        commit in flight."""
+        folder = self.path(BOOKKEEPING, ATTEMPTS)
+        if not self.fs.exists(folder):
+            return
+        for path in self.fs.ls(folder, detail=False):
+            run_id = path.rstrip("/").rsplit("/", 1)[-1]
+            if run_id == self.run_id or run_id != lease_holder:
+                self._remove(path)
 
     def _remove(self, path: str) -> None:
         try:
@@ -196,8 +276,8 @@ class OutputDataset:
         self._publish(self.path("run.json"), json.dumps(record, indent=1).encode("utf-8"))
 
     def _publish(self, path: str, data: bytes) -> None:
-        """Put `data` at `path` whole: written under `attempts/` first, then moved over `path`."""
-        staged = self.path(BOOKKEEPING, "attempts", f"publish-{uuid.uuid4().hex}")
+        """Put `data` at `path` whole: written under this run's attempts first, then moved over `path`."""
+        staged = self._attempt(f"publish-{uuid.uuid4().hex}")
         self.fs.makedirs(staged.rsplit("/", 1)[0], exist_ok=True)
         self._write_bytes(staged, data)
         self.fs.mv(staged, path)
@@ -222,6 +302,9 @@ class OutputDataset:
             self._remove(probe)
         raise DatasetError(f"{self.uri}: this store replaced a file it was asked to create only if absent, "
                            f"so commits and the lease could not be exclusive; {_backend(self.fs)}")
+    def _attempt(self, name: str) -> str:
+        """A path in this run's folder of attempts."""
+        return self.path(BOOKKEEPING, ATTEMPTS, self.run_id, name)
 
     def _marker(self, shard: Shard) -> str:
         return self.path(BOOKKEEPING, "commits", f"{shard.name}.json")

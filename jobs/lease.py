@@ -1,13 +1,14 @@
 """One run at a time on an output: a lease at `<output.uri>/_sam_batch/lease.json`.
 
 A run takes the lease before it touches the output (plan, `--overwrite`, the clean-up of
-attempts) and gives it back at its end; while it runs, a thread renews it every
-`LEASE_RENEW_S`. A second run on the same output is refused with one line naming the holder.
-A lease is stale, and taken over, when it has not been renewed for `LEASE_TTL_S` by the
-clocks of the holder and the reader (hosts whose clocks differ by more than that misjudge it),
-or at once when its holder was a process of this machine (same boot, same process namespace)
-that no longer exists (a killed driver); `--force` takes it whatever its state, for a holder
-known to be dead elsewhere. A run whose lease another run took fails at its next event.
+attempts and of data files a killed commit left without a marker) and gives it back at its end;
+while it runs, a thread renews it every `LEASE_RENEW_S`. A second run on the same output is
+refused with one line naming the holder. A lease is stale, and taken over, when it has not been
+renewed for `LEASE_TTL_S` by the clocks of the holder and the reader (hosts whose clocks differ
+by more than that misjudge it), or at once when its holder was a process of this machine (same
+boot, same process namespace) that no longer exists (a killed driver); `--force` takes it
+whatever its state, for a holder known to be dead elsewhere. A run whose lease another run took
+fails at its next event.
 
 The lease file is created only if absent (`open(..., "xb")`) and read back; a run first checks
 that the output's store creates so (`OutputDataset.check_exclusive_create`) and refuses one
@@ -118,6 +119,17 @@ class OutputLease:
             raise LeaseHeld(f"{self.dataset.uri}: another run took the lease at the same moment; try again")
         self._renewer = threading.Thread(target=self._renew_until_released, name="sam-batch-lease", daemon=True)
         self._renewer.start()
+
+    @property
+    def run_id(self) -> str:
+        """This run's id, as its lease names it."""
+        return self.me.run_id
+
+    def holder_run_id(self) -> str | None:
+        """The run id the output's lease names now (this run's while it holds it), None if there
+        is no lease."""
+        holder = self._read()
+        return None if holder is None else holder.run_id
 
     def release(self) -> None:
         """Stop renewing and remove the lease, if it is still this run's. Never raises: a

@@ -2,7 +2,8 @@
 
 Inputs are the union of `input.uris` (paths or URLs, globs expanded) and the lines of
 `input.manifest` (a text file of URIs, or a Parquet file with a `uri` column), sorted and
-de-duplicated, then cut into shards of `run.shard_size` in that order.
+de-duplicated, then cut into shards of `run.shard_size` in that order. A local glob follows
+symbolic links to files and to folders (fsspec's enters no linked folder), never round a cycle.
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
+from collections.abc import Iterator
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.utils import glob_translate
 
 from sam_batch.jobs.dataset import Plan, Shard
 from sam_batch.jobs.schema import JobSpec, normalise_uri
@@ -69,11 +74,65 @@ def _expand(pattern: str, options: dict) -> list[str]:
     try:
         if fs.isfile(path):
             return [normalise_uri(pattern)]
-        found = fs.glob(path, detail=True)
+        files = _local_glob(path) if isinstance(fs, LocalFileSystem) else _glob(fs, path)
     except Exception as error:  # noqa: BLE001 - storage errors name the pattern, never options
         raise PlanError(f"input.uris: cannot list {pattern!r}: {type(error).__name__}") from None
-    files = sorted(p for p, info in found.items() if _is_file(fs, p, info))
     return [_as_uri(fs, p, pattern) for p in files]
+
+
+def _glob(fs, path: str) -> list[str]:
+    """The files a glob matches on storage without links (object stores), sorted."""
+    found = fs.glob(path, detail=True)
+    return sorted(p for p, info in found.items() if _is_file(fs, p, info))
+
+
+def _local_glob(pattern: str) -> list[str]:
+    """The local files a glob matches (as fsspec matches them: `*` within a folder, `**` across
+    any number), sorted, entering linked folders as real ones; a link to a folder the path has
+    already passed through (a cycle) is not entered, with a warning."""
+    first_magic = min(i for i in (pattern.find(c) for c in GLOB_CHARS) if i >= 0)
+    root = pattern[: pattern.rfind("/", 0, first_magic) + 1]
+    depth = None if "**" in pattern else pattern[len(root):].count("/") + 1
+    matches = re.compile(glob_translate(pattern)).match
+    cycles: list[str] = []
+    files = sorted(path for path in _walk_files(root, depth, frozenset(), cycles) if matches(path))
+    if cycles:
+        log.warning("input.uris: %s: %d linked folder(s) lead back to a folder on their own path (a cycle) "
+                    "and were not entered, first %s", pattern, len(cycles), cycles[0])
+    return files
+
+
+def _walk_files(
+    folder: str, depth: int | None, ancestors: frozenset[tuple[int, int]], cycles: list[str]
+) -> Iterator[str]:
+    """The files in `folder` and its folders, `depth` levels down (None: all), links followed.
+
+    `ancestors` are the (device, inode) of the folders on the path to `folder`; a folder among
+    them is a cycle, added to `cycles` and not entered. A folder that cannot be read is left
+    out, as fsspec's listing leaves it.
+    """
+    try:
+        status = os.stat(folder)
+    except OSError:
+        return
+    identity = (status.st_dev, status.st_ino)
+    if identity in ancestors:
+        cycles.append(folder)
+        return
+    try:
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.is_file():  # links followed; a broken link is neither a file nor a folder
+                yield entry.path
+            elif entry.is_dir() and depth != 1:
+                below = None if depth is None else depth - 1
+                yield from _walk_files(entry.path, below, ancestors | {identity}, cycles)
+        except OSError:  # gone meanwhile
+            continue
 
 
 def _real(uri: str) -> str:

@@ -107,18 +107,20 @@ def run_job(job: JobSpec, *, overwrite: bool = False, force: bool = False) -> Ru
     started = time.perf_counter()
     dataset = OutputDataset(job.output.uri, job.output.storage_options)
     dataset.check_root()
+    dataset.check_writable()
     dataset.check_exclusive_create()
     with OutputLease(dataset, force=force) as lease:
-        return _run_holding_the_lease(job, dataset, lease, overwrite, started)
+        return _run_holding_the_lease(job, dataset.for_run(lease.run_id), lease, overwrite, started)
 
 
 def _run_holding_the_lease(
     job: JobSpec, dataset: OutputDataset, lease: OutputLease, overwrite: bool, started: float
 ) -> RunSummary:
+    dataset.clean_attempts(lease.holder_run_id())
+    _remove_unfinished(dataset)
     plan = prepare_plan(job, dataset, overwrite)
     committed = dataset.committed_shards()
     todo = [s for s in plan.shards if s.shard_id not in committed]
-    dataset.clean_attempts()
     executor = make_executor(job)
     summary = RunSummary(job.name, job.output.uri, executor.name, len(plan.shards), len(plan.shards) - len(todo))
     log.info(
@@ -148,8 +150,16 @@ def _run_holding_the_lease(
     summary.seconds = time.perf_counter() - started
     summary.workers = sorted(workers)
     dataset.write_run_record(summary.to_dict())
-    dataset.clean_attempts()
+    dataset.clean_attempts(lease.holder_run_id())
     return summary
+
+
+def _remove_unfinished(dataset: OutputDataset) -> None:
+    """Take back what a run killed in the middle of a commit published without its marker."""
+    removed = dataset.remove_unfinished()
+    if removed:
+        log.warning("removed %d data file(s) of shards published by a killed run but never committed, "
+                    "first %s; their shards are done again", len(removed), removed[0])
 
 
 def _count(summary: RunSummary, result: ImageResult) -> None:

@@ -112,7 +112,8 @@ def _validate(args: argparse.Namespace) -> int:
 
     job = load_job(args.job, args.overrides)
     listed = list_inputs(job)
-    existing = OutputDataset(job.output.uri, job.output.storage_options).read_plan()
+    output = OutputDataset(job.output.uri, job.output.storage_options)
+    existing = output.read_plan()
     resumes = existing is not None and existing.fingerprint == job.fingerprint()
     plan = existing if resumes else make_plan(job, listed)
     print(f"job {job.name!r}: valid ({job.model.type}, backend {job.engine.backend}, executor {job.run.executor})")
@@ -120,6 +121,7 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"inputs: {len(plan.uris)} images in {len(plan.shards)} shards{frozen}")
     for shard in plan.shards:
         print(f"  {shard.name}: {len(shard.uris)} images, first {shard.uris[0]}")
+    output.check_writable()  # a JobError: the one line `run` stops with
     if existing is None:
         print(f"output: {job.output.uri} (new)")
     elif resumes:

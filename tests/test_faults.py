@@ -1,4 +1,5 @@
-"""Faults injected for real: a segmenting actor killed mid-job, the driver SIGKILLed mid-job.
+"""Faults injected for real: a segmenting actor killed mid-job, the driver SIGKILLed mid-job
+or in the middle of a commit.
 
 Each run must end with the same rows as a clean run, and a re-run must not redo committed shards.
 A driver that is killed or fails leaves no process of its embedded Ray behind.
@@ -14,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import duckdb
 import psutil
 import pyarrow.parquet as pq
 import pytest
@@ -28,6 +30,29 @@ SAM_BATCH = str(Path(sys.executable).parent / "sam-batch")
 # or two; before it, Ray's dashboard and runtime-env agents lived on for a minute and more
 GONE_WAIT_S = 30.0
 NAMES = ["dog.jpg", "groceries.jpg", "picture1.jpg", "picture2.jpg", "rgb1.tif", "truck.jpg"]
+# `sam-batch run` (argv[2:]) that SIGKILLs itself when a commit is about to move a data file into
+# place after argv[1] such moves: the test's hook, in the child, not in the code under test
+KILLED_AT_A_DATA_MOVE = """
+import os, signal, sys
+from fsspec.implementations.local import LocalFileSystem
+from sam_batch.cli import main
+
+moves_left = int(sys.argv[1])
+move = LocalFileSystem.mv
+
+
+def mv(self, source, destination, **kwargs):
+    global moves_left
+    if "/masks/" in destination or "/images/" in destination:
+        if moves_left == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        moves_left -= 1
+    return move(self, source, destination, **kwargs)
+
+
+LocalFileSystem.mv = mv
+sys.exit(main(sys.argv[2:]))
+"""
 
 
 def write_job(path: Path, out: Path, executor: str = "ray") -> Path:
@@ -164,7 +189,7 @@ def test_sigkilled_driver_resumes_without_redoing_committed_shards(clean, tmp_pa
     assert record["shards_skipped"] == done_before
     assert record["images_ok"] + record["images_error"] == len(NAMES) - 2 * done_before
     assert_same_rows(out, clean)
-    assert not (out / "_sam_batch" / "attempts").exists()
+    assert not list((out / "_sam_batch" / "attempts").rglob("*"))  # no run's attempts left
 
 
 def test_a_driver_failing_after_starting_ray_leaves_no_process_behind(tmp_path) -> None:
@@ -209,3 +234,62 @@ def test_losing_a_worker_node_mid_job_loses_nothing(clean, tmp_path) -> None:
     assert_same_rows(out, clean)
     record = json.loads((out / "run.json").read_text())
     assert record["images_ok"] + record["images_error"] == len(NAMES)
+
+
+def shards_in(folder: Path, suffix: str) -> list[int]:
+    return sorted(int(p.name[len("shard-"):-len(suffix)]) for p in folder.glob(f"shard-*{suffix}"))
+
+
+def raw_and_committed_keys(out: Path) -> tuple[list[tuple], list[tuple]]:
+    """(image_id, mask_id) of every row DuckDB reads from masks/*.parquet as it is, and of the
+    rows `OutputDataset.read_table` reads (committed shards only), sorted."""
+    from sam_batch.jobs.dataset import OutputDataset
+
+    raw = duckdb.sql(f"SELECT image_id, mask_id FROM read_parquet('{out}/masks/*.parquet')").fetchall()
+    committed = OutputDataset(str(out)).read_table("masks").select(["image_id", "mask_id"]).to_pylist()
+    return sorted(raw), sorted((m["image_id"], m["mask_id"]) for m in committed)
+
+
+def test_a_commit_killed_before_its_marker_is_taken_back_by_the_next_run(tmp_path) -> None:
+    """A run SIGKILLed after a shard's masks file moved into place, before its images file and
+    marker: DuckDB over masks/*.parquet sees that shard's rows (whole) until the next run, which
+    removes them at its start, before its first commit; a last run writes them again, and the
+    tables hold every input once, the raw files agreeing with the reader that trusts markers."""
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = ["dog.jpg", "groceries.jpg", "truck.jpg"]
+    for name in names:
+        Image.open(IMAGES / name).convert("RGB").resize((128, 96)).save(folder / name)
+    out = tmp_path / "out"
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"name": "killed-commit", "input": {"uris": [f"{folder}/*.jpg"]},
+                                   "output": {"uri": str(out)}, "amg": {"points_per_side": 4},
+                                   "run": {"executor": "local", "shard_size": 1}}))
+
+    def killed_after(moves: int) -> str:
+        child = subprocess.run([sys.executable, "-c", KILLED_AT_A_DATA_MOVE, str(moves), "run", str(job)],
+                               capture_output=True, text=True, timeout=600)
+        assert child.returncode == -signal.SIGKILL, child.stderr
+        return child.stderr
+
+    killed_after(3)  # shard 0's two files, then shard 1's masks
+    assert shards_in(out / "_sam_batch" / "commits", ".json") == [0]
+    assert shards_in(out / "masks", ".parquet") == [0, 1] and shards_in(out / "images", ".parquet") == [0]
+    raw, committed = raw_and_committed_keys(out)
+    assert set(committed) < set(raw) and len(raw) == len(set(raw))  # shard 1's masks, once each
+
+    stderr = killed_after(0)  # the next run, killed as its first commit is about to publish
+    assert "removed 1 data file(s) of shards published by a killed run but never committed" in stderr
+    assert shards_in(out / "masks", ".parquet") == [0]
+    raw, committed = raw_and_committed_keys(out)
+    assert raw == committed
+
+    last = subprocess.run([SAM_BATCH, "run", str(job)], capture_output=True, text=True, timeout=600)
+    assert last.returncode == 0, last.stderr
+    assert "never committed" not in last.stderr
+    images = pq.read_table(out / "images").to_pylist()
+    assert sorted(Path(i["image_uri"]).name for i in images) == names
+    raw, committed = raw_and_committed_keys(out)
+    assert raw == committed and len(set(raw)) == len(raw) == sum(i["n_masks"] for i in images) > 0

@@ -148,3 +148,43 @@ def test_two_runs_on_one_output_one_is_refused_and_nothing_is_lost(tmp_path) -> 
     assert "taking over the lease of a previous run (its holder is gone)" in resumed.stderr
     rows = pq.read_table(out / "images").to_pylist()
     assert sorted(Path(r["image_uri"]).name for r in rows) == sorted(NAMES)
+
+
+def leave_an_attempt(dataset: OutputDataset) -> None:
+    """A commit of `dataset`'s run that dies after writing its masks: an attempt left behind."""
+    from sam_batch.jobs.dataset import Shard
+    from sam_batch.pipeline.tables import IMAGES_SCHEMA, MASKS_SCHEMA
+
+    write_bytes = dataset._write_bytes
+
+    def dies_on_images(path: str, data: bytes) -> None:
+        if path.endswith("images.parquet"):
+            raise OSError("killed")
+        write_bytes(path, data)
+
+    dataset._write_bytes = dies_on_images
+    with pytest.raises(OSError, match="killed"):
+        dataset.commit_shard(Shard(0, ("x.jpg",)), MASKS_SCHEMA.empty_table(), IMAGES_SCHEMA.empty_table(), {})
+
+
+def test_clean_up_removes_this_runs_attempts_and_stale_ones_never_the_lease_holders(tmp_path) -> None:
+    """A run whose lease another run took (--force) cleans up at its end: its own attempts and
+    those of a run that holds no lease go; those of the run holding the lease, perhaps a
+    commit in flight, stay. The holder's own clean-up then removes them all."""
+    dataset = OutputDataset(str(tmp_path / "out"))
+    ours, theirs = OutputLease(dataset), OutputLease(dataset, force=True)
+    ours.acquire()
+    try:
+        theirs.acquire()
+        for run_id in (ours.run_id, theirs.run_id, "a-run-that-died"):
+            leave_an_attempt(dataset.for_run(run_id))
+        attempts = tmp_path / "out" / "_sam_batch" / "attempts"
+        assert len(list(attempts.glob("*/shard-00000-*/masks.parquet"))) == 3
+        dataset.for_run(ours.run_id).clean_attempts(ours.holder_run_id())
+        assert [p.name for p in attempts.iterdir()] == [theirs.run_id]
+        assert len(list(attempts.glob(f"{theirs.run_id}/shard-00000-*/masks.parquet"))) == 1
+        dataset.for_run(theirs.run_id).clean_attempts(theirs.holder_run_id())
+        assert not list(attempts.iterdir())
+    finally:
+        ours.release()
+        theirs.release()

@@ -115,6 +115,34 @@ def test_a_glob_lists_symbolic_links_to_files(tmp_path, photos) -> None:
     assert listed(job) == [str(tmp_path / "in" / "link.jpg")]
 
 
+def test_a_glob_enters_linked_folders_once_on_a_path_and_never_lists_the_output(tmp_path, photos, caplog) -> None:
+    """`*` and `**` go through a link to a folder as through the folder; a link back to a
+    folder on its own path (a cycle) is not entered, with a warning; the output reached through
+    a link is still left out."""
+    elsewhere, inputs, out = tmp_path / "elsewhere", tmp_path / "in", tmp_path / "out"
+    (elsewhere / "deeper").mkdir(parents=True)
+    (out / "masks").mkdir(parents=True)
+    inputs.mkdir()
+    (elsewhere / "b.jpg").write_bytes(photos[0].read_bytes())
+    (elsewhere / "deeper" / "c.jpg").write_bytes(photos[1].read_bytes())
+    (out / "masks" / "shard-00000.jpg").write_bytes(photos[1].read_bytes())
+    (inputs / "link.jpg").symlink_to(photos[0])
+    (inputs / "linked").symlink_to(elsewhere)
+    (elsewhere / "deeper" / "back").symlink_to(inputs)  # in/linked/deeper/back is in/ again
+    (inputs / "output").symlink_to(out)
+
+    def of(pattern: str) -> list[str]:
+        return listed({**job_for("unused", out=str(out)), "input": {"uris": [f"{inputs}/{pattern}"]}})
+
+    assert of("**/*.jpg") == [str(inputs / "link.jpg"), str(inputs / "linked" / "b.jpg"),
+                              str(inputs / "linked" / "deeper" / "c.jpg")]
+    cycle = "1 linked folder(s) lead back to a folder on their own path (a cycle) and were not entered"
+    assert f"{cycle}, first {inputs}/linked/deeper/back" in caplog.text
+    assert "1 listed file(s) lie under output.uri" in caplog.text
+    assert of("*/*.jpg") == [str(inputs / "linked" / "b.jpg")]
+    assert of("linked/*/*.jpg") == [str(inputs / "linked" / "deeper" / "c.jpg")]
+
+
 def test_file_urls_with_percent_escapes_name_their_files(tmp_path, photos) -> None:
     spaced = tmp_path / "my dog.jpg"
     spaced.write_bytes(photos[0].read_bytes())

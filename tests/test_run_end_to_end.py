@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -130,7 +131,7 @@ def test_run_record_and_shards(ray_run) -> None:
     assert record["executor"] == "ray" and record["n_shards"] == 3 and record["shards_committed"] == 3
     assert record["images_ok"] == 11 and record["images_error"] == 1
     assert sorted(p.name for p in (out / "masks").iterdir()) == [f"shard-0000{i}.parquet" for i in range(3)]
-    assert not (out / "_sam_batch" / "attempts").exists()
+    assert not list((out / "_sam_batch" / "attempts").rglob("*"))  # no run's attempts left
 
 
 def test_rerun_resumes_without_redoing_work(ray_run) -> None:
@@ -283,6 +284,45 @@ def test_an_output_uri_that_is_a_file_is_one_line_for_validate_and_run(tmp_path)
         assert f"output.uri '{tmp_path / 'out'}' is a file" in result.stderr
 
 
+@pytest.fixture
+def read_only_folder(tmp_path) -> Iterator[Path]:
+    """A folder that refuses writes, holding a folder `existing`: of mode 0555, or for root
+    (whom modes do not stop) a tmpfs mounted read-only."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        (folder / "existing").mkdir()
+        for path in (folder / "existing", folder):
+            path.chmod(0o555)
+        yield folder
+        for path in (folder, folder / "existing"):
+            path.chmod(0o755)  # so that pytest can remove them
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs privileges this machine does not give")
+    try:
+        (folder / "existing").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        yield folder
+    finally:
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)  # detach it even if busy
+
+
+def test_a_read_only_output_is_one_line_for_validate_and_run_before_any_work(tmp_path, read_only_folder) -> None:
+    """A write probe in the output's root, or while it does not exist in the nearest folder
+    above it: `validate` and `run` say the same line, exit 2, and `run` starts nothing."""
+    reason = "Read-only file system" if os.geteuid() == 0 else "Permission denied"
+    for out, probed in ((read_only_folder / "existing", read_only_folder / "existing"),
+                        (read_only_folder / "new" / "out", read_only_folder)):
+        job = write_job(tmp_path, "read-only", [str(IMAGES / "dog.jpg")], out, run={"executor": "local"})
+        line = f"sam-batch: invalid job: output.uri '{out}' cannot be written ({probed}: {reason})"
+        for command in ("validate", "run"):
+            result = sam_batch(command, str(job), check=False)
+            assert result.returncode == 2 and result.stderr.strip().splitlines() == [line], result.stderr
+            assert "output:" not in result.stdout
+
+
 def test_no_inputs_is_a_job_failure(tmp_path) -> None:
     job = write_job(tmp_path, "empty", [str(tmp_path / "nothing" / "*.jpg")], tmp_path / "out")
     result = sam_batch("run", str(job), check=False)
@@ -301,7 +341,7 @@ def test_an_unreadable_plan_is_one_line_and_overwrite_starts_again(tmp_path) -> 
     assert "plan.json cannot be read" in refused.stderr and "--overwrite" in refused.stderr
     sam_batch("run", str(job), "--overwrite")
     assert pq.read_table(out / "images").column("status").to_pylist() == ["ok"]
-    assert not (out / "_sam_batch" / "attempts").exists()
+    assert not list((out / "_sam_batch" / "attempts").rglob("*"))  # no run's attempts left
 
 
 def test_plan_and_run_record_are_never_half_written(tmp_path) -> None:
@@ -325,8 +365,9 @@ def test_plan_and_run_record_are_never_half_written(tmp_path) -> None:
         dataset.write_run_record({"images_ok": 2})
     assert dataset.read_plan() == first
     assert json.loads((tmp_path / "out" / "run.json").read_text()) == {"images_ok": 1}
-    dataset.clean_attempts()
-    assert sorted(p.name for p in (tmp_path / "out" / "_sam_batch").iterdir()) == ["plan.json"]
+    dataset.clean_attempts(None)
+    assert sorted(p.name for p in (tmp_path / "out" / "_sam_batch").iterdir()) == ["attempts", "plan.json"]
+    assert not list((tmp_path / "out" / "_sam_batch" / "attempts").iterdir())
 
 
 def test_a_commit_that_dies_before_its_files_are_written_publishes_nothing(tmp_path) -> None:
@@ -350,7 +391,7 @@ def test_a_commit_that_dies_before_its_files_are_written_publishes_nothing(tmp_p
     dataset._write_bytes = write_bytes
     assert dataset.commit_shard(shard, MASKS_SCHEMA.empty_table(), IMAGES_SCHEMA.empty_table(), {})
     assert dataset.committed_shards() == {0}
-    dataset.clean_attempts()
+    dataset.clean_attempts(None)
     assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["shard-00000.parquet"]
 
 
