@@ -7,12 +7,14 @@ Layout under the output root:
     run.json                       the run record of the latest run (summary, per-stage times)
     _sam_batch/plan.json           the frozen plan: job fingerprint, redacted job, shards
     _sam_batch/commits/shard-00000.json   commit markers: a shard is done iff its marker exists
+    _sam_batch/claims/shard-00000.json    which run publishes the shard (its run id)
     _sam_batch/attempts/<run_id>/<shard>-<uuid>/   where a run's attempts write before they publish
 
-A shard is published by writing its two files under a fresh attempt folder, moving them to
-their deterministic names, and then creating the marker only if it is absent. A retried or
-duplicated attempt produces the same bytes under the same names, so the output stays
-exactly-once; readers trust markers only. The plan and the run record are written the same way
+A shard is published by writing its two files under a fresh attempt folder, claiming the shard
+(its claim created only if absent: the first run to claim it publishes it; another run's
+attempt then touches nothing, an attempt of the claiming run, retried after its worker died,
+carries on), moving the files to their deterministic names, and then creating the marker only
+if it is absent. Readers trust markers only. The plan and the run record are written the same way
 (a temporary under `attempts/`, then moved), so a process killed while writing one leaves the
 previous version or none, never half of one. Attempts sit in a folder of their run (the run id
 of its lease, `jobs.lease`), so that a clean-up removes only its own run's and those of runs
@@ -40,6 +42,7 @@ BOOKKEEPING = "_sam_batch"
 LEASE_FILE = "lease.json"  # under BOOKKEEPING: the lease of the run writing the output (`jobs.lease`)
 EXCLUSIVE_PROBE = "exclusive-probe"  # under BOOKKEEPING: the files `check_exclusive_create` makes
 ATTEMPTS = "attempts"  # under BOOKKEEPING: one folder per run, named by its run id
+CLAIMS = "claims"  # under BOOKKEEPING: `shard-NNNNN.json`, the run id of the run publishing the shard
 TABLES = ("masks", "images")  # the data folders, in the order a commit moves their files into place
 WRITE_PROBE = ".sam-batch-write-probe-"  # + a uuid: the empty file `check_writable` creates and removes
 SHARD_FILE = re.compile(r"shard-(\d+)(\.\w+)")  # a shard's data file or marker: number, suffix
@@ -181,11 +184,12 @@ class OutputDataset:
         return set(self._shard_files(self.path(BOOKKEEPING, "commits"), ".json"))
 
     def remove_unfinished(self) -> list[str]:
-        """Remove the data files of shards that have no marker, and return their paths.
+        """Remove the data files of shards that have no marker, and return their paths; then
+        those shards' claims, so that this run may publish them.
 
-        They are what a commit killed between its first move and its marker left published
-        (whole files, whose rows a run writes again). Only while holding the lease (`jobs.lease`),
-        before any commit of the run: no other commit is then under way.
+        They are what a commit killed between its claim and its marker left (whole files, whose
+        rows a run writes again). Only while holding the lease (`jobs.lease`), before any
+        commit of the run: no other commit is then under way.
         """
         committed = self.committed_shards()
         removed: list[str] = []
@@ -194,6 +198,9 @@ class OutputDataset:
                 if shard_id not in committed:
                     self._remove(path)
                     removed.append(path)
+        for shard_id, path in self._shard_files(self.path(BOOKKEEPING, CLAIMS), ".json").items():
+            if shard_id not in committed:
+                self._remove(path)
         return removed
 
     def _shard_files(self, folder: str, suffix: str) -> dict[int, str]:
@@ -208,9 +215,10 @@ class OutputDataset:
         return found
 
     def commit_shard(self, shard: Shard, masks: pa.Table, images: pa.Table, stats: dict) -> bool:
-        """Publish a shard's two tables and create its marker; False if it was already committed.
+        """Publish a shard's two tables and create its marker; False if it was already committed
+        or another run claimed it (`_claim`), in which case nothing of this attempt is published.
 
-        Both files are written in full before either moves into place, masks first, then the
+        Both files are written in full before the claim and either move, masks first, then the
         marker: a process killed between the first move and the marker leaves the shard's
         masks file (and perhaps its images file) published without a marker, never an image
         row without its masks. The next run removes them at its start (`remove_unfinished`)
@@ -224,6 +232,9 @@ class OutputDataset:
             tables = dict(zip(TABLES, (masks, images)))
             for table_name, table in tables.items():
                 self._write_bytes(f"{attempt}/{table_name}.parquet", _parquet_bytes(table))
+            if not self._claim(shard):
+                self._remove(attempt)
+                return False
             for table_name in tables:
                 self.fs.makedirs(self.path(table_name), exist_ok=True)
                 self.fs.mv(f"{attempt}/{table_name}.parquet", self.path(table_name, f"{shard.name}.parquet"))
@@ -308,6 +319,23 @@ class OutputDataset:
 
     def _marker(self, shard: Shard) -> str:
         return self.path(BOOKKEEPING, "commits", f"{shard.name}.json")
+
+    def _claim(self, shard: Shard) -> bool:
+        """Whether this run publishes `shard`: it created the shard's claim (only if absent), or
+        the claim is this run's (an attempt of this run that died committing, which Ray retried).
+        A claim of another run, or one not yet readable, belongs to an attempt of another run."""
+        claim = self.path(BOOKKEEPING, CLAIMS, f"{shard.name}.json")
+        self.fs.makedirs(self.path(BOOKKEEPING, CLAIMS), exist_ok=True)
+        try:
+            with self.fs.open(claim, "xb") as f:
+                f.write(json.dumps({"run_id": self.run_id}).encode("utf-8"))
+            return True
+        except FileExistsError:
+            pass
+        try:
+            return json.loads(self.fs.cat_file(claim))["run_id"] == self.run_id
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return False
 
     def _create_marker(self, shard: Shard, stats: dict) -> bool:
         marker = self._marker(shard)

@@ -72,3 +72,26 @@ def test_run_refuses_such_a_store_before_touching_it(tmp_path: Path, capsys) -> 
     [line] = capsys.readouterr().err.strip().splitlines()[-1:]
     assert line.startswith("sam-batch: DatasetError: overwriting://out: this store replaced a file")
     assert not OverwritingFileSystem.store  # no plan, no lease, no probe
+
+
+def test_a_shards_claim_belongs_to_its_run_until_a_new_run_takes_it_back(tmp_path: Path) -> None:
+    """Another run's attempt at a claimed shard publishes nothing; the claiming run's retried
+    attempt carries on; a claim left by a killed commit is taken back at the next run's start."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sam_batch.jobs.dataset import Shard
+
+    out = str(tmp_path / "out")
+    claiming, other, next_run = (OutputDataset(out, run_id=run_id) for run_id in ("a", "b", "c"))
+    shard, rows = Shard(0, ("x.jpg",)), pa.table({"image_id": ["x"]})
+    assert claiming._claim(shard)  # an attempt of run a claimed the shard, then its worker died
+    assert not other.commit_shard(shard, rows.append_column("by", [["b"]]), rows, {})
+    assert not (tmp_path / "out" / "masks").exists() and other.committed_shards() == set()
+    assert claiming.commit_shard(shard, rows.append_column("by", [["a"]]), rows, {})  # a's retry
+    assert pq.read_table(tmp_path / "out" / "masks" / "shard-00000.parquet")["by"].to_pylist() == ["a"]
+
+    killed = Shard(1, ("y.jpg",))
+    assert other._claim(killed)  # run b was killed between this claim and the marker
+    next_run.remove_unfinished()  # the next run's start, under the lease
+    assert next_run.commit_shard(killed, rows, rows, {}) and next_run.committed_shards() == {0, 1}

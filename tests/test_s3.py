@@ -243,3 +243,48 @@ def test_the_installed_s3fs_creates_only_if_absent() -> None:
     fell back to before the extras asked for it."""
     major, minor = (int(part) for part in s3fs.__version__.split(".")[:2])
     assert (major, minor) >= (2025, 7), s3fs.__version__
+
+
+RACE_ROUNDS = 20
+RACER = """
+import json, sys, time
+import pyarrow as pa
+from sam_batch.jobs.dataset import OutputDataset, Shard
+options, run_id, start = json.loads(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+results = []
+for round_ in range(int(sys.argv[4])):
+    dataset = OutputDataset(f"s3://photos/race/{round_}", options, run_id=run_id)
+    rows = pa.table({"image_id": [run_id], "round": [round_]})
+    time.sleep(max(0.0, start + round_ * float(sys.argv[5]) - time.time()))  # both racers start at once
+    results.append(dataset.commit_shard(Shard(0, ("x.jpg",)), rows, rows, {"run_id": run_id}))
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+def test_racing_commits_of_one_shard_on_s3_have_one_winner_whose_files_stay(s3) -> None:
+    """Two processes (two runs) commit the same shard with different rows at the same moment,
+    in each of 20 rounds: exactly one wins, its marker names it, and the files under masks/
+    and images/ are the winner's, never the loser's."""
+    import time
+
+    fs, options = s3
+    round_s = 0.5  # s between rounds: a commit on moto takes well under it
+    start = time.time() + 5.0  # both processes are up by then
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, json.dumps(options), run_id, str(start),
+                                str(RACE_ROUNDS), str(round_s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for run_id in ("run-a", "run-b")]
+    outcomes = {}
+    for run_id, racer in zip(("run-a", "run-b"), racers):
+        stdout, stderr = racer.communicate(timeout=300)
+        assert racer.returncode == 0, stderr
+        outcomes[run_id] = json.loads(stdout)
+    fs.invalidate_cache()
+    for round_ in range(RACE_ROUNDS):
+        winners = [run_id for run_id, won in outcomes.items() if won[round_]]
+        assert len(winners) == 1, (round_, outcomes)
+        folder = f"photos/race/{round_}"
+        assert json.loads(fs.cat_file(f"{folder}/_sam_batch/commits/shard-00000.json"))["run_id"] == winners[0]
+        for table in ("masks", "images"):
+            rows = pq.read_table(f"{folder}/{table}/shard-00000.parquet", filesystem=fs).to_pylist()
+            assert rows == [{"image_id": winners[0], "round": round_}], (round_, table)
