@@ -40,7 +40,7 @@ from sam_batch.jobs.schema import JobError
 
 BOOKKEEPING = "_sam_batch"
 LEASE_FILE = "lease.json"  # under BOOKKEEPING: the lease of the run writing the output (`jobs.lease`)
-EXCLUSIVE_PROBE = "exclusive-probe"  # under BOOKKEEPING: the files `check_exclusive_create` makes
+EXCLUSIVE_PROBE = ".sam-batch-exclusive-probe-"  # + a uuid: the file `check_exclusive_create` makes twice
 ATTEMPTS = "attempts"  # under BOOKKEEPING: one folder per run, named by its run id
 CLAIMS = "claims"  # under BOOKKEEPING: `shard-NNNNN.json`, the run id of the run publishing the shard
 TABLES = ("masks", "images")  # the data folders, in the order a commit moves their files into place
@@ -124,17 +124,18 @@ class OutputDataset:
         if self.fs.isfile(self.root):
             raise DatasetError(f"output.uri {self.uri!r} is a file; it names the folder the tables go to")
 
-    def check_writable(self) -> None:
-        """`OutputNotWritable` where the storage refuses to create and remove a small file in
-        the output's root, or, while the root does not exist, in the nearest folder above it
-        that does (so that checking creates no folder): no permission, a read-only file system."""
+    def check_writable(self) -> str:
+        """The folder where a small file was created and removed: the output's root, or, while
+        the root does not exist, the nearest folder above it that does (so that checking creates
+        no folder); `OutputNotWritable` where the storage refuses: no permission, a read-only
+        file system."""
         folder = self.root
         while True:
             probe = posixpath.join(folder, f"{WRITE_PROBE}{uuid.uuid4().hex}")
             try:
                 self._write_bytes(probe, b"")
                 self.fs.rm(probe)
-                return
+                return folder
             except FileNotFoundError:  # no such folder (yet): try the one above
                 if posixpath.dirname(folder) in ("", folder):
                     raise self._not_writable(folder, "no folder above it exists") from None
@@ -293,12 +294,11 @@ class OutputDataset:
         self._write_bytes(staged, data)
         self.fs.mv(staged, path)
 
-    def check_exclusive_create(self) -> None:
+    def check_exclusive_create(self, folder: str) -> None:
         """`DatasetError` unless this store creates a file only if it is absent (`open(.., "xb")`),
-        on which commit markers and the lease rest. Probed with a file of its own under
-        `_sam_batch/`: created, created again (which must fail), removed."""
-        probe = self.path(BOOKKEEPING, f"{EXCLUSIVE_PROBE}-{uuid.uuid4().hex}")
-        self.fs.makedirs(self.path(BOOKKEEPING), exist_ok=True)
+        on which claims, commit markers and the lease rest. Probed with a file of its own in
+        `folder` (one `check_writable` wrote in): created, created again (which must fail), removed."""
+        probe = posixpath.join(folder, f"{EXCLUSIVE_PROBE}{uuid.uuid4().hex}")
         try:
             for _ in range(2):
                 with self.fs.open(probe, "xb") as f:

@@ -107,8 +107,7 @@ def run_job(job: JobSpec, *, overwrite: bool = False, force: bool = False) -> Ru
     started = time.perf_counter()
     dataset = OutputDataset(job.output.uri, job.output.storage_options)
     dataset.check_root()
-    dataset.check_writable()
-    dataset.check_exclusive_create()
+    dataset.check_exclusive_create(dataset.check_writable())
     with OutputLease(dataset, force=force) as lease:
         return _run_holding_the_lease(job, dataset.for_run(lease.run_id), lease, overwrite, started)
 

@@ -121,7 +121,7 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"inputs: {len(plan.uris)} images in {len(plan.shards)} shards{frozen}")
     for shard in plan.shards:
         print(f"  {shard.name}: {len(shard.uris)} images, first {shard.uris[0]}")
-    output.check_writable()  # a JobError: the one line `run` stops with
+    output.check_exclusive_create(output.check_writable())  # the lines `run` stops with
     if existing is None:
         print(f"output: {job.output.uri} (new)")
     elif resumes:

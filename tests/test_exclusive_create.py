@@ -10,7 +10,7 @@ import yaml
 from fsspec.implementations.memory import MemoryFileSystem
 
 from sam_batch.cli import EXIT_JOB_FAILED, main
-from sam_batch.jobs.dataset import BOOKKEEPING, DatasetError, OutputDataset
+from sam_batch.jobs.dataset import DatasetError, OutputDataset
 
 
 class OverwritingFileSystem(MemoryFileSystem):
@@ -47,28 +47,30 @@ def stores():
 
 def test_a_store_that_creates_exclusively_passes_and_keeps_nothing(tmp_path: Path) -> None:
     dataset = OutputDataset(str(tmp_path / "out"))
-    dataset.check_exclusive_create()
-    assert list((tmp_path / "out" / BOOKKEEPING).iterdir()) == []
+    dataset.check_exclusive_create(dataset.check_writable())
+    assert list(tmp_path.iterdir()) == []  # probed where the output would go, nothing made
 
 
 def test_a_store_that_overwrites_is_refused_by_name() -> None:
     with pytest.raises(DatasetError, match=r"^overwriting://out: this store replaced a file it was asked to "
                                            r"create only if absent.*its fsspec back-end is OverwritingFileSystem of "):
-        OutputDataset("overwriting://out").check_exclusive_create()
+        OutputDataset("overwriting://out").check_exclusive_create("out")
     assert not OverwritingFileSystem.store  # the probe is gone
 
 
 def test_a_store_without_exclusive_create_is_refused_with_its_reason() -> None:
     with pytest.raises(DatasetError, match=r"cannot create a file only if it is absent here "
                                            r"\(NotImplementedError: mode 'xb' is not supported\)"):
-        OutputDataset("refusing://out").check_exclusive_create()
+        OutputDataset("refusing://out").check_exclusive_create("out")
 
 
-def test_run_refuses_such_a_store_before_touching_it(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_run_and_validate_refuse_such_a_store_before_touching_it(tmp_path: Path, capsys, command) -> None:
+    (tmp_path / "in.jpg").write_bytes(b"")
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({"name": "lossy", "input": {"uris": [str(tmp_path / "none.jpg")]},
+    job.write_text(yaml.safe_dump({"name": "lossy", "input": {"uris": [str(tmp_path / "in.jpg")]},
                                    "output": {"uri": "overwriting://out"}, "run": {"executor": "local"}}))
-    assert main(["run", str(job)]) == EXIT_JOB_FAILED
+    assert main([command, str(job)]) == EXIT_JOB_FAILED
     [line] = capsys.readouterr().err.strip().splitlines()[-1:]
     assert line.startswith("sam-batch: DatasetError: overwriting://out: this store replaced a file")
     assert not OverwritingFileSystem.store  # no plan, no lease, no probe

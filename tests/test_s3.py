@@ -184,7 +184,8 @@ def test_s3_creates_only_if_absent(s3) -> None:
     from sam_batch.jobs.dataset import OutputDataset
 
     fs, options = s3
-    OutputDataset("s3://photos/probed", options).check_exclusive_create()
+    dataset = OutputDataset("s3://photos/probed", options)
+    dataset.check_exclusive_create(dataset.check_writable())
     fs.invalidate_cache()
     assert fs.find("photos/probed") == []
 
