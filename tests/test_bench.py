@@ -241,6 +241,14 @@ def test_baselines_parse_from_their_block_only() -> None:
     assert parse_baselines(DOC_HEADER) == []  # the header's table has no rows yet
 
 
+def test_the_projects_doc_carries_the_rules_and_the_seeded_baselines() -> None:
+    text = (Path(__file__).parent.parent / "docs" / "benchmarks.md").read_text()
+    assert text.startswith(DOC_HEADER.split("## Quiet baselines")[0])
+    references = {b.image: b.seconds for b in parse_baselines(text)
+                  if (b.points_per_side, b.threads, b.side) == (32, 2, "reference")}
+    assert references == {"dog.jpg": 166.0, "groceries.jpg": 162.2}
+
+
 @pytest.mark.parametrize("bad", [
     "| dog.jpg | 32 | 2 | reference | fast | AMD EPYC | x |",
     "| dog.jpg | 32 | 2 | theirs | 166.0 | AMD EPYC | x |",
