@@ -38,6 +38,8 @@ $(REF_VENV)/.installed:
 	$(REF_VENV)/bin/pip install --quiet timm mobilesam-mirror segment-anything pycocotools pillow numpy opencv-python-headless
 	touch $@
 
+# Fails (sam-batch bench's exit status 3) when a ratio is NOT VALID (load above the threads) or a
+# side drifted more than 15% from its quiet baseline: the report and doc section are still written.
 bench: install bench-env
 	$(VENV)/bin/sam-batch bench --ref-venv $(REF_VENV) --write-doc
 

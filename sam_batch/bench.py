@@ -1,20 +1,26 @@
 """`sam-batch bench`: MobileSAM's reference generator and sam-batch side by side.
 
 On the same pixels, weights and grid, one after the other, never at once:
-1. per image, interleaved: the reference `SamAutomaticMaskGenerator` (output_mode "coco_rle")
-   in a process of its own environment (`.venv-ref`, made by `make bench-env`, never ours),
-   with `--threads` torch threads; then sam-batch in this process with as many threads
-   (`build_engine` + `generate_masks` + `to_records`). Each times its `generate` call (encoder,
-   decoder, filters, RLE records; the model loaded, the image decoded); the table gives both
-   times, their ratio, the number of masks and their agreement (recall and precision at
-   IoU >= 0.9, mean best IoU);
+1. per image, in at least 2 rounds (`--rounds`), the order of the sides flipping every round
+   (reference then ours, ours then reference, ...): the reference `SamAutomaticMaskGenerator`
+   (output_mode "coco_rle") in a process of its own environment (`.venv-ref`, made by
+   `make bench-env`, never ours), with `--threads` torch threads, and sam-batch in this process
+   with as many threads (`build_engine` + `generate_masks` + `to_records`). Each times its
+   `generate` call (encoder, decoder, filters, RLE records; the model loaded, the image decoded);
+   the table gives each side's median over the rounds, their ratio, the number of masks and their
+   agreement (recall and precision at IoU >= 0.9, mean best IoU), and a second table every round;
 2. whole processes, start to exit: `sam-batch run` on a job over the same image files
    (interpreter, imports, embedded Ray with actors on every core, reading, writing Parquet),
    then one reference process over all the images (interpreter, imports, model load, every
    `generate`): their wall times, the ratio, and the agreement of the masks `sam-batch run`
-   wrote with the reference's. Markdown on stdout and, with `--write-doc`, a dated section
-appended to docs/benchmarks.md. Relative paths (images, `--ref-venv`, `--doc`) are taken from
-the current directory, the checkout's root under `make bench`.
+   wrote with the reference's.
+The 1-minute load average is read before, every `LOAD_SAMPLE_S` s during and after the run: a
+ratio whose measurement saw it above the thread count (whole process: the cores) is NOT VALID.
+Each side's median is compared with its quiet baseline in the doc (`## Quiet baselines`): more
+than `DRIFT_LIMIT` away is DRIFTED. Either makes the exit status `EXIT_SUSPECT`. Markdown on
+stdout and, with `--write-doc`, a dated section appended to docs/benchmarks.md. Relative paths
+(images, `--ref-venv`, `--doc`) are taken from the current directory, the checkout's root under
+`make bench`.
 """
 
 from __future__ import annotations
@@ -26,10 +32,13 @@ import math
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,7 +50,21 @@ if TYPE_CHECKING:
     from sam_batch.engines.backend import TorchEngine
 
 MATCH_IOU = 0.9
-DEFAULT_IMAGES = ("../shared/data/images/dog.jpg", "../shared/data/images/groceries.jpg")
+# dog and groceries have golden files; rocket (640×427) and coffee (600×400) are scikit-image
+# photos the project was not tuned on (tests/data/held_out).
+DEFAULT_IMAGES = (
+    "../shared/data/images/dog.jpg",
+    "../shared/data/images/groceries.jpg",
+    "tests/data/held_out/rocket.png",
+    "tests/data/held_out/coffee.png",
+)
+MIN_ROUNDS = 2  # rounds per image; each round runs both sides, the order flipping every round
+LOAD_SAMPLE_S = 5.0  # s between samples of the 1-minute load average while the bench runs
+DRIFT_LIMIT = 0.15  # a side's median more than this far from its quiet baseline (relative) is flagged
+EXIT_SUSPECT = 3  # exit status when a ratio is NOT VALID or a side drifted from its baseline
+BASELINES_HEADING = "## Quiet baselines"
+BASELINE_COLUMNS = ("image", "points per side", "threads", "side", "seconds", "CPU model", "measured")
+SIDES = ("reference", "sam-batch")
 DEFAULT_REF_VENV = ".venv-ref"
 DEFAULT_DOC = "docs/benchmarks.md"
 MODEL_TYPES = ("vit_t", "vit_b", "vit_l", "vit_h")
@@ -54,19 +77,43 @@ MobileSAM's reference `SamAutomaticMaskGenerator` (its own environment, `.venv-r
 `make bench-env`) and sam-batch side by side on the same decoded pixels, the same checkpoint,
 the same parameters and the same number of torch threads, one after the other, never at once.
 
-- *reference s* / *sam-batch s*: wall time of one `generate` call (image encoder, all point
-  batches, filters, NMS, COCO RLE records), with the model loaded and the image decoded.
+- *reference s* / *sam-batch s*: the median, over the image's rounds, of the wall time of one
+  `generate` call (image encoder, all point batches, filters, NMS, COCO RLE records), with the
+  model loaded and the image decoded. Each image runs at least 2 rounds; each round runs both
+  sides, the reference first in even rounds and sam-batch first in odd ones (R S, S R, ...), so a
+  machine that speeds up or slows down meanwhile weighs on both; every round's seconds are listed.
 - *whole process*: the reference's process over all the images (interpreter start, imports,
   model load, every `generate`) against `sam-batch run` on a job over the same files (Ray start,
-  segmenting actors on every core, reading, writing Parquet), start to exit; its agreement is that
-  of the masks the run wrote, for the image that agrees least.
+  segmenting actors over all the cores, reading, writing Parquet), start to exit, once each; its
+  agreement is that of the masks the run wrote, for the image that agrees least.
 - *speed-up*: reference seconds / sam-batch seconds.
 - *recall* / *precision*: share of the reference's masks found among ours / of ours found among
   the reference's, a match being a mask IoU >= 0.9; *mean best IoU*: the mean, over the
   reference's masks, of the best IoU any of ours reaches.
-- *load*: the 1-minute load average before and after the run. Above the thread count, other
-  processes shared the cores: the seconds are inflated, and unevenly, since the two sides run at
-  different moments; read such a run's seconds and ratios as rough.
+- *load*: the 1-minute load average (`os.getloadavg()`), read before the run, every 5 s during
+  it and after it. *max load* is the highest reading from the start to the end of a ratio's
+  measurement. A ratio whose max load exceeded the thread count (for the whole process: the
+  cores, which `sam-batch run` uses all of) is printed *NOT VALID*: other processes shared the
+  cores, the seconds are inflated, and unevenly, since the two sides run at different moments.
+  The bench's own processes count in the load (Ray's too), so a valid run needs a machine that
+  is otherwise idle.
+- *vs baseline*: each side's median against its quiet baseline (below) for the same image,
+  points per side, threads and CPU model; more than 15% either way is flagged *DRIFTED*: the
+  machine, or the code, is not what it was when the baseline was measured, and the ratio is not
+  comparable with earlier ones. *no baseline* where the table has no row.
+- `sam-batch bench` exits with status 3 when any ratio is NOT VALID or any side DRIFTED (after
+  printing, and writing the section with `--write-doc`), so `make bench` fails; only valid
+  ratios of sides within 15% of their baselines are quoted elsewhere (README).
+
+## Quiet baselines
+
+Each side's `generate` seconds on a quiet machine, which `sam-batch bench` reads (the table
+under this heading, these columns). Add a row by hand from a run whose ratio was valid and whose
+other side was within 15% of its baseline (the bench prints such rows for sides that have
+none); replace a sam-batch row when the code's speed changes, measured side by side.
+
+| image | points per side | threads | side | seconds | CPU model | measured |
+| --- | ---: | ---: | --- | ---: | --- | --- |
 """
 
 # Runs in .venv-ref: argv[1] is a JSON spec, see `run_reference`. Prints one JSON object.
@@ -126,24 +173,254 @@ class Side:
 
 
 @dataclass(frozen=True)
+class Round:
+    """One round on one image: both sides, in the order given by `reference_first`, and the
+    highest 1-minute load average read from the round's start to its end."""
+
+    reference: Side
+    ours: Side
+    reference_first: bool
+    max_load: float
+
+
+def load_is_valid(max_load: float, limit: int) -> bool:
+    """Whether a measurement is valid: the 1-minute load never exceeded `limit` (threads or cores)."""
+    return max_load <= limit
+
+
+def relative_drift(seconds: float, baseline_seconds: float) -> float:
+    """How far `seconds` is from the baseline, as a fraction of it (+0.5: 50% slower)."""
+    return seconds / baseline_seconds - 1.0
+
+
+def is_drifted(drift: float | None) -> bool:
+    """Whether a side's drift from its baseline exceeds `DRIFT_LIMIT` either way (None: no baseline)."""
+    return drift is not None and abs(drift) > DRIFT_LIMIT
+
+
+@dataclass(frozen=True)
 class ImageResult:
-    """Both sides on one image."""
+    """Both sides on one image over its rounds; `threads` is the load limit of its validity, the
+    baselines (s) are the quiet ones for this image, grid, thread count and CPU, if any."""
 
     image: str
     height: int
     width: int
-    reference: Side
-    ours: Side
+    rounds: tuple[Round, ...]
+    threads: int
+    reference_baseline: float | None = None
+    ours_baseline: float | None = None
+
+    @property
+    def reference(self) -> Side:
+        """The reference's first round (its records; `reference_seconds` is the median)."""
+        return self.rounds[0].reference
+
+    @property
+    def ours(self) -> Side:
+        """Our first round (its records; `ours_seconds` is the median)."""
+        return self.rounds[0].ours
+
+    @property
+    def reference_seconds(self) -> float:
+        """Median over the rounds of the reference's seconds."""
+        return statistics.median(r.reference.seconds for r in self.rounds)
+
+    @property
+    def ours_seconds(self) -> float:
+        """Median over the rounds of our seconds."""
+        return statistics.median(r.ours.seconds for r in self.rounds)
 
     @property
     def speedup(self) -> float:
-        """Reference seconds over ours."""
-        return self.reference.seconds / self.ours.seconds
+        """Median reference seconds over our median seconds."""
+        return self.reference_seconds / self.ours_seconds
+
+    @property
+    def max_load(self) -> float:
+        """Highest 1-minute load average read during any round."""
+        return max(r.max_load for r in self.rounds)
+
+    @property
+    def valid(self) -> bool:
+        """Whether the load stayed within the thread count throughout."""
+        return load_is_valid(self.max_load, self.threads)
+
+    @property
+    def reference_drift(self) -> float | None:
+        """The reference median's drift from its baseline (None without one)."""
+        return None if self.reference_baseline is None else relative_drift(self.reference_seconds, self.reference_baseline)
+
+    @property
+    def ours_drift(self) -> float | None:
+        """Our median's drift from its baseline (None without one)."""
+        return None if self.ours_baseline is None else relative_drift(self.ours_seconds, self.ours_baseline)
+
+    @property
+    def drifted(self) -> bool:
+        """Whether either side drifted more than `DRIFT_LIMIT` from its baseline."""
+        return is_drifted(self.reference_drift) or is_drifted(self.ours_drift)
 
     @property
     def agreement(self) -> Agreement:
-        """Agreement of our masks with the reference's."""
+        """Agreement of our masks with the reference's (first round of each)."""
         return agreement(self.ours.records, self.reference.records)
+
+
+def alternate_rounds(
+    rounds: int, reference: Callable[[], Side], ours: Callable[[], Side], sampler: LoadSampler
+) -> tuple[Round, ...]:
+    """Run both sides `rounds` times, the reference first in even rounds and ours first in odd
+    ones (R S, S R, ...), reading the load at each round's start and end (and `sampler`'s
+    background readings in between)."""
+    if rounds < MIN_ROUNDS:
+        raise BenchError(f"at least {MIN_ROUNDS} rounds per image, not {rounds}")
+    done = []
+    for index in range(rounds):
+        mark = sampler.sample()
+        reference_first = index % 2 == 0
+        if reference_first:
+            theirs, mine = reference(), ours()
+        else:
+            mine, theirs = ours(), reference()
+        done.append(Round(theirs, mine, reference_first, sampler.max_since(mark)))
+    return tuple(done)
+
+
+def one_minute_load() -> float:
+    """The 1-minute load average (`os.getloadavg()`)."""
+    return os.getloadavg()[0]
+
+
+class LoadSampler:
+    """Readings of the 1-minute load average: on demand (`sample`) and, between `start` and
+    `stop`, every `interval_s` seconds on a daemon thread."""
+
+    def __init__(self, read_load: Callable[[], float] = one_minute_load, interval_s: float = LOAD_SAMPLE_S) -> None:
+        self._read_load = read_load
+        self._interval_s = interval_s
+        self._readings: list[float] = []
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> int:
+        """Read the load now; returns the reading's index, a mark for `max_since`."""
+        load = self._read_load()
+        with self._lock:
+            self._readings.append(load)
+            return len(self._readings) - 1
+
+    def max_since(self, mark: int) -> float:
+        """Read the load now; the highest reading from index `mark` on, this one included."""
+        self.sample()
+        with self._lock:
+            return max(self._readings[mark:])
+
+    @property
+    def readings(self) -> list[float]:
+        """Every reading so far, in order."""
+        with self._lock:
+            return list(self._readings)
+
+    def start(self) -> None:
+        """Start reading every `interval_s` s on a daemon thread."""
+        self._stopped.clear()
+        self._thread = threading.Thread(target=self._run, name="load-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the background readings (waits for the thread)."""
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval_s):
+            self.sample()
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A quiet baseline: one side's `generate` seconds for an image, grid, thread count and CPU,
+    and when it was measured (free text, e.g. the doc section's date)."""
+
+    image: str
+    points_per_side: int
+    threads: int
+    side: str
+    seconds: float
+    cpu_model: str
+    measured: str
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def parse_baselines(doc_text: str) -> list[Baseline]:
+    """The rows of the table under `BASELINES_HEADING` (none without the heading); BenchError for a
+    table whose columns are not `BASELINE_COLUMNS` or a row that does not parse."""
+    lines = doc_text.splitlines()
+    if BASELINES_HEADING not in lines:
+        return []
+    body = lines[lines.index(BASELINES_HEADING) + 1:]
+    table_start = next((i for i, line in enumerate(body) if line.startswith("|") or line.startswith("## ")), len(body))
+    table = []
+    for line in body[table_start:]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    if not table:
+        return []
+    if tuple(_cells(table[0])) != BASELINE_COLUMNS:
+        raise BenchError(f"the quiet baselines' columns are not {' | '.join(BASELINE_COLUMNS)}: {table[0]}")
+    return [_parse_baseline_row(line) for line in table[2:]]
+
+
+def _parse_baseline_row(line: str) -> Baseline:
+    cells = _cells(line)
+    try:
+        image, points, threads, side, seconds, cpu, measured = cells
+        baseline = Baseline(image, int(points), int(threads), side, float(seconds), cpu, measured)
+    except ValueError as error:
+        raise BenchError(f"a quiet baseline row does not parse ({error}): {line}") from None
+    if side not in SIDES or baseline.seconds <= 0:
+        raise BenchError(f"a quiet baseline row names a side other than {' or '.join(SIDES)} or no seconds: {line}")
+    return baseline
+
+
+def find_baseline(
+    baselines: list[Baseline], image: str, *, points_per_side: int, threads: int, side: str, cpu: str
+) -> float | None:
+    """The baseline seconds for this image, grid, thread count, side and CPU model, or None."""
+    for b in baselines:
+        if (b.image, b.points_per_side, b.threads, b.side, b.cpu_model) == (image, points_per_side, threads, side, cpu):
+            return b.seconds
+    return None
+
+
+def format_baseline_row(baseline: Baseline) -> str:
+    """One row of the quiet baselines table."""
+    return (f"| {baseline.image} | {baseline.points_per_side} | {baseline.threads} | {baseline.side} "
+            f"| {baseline.seconds:.1f} | {baseline.cpu_model} | {baseline.measured} |")
+
+
+def missing_baselines(results: list[ImageResult], *, points_per_side: int, cpu: str, measured: str) -> list[Baseline]:
+    """Baselines this run could seed: for each valid image, each side without one, provided the
+    other side, if it has a baseline, did not drift."""
+    found = []
+    for r in results:
+        if not r.valid:
+            continue
+        for side, seconds, own, other in (
+            ("reference", r.reference_seconds, r.reference_baseline, r.ours_drift),
+            ("sam-batch", r.ours_seconds, r.ours_baseline, r.reference_drift),
+        ):
+            if own is None and not is_drifted(other):
+                found.append(Baseline(r.image, points_per_side, r.threads, side, seconds, cpu, measured))
+    return found
 
 
 def _as_rle(segmentation: dict) -> dict:
@@ -191,36 +468,81 @@ def _parse_field(value):
         return json.loads(value.replace("'", '"'))
 
 
+def _speedup_cell(speedup: float, valid: bool) -> str:
+    return f"{speedup:.2f}×" if valid else f"{speedup:.2f}× NOT VALID"
+
+
+def _drift_cell(drift: float | None) -> str:
+    if drift is None:
+        return "no baseline"
+    return f"{drift:+.1%}" + (" DRIFTED" if is_drifted(drift) else "")
+
+
 def format_table(results: list[ImageResult]) -> str:
-    """The per-image report as a Markdown table."""
+    """The per-image report as a Markdown table: medians over the rounds, validity, drift."""
     lines = [
-        "| image | size | reference s | sam-batch s | speed-up | masks ref | masks ours "
-        f"| recall@{MATCH_IOU} | precision@{MATCH_IOU} | mean best IoU |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| image | size | reference s | sam-batch s | speed-up | max load | reference vs baseline "
+        f"| sam-batch vs baseline | masks ref | masks ours | recall@{MATCH_IOU} | precision@{MATCH_IOU} "
+        "| mean best IoU |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         a = r.agreement
         mean_iou = "n/a" if math.isnan(a.mean_best_iou) else f"{a.mean_best_iou:.4f}"
         lines.append(
-            f"| {r.image} | {r.width}×{r.height} | {r.reference.seconds:.1f} | {r.ours.seconds:.1f} "
-            f"| {r.speedup:.2f}× | {len(r.reference.records)} | {len(r.ours.records)} "
+            f"| {r.image} | {r.width}×{r.height} | {r.reference_seconds:.1f} | {r.ours_seconds:.1f} "
+            f"| {_speedup_cell(r.speedup, r.valid)} | {r.max_load:.2f} | {_drift_cell(r.reference_drift)} "
+            f"| {_drift_cell(r.ours_drift)} | {len(r.reference.records)} | {len(r.ours.records)} "
             f"| {a.recall:.3f} | {a.precision:.3f} | {mean_iou} |"
         )
     return "\n".join(lines)
 
 
+def format_rounds(results: list[ImageResult]) -> str:
+    """Every round's seconds as a Markdown table, in the order they ran."""
+    lines = [
+        "| image | round | order | reference s | sam-batch s | max load |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        for index, one in enumerate(r.rounds):
+            order = "reference, sam-batch" if one.reference_first else "sam-batch, reference"
+            lines.append(f"| {r.image} | {index + 1} | {order} | {one.reference.seconds:.1f} | {one.ours.seconds:.1f} "
+                         f"| {one.max_load:.2f} |")
+    return "\n".join(lines)
+
+
+def verdict(results: list[ImageResult], whole: WholeProcess | None) -> list[str]:
+    """One line per NOT VALID ratio and per drifted image; empty when every figure holds."""
+    lines = [f"NOT VALID: {r.image}: 1-minute load reached {r.max_load:.2f} above {r.threads} threads"
+             for r in results if not r.valid]
+    if whole is not None and not whole.valid:
+        lines.append(f"NOT VALID: whole process: 1-minute load reached {whole.max_load:.2f} above {whole.cores} cores")
+    lines += [f"DRIFTED: {r.image}: reference {_drift_cell(r.reference_drift)}, sam-batch {_drift_cell(r.ours_drift)} "
+              f"against the quiet baselines (limit ±{DRIFT_LIMIT:.0%})" for r in results if r.drifted]
+    return lines
+
+
 @dataclass(frozen=True)
 class WholeProcess:
     """The reference's process and `sam-batch run`'s over the same images: wall seconds, and
-    the agreement of the masks the run wrote with the reference's, per image in `images` order."""
+    the agreement of the masks the run wrote with the reference's, per image in `images` order;
+    the highest 1-minute load read while they ran and the cores it is held against."""
 
     reference_seconds: float
     ours_seconds: float
     agreements: list[Agreement]
+    max_load: float
+    cores: int
 
     @property
     def speedup(self) -> float:
         return self.reference_seconds / self.ours_seconds
+
+    @property
+    def valid(self) -> bool:
+        """Whether the load stayed within the cores (`sam-batch run` uses all of them)."""
+        return load_is_valid(self.max_load, self.cores)
 
 
 def format_whole_process(run: WholeProcess, n_images: int) -> str:
@@ -228,17 +550,17 @@ def format_whole_process(run: WholeProcess, n_images: int) -> str:
     recall = min(a.recall for a in run.agreements)
     precision = min(a.precision for a in run.agreements)
     return "\n".join([
-        f"| whole process | images | reference s | `sam-batch run` s | speed-up | min recall@{MATCH_IOU} "
+        f"| whole process | images | reference s | `sam-batch run` s | speed-up | max load | min recall@{MATCH_IOU} "
         f"| min precision@{MATCH_IOU} |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| start to exit | {n_images} | {run.reference_seconds:.1f} | {run.ours_seconds:.1f} | {run.speedup:.2f}× "
-        f"| {recall:.3f} | {precision:.3f} |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| start to exit | {n_images} | {run.reference_seconds:.1f} | {run.ours_seconds:.1f} "
+        f"| {_speedup_cell(run.speedup, run.valid)} | {run.max_load:.2f} | {recall:.3f} | {precision:.3f} |",
     ])
 
 
 @dataclass(frozen=True)
 class Machine:
-    """What the doc section says about where and how the run happened."""
+    """What the doc section says about where and how the run happened (loads: 1-minute averages)."""
 
     cores: int
     cpu_model: str
@@ -247,6 +569,7 @@ class Machine:
     torch_reference: str
     mobile_sam: str
     load_before: float
+    load_max: float
     load_after: float
 
 
@@ -281,11 +604,13 @@ def format_section(
         f"- reference: mobilesam-mirror {machine.mobile_sam}, torch {machine.torch_reference} (`.venv-ref`)",
         f"- sam-batch: torch {machine.torch_ours}",
         f"- command: `{command}`",
-        f"- load (1-min average) before / after: {machine.load_before:.2f} / {machine.load_after:.2f}",
+        f"- load (1-min average) before / max during / after: {machine.load_before:.2f} / "
+        f"{machine.load_max:.2f} / {machine.load_after:.2f}",
     ]
     if note:
         lines.append(f"- note: {note}")
-    lines += ["", format_table(results), ""]
+    lines += [f"- {line}" for line in verdict(results, whole) or ["every ratio valid, no side drifted"]]
+    lines += ["", format_table(results), "", format_rounds(results), ""]
     if whole is not None:
         lines += [format_whole_process(whole, len(results)), ""]
     return "\n".join(lines)
@@ -432,8 +757,11 @@ def _parser() -> argparse.ArgumentParser:
         description="MobileSAM's reference generator and sam-batch side by side on the same images.",
     )
     parser.add_argument("--images", nargs="+", default=list(DEFAULT_IMAGES), metavar="IMAGE",
-                        help="image paths or fsspec URLs (default: dog.jpg and groceries.jpg from ../shared)")
+                        help="image paths or fsspec URLs (default: dog.jpg and groceries.jpg from ../shared, "
+                             "rocket.png and coffee.png from tests/data/held_out)")
     parser.add_argument("--points-per-side", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=MIN_ROUNDS,
+                        help=f"rounds per image, both sides each, order alternating (at least {MIN_ROUNDS})")
     parser.add_argument("--model", default="vit_t", choices=MODEL_TYPES)
     parser.add_argument("--checkpoint", default=None,
                         help="path or URL of the weights both sides load (default: the cached default)")
@@ -449,12 +777,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point of `sam-batch bench`; returns the exit status.
+    """Entry point of `sam-batch bench`; returns the exit status: 0, 1 when the bench cannot run,
+    `EXIT_SUSPECT` when a ratio is NOT VALID or a side drifted from its baseline.
 
     A leading `--` is dropped: `sam-batch bench -- --images ...` hands the options through
     the top-level parser, which would otherwise take an option-first tail as its own.
     """
-    args = _parser().parse_args(argv[1:] if argv[:1] == ["--"] else argv)
+    parser = _parser()
+    args = parser.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
+    if args.rounds < MIN_ROUNDS:
+        parser.error(f"--rounds: at least {MIN_ROUNDS}")
     try:
         python = reference_python(args.ref_venv)
     except BenchError as error:
@@ -478,62 +810,110 @@ def _bench(args: argparse.Namespace, python: Path, argv: list[str]) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    load_before = os.getloadavg()[0]
-    threads = set_cpu_threads(args.threads)
-    keep_freed_memory()  # as a segmenting worker does
-    checkpoint = resolve_checkpoint(args.model, args.checkpoint, None, log=progress)
-    engine = build_engine(args.model, str(checkpoint), device="cpu")
-    with tempfile.TemporaryDirectory(prefix="sam-batch-bench-") as tmp:
-        images = [load_image(uri) for uri in args.images]
-        pixels = save_pixels(images, Path(tmp))
-        results, versions = [], {}
-        for uri, image, path in zip(args.images, images, pixels):  # interleaved, so drifts in load hit both
-            [reference], versions, _ = run_reference(
-                python, [path], checkpoint, model_type=args.model, points_per_side=args.points_per_side,
-                threads=threads, log=progress,
-            )
-            ours = run_ours(engine, image, args.points_per_side)
-            progress(f"{uri}: reference {reference.seconds:.1f}s, {len(reference.records)} masks; "
-                     f"sam-batch {ours.seconds:.1f}s, {len(ours.records)} masks")
-            results.append(ImageResult(Path(uri).name, image.shape[0], image.shape[1], reference, ours))
-        whole = None
-        if args.whole_process:
-            progress(f"whole processes: sam-batch run, then the reference generator, on {len(images)} images")
-            written, run_seconds = run_pipeline(
-                args.images, Path(tmp), model_type=args.model, checkpoint=checkpoint,
-                points_per_side=args.points_per_side, log=progress,
-            )
-            references, _, reference_seconds = run_reference(
-                python, pixels, checkpoint, model_type=args.model, points_per_side=args.points_per_side,
-                threads=threads, log=progress,
-            )
-            whole = WholeProcess(
-                reference_seconds, run_seconds,
-                [agreement(written[uri], reference.records) for uri, reference in zip(args.images, references)],
-            )
+    sampler = LoadSampler()
+    first = sampler.sample()
+    load_before = sampler.readings[first]
+    sampler.start()
+    try:
+        threads = set_cpu_threads(args.threads)
+        keep_freed_memory()  # as a segmenting worker does
+        checkpoint = resolve_checkpoint(args.model, args.checkpoint, None, log=progress)
+        engine = build_engine(args.model, str(checkpoint), device="cpu")
+        baselines = parse_baselines(args.doc.read_text()) if args.doc.exists() else []
+        cpu = cpu_model()
+        with tempfile.TemporaryDirectory(prefix="sam-batch-bench-") as tmp:
+            images = [load_image(uri) for uri in args.images]
+            pixels = save_pixels(images, Path(tmp))
+            results, versions = [], {}
+            for uri, image, path in zip(args.images, images, pixels):
+
+                def reference() -> Side:
+                    [side], found, _ = run_reference(
+                        python, [path], checkpoint, model_type=args.model, points_per_side=args.points_per_side,
+                        threads=threads, log=progress,
+                    )
+                    versions.update(found)
+                    progress(f"{uri}: reference {side.seconds:.1f}s, {len(side.records)} masks")
+                    return side
+
+                def ours() -> Side:
+                    side = run_ours(engine, image, args.points_per_side)
+                    progress(f"{uri}: sam-batch {side.seconds:.1f}s, {len(side.records)} masks")
+                    return side
+
+                name = Path(uri).name
+                lookup = dict(points_per_side=args.points_per_side, threads=threads, cpu=cpu)
+                results.append(ImageResult(
+                    name, image.shape[0], image.shape[1], alternate_rounds(args.rounds, reference, ours, sampler),
+                    threads,
+                    reference_baseline=find_baseline(baselines, name, side="reference", **lookup),
+                    ours_baseline=find_baseline(baselines, name, side="sam-batch", **lookup),
+                ))
+            whole = None
+            if args.whole_process:
+                whole = _whole_process(args, python, checkpoint, pixels, threads, sampler, Path(tmp), progress)
+        last = sampler.sample()
+        load_after = sampler.readings[last]
+    finally:
+        sampler.stop()
+    when = datetime.datetime.now(datetime.timezone.utc)
     print(format_table(results))
+    print()
+    print(format_rounds(results))
     if whole is not None:
         print()
         print(format_whole_process(whole, len(results)))
+    seeds = missing_baselines(results, points_per_side=args.points_per_side, cpu=cpu,
+                              measured=f"{when:%Y-%m-%d %H:%M} UTC `sam-batch bench`")
+    if seeds:
+        print(f"\nRows this run could add under {BASELINES_HEADING!r} in {args.doc} (sides without a baseline):")
+        print("\n".join(format_baseline_row(b) for b in seeds))
     if args.write_doc:
         machine = Machine(
             cores=len(os.sched_getaffinity(0)),
-            cpu_model=cpu_model(),
+            cpu_model=cpu,
             threads=threads,
             torch_ours=torch.__version__,
             torch_reference=versions["torch"],
             mobile_sam=versions["mobile_sam"],
             load_before=load_before,
-            load_after=os.getloadavg()[0],
+            load_max=max(sampler.readings),
+            load_after=load_after,
         )
         section = format_section(
             results, whole, machine,
             model_type=args.model,
             points_per_side=args.points_per_side,
             command=shlex.join(["sam-batch", "bench", *argv]),
-            when=datetime.datetime.now(datetime.timezone.utc),
+            when=when,
             note=args.note,
         )
         append_section(args.doc, section)
         print(f"appended to {args.doc}", file=sys.stderr)
-    return 0
+    problems = verdict(results, whole)
+    for line in problems:
+        print(f"sam-batch bench: {line}", file=sys.stderr)
+    return EXIT_SUSPECT if problems else 0
+
+
+def _whole_process(
+    args: argparse.Namespace, python: Path, checkpoint: Path, pixels: list[Path], threads: int,
+    sampler: LoadSampler, workdir: Path, progress: Callable[[str], None],
+) -> WholeProcess:
+    """`sam-batch run`, then the reference's process, over every image; the load held against the cores."""
+    progress(f"whole processes: sam-batch run, then the reference generator, on {len(pixels)} images")
+    mark = sampler.sample()
+    written, run_seconds = run_pipeline(
+        args.images, workdir, model_type=args.model, checkpoint=checkpoint,
+        points_per_side=args.points_per_side, log=progress,
+    )
+    references, _, reference_seconds = run_reference(
+        python, pixels, checkpoint, model_type=args.model, points_per_side=args.points_per_side,
+        threads=threads, log=progress,
+    )
+    return WholeProcess(
+        reference_seconds, run_seconds,
+        [agreement(written[uri], reference.records) for uri, reference in zip(args.images, references)],
+        max_load=sampler.max_since(mark),
+        cores=len(os.sched_getaffinity(0)),
+    )
