@@ -9,7 +9,8 @@ On the same pixels, weights and grid, one after the other, never at once:
    times, their ratio, the number of masks and their agreement (recall and precision at
    IoU >= 0.9, mean best IoU);
 2. whole processes, start to exit: `sam-batch run` on a job over the same image files
-   (interpreter, imports, embedded Ray with actors on every core, reading, writing Parquet),
+   (interpreter, imports, the executor `run.executor: auto` picks (in process for a few images),
+   reading, writing Parquet),
    then one reference process over all the images (interpreter, imports, model load, every
    `generate`): their wall times, the ratio, and the agreement of the masks `sam-batch run`
    wrote with the reference's. Markdown on stdout and, with `--write-doc`, a dated section
@@ -57,8 +58,9 @@ the same parameters and the same number of torch threads, one after the other, n
 - *reference s* / *sam-batch s*: wall time of one `generate` call (image encoder, all point
   batches, filters, NMS, COCO RLE records), with the model loaded and the image decoded.
 - *whole process*: the reference's process over all the images (interpreter start, imports,
-  model load, every `generate`) against `sam-batch run` on a job over the same files (Ray start,
-  segmenting actors on every core, reading, writing Parquet), start to exit; its agreement is that
+  model load, every `generate`) against `sam-batch run` on a job over the same files (the
+  executor `run.executor: auto` picks: in process for a few images; reading, writing Parquet),
+  start to exit; its agreement is that
   of the masks the run wrote, for the image that agrees least.
 - *speed-up*: reference seconds / sam-batch seconds.
 - *recall* / *precision*: share of the reference's masks found among ours / of ours found among
