@@ -569,7 +569,7 @@ class _SegmenterActor:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         node = ray.get_runtime_context().get_node_id()[:8]
         try:
-            self.segmenter = ImageSegmenter(self.job, f"node-{node}/pid-{os.getpid()}", max(1, math.ceil(cpus)))
+            self.segmenter = ImageSegmenter(self.job, f"node-{node}/pid-{os.getpid()}", _actor_threads(cpus))
         except Exception as error:  # noqa: BLE001 - reported to the driver
             return f"{type(error).__name__}: {' '.join(str(error).split())}"
         return None
@@ -579,6 +579,20 @@ class _SegmenterActor:
         (`image` None) that the segmenter reads itself; the read task's seconds are added."""
         assert self.segmenter is not None
         return self.segmenter.segment(uri, image, read_seconds)
+
+
+def _actor_threads(cpus: float) -> int:
+    """torch threads of a segmenting actor given `cpus` CPUs (a share such as 1.75 counts whole)."""
+    return max(1, math.ceil(cpus))
+
+
+def _actor_env(resources: dict) -> dict:
+    """The runtime environment of a segmenting actor asking for `resources`: `OMP_NUM_THREADS`
+    set to its torch threads. Unset, Ray sets it to the CPUs it assigns rounded down (1 for
+    1.75) under an actor that runs torch on 2 threads; set, the actor was not slower in either
+    round measured (docs/benchmarks.md, 2026-12-04)."""
+    threads = _actor_threads(resources.get("num_cpus", 1))
+    return {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
 
 
 class _ActorPool:
@@ -600,7 +614,9 @@ class _ActorPool:
         self.ray = ray
         self.job = job
         self.resources = resources
-        self.actor_class = ray.remote(_SegmenterActor).options(max_restarts=0, max_task_retries=0, **resources)
+        self.actor_class = ray.remote(_SegmenterActor).options(
+            max_restarts=0, max_task_retries=0, runtime_env=_actor_env(resources), **resources
+        )
         self.n_actors = n_actors
         self.placing: dict = {}  # placed() ref -> actor
         self.starting: dict = {}  # load() ref -> actor

@@ -156,6 +156,14 @@ def is_loopback(ip: str) -> bool:
     return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
+@pytest.mark.parametrize(("resources", "threads"), [({"num_cpus": 2 - STAGE_TASK_CPUS}, "2"), ({"num_cpus": 1}, "1"),
+                                                    ({"num_cpus": 5 - STAGE_TASK_CPUS}, "5"), ({"num_gpus": 1, "num_cpus": 1}, "1")])
+def test_segmenting_actors_get_omp_threads_for_every_core_they_use(resources, threads) -> None:
+    """Ray would set OMP_NUM_THREADS to the CPUs it assigns rounded down (1 for 1.75)."""
+    assert executors._actor_env(resources) == {"env_vars": {"OMP_NUM_THREADS": threads}}
+    assert executors._actor_threads(resources["num_cpus"]) == int(threads)
+
+
 def test_embedded_ray_listens_on_loopback_only() -> None:
     embedded = executor()
     assert embedded._init_ray(ray), "a Ray was already running in this process"
