@@ -70,9 +70,11 @@ REAPER_EXIT_TIMEOUT_S = 30.0  # seconds a run waits, after Ray's shutdown, for `
 # actor stops itself at its next check, so this covers, with room to spare, the longest step the
 # checks cannot split (one encoder call, one decode batch, the merge of the masks)
 SEGMENT_GRACE_S = 60.0
-# `run.executor: auto` starts Ray for this many images to do or more: below it, Ray's start and
-# stop (10-15 s on 2 cores) cost more than its actors win over one process (docs/benchmarks.md)
-AUTO_RAY_MIN_IMAGES = 64
+# `run.executor: auto` starts Ray for this many images to do or more: on 2 cores, one small image
+# at 4x4 points took 10 s longer on Ray than in process (medians, load about 2: Ray's start and
+# stop), 16 took 82 s less (load 5-10: two one-core actors against one process on both cores);
+# docs/benchmarks.md, 2026-12-04
+AUTO_RAY_MIN_IMAGES = 16
 NVIDIA_GPUS_DIR = "/proc/driver/nvidia/gpus"  # one entry per GPU the NVIDIA driver sees
 
 
