@@ -1,4 +1,5 @@
-"""Executors place the work: in this process (`local`) or on Ray (`ray`).
+"""Executors place the work: in this process (`local`) or on Ray (`ray`); `choose_executor`
+resolves `run.executor: auto` to one of them.
 
 Both run the shards still to do, in plan order, and yield an `ImageResult` as each image is
 done and a `ShardCommit` as each shard is committed; the runner counts them, shows progress
@@ -37,6 +38,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
+from itertools import takewhile
 
 import numpy as np
 
@@ -68,6 +70,12 @@ REAPER_EXIT_TIMEOUT_S = 30.0  # seconds a run waits, after Ray's shutdown, for `
 # actor stops itself at its next check, so this covers, with room to spare, the longest step the
 # checks cannot split (one encoder call, one decode batch, the merge of the masks)
 SEGMENT_GRACE_S = 60.0
+# `run.executor: auto` starts Ray for this many images to do or more: on 2 cores, one small image
+# at 4x4 points took 10 s longer on Ray than in process (medians, load about 2: Ray's start and
+# stop), 16 took 82 s less (load 5-10: two one-core actors against one process on both cores);
+# docs/benchmarks.md, 2026-12-04
+AUTO_RAY_MIN_IMAGES = 16
+NVIDIA_GPUS_DIR = "/proc/driver/nvidia/gpus"  # one entry per GPU the NVIDIA driver sees
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,7 @@ Event = ImageResult | ShardCommit
 
 
 class LocalExecutor:
-    """Everything in this process, for debugging and GPU boxes without Ray: one image segmented
+    """Everything in this process (small jobs, debugging, GPU boxes without Ray): one image segmented
     at a time while a thread reads and decodes the next (as a read task would, its read bounded
     by `run.read_timeout_s`). An image's budget is bounded by the pipeline's checks alone: a
     thread cannot be killed."""
@@ -563,7 +571,7 @@ class _SegmenterActor:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         node = ray.get_runtime_context().get_node_id()[:8]
         try:
-            self.segmenter = ImageSegmenter(self.job, f"node-{node}/pid-{os.getpid()}", max(1, math.ceil(cpus)))
+            self.segmenter = ImageSegmenter(self.job, f"node-{node}/pid-{os.getpid()}", _actor_threads(cpus))
         except Exception as error:  # noqa: BLE001 - reported to the driver
             return f"{type(error).__name__}: {' '.join(str(error).split())}"
         return None
@@ -573,6 +581,20 @@ class _SegmenterActor:
         (`image` None) that the segmenter reads itself; the read task's seconds are added."""
         assert self.segmenter is not None
         return self.segmenter.segment(uri, image, read_seconds)
+
+
+def _actor_threads(cpus: float) -> int:
+    """torch threads of a segmenting actor given `cpus` CPUs (a share such as 1.75 counts whole)."""
+    return max(1, math.ceil(cpus))
+
+
+def _actor_env(resources: dict) -> dict:
+    """The runtime environment of a segmenting actor asking for `resources`: `OMP_NUM_THREADS`
+    set to its torch threads. Unset, Ray sets it to the CPUs it assigns rounded down (1 for
+    1.75) under an actor that runs torch on 2 threads; set, the actor was not slower in either
+    round measured (docs/benchmarks.md, 2026-12-04)."""
+    threads = _actor_threads(resources.get("num_cpus", 1))
+    return {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
 
 
 class _ActorPool:
@@ -594,7 +616,9 @@ class _ActorPool:
         self.ray = ray
         self.job = job
         self.resources = resources
-        self.actor_class = ray.remote(_SegmenterActor).options(max_restarts=0, max_task_retries=0, **resources)
+        self.actor_class = ray.remote(_SegmenterActor).options(
+            max_restarts=0, max_task_retries=0, runtime_env=_actor_env(resources), **resources
+        )
         self.n_actors = n_actors
         self.placing: dict = {}  # placed() ref -> actor
         self.starting: dict = {}  # load() ref -> actor
@@ -765,6 +789,46 @@ def _worker_lost_errors(ray) -> tuple[type[Exception], ...]:
     return (e.RayActorError, e.WorkerCrashedError, e.ObjectLostError, e.NodeDiedError, e.OutOfMemoryError)
 
 
-def make_executor(job: JobSpec) -> LocalExecutor | RayExecutor:
-    """The executor named by `run.executor`."""
-    return LocalExecutor(job) if job.run.executor == "local" else RayExecutor(job)
+def choose_executor(job: JobSpec, n_images: int) -> tuple[str, str]:
+    """(`"local"` or `"ray"`, why) for a job with `n_images` still to do: `run.executor` when it
+    names one; for `auto`, Ray where the job or the cluster warrants it, in order:
+
+    - a cluster to attach to (`run.ray_address` or `$RAY_ADDRESS`);
+    - a job that may run on a GPU (`engine.device` not cpu) on a machine with more than one
+      GPU visible (Ray places an actor per GPU; this process would use one);
+    - at least `AUTO_RAY_MIN_IMAGES` images to do;
+
+    else this process, which saves Ray's start and stop (docs/benchmarks.md).
+    """
+    run = job.run
+    if run.executor != "auto":
+        return run.executor, "run.executor"
+    if run.ray_address or os.environ.get("RAY_ADDRESS"):
+        return "ray", "auto: a Ray cluster to attach to"
+    if job.engine.device != "cpu" and (gpus := visible_gpus()) > 1:
+        return "ray", f"auto: {gpus} GPUs on this machine"
+    if n_images >= AUTO_RAY_MIN_IMAGES:
+        return "ray", f"auto: {n_images} images to do, at least {AUTO_RAY_MIN_IMAGES}"
+    return "local", f"auto: {n_images} image{'s' * (n_images != 1)} to do, fewer than {AUTO_RAY_MIN_IMAGES}"
+
+
+def visible_gpus() -> int:
+    """NVIDIA GPUs this process may use, without loading torch or CUDA: those the driver lists
+    (`NVIDIA_GPUS_DIR`), as many as `$CUDA_VISIBLE_DEVICES` names where it is set."""
+    try:
+        present = len(os.listdir(NVIDIA_GPUS_DIR))
+    except OSError:
+        return 0
+    named = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if named is None:
+        return present
+    # CUDA takes the devices named up to the first empty or negative entry
+    listed = list(takewhile(lambda d: d.strip() and not d.strip().startswith("-"), named.split(",")))
+    return min(present, len(listed))
+
+
+def make_executor(job: JobSpec, n_images: int) -> LocalExecutor | RayExecutor:
+    """The executor `choose_executor` picks for `n_images` images to do; logs its choice."""
+    name, why = choose_executor(job, n_images)
+    log.info("executor: %s (%s)", name, why)
+    return LocalExecutor(job) if name == "local" else RayExecutor(job)

@@ -120,16 +120,17 @@ def _run_holding_the_lease(
     plan = prepare_plan(job, dataset, overwrite)
     committed = dataset.committed_shards()
     todo = [s for s in plan.shards if s.shard_id not in committed]
-    executor = make_executor(job)
-    summary = RunSummary(job.name, job.output.uri, executor.name, len(plan.shards), len(plan.shards) - len(todo))
+    n_todo = sum(len(s.uris) for s in todo)
     log.info(
         "plan: %d images in %d shards; %d shards already committed, %d to do",
         sum(len(s.uris) for s in plan.shards),
         len(plan.shards),
-        summary.shards_skipped,
+        len(plan.shards) - len(todo),
         len(todo),
     )
-    progress = Progress(sum(len(s.uris) for s in todo))
+    executor = make_executor(job, n_todo)  # `run.executor`, auto resolved for the images still to do
+    summary = RunSummary(job.name, job.output.uri, executor.name, len(plan.shards), len(plan.shards) - len(todo))
+    progress = Progress(n_todo)
     workers: set[str] = set()
     try:
         for event in executor.run(todo, dataset):

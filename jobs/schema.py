@@ -47,7 +47,7 @@ __all__ = [
 ModelType = Literal["vit_t", "vit_b", "vit_l", "vit_h"]
 Backend = Literal["torch", "onnx", "tensorrt"]
 Precision = Literal["fp32", "tf32", "fp16", "bf16"]
-Executor = Literal["ray", "local"]
+Executor = Literal["auto", "ray", "local"]
 Tiling = Literal["auto", "always", "never"]
 
 _REDACTED = "***"
@@ -439,7 +439,8 @@ class RunSpec(_Section):
 
     ``ray_address`` null starts an embedded local Ray, ``"auto"`` or ``ray://…`` attaches;
     ``shard_size`` is the number of images per shard (the unit of commit and resume);
-    ``executor`` ``"local"`` runs in-process without Ray, for debugging;
+    ``executor`` ``"auto"`` runs in this process unless the job or the cluster warrants Ray
+    (`jobs.executors.choose_executor`), ``"ray"`` always on Ray, ``"local"`` always in process;
     ``max_actors`` caps the segmenting actors (null: as many as the cluster's GPUs or cores
     make); ``actor_start_timeout_s`` is how long (s) the job waits, with no segmenting actor
     placed, for the cluster to give one the resources it asks for before it fails.
@@ -451,7 +452,7 @@ class RunSpec(_Section):
 
     ray_address: str | None = None
     shard_size: int = 64
-    executor: Executor = "ray"
+    executor: Executor = "auto"
     max_actors: int | None = None
     actor_start_timeout_s: float = DEFAULT_ACTOR_START_TIMEOUT_S
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S

@@ -10,7 +10,8 @@ On the same pixels, weights and grid, one after the other, never at once:
    the table gives each side's median over the rounds, their ratio, the number of masks and their
    agreement (recall and precision at IoU >= 0.9, mean best IoU), and a second table every round;
 2. whole processes, start to exit: `sam-batch run` on a job over the same image files
-   (interpreter, imports, embedded Ray with actors on every core, reading, writing Parquet),
+   (interpreter, imports, the executor `run.executor: auto` picks (in process for a few images),
+   reading, writing Parquet),
    then one reference process over all the images (interpreter, imports, model load, every
    `generate`): their wall times, the ratio, and the agreement of the masks `sam-batch run`
    wrote with the reference's.
@@ -83,9 +84,11 @@ the same parameters and the same number of torch threads, one after the other, n
   sides, the reference first in even rounds and sam-batch first in odd ones (R S, S R, ...), so a
   machine that speeds up or slows down meanwhile weighs on both; every round's seconds are listed.
 - *whole process*: the reference's process over all the images (interpreter start, imports,
-  model load, every `generate`) against `sam-batch run` on a job over the same files (Ray start,
-  segmenting actors over all the cores, reading, writing Parquet), start to exit, once each; its
-  agreement is that of the masks the run wrote, for the image that agrees least.
+  model load, every `generate`) against `sam-batch run` on a job over the same files (the
+  executor `run.executor` picks: until 2026-12-04 an embedded Ray with segmenting actors over all
+  the cores; since, `auto`: in process for a few images; reading, writing Parquet), start to
+  exit, once each; its agreement is that of the masks the run wrote, for the image that agrees
+  least.
 - *speed-up*: reference seconds / sam-batch seconds.
 - *recall* / *precision*: share of the reference's masks found among ours / of ours found among
   the reference's, a match being a mask IoU >= 0.9; *mean best IoU*: the mean, over the

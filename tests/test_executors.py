@@ -1,5 +1,6 @@
-"""How the Ray executor sizes its segmenting actors (`_actors` is arithmetic, no Ray needed), and
-where the embedded Ray it starts listens (a real Ray)."""
+"""Which executor `run.executor: auto` picks (a rule, no Ray needed), how the Ray executor sizes
+its segmenting actors (`_actors` is arithmetic, no Ray needed), and where the embedded Ray it
+starts listens (a real Ray)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,74 @@ import psutil
 import pytest
 import ray
 
-from sam_batch.jobs.executors import STAGE_TASK_CPUS, RayExecutor
+from sam_batch.jobs import executors
+from sam_batch.jobs.executors import AUTO_RAY_MIN_IMAGES, STAGE_TASK_CPUS, RayExecutor, choose_executor, visible_gpus
 from sam_batch.jobs.schema import parse_job
 
 
 def executor(device: str = "auto", max_actors: int | None = None, **amg) -> RayExecutor:
     return RayExecutor(parse_job({"name": "sizing", "input": {"uris": ["x.jpg"]}, "output": {"uri": "out"},
                                   "engine": {"device": device}, "amg": amg, "run": {"max_actors": max_actors}}))
+
+
+def job(device: str = "cpu", **run):
+    return parse_job({"name": "choice", "input": {"uris": ["x.jpg"]}, "output": {"uri": "out"},
+                      "engine": {"device": device}, "run": run})
+
+
+@pytest.fixture
+def no_gpus(monkeypatch, tmp_path):
+    """A machine without GPUs, and no cluster named in the environment."""
+    monkeypatch.setattr(executors, "NVIDIA_GPUS_DIR", str(tmp_path / "none"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+def gpus_present(monkeypatch, tmp_path, count: int) -> None:
+    """`count` GPUs as the NVIDIA driver lists them."""
+    listed = tmp_path / "gpus"
+    for i in range(count):
+        (listed / f"0000:0{i}:00.0").mkdir(parents=True)
+    monkeypatch.setattr(executors, "NVIDIA_GPUS_DIR", str(listed))
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto", "cuda"])
+def test_auto_runs_small_jobs_in_process(no_gpus, device) -> None:
+    assert choose_executor(job(device), 1)[0] == "local"
+    assert choose_executor(job(device), AUTO_RAY_MIN_IMAGES - 1)[0] == "local"
+
+
+def test_auto_runs_large_jobs_on_ray(no_gpus) -> None:
+    assert choose_executor(job(), AUTO_RAY_MIN_IMAGES) == ("ray", f"auto: {AUTO_RAY_MIN_IMAGES} images to do, at least {AUTO_RAY_MIN_IMAGES}")
+
+
+def test_auto_attaches_to_a_cluster_however_small_the_job(no_gpus, monkeypatch) -> None:
+    assert choose_executor(job(ray_address="auto"), 1)[0] == "ray"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert choose_executor(job(), 1)[0] == "ray"
+
+
+@pytest.mark.parametrize(("device", "count", "want"), [("cuda", 2, "ray"), ("auto", 2, "ray"), ("cpu", 2, "local"),
+                                                        ("cuda", 1, "local")])
+def test_auto_uses_ray_for_a_gpu_job_on_several_gpus(no_gpus, monkeypatch, tmp_path, device, count, want) -> None:
+    gpus_present(monkeypatch, tmp_path, count)
+    assert choose_executor(job(device), 1)[0] == want
+
+
+@pytest.mark.parametrize(("visible", "want"), [(None, 4), ("0,1", 2), ("3", 1), ("", 0), ("-1", 0), ("0,-1,1", 1)])
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch, tmp_path, visible, want) -> None:
+    gpus_present(monkeypatch, tmp_path, 4)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert visible_gpus() == want
+
+
+@pytest.mark.parametrize("named", ["ray", "local"])
+def test_a_named_executor_is_kept(no_gpus, named) -> None:
+    assert choose_executor(job(executor=named), 1)[0] == named
+    assert choose_executor(job(executor=named, ray_address="auto"), 10 * AUTO_RAY_MIN_IMAGES)[0] == named
 
 
 @pytest.mark.parametrize(
@@ -92,6 +154,14 @@ def is_loopback(ip: str) -> bool:
     """True for 127.0.0.0/8 and ::1, also when written as an IPv4-mapped IPv6 address."""
     address = ipaddress.ip_address(ip)
     return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+@pytest.mark.parametrize(("resources", "threads"), [({"num_cpus": 2 - STAGE_TASK_CPUS}, "2"), ({"num_cpus": 1}, "1"),
+                                                    ({"num_cpus": 5 - STAGE_TASK_CPUS}, "5"), ({"num_gpus": 1, "num_cpus": 1}, "1")])
+def test_segmenting_actors_get_omp_threads_for_every_core_they_use(resources, threads) -> None:
+    """Ray would set OMP_NUM_THREADS to the CPUs it assigns rounded down (1 for 1.75)."""
+    assert executors._actor_env(resources) == {"env_vars": {"OMP_NUM_THREADS": threads}}
+    assert executors._actor_threads(resources["num_cpus"]) == int(threads)
 
 
 def test_embedded_ray_listens_on_loopback_only() -> None:

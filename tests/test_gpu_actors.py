@@ -82,7 +82,7 @@ class LogSignal(logging.Handler):
 def actors_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[LogSignal]:
     """The `sam_batch` log at INFO, signalling once the segmenting actors are asked for; the
     runner's executor is the Ray executor with the test-only `actor_device="cpu"`."""
-    monkeypatch.setattr(runner, "make_executor", lambda job: RayExecutor(job, actor_device="cpu"))
+    monkeypatch.setattr(runner, "make_executor", lambda job, n_images: RayExecutor(job, actor_device="cpu"))
     logger = logging.getLogger("sam_batch")
     signal = LogSignal("segmenting actor")
     monkeypatch.setattr(logger, "level", logging.INFO)

@@ -43,7 +43,7 @@ def ray_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """Every image of ../shared/data/images through the embedded Ray, 3 shards."""
     tmp = tmp_path_factory.mktemp("ray_run")
     out = tmp / "out"
-    job = write_job(tmp, "all-images", [str(IMAGES / "*")], out, amg=FAST_AMG, run={"shard_size": 5})
+    job = write_job(tmp, "all-images", [str(IMAGES / "*")], out, amg=FAST_AMG, run={"shard_size": 5, "executor": "ray"})
     return job, out, sam_batch("run", str(job))
 
 
@@ -198,7 +198,8 @@ def test_torch_loads_in_the_segmenting_actors_only(tmp_path) -> None:
     """A Ray job's driver, and the read and commit tasks (functions of modules the driver
     imports), never import torch: it is the segmenting actors' alone."""
     out = tmp_path / "out"
-    job = write_job(tmp_path, "light-driver", [str(IMAGES / "dog.jpg")], out, amg={"points_per_side": 2})
+    job = write_job(tmp_path, "light-driver", [str(IMAGES / "dog.jpg")], out, amg={"points_per_side": 2},
+                    run={"executor": "ray"})
     driver = "import sys; from sam_batch.cli import main; rc = main(sys.argv[1:]); print('torch' in sys.modules); sys.exit(rc)"
     result = subprocess.run([sys.executable, "-c", driver, "run", str(job)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -229,6 +230,40 @@ def test_photos_run_in_process_without_ray_or_rasterio(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     assert pq.read_table(out / "images").select(["status", "error"]).to_pylist() == [{"status": "ok", "error": None}]
     assert pq.read_table(out / "masks").num_rows > 0
+
+
+STOP_AFTER_FIRST_COMMIT = """
+import sys
+from sam_batch.jobs import executors
+run = executors.LocalExecutor.run
+def stopping(self, shards, dataset):
+    for event in run(self, shards, dataset):
+        yield event
+        if isinstance(event, executors.ShardCommit):
+            raise KeyboardInterrupt
+executors.LocalExecutor.run = stopping
+from sam_batch.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_default_executor_runs_a_small_job_in_process_and_resumes_it(tmp_path) -> None:
+    """`run.executor: auto` (the default) runs a two-image job in this process; a run stopped
+    after its first shard's commit is resumed by the same command, every image once."""
+    out = tmp_path / "out"
+    names = ["dog.jpg", "groceries.jpg"]
+    job = write_job(tmp_path, "default", [str(IMAGES / n) for n in names], out, amg={"points_per_side": 2},
+                    run={"shard_size": 1})
+    stopped = subprocess.run([sys.executable, "-c", STOP_AFTER_FIRST_COMMIT, "run", str(job)],
+                             capture_output=True, text=True, timeout=600)
+    assert stopped.returncode == 1 and "run the same command again to resume" in stopped.stderr
+    assert "executor: local (auto: 2 images to do" in stopped.stderr
+    assert len(list((out / "_sam_batch" / "commits").iterdir())) == 1
+    again = sam_batch("run", str(job))
+    record = json.loads((out / "run.json").read_text())
+    assert (record["executor"], record["shards_skipped"], record["shards_committed"]) == ("local", 1, 1)
+    assert "executor: local (auto: 1 image to do" in again.stderr
+    assert sorted(Path(r["image_uri"]).name for r in pq.read_table(out / "images").to_pylist()) == names
 
 
 def test_validate_prints_the_plan_without_running(tmp_path) -> None:

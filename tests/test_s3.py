@@ -60,7 +60,7 @@ def s3_run(s3, tmp_path_factory):
         "input": {"uris": ["s3://photos/in/*"], "storage_options": options},
         "output": {"uri": "s3://photos/out", "storage_options": options},
         "amg": {"points_per_side": 6},
-        "run": {"shard_size": 2},
+        "run": {"shard_size": 2, "executor": "ray"},
     }
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(job))

@@ -125,7 +125,7 @@ def test_minimal_job_gets_spec_defaults(tmp_path: Path) -> None:
     assert job.raster == RasterSpec(tiling="auto", tile_size=1024, tile_overlap=128, bands=None, nodata=None)
     assert job.output == OutputSpec(uri="./out/demo", storage_options={})
     assert job.run == RunSpec(
-        ray_address=None, shard_size=64, executor="ray", max_actors=None, actor_start_timeout_s=600.0,
+        ray_address=None, shard_size=64, executor="auto", max_actors=None, actor_start_timeout_s=600.0,
         read_timeout_s=300.0, image_timeout_s=None,
     )
 
@@ -160,6 +160,8 @@ def test_ints_accepted_for_floats_and_normalised() -> None:
         ("raster", {"tiling": "never"}),
         ("engine", {"device": "cuda", "precision": "tf32"}),
         ("run", {"ray_address": "auto", "shard_size": 1, "executor": "local"}),
+        ("run", {"executor": "auto"}),
+        ("run", {"executor": "ray"}),
         ("run", {"max_actors": 1, "actor_start_timeout_s": 1}),
         ("run", {"max_actors": None, "actor_start_timeout_s": 3600.5}),
         ("run", {"read_timeout_s": 0.5, "image_timeout_s": 3600}),
@@ -220,7 +222,7 @@ def test_job_error_pickles_with_its_attributes() -> None:
         ("engine", "backend", ["torch", "onnx", "tensorrt"]),
         ("engine", "device", ["auto", "cpu", "cuda", "cuda:N"]),
         ("engine", "precision", ["fp32", "tf32", "fp16", "bf16"]),
-        ("run", "executor", ["ray", "local"]),
+        ("run", "executor", ["auto", "ray", "local"]),
     ],
 )
 @pytest.mark.parametrize("bad", ["tensorflow", 3, None])
