@@ -37,21 +37,27 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import takewhile
 
 import numpy as np
 
-from sam_batch.jobs.bounded import OverBudget, read_bounded
+from sam_batch.jobs.bounded import Budget, OverBudget
 from sam_batch.jobs.dataset import OutputDataset, Shard
 from sam_batch.jobs.schema import JobSpec
-from sam_batch.jobs.worker import ImageResult, ImageSegmenter, commit_shard, image_result
-from sam_batch.pipeline.images import TIFF_MAGIC, ImageError, decode_image, one_line_reason, open_input, read_bytes
+from sam_batch.jobs.stages import Opened, TileRead, open_image, read_photo, read_tile
+from sam_batch.jobs.worker import STAGES, ImageDone, ImageResult, ImageSegmenter, commit_shard, finish_image, image_result
+from sam_batch.pipeline.images import ImageError, one_line_reason
+from sam_batch.pipeline.scenes import ScenePlan, finish_scene
+from sam_batch.pipeline.tile_masks import TileMasks
 
 log = logging.getLogger("sam_batch")
 
-READ_AHEAD = 2  # images being read or waiting, decoded, for an actor: per segmenting actor
+READ_AHEAD = 2  # tiles being read or waiting, read, for an actor: per segmenting actor
+IN_FLIGHT_PER_ACTOR = 2  # tiles handed to one actor at once: it starts the next as the last one's masks go
+OPENS_AHEAD = 2  # images being opened (a raster's header, a photo read whole) at once
 MAX_COMMITS = 2  # shard commits in flight; reads pause while this many are running
+MAX_FINISHES = 2  # images being finished (seam merge, RLE, polygons) at once; reads pause meanwhile
 STAGE_TASK_CPUS = 0.25  # CPU share a read or commit task declares (mostly I/O)
 # cores per CPU segmenting actor: two batch threads in one actor decode within ~3-6% of two 1-core
 # actors on even image counts (docs/benchmarks.md), with half the model copies and no core idle
@@ -87,7 +93,7 @@ class ShardCommit:
     stats: dict
 
 
-Event = ImageResult | ShardCommit
+Event = ImageDone | ShardCommit
 
 
 class LocalExecutor:
@@ -111,7 +117,7 @@ class LocalExecutor:
 
             def read_next() -> None:
                 if (uri := next(unread, None)) is not None:
-                    ahead.append((uri, reader.submit(_read_image, uri, options, bands, timeout_s)))
+                    ahead.append((uri, reader.submit(read_photo, uri, options, bands, timeout_s)))
 
             read_next()
             for shard in shards:
@@ -119,9 +125,13 @@ class LocalExecutor:
                 for _ in shard.uris:
                     uri, read = ahead.popleft()
                     read_next()
-                    status, image = read.result()
-                    results.append(status.error_result(uri) if status.error else segmenter.segment(uri, image, status.seconds))
-                    yield results[-1]
+                    error, photo, seconds = read.result()
+                    if error:
+                        results.append(image_result(uri, [], seconds=seconds, stage_seconds={"read": seconds},
+                                                    error=error))
+                    else:
+                        results.append(segmenter.segment(uri, photo, seconds))
+                    yield results[-1].done()
                 yield ShardCommit(shard, commit_shard(dataset, shard, results))
 
 
@@ -135,14 +145,24 @@ class RayExecutor:
     on instead of `engine.device`, while they still ask Ray for what `engine.device` implies
     (so a test node that declares a GPU it does not have can run a `cuda` job's actors on its
     CPU). In production it is None: a `cuda` actor that sees no CUDA GPU fails the job.
+    `segmenter` is for tests and benchmarks alone: what each segmenting actor holds in place of
+    an `ImageSegmenter` (made as `segmenter(job, worker_name, threads)`; its `segment_tile` and
+    `worker_name` are used), such as a stand-in engine with a fixed time per tile.
     """
 
     name = "ray"
 
-    def __init__(self, job: JobSpec, cpus_per_actor: int | None = None, actor_device: str | None = None) -> None:
+    def __init__(
+        self,
+        job: JobSpec,
+        cpus_per_actor: int | None = None,
+        actor_device: str | None = None,
+        segmenter: type = ImageSegmenter,
+    ) -> None:
         self.job = job
         self.cpus_per_actor = cpus_per_actor  # None: chosen from the job and the nodes (`_actors`)
         self.actor_device = actor_device
+        self.segmenter = segmenter
         self.reaper: subprocess.Popen | None = None  # `jobs.reaper` of the embedded Ray started here
 
     def run(self, shards: list[Shard], dataset: OutputDataset) -> Iterator[Event]:
@@ -162,7 +182,8 @@ class RayExecutor:
             actor_job = self.job
             if self.actor_device is not None:
                 actor_job = replace(self.job, engine=replace(self.job.engine, device=self.actor_device))
-            yield from _RayPipeline(ray, self.job, actor_job, dataset, resources, n_actors).run(shards)
+            pool = _ActorPool(ray, actor_job, resources, n_actors, self.segmenter)
+            yield from _RayPipeline(ray, self.job, dataset, pool).run(shards)
         finally:
             if started_here:
                 self._shutdown_ray(ray)
@@ -381,84 +402,308 @@ def _shortfall(resources: dict, total: dict[str, float], free: dict[str, float])
     return " and ".join(lacking)
 
 
-class _RayPipeline:
-    """The driver's loop: moves every image through read → segment → commit, one event at a time."""
+@dataclass(eq=False)
+class _Image:
+    """The driver's view of one image in flight: small facts and object references only.
 
-    def __init__(
-        self, ray, job: JobSpec, actor_job: JobSpec, dataset: OutputDataset, actor_resources: dict, n_actors: int
-    ) -> None:
-        """`actor_job`: the job as the segmenting actors get it (`RayExecutor.actor_device`)."""
+    opened: its opening (`stages.Opened`), None until then; photo: the reference of a photo's
+    decoded pixels, which its tiles are cut from; tiles: references of its segmented tiles'
+    masks; waiting: its tiles not yet back; deadline: `time.monotonic()` past which
+    `run.image_timeout_s` is spent (None: no budget); done: its result is taken (rows made, or
+    an error row), so what is still on its way for it is dropped.
+    """
+
+    uri: str
+    opened: Opened | None = None
+    photo: object = None
+    tiles: list = field(default_factory=list)
+    waiting: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    workers: set[str] = field(default_factory=set)
+    deadline: float | None = None
+    done: bool = False
+
+
+@dataclass(eq=False)
+class _Unit:
+    """One tile of an image: the unit of work of a segmenting actor. pixels, valid: references
+    of a raster tile's read (None until read; a photo's tiles are cut from `image.photo`)."""
+
+    image: _Image
+    index: int
+    pixels: object = None
+    valid: object = None
+    attempts: int = 0
+
+    @property
+    def window(self) -> tuple[int, int, int, int]:
+        return self.image.opened.plan.tiles[self.index].window
+
+
+@dataclass(frozen=True)
+class _TileDone:
+    """What a segmenting actor tells the driver of one tile: `error` (one line) or None, its
+    masks' count, its seconds (s) and the actor's name. The masks stay in the object store."""
+
+    error: str | None
+    n_masks: int
+    seconds: float
+    worker: str
+
+
+class _RayPipeline:
+    """The driver's loop: moves every image through open → tile reads → segmenting actors →
+    finish → commit, one event at a time, holding only references and counts."""
+
+    def __init__(self, ray, job: JobSpec, dataset: OutputDataset, actors: _ActorPool) -> None:
         self.ray = ray
-        self.reads = _ReadStage(ray, job, capacity=READ_AHEAD * n_actors)
-        self.actors = _ActorPool(ray, actor_job, actor_resources, n_actors)
+        self.job = job
+        self.capacity = READ_AHEAD * actors.n_actors  # tiles being read or read, waiting for an actor
+        cpu_task = {"num_cpus": STAGE_TASK_CPUS, "max_retries": MAX_ATTEMPTS - 1}
+        self.open_task = ray.remote(open_image).options(num_returns=2, **cpu_task)
+        self.read_task = ray.remote(read_tile).options(num_returns=3, **cpu_task)
+        self.finish_task = ray.remote(_finish).options(num_returns=2, **cpu_task)
+        self.actors = actors
         self.commits = _CommitStage(ray, dataset)
+        self.opening: dict = {}  # open status ref -> _Image
+        self.reading: dict = {}  # read status ref -> _Unit
+        self.finishing: dict = {}  # finish summary ref -> (_Image, result ref)
+        self.queued: deque[_Unit] = deque()  # tiles of opened images, not yet read
+        self.ready: deque[_Unit] = deque()  # tiles read (or cut from a photo), for the next actor
+        self.live: list[_Image] = []  # images opened and not yet done, for their deadlines
 
     def run(self, shards: list[Shard]) -> Iterator[Event]:
         ledger = _Ledger(shards)
         self.actors.start()
         try:
             while ledger.outstanding or self.commits.running:
-                if len(self.commits.running) < MAX_COMMITS:
-                    self.reads.fill(ledger)
-                self.actors.feed(self.reads.ready)
-                event = self._next_event(ledger)
-                if event is None:
-                    continue
-                yield event
-                if isinstance(event, ImageResult) and (complete := ledger.add(event)):
-                    self.commits.submit(*complete)
+                if len(self.commits.running) < MAX_COMMITS and len(self.finishing) < MAX_FINISHES:
+                    self._fill(ledger)
+                self.actors.feed(self.ready)
+                yield from self._next_events(ledger)
         finally:
             self.actors.stop()
 
-    def _next_event(self, ledger: _Ledger) -> Event | None:
-        """Wait for the next reference any stage holds, and let its stage handle it; when the
-        wait runs out first (`_ActorPool.wait_timeout`), the error row of an image past its
-        deadline, or None."""
-        refs = [*self.reads.running, *self.actors.refs, *self.commits.running]
-        done, _ = self.ray.wait(refs, num_returns=1, timeout=self.actors.wait_timeout())
+    def _fill(self, ledger: _Ledger) -> None:
+        """Start tile reads up to the capacity, then open more images while few tiles are queued."""
+        while self.queued and len(self.reading) + len(self.ready) < self.capacity:
+            unit = self.queued.popleft()
+            if unit.image.done:
+                continue
+            if not unit.image.opened.raster:
+                self.ready.append(unit)  # a photo's tile: its pixels are the decoded photo's
+                continue
+            options, raster = self.job.input.storage_options, self.job.raster
+            status, unit.pixels, unit.valid = self.read_task.remote(
+                unit.image.uri, options, raster, unit.image.opened.stretch, unit.window, self.job.run.read_timeout_s
+            )
+            self.reading[status] = unit
+        while len(self.opening) < OPENS_AHEAD and len(self.queued) < self.capacity:
+            uri = ledger.next_uri()
+            if uri is None:
+                return
+            status, photo = self.open_task.remote(
+                uri, self.job.input.storage_options, self.job.raster, self.job.run.read_timeout_s
+            )
+            self.opening[status] = _Image(uri, photo=photo)
+
+    def _next_events(self, ledger: _Ledger) -> Iterator[Event]:
+        """Wait for the next reference any stage holds and handle it; when the wait runs out
+        first, the error rows of images past their budget."""
+        refs = [*self.opening, *self.reading, *self.actors.refs, *self.finishing, *self.commits.running]
+        done, _ = self.ray.wait(refs, num_returns=1, timeout=self._wait_timeout())
         if not done:
-            return self.actors.expire()
+            self.actors.expire()
+            yield from self._expire(ledger)
+            return
         [ref] = done
-        if ref in self.reads.running:
-            return self.reads.take(ref)
         if ref in self.commits.running:
-            return self.commits.take(ref)
-        return self.actors.take(ref, ledger)
+            yield self.commits.take(ref)
+        elif ref in self.finishing:
+            yield self._on_finished(ref, ledger)
+        elif ref in self.opening:
+            yield from self._on_opened(ref, ledger)
+        elif ref in self.reading:
+            yield from self._on_read(ref, ledger)
+        else:
+            yield from self._on_segmented(ref, ledger)
+
+    def _on_opened(self, ref, ledger: _Ledger) -> Iterator[Event]:
+        image = self.opening.pop(ref)
+        try:
+            opened: Opened = self.ray.get(ref)
+        except self.ray.exceptions.RayError as error:
+            yield self._fail(image, f"read: the open task was lost {MAX_ATTEMPTS} times ({type(error).__name__})", ledger)
+            return
+        image.opened = opened
+        image.seconds["read"] += opened.seconds
+        if opened.error:
+            yield self._fail(image, opened.error, ledger)
+            return
+        if opened.raster:
+            image.photo = None  # its tiles are read from the file
+        if (budget_s := self.job.run.image_timeout_s) is not None:
+            image.deadline = time.monotonic() - opened.seconds + budget_s
+        image.waiting = len(opened.plan.tiles)
+        self.live.append(image)
+        self.queued.extend(_Unit(image, index) for index in range(len(opened.plan.tiles)))
+
+    def _on_read(self, ref, ledger: _Ledger) -> Iterator[Event]:
+        unit = self.reading.pop(ref)
+        image = unit.image
+        try:
+            status: TileRead = self.ray.get(ref)
+        except self.ray.exceptions.RayError as error:
+            if not image.done:
+                yield self._fail(image, f"read: a tile's read task was lost {MAX_ATTEMPTS} times "
+                                        f"({type(error).__name__})", ledger)
+            return
+        if image.done:
+            return
+        image.seconds["read"] += status.seconds
+        if status.error:
+            yield self._fail(image, status.error, ledger)
+        elif not status.has_pixels:  # no valid pixel: the model never sees it
+            self._tile_back(image, None)
+        else:
+            self.ready.append(unit)
+
+    def _on_segmented(self, ref, ledger: _Ledger) -> Iterator[Event]:
+        taken = self.actors.take(ref)
+        if taken is None:
+            return
+        unit, masks, outcome = taken
+        image = unit.image
+        if image.done:
+            return
+        if isinstance(outcome, Exception):  # its worker, node or pixels were lost
+            unit.attempts += 1
+            log.warning("worker lost while segmenting tile %d of %s (%s); attempt %d of %d", unit.index, image.uri,
+                        type(outcome).__name__, unit.attempts, MAX_ATTEMPTS)
+            if unit.attempts >= MAX_ATTEMPTS:
+                yield self._fail(image, f"segment: the worker died on this image {MAX_ATTEMPTS} times "
+                                        "(out of memory?)", ledger)
+                return
+            unit.pixels = unit.valid = None
+            self.queued.appendleft(unit)  # read again (a photo's is cut again), before any other
+            return
+        image.seconds["segment"] += outcome.seconds
+        image.workers.add(outcome.worker)
+        if outcome.error:
+            yield self._fail(image, outcome.error, ledger)
+        else:
+            self._tile_back(image, masks)
+
+    def _tile_back(self, image: _Image, masks) -> None:
+        """One tile of `image` is back (`masks`: the reference of its masks, None for a tile
+        with no valid pixel); the last one starts the image's finish task."""
+        if masks is not None:
+            image.tiles.append(masks)
+        image.waiting -= 1
+        if image.waiting:
+            return
+        self.live.remove(image)
+        opened = image.opened
+        summary, result = self.finish_task.remote(
+            image.uri, opened.plan, self.job.amg.crop_nms_thresh, opened.started, image.seconds,
+            tuple(sorted(image.workers)), *image.tiles
+        )
+        self.finishing[summary] = (image, result)
+        image.tiles, image.photo = [], None
+
+    def _on_finished(self, ref, ledger: _Ledger) -> Event:
+        image, result = self.finishing.pop(ref)
+        try:
+            done: ImageDone = self.ray.get(ref)
+        except self.ray.exceptions.RayError as error:
+            return self._fail(image, f"encode: the finish task was lost {MAX_ATTEMPTS} times "
+                                     f"({type(error).__name__})", ledger)
+        image.done = True
+        self._add(image.uri, result, ledger)
+        return done
+
+    def _fail(self, image: _Image, error: str, ledger: _Ledger) -> ImageDone:
+        """The error row of `image`, which is then done: what is still on its way is dropped."""
+        size = None
+        if image.opened is not None and image.opened.plan is not None:
+            size = image.opened.plan.image_hw
+        started = image.opened.started if image.opened is not None else time.time()
+        result = image_result(image.uri, [], size=size, seconds=time.time() - started, stage_seconds=image.seconds,
+                              workers=tuple(sorted(image.workers)), error=error)
+        image.done = True
+        image.tiles, image.photo = [], None
+        if image in self.live:
+            self.live.remove(image)
+        self._add(image.uri, result, ledger)
+        return result.done()
+
+    def _add(self, uri: str, result, ledger: _Ledger) -> None:
+        """Keep an image's result (a reference, or an error row); commit its shard when complete."""
+        if complete := ledger.add(uri, result):
+            self.commits.submit(*complete)
+
+    def _wait_timeout(self) -> float | None:
+        """Seconds the driver may wait: until an actor must be placed, an image's budget is
+        spent or an actor must be killed (`_ActorPool.wait_timeout`); None: no bound."""
+        bounds = [self.actors.wait_timeout()]
+        deadlines = [image.deadline for image in self.live if image.deadline is not None]
+        if deadlines:
+            bounds.append(max(0.0, min(deadlines) - time.monotonic()))
+        known = [b for b in bounds if b is not None]
+        return min(known) if known else None
+
+    def _expire(self, ledger: _Ledger) -> Iterator[Event]:
+        """The error rows of the images whose budget is spent."""
+        now = time.monotonic()
+        for image in [i for i in self.live if i.deadline is not None and i.deadline <= now]:
+            yield self._fail(image, str(OverBudget(self.job.run.image_timeout_s)), ledger)
+
+
+def _finish(
+    uri: str,
+    plan: ScenePlan,
+    iou_threshold: float,
+    started: float,
+    seconds: dict[str, float],
+    workers: tuple[str, ...],
+    *tiles: TileMasks,
+) -> tuple[ImageDone, ImageResult]:
+    """A finish task: one image's rows from its tiles' masks (the seam merge, RLE, polygons),
+    and the summary the driver counts. Never raises: a failure is the image's error row."""
+    try:
+        result = finish_image(uri, finish_scene(plan, list(tiles), iou_threshold), started, seconds, workers)
+    except Exception as error:  # noqa: BLE001 - one image's failure must not end the job
+        result = image_result(uri, [], size=plan.image_hw, seconds=time.time() - started, stage_seconds=seconds,
+                              workers=workers, error=f"encode: {one_line_reason(error, typed=True)}")
+    return result.done(), result
 
 
 class _Ledger:
-    """The driver's bookkeeping: the images still to read (plan order, lost ones first) and the
-    results of the shards begun and not yet complete.
+    """The driver's bookkeeping: the images still to open, in plan order, and the results
+    (object references, or error rows) of the shards begun and not yet complete.
 
-    Shards are tracked from their first image read on, so this holds about as many images as
+    Shards are tracked from their first image opened on, so this holds about as many images as
     are in flight, however long the plan.
     """
 
     def __init__(self, shards: list[Shard]) -> None:
         self.unread = ((uri, shard) for shard in shards for uri in shard.uris)
-        self.lost: deque[str] = deque()
         self.shard_of: dict[str, Shard] = {}
-        self.results: dict[int, list[ImageResult]] = {}
+        self.results: dict[int, list] = {}
         self.outstanding = sum(len(shard.uris) for shard in shards)  # images without a result yet
 
     def next_uri(self) -> str | None:
-        """The next image to read, None when there is none left."""
-        if self.lost:
-            return self.lost.popleft()
+        """The next image to open, None when there is none left."""
         uri, shard = next(self.unread, (None, None))
         if uri is not None:
             self.shard_of[uri] = shard
             self.results.setdefault(shard.shard_id, [])
         return uri
 
-    def requeue(self, uri: str) -> None:
-        """Read a lost image again, before any other."""
-        self.lost.append(uri)
-
-    def add(self, result: ImageResult) -> tuple[Shard, list[ImageResult]] | None:
-        """Keep one result; the shard and all its results when this one completes it."""
+    def add(self, uri: str, result) -> tuple[Shard, list] | None:
+        """Keep one image's result; the shard and all its results when this one completes it."""
         self.outstanding -= 1
-        shard = self.shard_of.pop(result.uri)
+        shard = self.shard_of.pop(uri)
         results = self.results[shard.shard_id]
         results.append(result)
         if len(results) < len(shard.uris):
@@ -466,99 +711,14 @@ class _Ledger:
         return shard, self.results.pop(shard.shard_id)
 
 
-@dataclass(frozen=True)
-class _ReadStatus:
-    """What a read task tells the driver: one-line `error` (stage named) or None; `seconds` in s."""
-
-    error: str | None
-    seconds: float
-
-    def error_result(self, uri: str) -> ImageResult:
-        """The error row of an image that failed to read."""
-        return image_result(uri, [], seconds=self.seconds, stage_seconds={"read": self.seconds}, error=self.error)
-
-
-def _read_image(
-    uri: str, storage_options: dict, bands: tuple[int, ...] | None, timeout_s: float
-) -> tuple[_ReadStatus, np.ndarray | None]:
-    """A read task: (status, pixels (H, W, 3) uint8); pixels None for an error or a TIFF.
-
-    A TIFF is only sniffed (its first 4 bytes): the segmenting actor reads it window by window.
-    The read is waited for at most `timeout_s` s (`run.read_timeout_s`, counted from the task's
-    start, so never from a wait in Ray's queue), then is the image's error row; a read still
-    blocked is left on its daemon thread (`jobs.bounded`), which never holds a worker at exit.
-    """
-    started = time.perf_counter()
-    try:
-        data = read_bounded(timeout_s, _photo_bytes, uri, storage_options)
-        image = None if data is None else decode_image(data, bands)
-    except ImageError as error:
-        return _ReadStatus(str(error), time.perf_counter() - started), None
-    except Exception as error:  # noqa: BLE001 - one image's failure must not end the job
-        return _ReadStatus(f"decode: {one_line_reason(error, typed=True)}", time.perf_counter() - started), None
-    return _ReadStatus(None, time.perf_counter() - started), image
-
-
-def _photo_bytes(uri: str, storage_options: dict) -> bytes | None:
-    """The whole file, or None for a TIFF, of which only the first 4 bytes are read.
-
-    On any failure the file is read again by `read_bytes`, which names it (`read: …`).
-    """
-    try:
-        with open_input(uri, storage_options) as f:
-            head = f.read(len(TIFF_MAGIC[0]))
-            data = head if head in TIFF_MAGIC else head + f.read()
-    except Exception:  # noqa: BLE001 - read_bytes raises the one-line ImageError
-        data = b""
-    data = data or read_bytes(uri, storage_options)
-    return None if data[: len(TIFF_MAGIC[0])] in TIFF_MAGIC else data
-
-
-class _ReadStage:
-    """Read tasks ahead of the actors: at most `capacity` images being read or waiting, decoded.
-
-    Ray retries a task whose worker or node is lost (and rebuilds its lost pixels from lineage);
-    a read lost `MAX_ATTEMPTS` times becomes an error row.
-    """
-
-    def __init__(self, ray, job: JobSpec, capacity: int) -> None:
-        self.ray = ray
-        self.job = job
-        self.capacity = capacity
-        self.task = ray.remote(_read_image).options(
-            num_cpus=STAGE_TASK_CPUS, num_returns=2, max_retries=MAX_ATTEMPTS - 1
-        )
-        self.running: dict = {}  # status ref -> (uri, pixels ref)
-        self.ready: deque = deque()  # (uri, pixels ref, read seconds), read and decoded
-
-    def fill(self, ledger: _Ledger) -> None:
-        """Start reads of the ledger's next images, up to the capacity."""
-        while len(self.running) + len(self.ready) < self.capacity and (uri := ledger.next_uri()) is not None:
-            status, pixels = self.task.remote(
-                uri, self.job.input.storage_options, self.job.raster.bands, self.job.run.read_timeout_s
-            )
-            self.running[status] = (uri, pixels)
-
-    def take(self, ref) -> ImageResult | None:
-        """A finished read: its error row, or None once its pixels wait in `ready`."""
-        uri, pixels = self.running.pop(ref)
-        try:
-            status: _ReadStatus = self.ray.get(ref)
-        except self.ray.exceptions.RayError as error:
-            return image_result(uri, [], error=f"read: the read task was lost {MAX_ATTEMPTS} times ({type(error).__name__})")
-        if status.error:
-            return status.error_result(uri)
-        self.ready.append((uri, pixels, status.seconds))
-        return None
-
-
 class _SegmenterActor:
-    """A Ray actor around one `ImageSegmenter`. The constructor only notes the job, so that the
-    driver sees when Ray has placed the actor (`placed`) apart from when the model has loaded
-    (`load`, once)."""
+    """A Ray actor around one `ImageSegmenter` that segments tiles. The constructor only notes
+    the job, so that the driver sees when Ray has placed the actor (`placed`) apart from when
+    the model has loaded (`load`, once)."""
 
-    def __init__(self, job: JobSpec) -> None:
+    def __init__(self, job: JobSpec, segmenter: type = ImageSegmenter) -> None:
         self.job = job
+        self.segmenter_class = segmenter
         self.segmenter: ImageSegmenter | None = None
 
     def placed(self) -> None:
@@ -571,16 +731,39 @@ class _SegmenterActor:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         node = ray.get_runtime_context().get_node_id()[:8]
         try:
-            self.segmenter = ImageSegmenter(self.job, f"node-{node}/pid-{os.getpid()}", _actor_threads(cpus))
+            self.segmenter = self.segmenter_class(self.job, f"node-{node}/pid-{os.getpid()}", _actor_threads(cpus))
         except Exception as error:  # noqa: BLE001 - reported to the driver
             return f"{type(error).__name__}: {' '.join(str(error).split())}"
         return None
 
-    def segment(self, uri: str, image: np.ndarray | None, read_seconds: float) -> ImageResult:
-        """Rows of one image decoded by a read task (`image` (H, W, 3) uint8), or of a TIFF
-        (`image` None) that the segmenter reads itself; the read task's seconds are added."""
+    def segment_tile(
+        self,
+        uri: str,
+        plan: ScenePlan,
+        index: int,
+        pixels: np.ndarray,
+        valid: np.ndarray | None,
+        deadline: float | None,
+    ) -> tuple[_TileDone, TileMasks | None]:
+        """The masks of tile `index` of `uri`'s `plan`: `pixels` (h, w, 3) uint8 are the tile's
+        (a raster's read) or the whole photo's, which the tile is cut from; `valid` (h, w) bool
+        or None. deadline: `time.time()` past which the image's budget is spent (None: none).
+        Never raises for a bad tile: the failure is the status's `error`."""
         assert self.segmenter is not None
-        return self.segmenter.segment(uri, image, read_seconds)
+        started = time.perf_counter()
+        x0, y0, x1, y1 = plan.tiles[index].window
+        if pixels.shape[:2] != (y1 - y0, x1 - x0):
+            pixels = np.ascontiguousarray(pixels[y0:y1, x0:x1])
+        check = Budget.until(deadline, self.job.run.image_timeout_s).check
+        name = self.segmenter.worker_name
+        try:
+            masks = self.segmenter.segment_tile(uri, pixels, valid, plan, index, check)
+        except (ImageError, OverBudget) as error:
+            return _TileDone(str(error), 0, time.perf_counter() - started, name), None
+        except Exception as error:  # noqa: BLE001 - one image's failure must not end the job
+            return _TileDone(f"segment: {one_line_reason(error, typed=True)}", 0, time.perf_counter() - started,
+                             name), None
+        return _TileDone(None, len(masks), time.perf_counter() - started, name), masks
 
 
 def _actor_threads(cpus: float) -> int:
@@ -601,20 +784,23 @@ class _ActorPool:
     """Segmenting actors that survive losing some of them: to a killed process or a lost node.
 
     An actor is first *placed* (Ray found it the resources it asks for, perhaps once an
-    autoscaler added a node), then *loads* its model; work goes only to actors that have
-    loaded it, one image at a time. While no actor of the pool is placed, the job waits at most
-    `run.actor_start_timeout_s`, then fails naming what an actor asks for and what the cluster
-    lacks. When a call fails because a worker, a node or the image's pixels were lost, its
-    actor is replaced (placed wherever Ray finds room) and the image goes back to the ledger,
-    to be read again first. An image lost `MAX_ATTEMPTS` times becomes an error row instead
-    of taking the job down. With `run.image_timeout_s`, an actor whose image is not back
-    `SEGMENT_GRACE_S` after its budget (an actor stuck where it cannot check it) is killed and
-    replaced, and the image is its error row, not retried.
+    autoscaler added a node), then *loads* its model; tiles go only to actors that have
+    loaded it, `IN_FLIGHT_PER_ACTOR` at a time, so that an actor starts its next tile while the
+    last one's masks are handed on. While no actor of the pool is placed, the job waits at
+    most `run.actor_start_timeout_s`, then fails naming what an actor asks for and what the
+    cluster lacks. When a call fails because a worker, a node or the tile's pixels were lost,
+    its actor is replaced (placed wherever Ray finds room) and the driver reads the tile again
+    (`take` hands it the error). With `run.image_timeout_s`, an actor still busy on a tile
+    `SEGMENT_GRACE_S` past its image's budget (stuck where it cannot check it) is killed and
+    replaced; its tiles are dropped.
     """
 
-    def __init__(self, ray, job: JobSpec, resources: dict, n_actors: int) -> None:
+    def __init__(self, ray, job: JobSpec, resources: dict, n_actors: int, segmenter: type = ImageSegmenter) -> None:
+        """job: as the actors get it (`RayExecutor.actor_device`); segmenter: what they hold
+        (`RayExecutor.segmenter`)."""
         self.ray = ray
         self.job = job
+        self.segmenter = segmenter
         self.resources = resources
         self.actor_class = ray.remote(_SegmenterActor).options(
             max_restarts=0, max_task_retries=0, runtime_env=_actor_env(resources), **resources
@@ -622,10 +808,9 @@ class _ActorPool:
         self.n_actors = n_actors
         self.placing: dict = {}  # placed() ref -> actor
         self.starting: dict = {}  # load() ref -> actor
-        self.busy: dict = {}  # segment() ref -> (actor, uri)
-        self.deadlines: dict = {}  # segment() ref -> time.monotonic() past which its actor is killed
-        self.idle: list = []
-        self.attempts: Counter[str] = Counter()
+        self.loaded: list = []  # actors that have loaded the model
+        self.busy: dict = {}  # segment_tile() status ref -> (actor, unit, masks ref)
+        self.kill_at: dict = {}  # segment_tile() status ref -> time.monotonic() past which its actor is killed
         self.unplaced_since: float | None = None  # time.monotonic() since which no actor is placed
 
     @property
@@ -639,7 +824,7 @@ class _ActorPool:
                  _amounts(self.resources))
 
     def stop(self) -> None:
-        for actor in [*self.placing.values(), *self.starting.values(), *self.idle, *(a for a, _ in self.busy.values())]:
+        for actor in [*self.placing.values(), *self.starting.values(), *self.loaded]:
             self.ray.kill(actor)
 
     def placement_wait(self) -> float | None:
@@ -648,7 +833,7 @@ class _ActorPool:
         Raises:
             JobFailure: when no actor has been placed for `run.actor_start_timeout_s`.
         """
-        if self.starting or self.idle or self.busy:
+        if self.starting or self.loaded:
             self.unplaced_since = None
             return None
         now = time.monotonic()
@@ -665,52 +850,81 @@ class _ActorPool:
         return left
 
     def feed(self, ready: deque) -> None:
-        """Hand decoded images from `ready` to idle actors."""
-        while self.idle and ready:
-            actor, (uri, pixels, read_seconds) = self.idle.pop(), ready.popleft()
-            ref = actor.segment.remote(uri, pixels, read_seconds)
-            self.busy[ref] = (actor, uri)
-            if (budget_s := self.job.run.image_timeout_s) is not None:
-                self.deadlines[ref] = time.monotonic() + budget_s + SEGMENT_GRACE_S
+        """Hand read tiles from `ready` to loaded actors, the least busy first, up to
+        `IN_FLIGHT_PER_ACTOR` each; tiles of images already done are dropped."""
+        load = Counter(id(actor) for actor, _, _ in self.busy.values())
+        while ready:
+            actor = min(self.loaded, key=lambda a: load[id(a)], default=None)
+            if actor is None or load[id(actor)] >= IN_FLIGHT_PER_ACTOR:
+                return
+            unit = ready.popleft()
+            if unit.image.done:
+                continue
+            image = unit.image
+            pixels = image.photo if unit.pixels is None else unit.pixels
+            deadline = None if image.deadline is None else time.time() + image.deadline - time.monotonic()
+            status, masks = actor.segment_tile.options(num_returns=2).remote(
+                image.uri, image.opened.plan, unit.index, pixels, unit.valid, deadline
+            )
+            self.busy[status] = (actor, unit, masks)
+            load[id(actor)] += 1
+            if image.deadline is not None:
+                self.kill_at[status] = image.deadline + SEGMENT_GRACE_S
 
     def wait_timeout(self) -> float | None:
         """Seconds the driver may wait for any reference: until an actor must be placed
-        (`placement_wait`) or the first busy actor's deadline passes (0 when past); None: no bound.
+        (`placement_wait`) or the first busy actor must be killed (0 when past); None: no bound.
 
         Raises:
             JobFailure: when no actor has been placed for `run.actor_start_timeout_s`.
         """
         bounds = [self.placement_wait()]
-        if self.deadlines:
-            bounds.append(max(0.0, min(self.deadlines.values()) - time.monotonic()))
+        if self.kill_at:
+            bounds.append(max(0.0, min(self.kill_at.values()) - time.monotonic()))
         known = [b for b in bounds if b is not None]
         return min(known) if known else None
 
-    def expire(self) -> ImageResult | None:
-        """The error row of an image whose deadline has passed, its actor killed and replaced;
-        None when no deadline has passed."""
-        ref = min(self.deadlines, key=self.deadlines.get, default=None)
-        if ref is None or self.deadlines[ref] > time.monotonic():
-            return None
-        del self.deadlines[ref]
-        actor, uri = self.busy.pop(ref)
-        log.warning("%s: no rows %.0f s past run.image_timeout_s; replacing its segmenting actor", uri, SEGMENT_GRACE_S)
-        self.ray.kill(actor)
-        self._start_actor()
-        return image_result(uri, [], error=str(OverBudget(self.job.run.image_timeout_s)))
+    def expire(self) -> None:
+        """Kill and replace the actors busy on a tile `SEGMENT_GRACE_S` past its image's budget;
+        their tiles are dropped (the driver has written their images' error rows)."""
+        now = time.monotonic()
+        for ref in [r for r, at in self.kill_at.items() if at <= now]:
+            if ref not in self.busy:
+                continue
+            actor, unit, _ = self.busy[ref]
+            log.warning("%s: tile %d not back %.0f s past run.image_timeout_s; replacing its segmenting actor",
+                        unit.image.uri, unit.index, SEGMENT_GRACE_S)
+            self._replace(actor)
+            for other in [r for r, (a, _, _) in self.busy.items() if a is actor]:
+                self.busy.pop(other)
+                self.kill_at.pop(other, None)
 
-    def take(self, ref, ledger: _Ledger) -> ImageResult | None:
-        """A finished `placed` or `load` (None) or `segment` call (the result, or None if re-queued)."""
+    def take(self, ref) -> tuple[_Unit, object, _TileDone | Exception] | None:
+        """A finished call: None for `placed` or `load`; for `segment_tile`, (unit, masks
+        reference, its `_TileDone`, or the exception that says its worker or pixels were lost)."""
         if ref in self.placing:
             self._on_placed(ref)
             return None
         if ref in self.starting:
             self._on_started(ref)
             return None
-        return self._on_segmented(ref, ledger)
+        actor, unit, masks = self.busy.pop(ref)
+        self.kill_at.pop(ref, None)
+        try:
+            return unit, masks, self.ray.get(ref)
+        except _worker_lost_errors(self.ray) as error:
+            if actor in self.loaded:
+                self._replace(actor)
+            return unit, masks, error
+
+    def _replace(self, actor) -> None:
+        """Kill `actor` (dead already, or alive and only pixels were lost) and start another."""
+        self.ray.kill(actor)
+        self.loaded.remove(actor)
+        self._start_actor()
 
     def _start_actor(self) -> None:
-        actor = self.actor_class.remote(self.job)
+        actor = self.actor_class.remote(self.job, self.segmenter)
         self.placing[actor.placed.remote()] = actor
 
     def _on_placed(self, ref) -> None:
@@ -733,28 +947,13 @@ class _ActorPool:
             return
         if load_error:
             raise JobFailure(f"the segmenting actor cannot load the model: {load_error}")
-        self.idle.append(actor)
+        self.loaded.append(actor)
 
-    def _on_segmented(self, ref, ledger: _Ledger) -> ImageResult | None:
-        actor, uri = self.busy.pop(ref)
-        self.deadlines.pop(ref, None)
-        try:
-            result = self.ray.get(ref)
-        except _worker_lost_errors(self.ray) as error:
-            return self._on_lost(actor, uri, error, ledger)
-        self.idle.append(actor)
-        return result
 
-    def _on_lost(self, actor, uri: str, error: Exception, ledger: _Ledger) -> ImageResult | None:
-        self.ray.kill(actor)  # dead already, or alive and only the pixels were lost: replace it
-        self._start_actor()
-        self.attempts[uri] += 1
-        log.warning("worker lost while segmenting %s (%s); attempt %d of %d", uri, type(error).__name__,
-                    self.attempts[uri], MAX_ATTEMPTS)
-        if self.attempts[uri] < MAX_ATTEMPTS:
-            ledger.requeue(uri)
-            return None
-        return image_result(uri, [], error=f"segment: the worker died on this image {MAX_ATTEMPTS} times (out of memory?)")
+def _commit(dataset: OutputDataset, shard: Shard, *results: ImageResult) -> dict:
+    """A commit task: `commit_shard` with the shard's results, which Ray fetches from the
+    object store (the finish tasks' results) before the task starts."""
+    return commit_shard(dataset, shard, list(results))
 
 
 class _CommitStage:
@@ -767,12 +966,12 @@ class _CommitStage:
 
     def __init__(self, ray, dataset: OutputDataset) -> None:
         self.ray = ray
-        self.task = ray.remote(commit_shard).options(num_cpus=STAGE_TASK_CPUS, max_retries=MAX_ATTEMPTS - 1)
+        self.task = ray.remote(_commit).options(num_cpus=STAGE_TASK_CPUS, max_retries=MAX_ATTEMPTS - 1)
         self.dataset = ray.put(dataset)
         self.running: dict = {}  # commit ref -> shard
 
-    def submit(self, shard: Shard, results: list[ImageResult]) -> None:
-        self.running[self.task.remote(self.dataset, shard, results)] = shard
+    def submit(self, shard: Shard, results: list) -> None:
+        self.running[self.task.remote(self.dataset, shard, *results)] = shard
 
     def take(self, ref) -> ShardCommit:
         shard = self.running.pop(ref)

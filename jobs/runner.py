@@ -19,7 +19,7 @@ from sam_batch.jobs.executors import ShardCommit, make_executor
 from sam_batch.jobs.lease import LeaseHeld, OutputLease
 from sam_batch.jobs.plan import list_inputs, make_plan
 from sam_batch.jobs.schema import JobSpec
-from sam_batch.jobs.worker import STAGES, ImageResult
+from sam_batch.jobs.worker import STAGES, ImageDone
 
 log = logging.getLogger("sam_batch")
 
@@ -142,8 +142,7 @@ def _run_holding_the_lease(
                 summary.shards_committed += int(event.stats["committed"])
                 continue
             _count(summary, event)
-            if event.worker:
-                workers.add(event.worker)
+            workers.update(event.workers)
             progress.update(event, summary)
     finally:
         progress.close()
@@ -162,14 +161,14 @@ def _remove_unfinished(dataset: OutputDataset) -> None:
                     "first %s; their shards are done again", len(removed), removed[0])
 
 
-def _count(summary: RunSummary, result: ImageResult) -> None:
-    if result.image_row["status"] == "ok":
+def _count(summary: RunSummary, done: ImageDone) -> None:
+    if done.error is None:
         summary.images_ok += 1
     else:
         summary.images_error += 1
-        log.warning("%s: %s", result.uri, result.image_row["error"])
-    summary.masks += len(result.mask_rows)
-    for stage, seconds in result.stage_seconds.items():
+        log.warning("%s: %s", done.uri, done.error)
+    summary.masks += done.n_masks
+    for stage, seconds in done.stage_seconds.items():
         summary.stage_seconds[stage] += seconds
 
 
@@ -186,7 +185,7 @@ class Progress:
 
             self.bar = tqdm(total=total, unit="img", dynamic_ncols=True)
 
-    def update(self, result: ImageResult, summary: RunSummary) -> None:
+    def update(self, done: ImageDone, summary: RunSummary) -> None:
         self.done += 1
         if self.bar is not None:
             self.bar.set_postfix(masks=summary.masks, errors=summary.images_error, refresh=False)
@@ -194,15 +193,14 @@ class Progress:
             return
         rate = self.done / max(time.perf_counter() - self.started, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        error = result.image_row["error"]
         log.info(
             "[%d/%d] %s %s masks=%d%s | total masks=%d %.3f img/s eta %.0fs",
             self.done,
             self.total,
-            result.image_row["status"],
-            result.uri,
-            len(result.mask_rows),
-            f" ({error})" if error else "",
+            "ok" if done.error is None else "error",
+            done.uri,
+            done.n_masks,
+            f" ({done.error})" if done.error else "",
             summary.masks,
             rate,
             eta,

@@ -141,7 +141,9 @@ class RasterScene:
 
     bands: 1-based band indexes used as RGB (None = the first three that are not alpha; one
     band is repeated as gray, or coloured through its palette); nodata: overrides the file's
-    nodata value. Pixels are valid where any chosen band differs from nodata (and is not NaN),
+    nodata value; stretch: limits an earlier opening of the same file computed (`stretch`),
+    so that a tile read elsewhere is stretched alike without computing them again.
+    Pixels are valid where any chosen band differs from nodata (and is not NaN),
     or, for files without a nodata value, where GDAL's dataset mask (alpha band or internal
     mask) says so.
     """
@@ -152,6 +154,7 @@ class RasterScene:
         storage_options: dict | None = None,
         bands: Sequence[int] | None = None,
         nodata: float | None = None,
+        stretch: tuple[float, float] | None = None,
     ) -> None:
         import rasterio
 
@@ -159,7 +162,7 @@ class RasterScene:
         self._open = ExitStack()  # GDAL's S3 settings, if any, then the dataset: closed in reverse
         try:
             self._src = self._open_dataset(uri, storage_options or {})
-            self._describe(bands, nodata)
+            self._describe(bands, nodata, stretch)
         except rasterio.errors.RasterioError as error:
             self._open.close()
             raise ImageError("decode", f"raster open failed: {raster_error_reason(error)}") from None
@@ -182,7 +185,7 @@ class RasterScene:
             return self._open.enter_context(rasterio.open(f"s3://{path}"))
         return self._open.enter_context(rasterio.open(path, opener=BlockReads(fs)))
 
-    def _describe(self, bands: Sequence[int] | None, nodata: float | None) -> None:
+    def _describe(self, bands: Sequence[int] | None, nodata: float | None, stretch: tuple[float, float] | None) -> None:
         src = self._src
         self.width, self.height = src.width, src.height
         if self.width <= 0 or self.height <= 0:
@@ -198,7 +201,7 @@ class RasterScene:
             flag.name in ("per_dataset", "alpha") for flag in src.mask_flag_enums[self.bands[0] - 1]
         )
         plain = self.palette is not None or src.dtypes[self.bands[0] - 1] == "uint8"
-        self.stretch = None if plain else self._stretch_limits()
+        self.stretch = None if plain else (stretch or self._stretch_limits())
 
     def __enter__(self) -> RasterScene:
         return self
