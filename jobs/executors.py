@@ -1,25 +1,27 @@
 """Executors place the work: in this process (`local`) or on Ray (`ray`); `choose_executor`
 resolves `run.executor: auto` to one of them.
 
-Both run the shards still to do, in plan order, and yield an `ImageResult` as each image is
-done and a `ShardCommit` as each shard is committed; the runner counts them, shows progress
-and writes the run record. Ray appears only here.
+Both run the shards still to do, in plan order, and yield an `ImageDone` as each image is done
+and a `ShardCommit` as each shard is committed; the runner counts them, shows progress and
+writes the run record. Ray appears only here.
 
-On Ray each image goes through three stages, each holding a bounded number of images, so that
-memory stays flat however long the input:
+On Ray a tile is the unit of work, and each stage holds a bounded number of tiles or images, so
+that memory stays flat however large the scenes and however long the input:
 
-    read tasks (CPU)              segmenting actors (GPU, else CPU)   commit tasks (CPU)
-    fetch + decode to (H, W, 3)   one image per actor at a time;      `commit_shard`: Parquet
-    uint8; TIFFs only sniffed,  ► embeddings never leave the actor ►  files, then the marker;
-    the actor reads their windows                                     idempotent, so retries
-    ≤ READ_AHEAD per actor                                            are safe; ≤ MAX_COMMITS
+    open tasks (CPU)      tile read tasks (CPU)   segmenting actors        finish tasks (CPU)    commit tasks (CPU)
+    a raster's header:    one window each, with   (GPU, else CPU): any     all of an image's     `commit_shard` with
+    its plan and its   ►  the scene's stretch; ►  tile of any scene, two ► tiles back: seams ►  the rows fetched
+    stretch; a photo      ≤ READ_AHEAD per actor  at a time; return each   merged, RLE,          from the object
+    decoded whole         (a photo's tiles are    mask's box bits, box     polygons, rows        store; ≤ MAX_COMMITS
+    ≤ OPENS_AHEAD         cut by the actor)       and scores               ≤ MAX_FINISHES
 
-Pixels go from a read task to an actor through Ray's object store; the driver gets each read's
-small status, each image's rows, and holds the rows of the shards not yet complete.
+Pixels, masks and rows go from stage to stage through Ray's object store; the driver holds
+object references, each image's tile count and small statuses, never pixels or rows.
 
 Every wait is bounded: a read by `run.read_timeout_s` where it runs (`jobs.bounded`), an image's
-segmenting by `run.image_timeout_s` through the pipeline's checks and, on Ray, by the driver,
-which kills an actor whose image is not back `SEGMENT_GRACE_S` past that budget.
+segmenting by `run.image_timeout_s` through the pipeline's checks, checked again before each of
+its tiles but the first goes to an actor, and by the driver, which kills an actor still on a
+tile `SEGMENT_GRACE_S` past its image's budget.
 """
 
 from __future__ import annotations
@@ -409,7 +411,8 @@ class _Image:
     opened: its opening (`stages.Opened`), None until then; photo: the reference of a photo's
     decoded pixels, which its tiles are cut from; tiles: references of its segmented tiles'
     masks; waiting: its tiles not yet back; deadline: `time.monotonic()` past which
-    `run.image_timeout_s` is spent (None: no budget); done: its result is taken (rows made, or
+    `run.image_timeout_s` is spent (None: no budget); fed: its tiles handed to actors; redone:
+    those handed again after their worker was lost; done: its result is taken (rows made, or
     an error row), so what is still on its way for it is dropped.
     """
 
@@ -421,6 +424,8 @@ class _Image:
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     workers: set[str] = field(default_factory=set)
     deadline: float | None = None
+    fed: int = 0
+    redone: int = 0
     done: bool = False
 
 
@@ -470,7 +475,6 @@ class _RayPipeline:
         self.finishing: dict = {}  # finish summary ref -> (_Image, result ref)
         self.queued: deque[_Unit] = deque()  # tiles of opened images, not yet read
         self.ready: deque[_Unit] = deque()  # tiles read (or cut from a photo), for the next actor
-        self.live: list[_Image] = []  # images opened and not yet done, for their deadlines
 
     def run(self, shards: list[Shard]) -> Iterator[Event]:
         ledger = _Ledger(shards)
@@ -479,6 +483,7 @@ class _RayPipeline:
             while ledger.outstanding or self.commits.running:
                 if len(self.commits.running) < MAX_COMMITS and len(self.finishing) < MAX_FINISHES:
                     self._fill(ledger)
+                yield from self._over_budget(ledger)
                 self.actors.feed(self.ready)
                 yield from self._next_events(ledger)
         finally:
@@ -507,14 +512,23 @@ class _RayPipeline:
             )
             self.opening[status] = _Image(uri, photo=photo)
 
+    def _over_budget(self, ledger: _Ledger) -> Iterator[Event]:
+        """The error rows of images past `run.image_timeout_s` with a tile read and waiting for an
+        actor, that have had a tile segmented already: as in process, the budget is checked
+        before every tile but an image's first (and by the generator within each tile)."""
+        now = time.monotonic()
+        for unit in self.ready:
+            image = unit.image
+            if not image.done and image.fed and image.deadline is not None and image.deadline < now:
+                yield self._fail(image, str(OverBudget(self.job.run.image_timeout_s)), ledger)
+
     def _next_events(self, ledger: _Ledger) -> Iterator[Event]:
         """Wait for the next reference any stage holds and handle it; when the wait runs out
-        first, the error rows of images past their budget."""
+        first, kill the actors stuck past their tile's budget (`_ActorPool.expire`)."""
         refs = [*self.opening, *self.reading, *self.actors.refs, *self.finishing, *self.commits.running]
-        done, _ = self.ray.wait(refs, num_returns=1, timeout=self._wait_timeout())
+        done, _ = self.ray.wait(refs, num_returns=1, timeout=self.actors.wait_timeout())
         if not done:
             self.actors.expire()
-            yield from self._expire(ledger)
             return
         [ref] = done
         if ref in self.commits.running:
@@ -545,7 +559,6 @@ class _RayPipeline:
         if (budget_s := self.job.run.image_timeout_s) is not None:
             image.deadline = time.monotonic() - opened.seconds + budget_s
         image.waiting = len(opened.plan.tiles)
-        self.live.append(image)
         self.queued.extend(_Unit(image, index) for index in range(len(opened.plan.tiles)))
 
     def _on_read(self, ref, ledger: _Ledger) -> Iterator[Event]:
@@ -585,6 +598,7 @@ class _RayPipeline:
                                         "(out of memory?)", ledger)
                 return
             unit.pixels = unit.valid = None
+            image.redone += 1
             self.queued.appendleft(unit)  # read again (a photo's is cut again), before any other
             return
         image.seconds["segment"] += outcome.seconds
@@ -602,7 +616,6 @@ class _RayPipeline:
         image.waiting -= 1
         if image.waiting:
             return
-        self.live.remove(image)
         opened = image.opened
         summary, result = self.finish_task.remote(
             image.uri, opened.plan, self.job.amg.crop_nms_thresh, opened.started, image.seconds,
@@ -620,7 +633,7 @@ class _RayPipeline:
                                      f"({type(error).__name__})", ledger)
         image.done = True
         self._add(image.uri, result, ledger)
-        return done
+        return replace(done, tiles_redone=image.redone)
 
     def _fail(self, image: _Image, error: str, ledger: _Ledger) -> ImageDone:
         """The error row of `image`, which is then done: what is still on its way is dropped."""
@@ -632,8 +645,6 @@ class _RayPipeline:
                               workers=tuple(sorted(image.workers)), error=error)
         image.done = True
         image.tiles, image.photo = [], None
-        if image in self.live:
-            self.live.remove(image)
         self._add(image.uri, result, ledger)
         return result.done()
 
@@ -641,22 +652,6 @@ class _RayPipeline:
         """Keep an image's result (a reference, or an error row); commit its shard when complete."""
         if complete := ledger.add(uri, result):
             self.commits.submit(*complete)
-
-    def _wait_timeout(self) -> float | None:
-        """Seconds the driver may wait: until an actor must be placed, an image's budget is
-        spent or an actor must be killed (`_ActorPool.wait_timeout`); None: no bound."""
-        bounds = [self.actors.wait_timeout()]
-        deadlines = [image.deadline for image in self.live if image.deadline is not None]
-        if deadlines:
-            bounds.append(max(0.0, min(deadlines) - time.monotonic()))
-        known = [b for b in bounds if b is not None]
-        return min(known) if known else None
-
-    def _expire(self, ledger: _Ledger) -> Iterator[Event]:
-        """The error rows of the images whose budget is spent."""
-        now = time.monotonic()
-        for image in [i for i in self.live if i.deadline is not None and i.deadline <= now]:
-            yield self._fail(image, str(OverBudget(self.job.run.image_timeout_s)), ledger)
 
 
 def _finish(
@@ -868,6 +863,7 @@ class _ActorPool:
             )
             self.busy[status] = (actor, unit, masks)
             load[id(actor)] += 1
+            image.fed += 1
             if image.deadline is not None:
                 self.kill_at[status] = image.deadline + SEGMENT_GRACE_S
 

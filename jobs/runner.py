@@ -41,6 +41,8 @@ class RunSummary:
     images_ok: int = 0
     images_error: int = 0
     masks: int = 0
+    tiles_segmented: int = 0
+    tiles_redone: int = 0
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     workers: list[str] = field(default_factory=list)
@@ -62,6 +64,8 @@ class RunSummary:
             "images_ok": self.images_ok,
             "images_error": self.images_error,
             "masks": self.masks,
+            "tiles_segmented": self.tiles_segmented,
+            "tiles_redone": self.tiles_redone,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 4),
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
@@ -168,6 +172,8 @@ def _count(summary: RunSummary, done: ImageDone) -> None:
         summary.images_error += 1
         log.warning("%s: %s", done.uri, done.error)
     summary.masks += done.n_masks
+    summary.tiles_segmented += done.tiles_segmented
+    summary.tiles_redone += done.tiles_redone
     for stage, seconds in done.stage_seconds.items():
         summary.stage_seconds[stage] += seconds
 

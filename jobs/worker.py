@@ -43,7 +43,9 @@ class ImageDone:
     """What the runner counts of one finished image (its rows stay where they were made).
 
     error: the images row's one-line error, None when ok; stage_seconds: s per stage of
-    `STAGES`; workers: the segmenting workers that ran it (several for a tiled scene on Ray).
+    `STAGES`; workers: the segmenting workers that ran it (several for a tiled scene on Ray);
+    tiles_segmented: its tiles that went through the model (tiles with no valid pixel never
+    do); tiles_redone: those segmented again after their worker was lost.
     """
 
     uri: str
@@ -51,6 +53,8 @@ class ImageDone:
     n_masks: int
     stage_seconds: dict[str, float]
     workers: tuple[str, ...]
+    tiles_segmented: int = 0
+    tiles_redone: int = 0
 
 
 @dataclass
@@ -62,10 +66,12 @@ class ImageResult:
     image_row: dict
     stage_seconds: dict[str, float] = field(default_factory=dict)
     workers: tuple[str, ...] = ()
+    tiles_segmented: int = 0
 
     def done(self) -> ImageDone:
         """The runner's summary of this result."""
-        return ImageDone(self.uri, self.image_row["error"], len(self.mask_rows), self.stage_seconds, self.workers)
+        return ImageDone(self.uri, self.image_row["error"], len(self.mask_rows), self.stage_seconds, self.workers,
+                         self.tiles_segmented)
 
 
 class ImageSegmenter:
@@ -195,8 +201,9 @@ def finish_image(
     t = time.perf_counter()
     rows = mask_rows(uri, result.records())
     seconds = {**seconds, "encode": seconds.get("encode", 0.0) + time.perf_counter() - t}
-    return image_result(uri, rows, size=(result.height, result.width), seconds=time.time() - started,
+    done = image_result(uri, rows, size=(result.height, result.width), seconds=time.time() - started,
                         stage_seconds=seconds, workers=workers, crs=result.crs, transform=result.transform)
+    return dataclasses.replace(done, tiles_segmented=result.tiles - result.tiles_skipped)
 
 
 def commit_shard(dataset: OutputDataset, shard: Shard, results: list[ImageResult]) -> dict:

@@ -35,6 +35,10 @@ from sam_batch.pipeline.images import (
 
 Window = tuple[int, int, int, int]  # XYXY in scene pixels, end exclusive
 MAX_SCENE_PIXELS = 200_000 * 200_000  # a header beyond this is not a scene but a broken file
+# a file whose header claims more pixels than this per byte of the file is sparse or broken, not
+# a scene worth planning: deflate packs at most about 1,000 bytes into one, 3 bands of zeros at most
+# about 3,000 pixels a byte; a sparse 150,000^2 TIFF of 700 KB claims 32,000 (README, "Scenes")
+MAX_PIXELS_PER_FILE_BYTE = 10_000
 STRETCH_SAMPLE_SIDE = 1024  # the decimated read for stretch limits is at most this a side
 # s3fs storage options and the argument of rasterio's AWSSession each is (`gdal_s3_session`)
 S3FS_TO_SESSION = {"key": "aws_access_key_id", "secret": "aws_secret_access_key", "token": "aws_session_token",
@@ -121,6 +125,14 @@ def gdal_s3_session(storage_options: dict):
         return None
 
 
+def _size_or_none(fs: fsspec.AbstractFileSystem, path: str) -> int | None:
+    """The file's size in bytes, None where the store cannot say (then no sparseness check)."""
+    try:
+        return fs.size(path)
+    except Exception:  # noqa: BLE001 - opening the raster reports a missing or unreadable file
+        return None
+
+
 class BlockReads:
     """The filesystem rasterio reads a remote raster through: `fs` itself, but each file opened
     to read in blocks of `REMOTE_BLOCK_BYTES` kept in fsspec's block cache, instead of the
@@ -176,6 +188,7 @@ class RasterScene:
         its fsspec filesystem (`BlockReads`)."""
         rasterio = self._rasterio
         fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+        self._file_bytes = _size_or_none(fs, path)
         protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
         if "file" in protocols:
             return self._open.enter_context(rasterio.open(path))
@@ -192,6 +205,10 @@ class RasterScene:
             raise ImageError("decode", f"image has no pixels ({self.width}x{self.height})")
         if self.width * self.height > MAX_SCENE_PIXELS:
             raise ImageError("decode", f"header claims {self.width}x{self.height} pixels, over {MAX_SCENE_PIXELS}")
+        if self._file_bytes and self.width * self.height > MAX_PIXELS_PER_FILE_BYTE * self._file_bytes:
+            raise ImageError("decode", f"header claims {self.width}x{self.height} pixels in a file of "
+                                       f"{self._file_bytes} bytes, over {MAX_PIXELS_PER_FILE_BYTE} pixels a byte: "
+                                       "a sparse or broken raster")
         self.bands = rgb_bands(src, bands)
         self.palette = palette_colours(src, self.bands)
         self.crs = src.crs

@@ -171,7 +171,7 @@ def test_a_window_read_that_never_returns_times_out_and_the_close_waits_for_it()
 class HangingActor:
     """A segmenting actor stuck where no budget check runs: its tile never comes back."""
 
-    def __init__(self, job) -> None:
+    def __init__(self, job, segmenter) -> None:
         self.job = job
 
     def placed(self) -> None:
