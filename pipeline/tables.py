@@ -1,6 +1,8 @@
 """The two output tables of SPEC.md as explicit Arrow schemas, and rows → tables.
 
-`masks`: one row per mask; `images`: one row per input image, ok or error. Masks of
+`masks`: one row per mask; `images`: one row per input image, ok or error. A mask is its
+box-local RLE (`box_segmentation`, `box_origin`) and, for images of at most
+`rle.MAX_FULL_RLE_PIXELS`, its RLE over the whole image (`segmentation`, else null). Masks of
 georeferenced scenes carry `geometry` (WKB polygon in the scene's CRS) and its bounds in the
 `geometry_bbox` covering column, and their files the GeoParquet 1.1 `geo` metadata; other
 images leave both null. `images` carries each scene's `crs` and affine `transform`.
@@ -14,16 +16,15 @@ import pyarrow as pa
 
 from sam_batch.pipeline.geometry import geometry_type, geoparquet_metadata
 
+RLE_TYPE = pa.struct([pa.field("size", pa.list_(pa.int32())), pa.field("counts", pa.string())])
 MASKS_SCHEMA = pa.schema(
     [
         pa.field("image_uri", pa.string(), nullable=False),
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("mask_id", pa.int32(), nullable=False),
-        pa.field(
-            "segmentation",
-            pa.struct([pa.field("size", pa.list_(pa.int32())), pa.field("counts", pa.string())]),
-            nullable=False,
-        ),
+        pa.field("segmentation", RLE_TYPE),
+        pa.field("box_segmentation", RLE_TYPE, nullable=False),
+        pa.field("box_origin", pa.list_(pa.int32()), nullable=False),
         pa.field("bbox", pa.list_(pa.float64()), nullable=False),
         pa.field("area", pa.int64(), nullable=False),
         pa.field("predicted_iou", pa.float32(), nullable=False),

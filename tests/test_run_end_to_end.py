@@ -94,6 +94,8 @@ def test_schema_is_the_spec(ray_run) -> None:
         ("image_id", "string"),
         ("mask_id", "int32"),
         ("segmentation", "struct<size: list<item: int32>, counts: string>"),
+        ("box_segmentation", "struct<size: list<item: int32>, counts: string>"),
+        ("box_origin", "list<item: int32>"),
         ("bbox", "list<item: double>"),
         ("area", "int64"),
         ("predicted_iou", "float"),
