@@ -70,11 +70,13 @@ class Shard:
 
 @dataclass(frozen=True)
 class Plan:
-    """What a job will do: the job's fingerprint and its shards, frozen at the output root."""
+    """What a job will do: the job's fingerprint, its shards and the CRS its geometries are
+    written in ('EPSG:code' or WKT: `jobs.output_crs`), frozen at the output root."""
 
     fingerprint: str
     job: dict
     shards: tuple[Shard, ...]
+    output_crs: str | None = None
 
     @property
     def uris(self) -> list[str]:
@@ -87,6 +89,7 @@ class Plan:
                 "fingerprint": self.fingerprint,
                 "job": self.job,
                 "shards": [{"shard_id": s.shard_id, "uris": list(s.uris)} for s in self.shards],
+                "output_crs": self.output_crs,
             },
             indent=1,
         )
@@ -95,24 +98,32 @@ class Plan:
     def from_json(cls, text: str) -> "Plan":
         data = json.loads(text)
         shards = tuple(Shard(s["shard_id"], tuple(s["uris"])) for s in data["shards"])
-        return cls(data["fingerprint"], data["job"], shards)
+        return cls(data["fingerprint"], data["job"], shards, data.get("output_crs"))
 
 
 class OutputDataset:
     """One output root, as written by one run: its attempts go under `attempts/<run_id>/`
     (a fresh id unless given: the run id of the run's lease). All paths are built from shard
-    numbers and run ids, never from input names."""
+    numbers and run ids, never from input names. `crs`: the CRS its geometries are written in,
+    the plan's `output_crs` (None until the plan is known)."""
 
-    def __init__(self, uri: str, storage_options: dict | None = None, run_id: str | None = None) -> None:
+    def __init__(
+        self, uri: str, storage_options: dict | None = None, run_id: str | None = None, crs: str | None = None
+    ) -> None:
         self.uri = uri
         self.storage_options = storage_options or {}
         self.run_id = run_id or uuid.uuid4().hex
+        self.crs = crs
         self.fs, root = fsspec.core.url_to_fs(uri, **self.storage_options)
         self.root = root.rstrip("/")
 
     def for_run(self, run_id: str) -> OutputDataset:
         """The same output, written by the run `run_id`."""
-        return OutputDataset(self.uri, self.storage_options, run_id)
+        return OutputDataset(self.uri, self.storage_options, run_id, self.crs)
+
+    def for_plan(self, plan: Plan) -> OutputDataset:
+        """The same output, its geometries written in the CRS `plan` froze."""
+        return OutputDataset(self.uri, self.storage_options, self.run_id, plan.output_crs)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])

@@ -2,7 +2,8 @@
 
 Inputs are the union of `input.uris` (paths or URLs, globs expanded) and the lines of
 `input.manifest` (a text file of URIs, or a Parquet file with a `uri` column), sorted and
-de-duplicated, then cut into shards of `run.shard_size` in that order. A local glob follows
+de-duplicated, then cut into shards of `run.shard_size` in that order. The plan also holds the
+CRS the output's geometries are written in (`jobs.output_crs`). A local glob follows
 symbolic links to files and to folders (fsspec's enters no linked folder), never round a cycle.
 """
 
@@ -21,6 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import glob_translate
 
 from sam_batch.jobs.dataset import Plan, Shard
+from sam_batch.jobs.output_crs import choose_output_crs
 from sam_batch.jobs.schema import JobSpec, normalise_uri
 from sam_batch.pipeline.images import one_line_reason
 
@@ -55,10 +57,11 @@ def list_inputs(job: JobSpec) -> list[str]:
 
 
 def make_plan(job: JobSpec, uris: list[str]) -> Plan:
-    """Cut sorted URIs into shards of `run.shard_size`."""
+    """Cut sorted URIs into shards of `run.shard_size`; the output's CRS chosen from their
+    headers (`output_crs.choose_output_crs`)."""
     size = job.run.shard_size
     shards = tuple(Shard(i, tuple(uris[start : start + size])) for i, start in enumerate(range(0, len(uris), size)))
-    return Plan(job.fingerprint(), job.redacted_dict(), shards)
+    return Plan(job.fingerprint(), job.redacted_dict(), shards, choose_output_crs(job, uris))
 
 
 def _expand(pattern: str, options: dict) -> list[str]:

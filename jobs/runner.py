@@ -122,6 +122,7 @@ def _run_holding_the_lease(
     dataset.clean_attempts(lease.holder_run_id())
     _remove_unfinished(dataset)
     plan = prepare_plan(job, dataset, overwrite)
+    dataset = dataset.for_plan(plan)  # geometries in the CRS the plan froze
     committed = dataset.committed_shards()
     todo = [s for s in plan.shards if s.shard_id not in committed]
     n_todo = sum(len(s.uris) for s in todo)

@@ -54,6 +54,7 @@ _REDACTED = "***"
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 _CUDA_INDEX_RE = re.compile(r"cuda:[0-9]+")
 _SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
+_EPSG_RE = re.compile(r"EPSG:([0-9]+)", re.IGNORECASE)
 _DEVICES = ("auto", "cpu", "cuda")
 _ENUM_CUTOFF = 0.8  # stricter than for keys: 'tensorflow' should not suggest 'tensorrt'
 # a crop's grid is points_per_side^2 prompts: 256 gives 65,536 (the reference's default is 32)
@@ -257,6 +258,28 @@ def _sha256(value: Any, path: str) -> str:
     return value.lower()
 
 
+def _output_crs(value: Any, path: str) -> str:
+    """``auto`` or an EPSG code of a 2D CRS that PROJ's database holds, spelled ``EPSG:NNNN``."""
+    if value == "auto":
+        return value
+    match = _EPSG_RE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None:
+        raise _err(path, f"expected auto or an EPSG code such as EPSG:4326, got {_show(value)}")
+    import rasterio
+    from rasterio.crs import CRS
+    from rasterio.errors import CRSError
+
+    code = int(match.group(1))
+    try:
+        with rasterio.Env():  # GDAL's messages go to rasterio's log, not to stderr
+            crs = CRS.from_epsg(code)
+    except CRSError:
+        raise _err(path, f"EPSG:{code} is not a known EPSG code (PROJ's database has no such CRS)") from None
+    if not (crs.is_geographic or crs.is_projected):
+        raise _err(path, f"EPSG:{code} is not a geographic or projected CRS (polygons need x and y)")
+    return f"EPSG:{code}"
+
+
 def _device(value: Any, path: str) -> str:
     if isinstance(value, str) and (value in _DEVICES or _CUDA_INDEX_RE.fullmatch(value)):
         return value
@@ -421,15 +444,19 @@ class RasterSpec(_Section):
 
 @dataclass(frozen=True)
 class OutputSpec(_Section):
-    """``output``: the dataset root (any fsspec URL) and its never-shown storage options."""
+    """``output``: the dataset root (any fsspec URL), its never-shown storage options, and the
+    CRS of its geometries: ``auto`` (the scenes' CRS when they all share one, else EPSG:4326,
+    chosen once when the job is planned: `jobs.output_crs`) or ``EPSG:NNNN``."""
 
     uri: str
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False, hash=False)
+    crs: str = "auto"
 
     _SECTION: ClassVar[str] = "output"
     _RULES: ClassVar[Mapping[str, _Rule]] = {
         "uri": _uri,
         "storage_options": _storage_options,
+        "crs": _output_crs,
     }
 
 
@@ -523,7 +550,8 @@ class JobSpec:
         """SHA-256 hex of the canonical JSON of everything that determines the output.
 
         Excludes ``run.*``, every ``storage_options`` (credentials, no effect on results) and
-        ``output.uri`` (the plan holding the fingerprint sits there); input URIs count as
+        ``output.uri`` (the plan holding the fingerprint sits there); ``output.crs`` counts as
+        written (``auto`` resolves in the plan, frozen with it); input URIs count as
         `normalise_uri` spells them, as a set. Independent of key order in the job file.
         """
         data = self.to_dict()

@@ -219,7 +219,7 @@ def commit_shard(dataset: OutputDataset, shard: Shard, results: list[ImageResult
     }
     committed = dataset.commit_shard(
         shard,
-        masks_table([row for r in ordered for row in r.mask_rows], [r.image_row for r in ordered]),
+        masks_table([row for r in ordered for row in r.mask_rows], [r.image_row for r in ordered], dataset.crs),
         images_table([r.image_row for r in ordered]),
         stats,
     )

@@ -1,7 +1,19 @@
-"""COCO run-length encoding of binary masks (compressed RLE, column-major), via pycocotools."""
+"""COCO run-length encoding of binary masks (compressed RLE, column-major), via pycocotools.
+
+A mask is written twice: over its own box (`box_segmentation`, with the box's top-left pixel
+`box_origin`), always, and over the whole image (`segmentation`) for images of at most
+`MAX_FULL_RLE_PIXELS`: decoding a full-image RLE builds an image-size array, so one small mask
+of a large scene would cost seconds and hundreds of MiB to read (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
 
 import numpy as np
 from pycocotools import mask as coco_mask
+
+# `segmentation` (COCO RLE over the full image) is written for images of at most this many
+# pixels (4096 x 4096, 16.8 MP: one mask decodes to a 16 MiB array); above, it is null
+MAX_FULL_RLE_PIXELS = 4096 * 4096
 
 
 def encode_rle(mask: np.ndarray) -> dict:
@@ -68,3 +80,16 @@ def encode_rle_placed(pixels: np.ndarray, x0: int, y0: int, image_hw: tuple[int,
         counts.append(height * width - position)
     rle = coco_mask.frPyObjects({"size": [height, width], "counts": counts or [0]}, height, width)
     return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+
+
+def mask_rle_columns(pixels: np.ndarray, x0: int, y0: int, image_hw: tuple[int, int]) -> dict:
+    """The masks table's RLE columns of one mask given as the (h, w) bool pixels of its box.
+
+    Returns {"segmentation": RLE over the (H, W) image or None when H * W exceeds
+    `MAX_FULL_RLE_PIXELS`, "box_segmentation": RLE over the (h, w) box, "box_origin": [x0, y0]},
+    the box's top-left pixel in the image.
+    """
+    height, width = image_hw
+    full = encode_rle_placed(pixels, x0, y0, image_hw) if height * width <= MAX_FULL_RLE_PIXELS else None
+    return {"segmentation": full, "box_segmentation": encode_rle(pixels), "box_origin": [int(x0), int(y0)]}
+

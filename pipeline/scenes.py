@@ -28,7 +28,7 @@ import numpy as np
 from sam_batch.pipeline.geometry import crs_label, mask_geometry
 from sam_batch.pipeline.params import AmgParams
 from sam_batch.pipeline.rasters import Scene
-from sam_batch.pipeline.rle import encode_rle_placed
+from sam_batch.pipeline.rle import mask_rle_columns
 from sam_batch.pipeline.tile_masks import TileMasks, pack
 from sam_batch.pipeline.tiles import SceneMask, Tile, is_cut, merge_tiles, plan_tiles
 
@@ -226,12 +226,13 @@ def _nodata_fraction(mask: np.ndarray, valid: np.ndarray) -> float:
 
 
 def _record(mask: SceneMask, image_hw: tuple[int, int], transform) -> dict:
-    """One output record; bbox is XYWH with W = x1 - x0 (x1 the last pixel), as the reference's."""
+    """One output record; bbox is XYWH with W = x1 - x0 (x1 the last pixel), as the reference's.
+    The mask as RLE over the image and over its box: `rle.mask_rle_columns`."""
     x0, y0, x1, y1 = mask.box
     cx0, cy0, cx1, cy1 = mask.crop_box
     geometry = mask_geometry(mask.pixels, mask.x0, mask.y0, transform) if transform is not None else None
     return {
-        "segmentation": encode_rle_placed(mask.pixels, mask.x0, mask.y0, image_hw),
+        **mask_rle_columns(mask.pixels, mask.x0, mask.y0, image_hw),
         "area": mask.area,
         "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
         "predicted_iou": mask.iou,

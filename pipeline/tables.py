@@ -1,9 +1,12 @@
 """The two output tables of SPEC.md as explicit Arrow schemas, and rows → tables.
 
-`masks`: one row per mask; `images`: one row per input image, ok or error. Masks of
-georeferenced scenes carry `geometry` (WKB polygon in the scene's CRS) and its bounds in the
-`geometry_bbox` covering column, and their files the GeoParquet 1.1 `geo` metadata; other
-images leave both null. `images` carries each scene's `crs` and affine `transform`.
+`masks`: one row per mask; `images`: one row per input image, ok or error. A mask is its
+box-local RLE (`box_segmentation`, `box_origin`) and, for images of at most
+`rle.MAX_FULL_RLE_PIXELS`, its RLE over the whole image (`segmentation`, else null). Masks of
+georeferenced scenes carry `geometry` (WKB polygon in the output's CRS, reprojected from the
+scene's where they differ) and its bounds in the `geometry_bbox` covering column, and their
+files the GeoParquet 1.1 `geo` metadata; other images leave both null. `images` carries each
+scene's own `crs` and affine `transform`.
 """
 
 from __future__ import annotations
@@ -12,18 +15,17 @@ import hashlib
 
 import pyarrow as pa
 
-from sam_batch.pipeline.geometry import geometry_type, geoparquet_metadata
+from sam_batch.pipeline.geometry import geometry_type, geoparquet_metadata, reproject_geometries, same_crs
 
+RLE_TYPE = pa.struct([pa.field("size", pa.list_(pa.int32())), pa.field("counts", pa.string())])
 MASKS_SCHEMA = pa.schema(
     [
         pa.field("image_uri", pa.string(), nullable=False),
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("mask_id", pa.int32(), nullable=False),
-        pa.field(
-            "segmentation",
-            pa.struct([pa.field("size", pa.list_(pa.int32())), pa.field("counts", pa.string())]),
-            nullable=False,
-        ),
+        pa.field("segmentation", RLE_TYPE),
+        pa.field("box_segmentation", RLE_TYPE, nullable=False),
+        pa.field("box_origin", pa.list_(pa.int32()), nullable=False),
         pa.field("bbox", pa.list_(pa.float64()), nullable=False),
         pa.field("area", pa.int64(), nullable=False),
         pa.field("predicted_iou", pa.float32(), nullable=False),
@@ -92,17 +94,18 @@ def image_row(
     }
 
 
-def masks_table(rows: list[dict], image_rows: list[dict] = ()) -> pa.Table:
-    """The masks of a file; with GeoParquet metadata when any row has a geometry.
+def masks_table(rows: list[dict], image_rows: list[dict], crs: str) -> pa.Table:
+    """The masks of a file, their geometries in `crs` (the output's: 'EPSG:code' or WKT); with
+    GeoParquet metadata when any row has a geometry.
 
-    image_rows: the images rows of the same file, which give the scenes' CRSs.
+    image_rows: the images rows of the same file, whose `crs` is each scene's own.
     """
+    scene_crs = {row["image_id"]: row["crs"] for row in image_rows}
+    rows = _reprojected(rows, scene_crs, crs)
     table = pa.Table.from_pylist(rows, schema=MASKS_SCHEMA)
     boxes = [row["geometry_bbox"] for row in rows if row.get("geometry") is not None]
     if not boxes:
         return table
-    georeferenced = {row["image_id"] for row in rows if row.get("geometry") is not None}
-    crs_wkts = {_crs_wkt(row["crs"]) for row in image_rows if row["image_id"] in georeferenced}
     bounds = [
         min(b["xmin"] for b in boxes),
         min(b["ymin"] for b in boxes),
@@ -110,13 +113,25 @@ def masks_table(rows: list[dict], image_rows: list[dict] = ()) -> pa.Table:
         max(b["ymax"] for b in boxes),
     ]
     types = sorted({geometry_type(row["geometry"]) for row in rows if row.get("geometry") is not None})
-    return table.replace_schema_metadata({b"geo": geoparquet_metadata(crs_wkts, bounds, types)})
+    return table.replace_schema_metadata({b"geo": geoparquet_metadata(crs, bounds, types)})
 
 
-def _crs_wkt(label: str) -> str:
-    from rasterio.crs import CRS
-
-    return CRS.from_user_input(label).to_wkt()
+def _reprojected(rows: list[dict], scene_crs: dict[str, str | None], crs: str) -> list[dict]:
+    """`rows` with the geometries (and bounds) of scenes not in `crs` reprojected to it, one
+    call per scene; scene_crs: image_id → the scene's CRS."""
+    by_image: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        if row.get("geometry") is not None:
+            by_image.setdefault(row["image_id"], []).append(index)
+    rows = list(rows)
+    for image_id, indexes in by_image.items():
+        source = scene_crs[image_id]
+        if same_crs(source, crs):
+            continue
+        moved = reproject_geometries([rows[i]["geometry"] for i in indexes], source, crs)
+        for i, (geometry, bounds) in zip(indexes, moved):
+            rows[i] = {**rows[i], "geometry": geometry, "geometry_bbox": bounds}
+    return rows
 
 
 def images_table(rows: list[dict]) -> pa.Table:

@@ -142,7 +142,7 @@ def _render(args: argparse.Namespace) -> int:
     from sam_batch.jobs.dataset import OutputDataset
     from sam_batch.jobs.schema import normalise_uri
     from sam_batch.pipeline.images import load_image, one_line_reason
-    from sam_batch.pipeline.render import overlay
+    from sam_batch.pipeline.render import box_mask, overlay
 
     output = OutputDataset(args.output_uri)
     try:
@@ -151,19 +151,24 @@ def _render(args: argparse.Namespace) -> int:
         raise LookupError(f"{args.output_uri}: cannot be read as a sam-batch output ({one_line_reason(error)})") from None
     if plan is None:
         raise LookupError(f"{args.output_uri}: no sam-batch output there (no _sam_batch/plan.json)")
+    candidates = _string_array({args.image_uri, normalise_uri(args.image_uri)})
+    images = output.read_table("images")
+    listed = images.filter(pc.is_in(images["image_uri"], value_set=candidates)).to_pylist()
+    if not listed:
+        raise LookupError(f"{args.image_uri}: not in the images table of {args.output_uri}")
     masks = output.read_table("masks")
-    candidates = {args.image_uri, normalise_uri(args.image_uri)}
-    rows = masks.filter(pc.is_in(masks["image_uri"], value_set=_string_array(candidates)))
-    if rows.num_rows == 0:
-        images = output.read_table("images")
-        if pc.sum(pc.is_in(images["image_uri"], value_set=_string_array(candidates))).as_py() in (None, 0):
-            raise LookupError(f"{args.image_uri}: not in the images table of {args.output_uri}")
-    picture = overlay(load_image(args.image_uri), rows.column("segmentation").to_pylist())
+    rows = masks.filter(pc.is_in(masks["image_uri"], value_set=candidates)).to_pylist()
+    image = load_image(args.image_uri)
+    segmented = (listed[0]["height"], listed[0]["width"])
+    if rows and image.shape[:2] != segmented:
+        raise ValueError(f"{args.image_uri}: reads as {image.shape[1]}x{image.shape[0]} pixels, "
+                         f"segmented as {segmented[1]}x{segmented[0]}")
+    picture = overlay(image, [box_mask(row) for row in rows])
     try:
         picture.save(args.out)  # the format its extension names
     except ValueError as error:  # PIL: unknown file extension
         raise ValueError(f"{args.out}: {error}; use .png or .jpg") from None
-    print(f"{args.out}: {rows.num_rows} masks over {args.image_uri}")
+    print(f"{args.out}: {len(rows)} masks over {args.image_uri}")
     return EXIT_OK
 
 

@@ -343,7 +343,8 @@ def test_masks_files_carry_geoparquet_metadata(geo_output: Path) -> None:
     assert geo["version"] == "1.1.0" and geo["primary_column"] == "geometry"
     column = geo["columns"]["geometry"]
     assert column["encoding"] == "WKB" and set(column["geometry_types"]) <= {"Polygon", "MultiPolygon"}
-    assert column["crs"]["id"] == {"authority": "EPSG", "code": 32618}
+    assert column["crs"]["id"] == {"authority": "EPSG", "code": 32618}  # one scene's zone: kept (output.crs auto)
+    assert json.loads((geo_output / "_sam_batch" / "plan.json").read_text())["output_crs"] == "EPSG:32618"
     assert column["covering"]["bbox"]["xmin"] == ["geometry_bbox", "xmin"]
     table = pq.read_table(path)
     georeferenced = [g for g in table.column("geometry").to_pylist() if g is not None]

@@ -94,6 +94,8 @@ def test_schema_is_the_spec(ray_run) -> None:
         ("image_id", "string"),
         ("mask_id", "int32"),
         ("segmentation", "struct<size: list<item: int32>, counts: string>"),
+        ("box_segmentation", "struct<size: list<item: int32>, counts: string>"),
+        ("box_origin", "list<item: int32>"),
         ("bbox", "list<item: double>"),
         ("area", "int64"),
         ("predicted_iou", "float"),
@@ -509,4 +511,4 @@ def test_a_commit_out_of_space_or_quota_is_one_line_naming_the_output(tmp_path, 
 
         monkeypatch.setattr(dataset, "_write_bytes", full)
         with pytest.raises(DatasetError, match=f"out: {what} while committing shard-00003; free some and run the same"):
-            dataset.commit_shard(Shard(3, ("a.jpg",)), masks_table([], []), images_table([]), {})
+            dataset.commit_shard(Shard(3, ("a.jpg",)), masks_table([], [], "EPSG:4326"), images_table([]), {})
