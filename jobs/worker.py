@@ -74,6 +74,18 @@ class ImageResult:
                          self.tiles_segmented)
 
 
+@dataclass(frozen=True)
+class ShardCommit:
+    """A shard's commit is done: `stats` as returned by `commit_shard` (`committed` is False
+    when another attempt had committed it first; `write_seconds` in s)."""
+
+    shard: Shard
+    stats: dict
+
+
+Event = ImageDone | ShardCommit  # what an executor yields to the runner
+
+
 class ImageSegmenter:
     """Holds one engine; turns input URIs into output rows. `threads`: torch's intra-op threads
     in this process (None: every core it may use)."""

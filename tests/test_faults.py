@@ -133,7 +133,7 @@ def actor_pids(driver: psutil.Process) -> list[int]:
     pids = []
     for process in driver.children(recursive=True):
         try:
-            if any("_SegmenterActor" in part for part in process.cmdline()):
+            if any("SegmenterActor" in part for part in process.cmdline()):
                 pids.append(process.pid)
         except psutil.NoSuchProcess:
             continue
@@ -300,9 +300,9 @@ def test_a_commit_killed_before_its_marker_is_taken_back_by_the_next_run(tmp_pat
 TILES_WATCHED = """
 import sys
 from sam_batch.cli import main
-from sam_batch.jobs import executors
+from sam_batch.jobs import ray_pipeline
 
-tile_back = executors._RayPipeline._tile_back
+tile_back = ray_pipeline.RayPipeline._tile_back
 
 
 def watched(self, image, masks):
@@ -310,7 +310,7 @@ def watched(self, image, masks):
     return tile_back(self, image, masks)
 
 
-executors._RayPipeline._tile_back = watched
+ray_pipeline.RayPipeline._tile_back = watched
 sys.exit(main(sys.argv[1:]))
 """
 SCENE_JOB = {"amg": {"points_per_side": 4}, "raster": {"tile_size": 256, "tile_overlap": 32}}  # 16 tiles
@@ -327,7 +327,7 @@ def test_an_actor_killed_mid_scene_costs_only_its_tiles(tmp_path) -> None:
     """One scene of 16 tiles on two actors; one is SIGKILLed once three tiles are back. The run
     redoes only the tiles that actor held (at most IN_FLIGHT_PER_ACTOR), and its masks are
     those of a run on one actor."""
-    from sam_batch.jobs.executors import IN_FLIGHT_PER_ACTOR
+    from sam_batch.jobs.ray_pipeline import IN_FLIGHT_PER_ACTOR
 
     one = tmp_path / "one"
     subprocess.run([SAM_BATCH, "run", str(scene_job(tmp_path / "one.yaml", one, max_actors=1))], check=True,

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from conftest import IMAGES
-from sam_batch.jobs import executors
+from sam_batch.jobs import executors, ray_pipeline
 from sam_batch.jobs.bounded import BoundedScene, ReadThread, ReadTimedOut
 from sam_batch.jobs.schema import parse_job
 from sam_batch.jobs.stages import Opened
@@ -190,13 +190,13 @@ def test_an_actor_stuck_past_the_budget_is_killed_and_replaced(monkeypatch) -> N
     import ray
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests
-    monkeypatch.setattr(executors, "_SegmenterActor", HangingActor)
-    monkeypatch.setattr(executors, "SEGMENT_GRACE_S", 0.0)
+    monkeypatch.setattr(ray_pipeline, "SegmenterActor", HangingActor)
+    monkeypatch.setattr(ray_pipeline, "SEGMENT_GRACE_S", 0.0)
     job = parse_job({"name": "stuck", "input": {"uris": ["x.jpg"]}, "output": {"uri": "out"},
                      "run": {"image_timeout_s": IMAGE_TIMEOUT_S}})
     executor = executors.RayExecutor(job)
     assert executor._init_ray(ray), "a Ray was already running in this process"
-    pool = executors._ActorPool(ray, job, {"num_cpus": 0.5}, 1)
+    pool = ray_pipeline.ActorPool(ray, job, {"num_cpus": 0.5}, 1)
     try:
         pool.start()
         for _ in ("placed", "load"):
@@ -205,8 +205,8 @@ def test_an_actor_stuck_past_the_budget_is_killed_and_replaced(monkeypatch) -> N
         photo = np.zeros((8, 8, 3), np.uint8)
         plan = plan_scene(ArrayScene(photo), 8, 0)
         opened = Opened(None, plan, raster=False, stretch=None, seconds=0.0, started=time.time())
-        image = executors._Image("x.jpg", opened, ray.put(photo), deadline=time.monotonic() + IMAGE_TIMEOUT_S)
-        pool.feed(deque([executors._Unit(image, 0)]))
+        image = ray_pipeline._Image("x.jpg", opened, ray.put(photo), deadline=time.monotonic() + IMAGE_TIMEOUT_S)
+        pool.feed(deque([ray_pipeline._Unit(image, 0)]))
         [stuck] = pool.refs
         while pool.busy:  # the driver's loop: wait up to the kill time, then expire
             done, _ = ray.wait(pool.refs, num_returns=1, timeout=pool.wait_timeout())
