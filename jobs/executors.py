@@ -130,20 +130,24 @@ class RayExecutor:
 
         started_here = self._init_ray(ray)
         try:
-            largest = max((n["Resources"] for n in ray.nodes() if n["Alive"]), key=lambda r: r.get("CPU", 0), default={})
-            resources, n_actors = self._actors(
-                ray.cluster_resources(), int(largest.get("CPU", 1)), n_images, largest.get("memory")
-            )
-            if self.reaper is not None:  # an embedded Ray never grows: what it lacks it will never have
-                _check_fits(ray, resources)
-            actor_job = self.job
-            if self.actor_device is not None:
-                actor_job = replace(self.job, engine=replace(self.job.engine, device=self.actor_device))
-            pool = ActorPool(ray, actor_job, resources, n_actors, self.segmenter)
-            yield from RayPipeline(ray, self.job, dataset, pool).run(shards)
+            yield from RayPipeline(ray, self.job, dataset, lambda units: self._pool(ray, units)).run(shards)
         finally:
             if started_here:
                 self._shutdown_ray(ray)
+
+    def _pool(self, ray, n_units: int) -> ActorPool:
+        """The segmenting actors (not yet started) for a job with at least `n_units` tiles to
+        segment, sized from the cluster as it is now (`_actors`)."""
+        largest = max((n["Resources"] for n in ray.nodes() if n["Alive"]), key=lambda r: r.get("CPU", 0), default={})
+        resources, n_actors = self._actors(
+            ray.cluster_resources(), int(largest.get("CPU", 1)), n_units, largest.get("memory")
+        )
+        if self.reaper is not None:  # an embedded Ray never grows: what it lacks it will never have
+            _check_fits(ray, resources)
+        actor_job = self.job
+        if self.actor_device is not None:
+            actor_job = replace(self.job, engine=replace(self.job.engine, device=self.actor_device))
+        return ActorPool(ray, actor_job, resources, n_actors, self.segmenter)
 
     def _init_ray(self, ray) -> bool:
         """Join or start Ray; False when this process was connected to one already."""
@@ -164,21 +168,21 @@ class RayExecutor:
             self.reaper = None
 
     def _actors(
-        self, cluster: dict[str, float], node_cpus: int, n_images: int, node_memory: float | None = None
+        self, cluster: dict[str, float], node_cpus: int, n_units: int, node_memory: float | None = None
     ) -> tuple[dict, int]:
         """Resources of one segmenting actor and how many to start, from `cluster_resources()`
         and the CPUs and Ray `memory` (bytes) of the largest node; never more than
-        `run.max_actors` nor than `n_images`.
+        `run.max_actors` nor than `n_units` (tiles to segment, as far as known).
 
         With `engine.device` cuda (or cuda:N), or auto on a cluster with GPUs, each actor asks
         for one GPU (`GPU_ACTOR_RESOURCES`), GPUs present or not, so that an autoscaler can add
         them: one actor per GPU present, at least one. Otherwise a CPU actor takes
         `cpus_per_actor` cores (as many as a node has, if fewer; by default `_cores_per_actor`)
         and leaves `STAGE_TASK_CPUS` of them to the read and commit tasks, so the stages never
-        wait for each other's CPUs. With fewer images (or `run.max_actors`) than that makes
+        wait for each other's CPUs. With fewer tiles (or `run.max_actors`) than that makes
         actors, the actors started share the cores (as far as one node holds them).
         """
-        most = min(n_images, self.job.run.max_actors or n_images)
+        most = min(n_units, self.job.run.max_actors or n_units)
         gpus = int(cluster.get("GPU", 0))
         device = self.job.engine.device
         if device.startswith("cuda") or (gpus and device == "auto"):

@@ -26,7 +26,7 @@ import math
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -148,15 +148,18 @@ class RayPipeline:
     """The driver's loop: moves every image through open → tile reads → segmenting actors →
     finish → commit, one event at a time, holding only references and counts."""
 
-    def __init__(self, ray, job: JobSpec, dataset: OutputDataset, actors: ActorPool) -> None:
+    def __init__(self, ray, job: JobSpec, dataset: OutputDataset, make_actors: Callable[[int], ActorPool]) -> None:
+        """make_actors: the segmenting actors for a job with at least this many tiles to do
+        (`RayExecutor._pool`), called once the first images are open."""
         self.ray = ray
         self.job = job
-        self.capacity = READ_AHEAD * actors.n_actors  # tiles being read or read, waiting for an actor
+        self.make_actors = make_actors
+        self.actors: ActorPool | None = None
+        self.capacity = OPENS_AHEAD  # tiles read ahead: READ_AHEAD per actor, once there are actors
         cpu_task = {"num_cpus": STAGE_TASK_CPUS, "max_retries": MAX_ATTEMPTS - 1}
         self.open_task = ray.remote(open_image).options(num_returns=2, **cpu_task)
         self.read_task = ray.remote(read_tile).options(num_returns=3, **cpu_task)
         self.finish_task = ray.remote(_finish).options(num_returns=2, **cpu_task)
-        self.actors = actors
         self.commits = _CommitStage(ray, dataset)
         self.opening: dict = {}  # open status ref -> _Image
         self.reading: dict = {}  # read status ref -> _Unit
@@ -166,7 +169,7 @@ class RayPipeline:
 
     def run(self, shards: list[Shard]) -> Iterator[Event]:
         ledger = _Ledger(shards)
-        self.actors.start()
+        yield from self._start_actors(ledger)
         try:
             while ledger.outstanding or self.commits.running:
                 if len(self.commits.running) < MAX_COMMITS and len(self.finishing) < MAX_FINISHES:
@@ -176,6 +179,18 @@ class RayPipeline:
                 yield from self._next_events(ledger)
         finally:
             self.actors.stop()
+
+    def _start_actors(self, ledger: _Ledger) -> Iterator[Event]:
+        """Open the first images, then start as many actors as their tiles (and one tile for
+        each image not yet open) can keep busy, as far as the cluster holds them: a job of one
+        large scene gets every actor, a job of two photos two."""
+        self._fill(ledger)
+        for ref in list(self.opening):
+            self.ray.wait([ref])  # an open task's reads are bounded by run.read_timeout_s
+            yield from self._on_opened(ref, ledger)
+        self.actors = self.make_actors(max(1, len(self.queued) + ledger.unopened))
+        self.capacity = READ_AHEAD * self.actors.n_actors
+        self.actors.start()
 
     def _fill(self, ledger: _Ledger) -> None:
         """Start tile reads up to the capacity, then open more images while few tiles are queued."""
@@ -374,11 +389,13 @@ class _Ledger:
         self.shard_of: dict[str, Shard] = {}
         self.results: dict[int, list] = {}
         self.outstanding = sum(len(shard.uris) for shard in shards)  # images without a result yet
+        self.unopened = self.outstanding  # images not yet handed out to open
 
     def next_uri(self) -> str | None:
         """The next image to open, None when there is none left."""
         uri, shard = next(self.unread, (None, None))
         if uri is not None:
+            self.unopened -= 1
             self.shard_of[uri] = shard
             self.results.setdefault(shard.shard_id, [])
         return uri
