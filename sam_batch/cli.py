@@ -1,4 +1,4 @@
-"""The `sam-batch` command line: run, validate, render, weights fetch, bench, bench-memory, bench-gpu."""
+"""The `sam-batch` command line: run, validate, render, export, weights fetch, bench, bench-memory, bench-gpu."""
 
 from __future__ import annotations
 
@@ -66,6 +66,28 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("image_uri")
     render.add_argument("-o", "--out", required=True, help="the picture to write, in the format its extension names (.png, .jpg, ...)")
     render.set_defaults(handler=_render)
+
+    exporting = commands.add_parser(
+        "export", help="write an output's masks as GeoPackage, FlatGeobuf, GeoJSON, GeoParquet, COCO JSON or amg.py's folders",
+        description="Write the committed masks of an output to one file (or amg.py's folder layout), streamed.",
+    )
+    exporting.add_argument("output_uri", help="the output of a sam-batch run")
+    exporting.add_argument("--to", dest="destination", required=True, metavar="FILE_OR_URI",
+                           help=".gpkg .fgb .geojson .geojsons/.geojsonl .parquet (GeoParquet) .json (COCO); "
+                                "no extension: amg.py's layout, a folder per image")
+    exporting.add_argument("--format", help="gpkg, fgb, geojson, geojsonseq, geoparquet, coco or amg, whatever the extension")
+    exporting.add_argument("--where", metavar="SQL", help="DuckDB condition over the masks and images columns, "
+                                                          "e.g. \"predicted_iou > 0.9 AND image_uri LIKE '%%.tif'\"")
+    for bound in ("min", "max"):
+        exporting.add_argument(f"--{bound}-area", type=float, metavar="A",
+                               help=f"{bound}imum area (inclusive): pixels for coco and amg; map units squared of "
+                                    "the output CRS for GIS formats, before simplifying")
+    exporting.add_argument("--simplify", type=float, metavar="TOLERANCE",
+                           help="GIS formats: simplify polygons within TOLERANCE map units, each keeping its topology")
+    exporting.add_argument("--crs", metavar="EPSG:CODE", help="GIS formats: reproject to this CRS (default: the scenes' own)")
+    exporting.add_argument("--coco-polygons", action="store_true", help="coco: polygons instead of RLE (holes are filled)")
+    exporting.add_argument("--overwrite", action="store_true", help="replace the destination if it exists")
+    exporting.set_defaults(handler=_export)
 
     commands.add_parser("bench", help="the reference generator and sam-batch side by side (see bench --help)")
     commands.add_parser("bench-memory", help="peak memory of a Ray run over 100 and 1,000 images (see bench-memory --help)")
@@ -164,6 +186,24 @@ def _render(args: argparse.Namespace) -> int:
     except ValueError as error:  # PIL: unknown file extension
         raise ValueError(f"{args.out}: {error}; use .png or .jpg") from None
     print(f"{args.out}: {rows.num_rows} masks over {args.image_uri}")
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from sam_batch.jobs.export import ExportRequest, export
+    from sam_batch.jobs.export_source import ExportError
+
+    request = ExportRequest(
+        args.output_uri, args.destination, args.format, args.where, args.min_area, args.max_area,
+        args.simplify, args.crs, args.coco_polygons, args.overwrite,
+    )
+    try:
+        format_, counts = export(request)
+    except ExportError as error:
+        print(f"sam-batch: export: {error}", file=sys.stderr)
+        return EXIT_INVALID_JOB
+    skipped = "".join(f"; {n} skipped: {reason}" for reason, n in counts.skipped.items())
+    print(f"{args.destination}: {counts.written} masks ({format_}) of {counts.read} read{skipped}")
     return EXIT_OK
 
 
