@@ -102,7 +102,7 @@ class CommittedMasks:
         """
         for shard in self.shards:
             query = self._query(shard, columns, where, min_area, max_area)
-            reader = self.connection.sql(query).fetch_arrow_reader(BATCH_ROWS)
+            reader = self.connection.sql(query).to_arrow_reader(BATCH_ROWS)
             yield from reader
 
     def _query(self, shard: tuple[str, str], columns: list[str], where, min_area, max_area) -> str:
