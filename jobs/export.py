@@ -14,12 +14,11 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import fsspec
-import pyarrow as pa
 
 from sam_batch.jobs.export_formats import (
     GDAL_DRIVERS,
@@ -33,7 +32,7 @@ from sam_batch.jobs.export_formats import (
     write_gdal,
     write_geoparquet,
 )
-from sam_batch.jobs.export_source import CommittedMasks, ExportError, ImageInfo, is_local
+from sam_batch.jobs.export_source import CommittedMasks, ExportError, ImageInfo
 
 GIS_FORMATS = ("gpkg", "fgb", "geojson", "geojsonseq", "geoparquet")
 FORMATS = (*GIS_FORMATS, "coco", "amg")
@@ -94,9 +93,8 @@ def export(request: ExportRequest, progress: bool | None = None) -> tuple[str, E
     _check_destination(request.destination, request.overwrite)
     counts = ExportCounts()
     show = sys.stderr.isatty() if progress is None else progress
-    total = source.count(request.where, *pixel_bounds) if show else None
-    batches = _with_progress(source.batches(columns, request.where, *pixel_bounds), total, show)
-    with staged(request.destination, folder=format_ == "amg") as path:
+    with _progress_bar(source.total_rows(), show) as on_read, staged(request.destination, folder=format_ == "amg") as path:
+        batches = source.batches(columns, request.where, *pixel_bounds, on_read=on_read)
         if format_ in GDAL_DRIVERS:
             write_gdal(path, GDAL_DRIVERS[format_], batches, options, counts)
         elif format_ == "geoparquet":
@@ -179,14 +177,19 @@ def staged(destination: str, folder: bool) -> Iterator[str]:
                 os.remove(leftover)
 
 
-def _with_progress(batches: Iterable[pa.RecordBatch], total: int | None, show: bool) -> Iterator[pa.RecordBatch]:
-    """The batches, counting their rows on a progress bar when `show`."""
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether an fsspec filesystem is the local disk."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols or "local" in protocols
+
+
+@contextmanager
+def _progress_bar(total: int, show: bool) -> Iterator[Callable[[int], None]]:
+    """A callable told the rows read, drawn as a bar of `total` on stderr when `show`."""
     if not show:
-        yield from batches
+        yield lambda rows: None
         return
     from tqdm import tqdm
 
     with tqdm(total=total, unit=" masks", file=sys.stderr, dynamic_ncols=True) as bar:
-        for batch in batches:
-            yield batch
-            bar.update(batch.num_rows)
+        yield bar.update

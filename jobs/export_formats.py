@@ -29,9 +29,10 @@ BOX_COLUMNS = ("box_segmentation", "box_origin")  # a mask as RLE over its own b
 
 @dataclass
 class ExportCounts:
-    """What an export read and wrote; `skipped` counts rows read but not written, by reason."""
+    """What an export selected (rows that passed the SQL filters) and wrote; `skipped` counts
+    rows selected but not written, by reason."""
 
-    read: int = 0
+    selected: int = 0
     written: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
 
@@ -132,7 +133,7 @@ def feature_batches(batches: Iterable[pa.RecordBatch], options: VectorOptions, c
 
     schema = feature_schema(options)
     for batch in batches:
-        counts.read += batch.num_rows
+        counts.selected += batch.num_rows
         geometries = from_wkb(batch.column("geometry").to_pylist())
         crs = np.asarray(batch.column("crs").to_pylist(), dtype=object)
         counts.skip("no geometry (not georeferenced)", int(shapely.is_missing(geometries).sum()))
@@ -207,7 +208,7 @@ def write_coco(
         out.write('{"info": ' + json.dumps({"description": f"sam-batch export of {source_uri}"}))
         out.write(', "licenses": [], "annotations": [')
         for batch in batches:
-            counts.read += batch.num_rows
+            counts.selected += batch.num_rows
             for row in batch.to_pylist():
                 category = categories.setdefault(row.get("label") or DEFAULT_CATEGORY, len(categories) + 1)
                 annotation = {
@@ -270,7 +271,7 @@ def write_amg_folders(path: str, batches: Iterable[pa.RecordBatch], images: list
         done.add(image_id)
 
     for batch in batches:
-        counts.read += batch.num_rows
+        counts.selected += batch.num_rows
         for row in batch.to_pylist():
             image_id = row["image_id"]
             if image_id not in lines:

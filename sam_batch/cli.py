@@ -1,4 +1,5 @@
-"""The `sam-batch` command line: run, validate, render, export, weights fetch, bench, bench-memory, bench-gpu."""
+"""The `sam-batch` command line: run, validate, render, export, weights fetch, bench, bench-memory,
+bench-export, bench-gpu."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         from sam_batch.bench_gpu import main as bench_gpu_main
 
         return bench_gpu_main(argv[1:])
+    if argv[:1] == ["bench-export"]:  # and bench-export
+        from sam_batch.bench_export import main as bench_export_main
+
+        return bench_export_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     for noisy in ("ray", "fsspec", "s3fs", "botocore", "urllib3", "rasterio"):
@@ -91,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("bench", help="the reference generator and sam-batch side by side (see bench --help)")
     commands.add_parser("bench-memory", help="peak memory of a Ray run over 100 and 1,000 images (see bench-memory --help)")
+    commands.add_parser("bench-export", help="peak memory and time of export as the output grows (see bench-export --help)")
     commands.add_parser("bench-gpu", help="precisions, compile, encoder batches and whole runs on a GPU (see bench-gpu --help)")
 
     weights = commands.add_parser("weights", help="manage model weights")
@@ -203,7 +209,7 @@ def _export(args: argparse.Namespace) -> int:
         print(f"sam-batch: export: {error}", file=sys.stderr)
         return EXIT_INVALID_JOB
     skipped = "".join(f"; {n} skipped: {reason}" for reason, n in counts.skipped.items())
-    print(f"{args.destination}: {counts.written} masks ({format_}) of {counts.read} read{skipped}")
+    print(f"{args.destination}: {counts.written} masks ({format_}) of {counts.selected} selected{skipped}")
     return EXIT_OK
 
 

@@ -261,3 +261,23 @@ def test_a_failure_while_writing_leaves_nothing(output: Path, tmp_path: Path) ->
         done = run_export(output, "--to", tmp_path / name, "--where", "CAST(image_uri AS INTEGER) > 0")
         assert done.returncode == 1, done.stderr
         assert list(tmp_path.iterdir()) == []
+
+
+# --- bounded memory ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("format_", ["coco", "gpkg"])
+def test_memory_does_not_grow_with_the_masks(tmp_path: Path, format_: str) -> None:
+    """Peak RSS of an export of 16 shards against one of 4 (same shards): the growth is well
+    under what holding the larger output's rows would take."""
+    import pyarrow.parquet as pq
+
+    from sam_batch.bench_export import measure_export, synthetic_output
+
+    peaks = {}
+    for shards in (4, 16):
+        output = synthetic_output(tmp_path / f"out-{shards}", 8 * shards, 500, 8)
+        peaks[shards], _ = measure_export(output, tmp_path / f"export-{shards}", format_)
+    rows = sum(pq.read_table(path).nbytes for path in (tmp_path / "out-16" / "masks").glob("*.parquet"))
+    assert peaks[16] - peaks[4] < rows / 2, (peaks, rows)
