@@ -215,6 +215,21 @@ def test_amg_folders(output: Path, tmp_path: Path) -> None:
         assert np.array_equal(png == 255, decode_rle(row[2]))
 
 
+def test_an_output_and_a_destination_on_another_store(output: Path, tmp_path: Path) -> None:
+    """Both ends as fsspec URLs (its in-memory store): read through pyarrow, put once written."""
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    memory.put(str(output), "/export-test/out", recursive=True)
+    try:
+        export(ExportRequest("memory://export-test/out", "memory://export-test/masks.json"))
+        (tmp_path / "masks.json").write_bytes(memory.cat_file("/export-test/masks.json"))
+        assert memory.ls("/export-test", detail=False) == ["/export-test/masks.json", "/export-test/out"]
+    finally:
+        memory.rm("/export-test", recursive=True)
+    assert len(COCO(str(tmp_path / "masks.json")).anns) == len(masks_of(output))
+
+
 # --- what is read, what is refused ------------------------------------------------------------
 
 
