@@ -20,7 +20,6 @@ import pytest
 import rasterio
 import shapely
 from PIL import Image
-from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from pyproj import Transformer
 from scipy import ndimage
