@@ -275,6 +275,15 @@ def test_not_an_output_is_refused(tmp_path: Path) -> None:
     assert len(done.stderr.strip().splitlines()) == 1 and sorted(tmp_path.iterdir()) == [tmp_path / "empty"]
 
 
+def test_an_output_with_no_committed_shard_is_refused(output: Path, tmp_path: Path) -> None:
+    uncommitted = tmp_path / "out"
+    shutil.copytree(output, uncommitted)
+    shutil.rmtree(uncommitted / "_sam_batch" / "commits")
+    done = run_export(uncommitted, "--to", tmp_path / "masks.json")
+    assert done.returncode == 2 and "no committed shard" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and sorted(tmp_path.iterdir()) == [uncommitted]
+
+
 def test_a_failure_while_writing_leaves_nothing(output: Path, tmp_path: Path) -> None:
     """A condition that binds but fails on the rows (a cast of a path to a number) fails mid-export."""
     for name in ("masks.gpkg", "masks.json", "amg"):
