@@ -1,4 +1,5 @@
-"""The `sam-batch` command line: run, validate, render, weights fetch, bench, bench-memory, bench-gpu."""
+"""The `sam-batch` command line: run, validate, render, export, weights fetch, bench, bench-memory,
+bench-export, bench-gpu."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         from sam_batch.bench_gpu import main as bench_gpu_main
 
         return bench_gpu_main(argv[1:])
+    if argv[:1] == ["bench-export"]:  # and bench-export
+        from sam_batch.bench_export import main as bench_export_main
+
+        return bench_export_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     for noisy in ("ray", "fsspec", "s3fs", "botocore", "urllib3", "rasterio"):
@@ -67,8 +72,31 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("-o", "--out", required=True, help="the picture to write, in the format its extension names (.png, .jpg, ...)")
     render.set_defaults(handler=_render)
 
+    exporting = commands.add_parser(
+        "export", help="write an output's masks as GeoPackage, FlatGeobuf, GeoJSON, GeoParquet, COCO JSON or amg.py's folders",
+        description="Write the committed masks of an output to one file (or amg.py's folder layout), streamed.",
+    )
+    exporting.add_argument("output_uri", help="the output of a sam-batch run")
+    exporting.add_argument("--to", dest="destination", required=True, metavar="FILE_OR_URI",
+                           help=".gpkg .fgb .geojson .geojsons/.geojsonl .parquet (GeoParquet) .json (COCO); "
+                                "no extension: amg.py's layout, a folder per image")
+    exporting.add_argument("--format", help="gpkg, fgb, geojson, geojsonseq, geoparquet, coco or amg, whatever the extension")
+    exporting.add_argument("--where", metavar="SQL", help="DuckDB condition over the masks and images columns, "
+                                                          "e.g. \"predicted_iou > 0.9 AND image_uri LIKE '%%.tif'\"")
+    for bound in ("min", "max"):
+        exporting.add_argument(f"--{bound}-area", type=float, metavar="A",
+                               help=f"{bound}imum area (inclusive): pixels for coco and amg; map units squared of "
+                                    "the output CRS for GIS formats, before simplifying")
+    exporting.add_argument("--simplify", type=float, metavar="TOLERANCE",
+                           help="GIS formats: simplify polygons within TOLERANCE map units, each keeping its topology")
+    exporting.add_argument("--crs", metavar="EPSG:CODE", help="GIS formats: reproject to this CRS (default: the scenes' own)")
+    exporting.add_argument("--coco-polygons", action="store_true", help="coco: polygons instead of RLE (holes are filled)")
+    exporting.add_argument("--overwrite", action="store_true", help="replace the destination if it exists")
+    exporting.set_defaults(handler=_export)
+
     commands.add_parser("bench", help="the reference generator and sam-batch side by side (see bench --help)")
     commands.add_parser("bench-memory", help="peak memory of a Ray run over 100 and 1,000 images (see bench-memory --help)")
+    commands.add_parser("bench-export", help="peak memory and time of export as the output grows (see bench-export --help)")
     commands.add_parser("bench-gpu", help="precisions, compile, encoder batches and whole runs on a GPU (see bench-gpu --help)")
 
     weights = commands.add_parser("weights", help="manage model weights")
@@ -169,6 +197,24 @@ def _render(args: argparse.Namespace) -> int:
     except ValueError as error:  # PIL: unknown file extension
         raise ValueError(f"{args.out}: {error}; use .png or .jpg") from None
     print(f"{args.out}: {len(rows)} masks over {args.image_uri}")
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from sam_batch.jobs.export import ExportRequest, export
+    from sam_batch.jobs.export_source import ExportError
+
+    request = ExportRequest(
+        args.output_uri, args.destination, args.format, args.where, args.min_area, args.max_area,
+        args.simplify, args.crs, args.coco_polygons, args.overwrite,
+    )
+    try:
+        format_, counts = export(request)
+    except ExportError as error:
+        print(f"sam-batch: export: {error}", file=sys.stderr)
+        return EXIT_INVALID_JOB
+    skipped = "".join(f"; {n} skipped: {reason}" for reason, n in counts.skipped.items())
+    print(f"{args.destination}: {counts.written} masks ({format_}) of {counts.selected} selected{skipped}")
     return EXIT_OK
 
 
