@@ -37,6 +37,10 @@ It reports, for each actor count (one driver process each, measured one after an
   task's execution, sleeping on the store included);
 - the driver's peak RSS (`VmHWM`) and its growth from just before `RayExecutor.run`.
 
+With `--variant READ_AHEAD=4` (any of `TUNABLE`, comma-separated; the option repeats), every
+actor count is also run with those `jobs.executors` constants set in the driver, whose loop
+reads them as it runs: values to try side by side before changing them.
+
 Then the driver's peak RSS for `--memory-images` small images (one tile each, `--masks-per-tile`
 masks) and for `--memory-masks` masks per image, each run in its own driver process; and, in
 this process without Ray or latency, the CPU seconds per tile of what the tasks run: open, read,
@@ -84,6 +88,8 @@ MAX_MASK_SIDE = 384  # px: the largest (on a 1024 tile: 3/8 of it)
 EDGE_FRACTION = 0.2  # synthetic masks placed touching an edge of their tile
 SCENE_BLOCK = 512  # px: the GeoTIFFs' internal tiles
 SMALL_SIDE = 256  # px a side of the images of the memory runs (one tile each)
+# `jobs.executors` constants the driver reads as it runs, which `--variant` may set
+TUNABLE = ("READ_AHEAD", "IN_FLIGHT_PER_ACTOR", "OPENS_AHEAD", "MAX_FINISHES", "MAX_COMMITS", "STAGE_TASK_CPUS")
 MEMORY_ACTORS = 4  # segmenting actors of the memory runs
 DEFAULT_SHARD_SIZE = 64  # `run.shard_size`'s default: the throughput and image-count runs
 MASKS_SHARD_SIZE = 4  # images a shard in the masks-per-image runs (commits along the run)
@@ -240,6 +246,7 @@ class RunConfig:
     masks_per_tile: int
     latency_s: float
     shard_size: int
+    tuning: dict[str, float]  # `jobs.executors` constants set in the driver (`--variant`), by name
 
 
 def run_one(config: RunConfig) -> dict:
@@ -255,12 +262,14 @@ def run_one(config: RunConfig) -> dict:
     plan = make_plan(job, config.uris)
     dataset.write_plan(plan)
     stand_in = StandIn(config.tile_seconds, config.masks_per_tile, str(logs))
+    from sam_batch.jobs import executors
+
+    for name, value in config.tuning.items():  # read by the driver's loop as it runs
+        setattr(executors, name, type(getattr(executors, name))(value))
     ray.init(address="local", num_cpus=config.cpus, num_gpus=config.actors, include_dashboard=False,
              logging_level="WARNING", runtime_env={"worker_process_setup_hook": register_latency_store})
     try:
-        from sam_batch.jobs.executors import RayExecutor
-
-        executor = RayExecutor(job, segmenter=functools.partial(StandInSegmenter, stand_in))
+        executor = executors.RayExecutor(job, segmenter=functools.partial(StandInSegmenter, stand_in))
         rss_before = _memory_bytes("VmRSS")
         started = time.time()
         images = masks = 0
@@ -279,6 +288,7 @@ def run_one(config: RunConfig) -> dict:
     return {
         "label": config.label,
         "actors": config.actors,
+        "tuning": config.tuning,
         "images": images,
         "errors": errors,
         "masks": masks,
@@ -397,29 +407,45 @@ def run_in_driver(config: RunConfig) -> dict:
 def report_throughput(results: list[dict], tile_seconds: float) -> list[str]:
     """Markdown: tiles/s and busy fractions per actor count, then seconds per task kind."""
     lines = [
-        "| actors | tiles | tiles/s (first tile to last) | tiles/s (whole run) | x of 1 actor | busy per actor |",
-        "| ---: | ---: | ---: | ---: | ---: | --- |",
+        "| tuning | actors | tiles | tiles/s (first tile to last) | tiles/s (whole run) | x of 1 actor | busy per actor |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    base = None
+    one_actor: dict[str, float] = {}
     for result in results:
         t = throughput(result)
-        base = base or t["tiles_per_s"]
+        tuning = tuning_label(result["tuning"])
+        one_actor.setdefault(tuning, t["tiles_per_s"] if result["actors"] == 1 else math.nan)
         busy = ", ".join(f"{b:.0%}" for b in sorted(t["busy"].values()))
-        lines.append(f"| {result['actors']} | {t['tiles']} | {t['tiles_per_s']:.2f} | {t['run_tiles_per_s']:.2f} | "
-                     f"{t['tiles_per_s'] / base:.2f} | {busy} |")
+        lines.append(f"| {tuning} | {result['actors']} | {t['tiles']} | {t['tiles_per_s']:.2f} | "
+                     f"{t['run_tiles_per_s']:.2f} | {t['tiles_per_s'] / one_actor[tuning]:.2f} | {busy} |")
     lines += [
         f"\nIdeal: {1 / tile_seconds:.1f} tiles/s an actor. Seconds of each task (mean, wall, its arguments' "
         "fetch included; `ray.timeline`):\n",
-        "| actors | range requests | open s/scene | read s/tile | segment s/tile (actor call) | finish s/scene "
-        "| commit s/shard |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| tuning | actors | range requests | open s/scene | read s/tile | segment s/tile (actor call) "
+        "| finish s/scene | commit s/shard |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for result in results:
         mean = {name.rsplit(".", 1)[-1]: sum(v) / len(v) for name, v in result["tasks"].items() if v}
-        lines.append(f"| {result['actors']} | {result['requests']} | {mean.get('open_image', math.nan):.2f} | "
+        lines.append(f"| {tuning_label(result['tuning'])} | {result['actors']} | {result['requests']} | {mean.get('open_image', math.nan):.2f} | "
                      f"{mean.get('read_tile', math.nan):.2f} | {mean.get('segment_tile', math.nan):.3f} | "
                      f"{mean.get('_finish', math.nan):.2f} | {mean.get('_commit', math.nan):.2f} |")
     return lines
+
+
+def tuning_label(tuning: dict[str, float]) -> str:
+    return ", ".join(f"{name}={value:g}" for name, value in tuning.items()) or "as committed"
+
+
+def parse_tuning(text: str) -> dict[str, float]:
+    """`READ_AHEAD=4,IN_FLIGHT_PER_ACTOR=3` as {name: value}, names of `TUNABLE` only."""
+    tuning = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name not in TUNABLE:
+            raise argparse.ArgumentTypeError(f"{name!r} is not one of {', '.join(TUNABLE)}")
+        tuning[name] = float(value)
+    return tuning
 
 
 def report_memory(results: list[dict]) -> list[str]:
@@ -442,6 +468,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--masks-per-tile", type=int, default=60)
     parser.add_argument("--actors", type=int, nargs="*", default=[1, 2, 4])
     parser.add_argument("--cpus", type=int, default=8, help="CPUs the local Ray declares")
+    parser.add_argument("--variant", type=parse_tuning, action="append", default=[],
+                        help="NAME=VALUE[,NAME=VALUE]: also run every actor count with these jobs.executors "
+                             f"constants ({', '.join(TUNABLE)}), interleaved with the runs as committed")
     parser.add_argument("--memory-images", type=int, nargs="*", default=[100, 1000],
                         help="image counts of the memory runs (60 masks each)")
     parser.add_argument("--memory-masks", type=int, nargs="*", default=[10, 10_000],
@@ -479,17 +508,24 @@ def report(args: argparse.Namespace, work: Path) -> None:
     print("| " + " | ".join(f"{s:.3f}" for s in stages) + f" | {sum(stages):.3f} |\n", flush=True)
 
     def config(label: str, folder: str, uris: list[str], actors: int, tile_s: float, masks: int, latency_s: float,
-               shard_size: int) -> RunConfig:
-        return RunConfig(label, str(work / folder), uris, actors, args.cpus, tile_s, masks, latency_s, shard_size)
+               shard_size: int, tuning: dict[str, float] | None = None) -> RunConfig:
+        return RunConfig(label, str(work / folder), uris, actors, args.cpus, tile_s, masks, latency_s, shard_size,
+                         tuning or {})
 
     runs = [
-        run_in_driver(config(f"{n} actors", f"throughput-{n}", scenes, n, args.tile_seconds, args.masks_per_tile,
-                             args.read_latency_s, DEFAULT_SHARD_SIZE))
+        run_in_driver(config(f"{n} actors" + (f", {tuning_label(tuning)}" if tuning else ""),
+                             f"throughput-{n}-{v}", scenes, n, args.tile_seconds, args.masks_per_tile,
+                             args.read_latency_s, DEFAULT_SHARD_SIZE, tuning))
         for n in args.actors
+        for v, tuning in enumerate([{}, *args.variant])
     ]
+    runs.sort(key=lambda r: (tuning_label(r["tuning"]) != "as committed", tuning_label(r["tuning"]), r["actors"]))
     print(f"Throughput: {args.scenes} scenes of {args.scene_side}² px, {args.tile_seconds * 1000:.0f} ms a tile, "
           f"{args.read_latency_s * 1000:.0f} ms a range request, {args.cpus} CPUs declared:\n")
     print("\n".join(report_throughput(runs, args.tile_seconds)) + "\n", flush=True)
+    if not args.memory_images and not args.memory_masks:
+        print("\n".join(report_memory(runs)))
+        return
     small = write_scenes(work / "small", max([*args.memory_images, args.memory_mask_images]), SMALL_SIDE,
                          georeferenced=False)
     memory = [
