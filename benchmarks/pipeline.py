@@ -38,7 +38,7 @@ It reports, for each actor count (one driver process each, measured one after an
 - the driver's peak RSS (`VmHWM`) and its growth from just before `RayExecutor.run`.
 
 With `--variant READ_AHEAD=4` (any of `TUNABLE`, comma-separated; the option repeats), every
-actor count is also run with those `jobs.executors` constants set in the driver, whose loop
+actor count is also run with those `jobs.ray_pipeline` constants set in the driver, whose loop
 reads them as it runs: values to try side by side before changing them.
 
 Then the driver's peak RSS for `--memory-images` small images (one tile each, `--masks-per-tile`
@@ -72,7 +72,9 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
+from sam_batch.jobs import ray_pipeline
 from sam_batch.jobs.dataset import OutputDataset
+from sam_batch.jobs.executors import RayExecutor
 from sam_batch.jobs.plan import make_plan
 from sam_batch.jobs.schema import JobSpec, parse_job
 from sam_batch.jobs.stages import open_image, read_tile
@@ -88,7 +90,7 @@ MAX_MASK_SIDE = 384  # px: the largest (on a 1024 tile: 3/8 of it)
 EDGE_FRACTION = 0.2  # synthetic masks placed touching an edge of their tile
 SCENE_BLOCK = 512  # px: the GeoTIFFs' internal tiles
 SMALL_SIDE = 256  # px a side of the images of the memory runs (one tile each)
-# `jobs.executors` constants the driver reads as it runs, which `--variant` may set
+# `jobs.ray_pipeline` constants the driver reads as it runs, which `--variant` may set
 TUNABLE = ("READ_AHEAD", "IN_FLIGHT_PER_ACTOR", "OPENS_AHEAD", "MAX_FINISHES", "MAX_COMMITS", "STAGE_TASK_CPUS")
 MEMORY_ACTORS = 4  # segmenting actors of the memory runs
 DEFAULT_SHARD_SIZE = 64  # `run.shard_size`'s default: the throughput and image-count runs
@@ -218,8 +220,11 @@ def write_scenes(folder: Path, count: int, side: int, georeferenced: bool) -> li
     return [f"{PROTOCOL}://{path.resolve()}" for path in paths]
 
 
-def bench_job(uris_folder: Path, output: Path, latency_s: float, requests_dir: Path, actors: int, shard_size: int) -> JobSpec:
-    """The job every run uses: a cuda job (one GPU and one CPU an actor), tile 1024 / overlap 128."""
+def bench_job(
+    uris_folder: Path, output: Path, latency_s: float, requests_dir: Path, actors: int, shard_size: int
+) -> JobSpec:
+    """The job every run uses: a cuda job (one GPU and one CPU an actor), tile 1024 / overlap
+    128, its inputs a glob under `uris_folder` (the plans are made from the URIs themselves)."""
     return parse_job({
         "name": "bench-pipeline",
         "input": {"uris": [f"{PROTOCOL}://{uris_folder}/*.tif"],
@@ -246,7 +251,7 @@ class RunConfig:
     masks_per_tile: int
     latency_s: float
     shard_size: int
-    tuning: dict[str, float]  # `jobs.executors` constants set in the driver (`--variant`), by name
+    tuning: dict[str, float]  # `jobs.ray_pipeline` constants set in the driver (`--variant`), by name
 
 
 def run_one(config: RunConfig) -> dict:
@@ -258,18 +263,16 @@ def run_one(config: RunConfig) -> dict:
     logs.mkdir(parents=True, exist_ok=True)
     register_latency_store()
     job = bench_job(folder / "scenes", folder / "out", config.latency_s, logs, config.actors, config.shard_size)
-    dataset = OutputDataset(job.output.uri)
     plan = make_plan(job, config.uris)
+    dataset = OutputDataset(job.output.uri).for_plan(plan)
     dataset.write_plan(plan)
     stand_in = StandIn(config.tile_seconds, config.masks_per_tile, str(logs))
-    from sam_batch.jobs import executors
-
     for name, value in config.tuning.items():  # read by the driver's loop as it runs
-        setattr(executors, name, type(getattr(executors, name))(value))
+        setattr(ray_pipeline, name, type(getattr(ray_pipeline, name))(value))
     ray.init(address="local", num_cpus=config.cpus, num_gpus=config.actors, include_dashboard=False,
              logging_level="WARNING", runtime_env={"worker_process_setup_hook": register_latency_store})
     try:
-        executor = executors.RayExecutor(job, segmenter=functools.partial(StandInSegmenter, stand_in))
+        executor = RayExecutor(job, segmenter=functools.partial(StandInSegmenter, stand_in))
         rss_before = _memory_bytes("VmRSS")
         started = time.time()
         images = masks = 0
@@ -376,8 +379,9 @@ def cpu_per_tile(scenes: list[str], latency_folder: Path, masks_per_tile: int) -
     clock = time.process_time()
     result = finish_image(uri, merged, time.time(), {}, ("stand-in",))
     records_s = time.process_time() - clock
-    dataset = OutputDataset(job.output.uri)
-    shard = make_plan(job, [uri]).shards[0]
+    one_scene = make_plan(job, [uri])
+    dataset = OutputDataset(job.output.uri).for_plan(one_scene)
+    shard = one_scene.shards[0]
     clock = time.process_time()
     commit_shard(dataset, shard, [result])
     commit_s = time.process_time() - clock
@@ -407,7 +411,8 @@ def run_in_driver(config: RunConfig) -> dict:
 def report_throughput(results: list[dict], tile_seconds: float) -> list[str]:
     """Markdown: tiles/s and busy fractions per actor count, then seconds per task kind."""
     lines = [
-        "| tuning | actors | tiles | tiles/s (first tile to last) | tiles/s (whole run) | x of 1 actor | busy per actor |",
+        "| tuning | actors | tiles | tiles/s (first tile to last) | tiles/s (whole run) | x of 1 actor "
+        "| busy per actor |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     one_actor: dict[str, float] = {}
@@ -427,13 +432,15 @@ def report_throughput(results: list[dict], tile_seconds: float) -> list[str]:
     ]
     for result in results:
         mean = {name.rsplit(".", 1)[-1]: sum(v) / len(v) for name, v in result["tasks"].items() if v}
-        lines.append(f"| {tuning_label(result['tuning'])} | {result['actors']} | {result['requests']} | {mean.get('open_image', math.nan):.2f} | "
+        lines.append(f"| {tuning_label(result['tuning'])} | {result['actors']} | {result['requests']} | "
+                     f"{mean.get('open_image', math.nan):.2f} | "
                      f"{mean.get('read_tile', math.nan):.2f} | {mean.get('segment_tile', math.nan):.3f} | "
                      f"{mean.get('_finish', math.nan):.2f} | {mean.get('_commit', math.nan):.2f} |")
     return lines
 
 
 def tuning_label(tuning: dict[str, float]) -> str:
+    """`READ_AHEAD=4, IN_FLIGHT_PER_ACTOR=3`, or "as committed" for none."""
     return ", ".join(f"{name}={value:g}" for name, value in tuning.items()) or "as committed"
 
 
@@ -469,7 +476,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--actors", type=int, nargs="*", default=[1, 2, 4])
     parser.add_argument("--cpus", type=int, default=8, help="CPUs the local Ray declares")
     parser.add_argument("--variant", type=parse_tuning, action="append", default=[],
-                        help="NAME=VALUE[,NAME=VALUE]: also run every actor count with these jobs.executors "
+                        help="NAME=VALUE[,NAME=VALUE]: also run every actor count with these jobs.ray_pipeline "
                              f"constants ({', '.join(TUNABLE)}), interleaved with the runs as committed")
     parser.add_argument("--memory-images", type=int, nargs="*", default=[100, 1000],
                         help="image counts of the memory runs (60 masks each)")
@@ -477,7 +484,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="masks per image of the memory runs (over --memory-mask-images images)")
     parser.add_argument("--memory-mask-images", type=int, default=8)
     parser.add_argument("--memory-tile-seconds", type=float, default=0.01)
-    parser.add_argument("--work", type=Path, default=None, help="folder for inputs and outputs (default: a temporary one)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="folder for inputs and outputs (default: a temporary one)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
