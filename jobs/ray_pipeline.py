@@ -52,7 +52,7 @@ from sam_batch.pipeline.tile_masks import TileMasks
 
 log = logging.getLogger("sam_batch")
 
-READ_AHEAD = 2  # tiles being read or waiting, read, for an actor: per segmenting actor
+READ_AHEAD = 4  # tiles read or being read, per segmenting actor (docs/benchmarks.md, bench-pipeline)
 IN_FLIGHT_PER_ACTOR = 2  # tiles handed to one actor at once: it starts the next as the last one's masks go
 OPENS_AHEAD = 2  # images being opened (a raster's header, a photo read whole) at once
 MAX_COMMITS = 2  # shard commits in flight; reads pause while this many are running
