@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 # The CPU build of torch from this machine's disk; an unpinned torch would pull a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench bench-env bench-memory gpu-kit
+.PHONY: install demo test test-fast bench bench-env bench-memory bench-pipeline gpu-kit
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,11 @@ bench: install bench-env
 # (sam_batch/bench_memory.py); about 10-20 minutes on 2 cores.
 bench-memory: install
 	$(VENV)/bin/sam-batch bench-memory --write-doc
+
+# The Ray pipeline without a GPU (benchmarks/pipeline.py): a stand-in engine (200 ms a tile), a
+# store with 100 ms a range request, 1, 2 and 4 actors, and the driver's peak RSS; Markdown on stdout.
+bench-pipeline: install
+	$(PY) benchmarks/pipeline.py
 
 # What a GPU machine lent through the device tool needs beside the checkout, packed into
 # $(KIT) (carry it; run deploy/gpu-check.sh there, see docs/benchmarks.md): the vit_t weights

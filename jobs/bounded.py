@@ -110,6 +110,16 @@ class Budget:
         self.budget_s = budget_s
         self.deadline = None if budget_s is None else time.monotonic() + budget_s
 
+    @classmethod
+    def until(cls, deadline: float | None, budget_s: float | None) -> Budget:
+        """The rest of a budget of `budget_s` s that another process started: spent at
+        `deadline` (`time.time()`; None: no limit)."""
+        budget = cls(None)
+        budget.budget_s = budget_s
+        if deadline is not None:
+            budget.deadline = time.monotonic() + deadline - time.time()
+        return budget
+
     def check(self) -> None:
         """Raise `OverBudget` if the budget is spent."""
         if self.deadline is not None and time.monotonic() > self.deadline:

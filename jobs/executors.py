@@ -1,58 +1,39 @@
 """Executors place the work: in this process (`local`) or on Ray (`ray`); `choose_executor`
 resolves `run.executor: auto` to one of them.
 
-Both run the shards still to do, in plan order, and yield an `ImageResult` as each image is
-done and a `ShardCommit` as each shard is committed; the runner counts them, shows progress
-and writes the run record. Ray appears only here.
+Both run the shards still to do, in plan order, and yield an `ImageDone` as each image is done
+and a `ShardCommit` as each shard is committed; the runner counts them, shows progress and
+writes the run record. Ray appears only here and in `jobs.ray_pipeline`.
 
-On Ray each image goes through three stages, each holding a bounded number of images, so that
-memory stays flat however long the input:
-
-    read tasks (CPU)              segmenting actors (GPU, else CPU)   commit tasks (CPU)
-    fetch + decode to (H, W, 3)   one image per actor at a time;      `commit_shard`: Parquet
-    uint8; TIFFs only sniffed,  ► embeddings never leave the actor ►  files, then the marker;
-    the actor reads their windows                                     idempotent, so retries
-    ≤ READ_AHEAD per actor                                            are safe; ≤ MAX_COMMITS
-
-Pixels go from a read task to an actor through Ray's object store; the driver gets each read's
-small status, each image's rows, and holds the rows of the shards not yet complete.
-
-Every wait is bounded: a read by `run.read_timeout_s` where it runs (`jobs.bounded`), an image's
-segmenting by `run.image_timeout_s` through the pipeline's checks and, on Ray, by the driver,
-which kills an actor whose image is not back `SEGMENT_GRACE_S` past that budget.
+On Ray (`jobs.ray_pipeline`) a tile is the unit of work: open tasks, tile read tasks,
+segmenting actors, finish tasks and commit tasks, each bounded. This module starts or joins Ray
+(an embedded Ray listens on 127.0.0.1 alone and is reaped with the run) and sizes the actors.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import math
 import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.parse
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from itertools import takewhile
 
-import numpy as np
-
-from sam_batch.jobs.bounded import OverBudget, read_bounded
 from sam_batch.jobs.dataset import OutputDataset, Shard
+from sam_batch.jobs.ray_pipeline import STAGE_TASK_CPUS, ActorPool, JobFailure, RayPipeline, amounts, shortfall
 from sam_batch.jobs.schema import JobSpec
-from sam_batch.jobs.worker import ImageResult, ImageSegmenter, commit_shard, image_result
-from sam_batch.pipeline.images import TIFF_MAGIC, ImageError, decode_image, one_line_reason, open_input, read_bytes
+from sam_batch.jobs.stages import read_photo
+from sam_batch.jobs.worker import Event, ImageSegmenter, ShardCommit, commit_shard, image_result
 
 log = logging.getLogger("sam_batch")
 
-READ_AHEAD = 2  # images being read or waiting, decoded, for an actor: per segmenting actor
-MAX_COMMITS = 2  # shard commits in flight; reads pause while this many are running
-STAGE_TASK_CPUS = 0.25  # CPU share a read or commit task declares (mostly I/O)
 # cores per CPU segmenting actor: two batch threads in one actor decode within ~3-6% of two 1-core
 # actors on even image counts (docs/benchmarks.md), with half the model copies and no core idle
 # at a job's tail (14% faster on 3 images)
@@ -61,33 +42,15 @@ CPUS_PER_ACTOR = 2
 # core, and 1-core actors were 21% faster (40 small images, 4x4 points, docs/benchmarks.md), where
 # a node has the memory for an actor per core (a segmenting actor peaked at 879 MiB)
 ONE_CORE_ACTOR_MEMORY = 2 * 2**30  # bytes of a node's Ray `memory` per core
-MAX_ATTEMPTS = 3  # tries of one image (or one task) on workers that die under it
 GPU_ACTOR_RESOURCES = {"num_gpus": 1, "num_cpus": 1}  # what a GPU segmenting actor asks Ray for
-RAY_RESOURCE_NAMES = {"num_gpus": "GPU", "num_cpus": "CPU"}  # actor option -> Ray's resource name
 ATTACH_CONNECT_TIMEOUT_S = 10.0  # a cluster's address that accepts no connection in this long fails the job
 REAPER_EXIT_TIMEOUT_S = 30.0  # seconds a run waits, after Ray's shutdown, for `jobs.reaper` to end what is left
-# s the driver waits for an image's rows past `run.image_timeout_s` before it kills the actor: the
-# actor stops itself at its next check, so this covers, with room to spare, the longest step the
-# checks cannot split (one encoder call, one decode batch, the merge of the masks)
-SEGMENT_GRACE_S = 60.0
 # `run.executor: auto` starts Ray for this many images to do or more: on 2 cores, one small image
 # at 4x4 points took 10 s longer on Ray than in process (medians, load about 2: Ray's start and
 # stop), 16 took 82 s less (load 5-10: two one-core actors against one process on both cores);
 # docs/benchmarks.md, 2026-12-04
 AUTO_RAY_MIN_IMAGES = 16
 NVIDIA_GPUS_DIR = "/proc/driver/nvidia/gpus"  # one entry per GPU the NVIDIA driver sees
-
-
-@dataclass(frozen=True)
-class ShardCommit:
-    """A shard's commit is done: `stats` as returned by `commit_shard` (`committed` is False
-    when another attempt had committed it first; `write_seconds` in s)."""
-
-    shard: Shard
-    stats: dict
-
-
-Event = ImageResult | ShardCommit
 
 
 class LocalExecutor:
@@ -111,7 +74,7 @@ class LocalExecutor:
 
             def read_next() -> None:
                 if (uri := next(unread, None)) is not None:
-                    ahead.append((uri, reader.submit(_read_image, uri, options, bands, timeout_s)))
+                    ahead.append((uri, reader.submit(read_photo, uri, options, bands, timeout_s)))
 
             read_next()
             for shard in shards:
@@ -119,9 +82,13 @@ class LocalExecutor:
                 for _ in shard.uris:
                     uri, read = ahead.popleft()
                     read_next()
-                    status, image = read.result()
-                    results.append(status.error_result(uri) if status.error else segmenter.segment(uri, image, status.seconds))
-                    yield results[-1]
+                    error, photo, seconds = read.result()
+                    if error:
+                        results.append(image_result(uri, [], seconds=seconds, stage_seconds={"read": seconds},
+                                                    error=error))
+                    else:
+                        results.append(segmenter.segment(uri, photo, seconds))
+                    yield results[-1].done()
                 yield ShardCommit(shard, commit_shard(dataset, shard, results))
 
 
@@ -135,14 +102,24 @@ class RayExecutor:
     on instead of `engine.device`, while they still ask Ray for what `engine.device` implies
     (so a test node that declares a GPU it does not have can run a `cuda` job's actors on its
     CPU). In production it is None: a `cuda` actor that sees no CUDA GPU fails the job.
+    `segmenter` is for tests and benchmarks alone: what each segmenting actor holds in place of
+    an `ImageSegmenter` (made as `segmenter(job, worker_name, threads)`; its `segment_tile` and
+    `worker_name` are used), such as a stand-in engine with a fixed time per tile.
     """
 
     name = "ray"
 
-    def __init__(self, job: JobSpec, cpus_per_actor: int | None = None, actor_device: str | None = None) -> None:
+    def __init__(
+        self,
+        job: JobSpec,
+        cpus_per_actor: int | None = None,
+        actor_device: str | None = None,
+        segmenter: type = ImageSegmenter,
+    ) -> None:
         self.job = job
         self.cpus_per_actor = cpus_per_actor  # None: chosen from the job and the nodes (`_actors`)
         self.actor_device = actor_device
+        self.segmenter = segmenter
         self.reaper: subprocess.Popen | None = None  # `jobs.reaper` of the embedded Ray started here
 
     def run(self, shards: list[Shard], dataset: OutputDataset) -> Iterator[Event]:
@@ -153,19 +130,24 @@ class RayExecutor:
 
         started_here = self._init_ray(ray)
         try:
-            largest = max((n["Resources"] for n in ray.nodes() if n["Alive"]), key=lambda r: r.get("CPU", 0), default={})
-            resources, n_actors = self._actors(
-                ray.cluster_resources(), int(largest.get("CPU", 1)), n_images, largest.get("memory")
-            )
-            if self.reaper is not None:  # an embedded Ray never grows: what it lacks it will never have
-                _check_fits(ray, resources)
-            actor_job = self.job
-            if self.actor_device is not None:
-                actor_job = replace(self.job, engine=replace(self.job.engine, device=self.actor_device))
-            yield from _RayPipeline(ray, self.job, actor_job, dataset, resources, n_actors).run(shards)
+            yield from RayPipeline(ray, self.job, dataset, lambda units: self._pool(ray, units)).run(shards)
         finally:
             if started_here:
                 self._shutdown_ray(ray)
+
+    def _pool(self, ray, n_units: int) -> ActorPool:
+        """The segmenting actors (not yet started) for a job with at least `n_units` tiles to
+        segment, sized from the cluster as it is now (`_actors`)."""
+        largest = max((n["Resources"] for n in ray.nodes() if n["Alive"]), key=lambda r: r.get("CPU", 0), default={})
+        resources, n_actors = self._actors(
+            ray.cluster_resources(), int(largest.get("CPU", 1)), n_units, largest.get("memory")
+        )
+        if self.reaper is not None:  # an embedded Ray never grows: what it lacks it will never have
+            _check_fits(ray, resources)
+        actor_job = self.job
+        if self.actor_device is not None:
+            actor_job = replace(self.job, engine=replace(self.job.engine, device=self.actor_device))
+        return ActorPool(ray, actor_job, resources, n_actors, self.segmenter)
 
     def _init_ray(self, ray) -> bool:
         """Join or start Ray; False when this process was connected to one already."""
@@ -186,21 +168,21 @@ class RayExecutor:
             self.reaper = None
 
     def _actors(
-        self, cluster: dict[str, float], node_cpus: int, n_images: int, node_memory: float | None = None
+        self, cluster: dict[str, float], node_cpus: int, n_units: int, node_memory: float | None = None
     ) -> tuple[dict, int]:
         """Resources of one segmenting actor and how many to start, from `cluster_resources()`
         and the CPUs and Ray `memory` (bytes) of the largest node; never more than
-        `run.max_actors` nor than `n_images`.
+        `run.max_actors` nor than `n_units` (tiles to segment, as far as known).
 
         With `engine.device` cuda (or cuda:N), or auto on a cluster with GPUs, each actor asks
         for one GPU (`GPU_ACTOR_RESOURCES`), GPUs present or not, so that an autoscaler can add
         them: one actor per GPU present, at least one. Otherwise a CPU actor takes
         `cpus_per_actor` cores (as many as a node has, if fewer; by default `_cores_per_actor`)
         and leaves `STAGE_TASK_CPUS` of them to the read and commit tasks, so the stages never
-        wait for each other's CPUs. With fewer images (or `run.max_actors`) than that makes
+        wait for each other's CPUs. With fewer tiles (or `run.max_actors`) than that makes
         actors, the actors started share the cores (as far as one node holds them).
         """
-        most = min(n_images, self.job.run.max_actors or n_images)
+        most = min(n_units, self.job.run.max_actors or n_units)
         gpus = int(cluster.get("GPU", 0))
         device = self.job.engine.device
         if device.startswith("cuda") or (gpus and device == "auto"):
@@ -218,10 +200,6 @@ class RayExecutor:
         one_batch = amg.points_per_side**2 <= amg.points_per_batch
         roomy = node_memory is None or node_memory >= ONE_CORE_ACTOR_MEMORY * node_cpus
         return 1 if one_batch and roomy else CPUS_PER_ACTOR
-
-
-class JobFailure(RuntimeError):
-    """The job cannot go on (e.g. no segmenting actor can load the model)."""
 
 
 def _attach(ray, address: str, source: str) -> None:
@@ -358,435 +336,9 @@ def _stop_reaper(reaper: subprocess.Popen) -> None:
 def _check_fits(ray, resources: dict) -> None:
     """Fail at once where the cluster, which will not grow, lacks what one segmenting actor asks for."""
     total = ray.cluster_resources()
-    lacking = _shortfall(resources, total, total)
+    lacking = shortfall(resources, total, total)
     if lacking:
-        raise JobFailure(f"no segmenting actor can start: each asks for {_amounts(resources)} and this machine has {lacking}")
-
-
-def _amounts(resources: dict) -> str:
-    """`{"num_gpus": 1, "num_cpus": 1}` as "1 GPU and 1 CPU"."""
-    return " and ".join(f"{amount:g} {RAY_RESOURCE_NAMES[option]}" for option, amount in resources.items())
-
-
-def _shortfall(resources: dict, total: dict[str, float], free: dict[str, float]) -> str:
-    """What a cluster with `total` resources, `free` of them unused (Ray's names: GPU, CPU),
-    lacks for one actor asking for `resources` ("no GPU", "2 GPU, 0 free"); "" when nothing."""
-    lacking = []
-    for option, amount in resources.items():
-        name = RAY_RESOURCE_NAMES[option]
-        if not total.get(name, 0):
-            lacking.append(f"no {name}")
-        elif free.get(name, 0) < amount:
-            lacking.append(f"{total[name]:g} {name}, {free.get(name, 0):g} free")
-    return " and ".join(lacking)
-
-
-class _RayPipeline:
-    """The driver's loop: moves every image through read → segment → commit, one event at a time."""
-
-    def __init__(
-        self, ray, job: JobSpec, actor_job: JobSpec, dataset: OutputDataset, actor_resources: dict, n_actors: int
-    ) -> None:
-        """`actor_job`: the job as the segmenting actors get it (`RayExecutor.actor_device`)."""
-        self.ray = ray
-        self.reads = _ReadStage(ray, job, capacity=READ_AHEAD * n_actors)
-        self.actors = _ActorPool(ray, actor_job, actor_resources, n_actors)
-        self.commits = _CommitStage(ray, dataset)
-
-    def run(self, shards: list[Shard]) -> Iterator[Event]:
-        ledger = _Ledger(shards)
-        self.actors.start()
-        try:
-            while ledger.outstanding or self.commits.running:
-                if len(self.commits.running) < MAX_COMMITS:
-                    self.reads.fill(ledger)
-                self.actors.feed(self.reads.ready)
-                event = self._next_event(ledger)
-                if event is None:
-                    continue
-                yield event
-                if isinstance(event, ImageResult) and (complete := ledger.add(event)):
-                    self.commits.submit(*complete)
-        finally:
-            self.actors.stop()
-
-    def _next_event(self, ledger: _Ledger) -> Event | None:
-        """Wait for the next reference any stage holds, and let its stage handle it; when the
-        wait runs out first (`_ActorPool.wait_timeout`), the error row of an image past its
-        deadline, or None."""
-        refs = [*self.reads.running, *self.actors.refs, *self.commits.running]
-        done, _ = self.ray.wait(refs, num_returns=1, timeout=self.actors.wait_timeout())
-        if not done:
-            return self.actors.expire()
-        [ref] = done
-        if ref in self.reads.running:
-            return self.reads.take(ref)
-        if ref in self.commits.running:
-            return self.commits.take(ref)
-        return self.actors.take(ref, ledger)
-
-
-class _Ledger:
-    """The driver's bookkeeping: the images still to read (plan order, lost ones first) and the
-    results of the shards begun and not yet complete.
-
-    Shards are tracked from their first image read on, so this holds about as many images as
-    are in flight, however long the plan.
-    """
-
-    def __init__(self, shards: list[Shard]) -> None:
-        self.unread = ((uri, shard) for shard in shards for uri in shard.uris)
-        self.lost: deque[str] = deque()
-        self.shard_of: dict[str, Shard] = {}
-        self.results: dict[int, list[ImageResult]] = {}
-        self.outstanding = sum(len(shard.uris) for shard in shards)  # images without a result yet
-
-    def next_uri(self) -> str | None:
-        """The next image to read, None when there is none left."""
-        if self.lost:
-            return self.lost.popleft()
-        uri, shard = next(self.unread, (None, None))
-        if uri is not None:
-            self.shard_of[uri] = shard
-            self.results.setdefault(shard.shard_id, [])
-        return uri
-
-    def requeue(self, uri: str) -> None:
-        """Read a lost image again, before any other."""
-        self.lost.append(uri)
-
-    def add(self, result: ImageResult) -> tuple[Shard, list[ImageResult]] | None:
-        """Keep one result; the shard and all its results when this one completes it."""
-        self.outstanding -= 1
-        shard = self.shard_of.pop(result.uri)
-        results = self.results[shard.shard_id]
-        results.append(result)
-        if len(results) < len(shard.uris):
-            return None
-        return shard, self.results.pop(shard.shard_id)
-
-
-@dataclass(frozen=True)
-class _ReadStatus:
-    """What a read task tells the driver: one-line `error` (stage named) or None; `seconds` in s."""
-
-    error: str | None
-    seconds: float
-
-    def error_result(self, uri: str) -> ImageResult:
-        """The error row of an image that failed to read."""
-        return image_result(uri, [], seconds=self.seconds, stage_seconds={"read": self.seconds}, error=self.error)
-
-
-def _read_image(
-    uri: str, storage_options: dict, bands: tuple[int, ...] | None, timeout_s: float
-) -> tuple[_ReadStatus, np.ndarray | None]:
-    """A read task: (status, pixels (H, W, 3) uint8); pixels None for an error or a TIFF.
-
-    A TIFF is only sniffed (its first 4 bytes): the segmenting actor reads it window by window.
-    The read is waited for at most `timeout_s` s (`run.read_timeout_s`, counted from the task's
-    start, so never from a wait in Ray's queue), then is the image's error row; a read still
-    blocked is left on its daemon thread (`jobs.bounded`), which never holds a worker at exit.
-    """
-    started = time.perf_counter()
-    try:
-        data = read_bounded(timeout_s, _photo_bytes, uri, storage_options)
-        image = None if data is None else decode_image(data, bands)
-    except ImageError as error:
-        return _ReadStatus(str(error), time.perf_counter() - started), None
-    except Exception as error:  # noqa: BLE001 - one image's failure must not end the job
-        return _ReadStatus(f"decode: {one_line_reason(error, typed=True)}", time.perf_counter() - started), None
-    return _ReadStatus(None, time.perf_counter() - started), image
-
-
-def _photo_bytes(uri: str, storage_options: dict) -> bytes | None:
-    """The whole file, or None for a TIFF, of which only the first 4 bytes are read.
-
-    On any failure the file is read again by `read_bytes`, which names it (`read: …`).
-    """
-    try:
-        with open_input(uri, storage_options) as f:
-            head = f.read(len(TIFF_MAGIC[0]))
-            data = head if head in TIFF_MAGIC else head + f.read()
-    except Exception:  # noqa: BLE001 - read_bytes raises the one-line ImageError
-        data = b""
-    data = data or read_bytes(uri, storage_options)
-    return None if data[: len(TIFF_MAGIC[0])] in TIFF_MAGIC else data
-
-
-class _ReadStage:
-    """Read tasks ahead of the actors: at most `capacity` images being read or waiting, decoded.
-
-    Ray retries a task whose worker or node is lost (and rebuilds its lost pixels from lineage);
-    a read lost `MAX_ATTEMPTS` times becomes an error row.
-    """
-
-    def __init__(self, ray, job: JobSpec, capacity: int) -> None:
-        self.ray = ray
-        self.job = job
-        self.capacity = capacity
-        self.task = ray.remote(_read_image).options(
-            num_cpus=STAGE_TASK_CPUS, num_returns=2, max_retries=MAX_ATTEMPTS - 1
-        )
-        self.running: dict = {}  # status ref -> (uri, pixels ref)
-        self.ready: deque = deque()  # (uri, pixels ref, read seconds), read and decoded
-
-    def fill(self, ledger: _Ledger) -> None:
-        """Start reads of the ledger's next images, up to the capacity."""
-        while len(self.running) + len(self.ready) < self.capacity and (uri := ledger.next_uri()) is not None:
-            status, pixels = self.task.remote(
-                uri, self.job.input.storage_options, self.job.raster.bands, self.job.run.read_timeout_s
-            )
-            self.running[status] = (uri, pixels)
-
-    def take(self, ref) -> ImageResult | None:
-        """A finished read: its error row, or None once its pixels wait in `ready`."""
-        uri, pixels = self.running.pop(ref)
-        try:
-            status: _ReadStatus = self.ray.get(ref)
-        except self.ray.exceptions.RayError as error:
-            return image_result(uri, [], error=f"read: the read task was lost {MAX_ATTEMPTS} times ({type(error).__name__})")
-        if status.error:
-            return status.error_result(uri)
-        self.ready.append((uri, pixels, status.seconds))
-        return None
-
-
-class _SegmenterActor:
-    """A Ray actor around one `ImageSegmenter`. The constructor only notes the job, so that the
-    driver sees when Ray has placed the actor (`placed`) apart from when the model has loaded
-    (`load`, once)."""
-
-    def __init__(self, job: JobSpec) -> None:
-        self.job = job
-        self.segmenter: ImageSegmenter | None = None
-
-    def placed(self) -> None:
-        """Returns as soon as the actor runs: Ray has given it what it asked for."""
-
-    def load(self) -> str | None:
-        """Load the model; the reason it failed (one line), for the driver to name, else None."""
-        import ray
-
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        node = ray.get_runtime_context().get_node_id()[:8]
-        try:
-            self.segmenter = ImageSegmenter(self.job, f"node-{node}/pid-{os.getpid()}", _actor_threads(cpus))
-        except Exception as error:  # noqa: BLE001 - reported to the driver
-            return f"{type(error).__name__}: {' '.join(str(error).split())}"
-        return None
-
-    def segment(self, uri: str, image: np.ndarray | None, read_seconds: float) -> ImageResult:
-        """Rows of one image decoded by a read task (`image` (H, W, 3) uint8), or of a TIFF
-        (`image` None) that the segmenter reads itself; the read task's seconds are added."""
-        assert self.segmenter is not None
-        return self.segmenter.segment(uri, image, read_seconds)
-
-
-def _actor_threads(cpus: float) -> int:
-    """torch threads of a segmenting actor given `cpus` CPUs (a share such as 1.75 counts whole)."""
-    return max(1, math.ceil(cpus))
-
-
-def _actor_env(resources: dict) -> dict:
-    """The runtime environment of a segmenting actor asking for `resources`: `OMP_NUM_THREADS`
-    set to its torch threads. Unset, Ray sets it to the CPUs it assigns rounded down (1 for
-    1.75) under an actor that runs torch on 2 threads; set, the actor was not slower in either
-    round measured (docs/benchmarks.md, 2026-12-04)."""
-    threads = _actor_threads(resources.get("num_cpus", 1))
-    return {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
-
-
-class _ActorPool:
-    """Segmenting actors that survive losing some of them: to a killed process or a lost node.
-
-    An actor is first *placed* (Ray found it the resources it asks for, perhaps once an
-    autoscaler added a node), then *loads* its model; work goes only to actors that have
-    loaded it, one image at a time. While no actor of the pool is placed, the job waits at most
-    `run.actor_start_timeout_s`, then fails naming what an actor asks for and what the cluster
-    lacks. When a call fails because a worker, a node or the image's pixels were lost, its
-    actor is replaced (placed wherever Ray finds room) and the image goes back to the ledger,
-    to be read again first. An image lost `MAX_ATTEMPTS` times becomes an error row instead
-    of taking the job down. With `run.image_timeout_s`, an actor whose image is not back
-    `SEGMENT_GRACE_S` after its budget (an actor stuck where it cannot check it) is killed and
-    replaced, and the image is its error row, not retried.
-    """
-
-    def __init__(self, ray, job: JobSpec, resources: dict, n_actors: int) -> None:
-        self.ray = ray
-        self.job = job
-        self.resources = resources
-        self.actor_class = ray.remote(_SegmenterActor).options(
-            max_restarts=0, max_task_retries=0, runtime_env=_actor_env(resources), **resources
-        )
-        self.n_actors = n_actors
-        self.placing: dict = {}  # placed() ref -> actor
-        self.starting: dict = {}  # load() ref -> actor
-        self.busy: dict = {}  # segment() ref -> (actor, uri)
-        self.deadlines: dict = {}  # segment() ref -> time.monotonic() past which its actor is killed
-        self.idle: list = []
-        self.attempts: Counter[str] = Counter()
-        self.unplaced_since: float | None = None  # time.monotonic() since which no actor is placed
-
-    @property
-    def refs(self) -> list:
-        return [*self.placing, *self.starting, *self.busy]
-
-    def start(self) -> None:
-        for _ in range(self.n_actors):
-            self._start_actor()
-        log.info("starting %d segmenting actor%s, each asking for %s", self.n_actors, "s" * (self.n_actors > 1),
-                 _amounts(self.resources))
-
-    def stop(self) -> None:
-        for actor in [*self.placing.values(), *self.starting.values(), *self.idle, *(a for a, _ in self.busy.values())]:
-            self.ray.kill(actor)
-
-    def placement_wait(self) -> float | None:
-        """Seconds left to wait for an actor to be placed; None while one is.
-
-        Raises:
-            JobFailure: when no actor has been placed for `run.actor_start_timeout_s`.
-        """
-        if self.starting or self.idle or self.busy:
-            self.unplaced_since = None
-            return None
-        now = time.monotonic()
-        if self.unplaced_since is None:
-            self.unplaced_since = now
-        timeout = self.job.run.actor_start_timeout_s
-        left = self.unplaced_since + timeout - now
-        if left <= 0:
-            lacking = _shortfall(self.resources, self.ray.cluster_resources(), self.ray.available_resources())
-            where = f"the cluster has {lacking}" if lacking else "no node of the cluster has them all free"
-            raise JobFailure(
-                f"no segmenting actor could start in {timeout:g} s: each asks for {_amounts(self.resources)} and {where}"
-            )
-        return left
-
-    def feed(self, ready: deque) -> None:
-        """Hand decoded images from `ready` to idle actors."""
-        while self.idle and ready:
-            actor, (uri, pixels, read_seconds) = self.idle.pop(), ready.popleft()
-            ref = actor.segment.remote(uri, pixels, read_seconds)
-            self.busy[ref] = (actor, uri)
-            if (budget_s := self.job.run.image_timeout_s) is not None:
-                self.deadlines[ref] = time.monotonic() + budget_s + SEGMENT_GRACE_S
-
-    def wait_timeout(self) -> float | None:
-        """Seconds the driver may wait for any reference: until an actor must be placed
-        (`placement_wait`) or the first busy actor's deadline passes (0 when past); None: no bound.
-
-        Raises:
-            JobFailure: when no actor has been placed for `run.actor_start_timeout_s`.
-        """
-        bounds = [self.placement_wait()]
-        if self.deadlines:
-            bounds.append(max(0.0, min(self.deadlines.values()) - time.monotonic()))
-        known = [b for b in bounds if b is not None]
-        return min(known) if known else None
-
-    def expire(self) -> ImageResult | None:
-        """The error row of an image whose deadline has passed, its actor killed and replaced;
-        None when no deadline has passed."""
-        ref = min(self.deadlines, key=self.deadlines.get, default=None)
-        if ref is None or self.deadlines[ref] > time.monotonic():
-            return None
-        del self.deadlines[ref]
-        actor, uri = self.busy.pop(ref)
-        log.warning("%s: no rows %.0f s past run.image_timeout_s; replacing its segmenting actor", uri, SEGMENT_GRACE_S)
-        self.ray.kill(actor)
-        self._start_actor()
-        return image_result(uri, [], error=str(OverBudget(self.job.run.image_timeout_s)))
-
-    def take(self, ref, ledger: _Ledger) -> ImageResult | None:
-        """A finished `placed` or `load` (None) or `segment` call (the result, or None if re-queued)."""
-        if ref in self.placing:
-            self._on_placed(ref)
-            return None
-        if ref in self.starting:
-            self._on_started(ref)
-            return None
-        return self._on_segmented(ref, ledger)
-
-    def _start_actor(self) -> None:
-        actor = self.actor_class.remote(self.job)
-        self.placing[actor.placed.remote()] = actor
-
-    def _on_placed(self, ref) -> None:
-        actor = self.placing.pop(ref)
-        try:
-            self.ray.get(ref)
-        except _worker_lost_errors(self.ray):
-            log.warning("a segmenting actor died while starting; starting another")
-            self._start_actor()
-            return
-        self.starting[actor.load.remote()] = actor
-
-    def _on_started(self, ref) -> None:
-        actor = self.starting.pop(ref)
-        try:
-            load_error = self.ray.get(ref)
-        except _worker_lost_errors(self.ray):
-            log.warning("a segmenting actor died while starting; starting another")
-            self._start_actor()
-            return
-        if load_error:
-            raise JobFailure(f"the segmenting actor cannot load the model: {load_error}")
-        self.idle.append(actor)
-
-    def _on_segmented(self, ref, ledger: _Ledger) -> ImageResult | None:
-        actor, uri = self.busy.pop(ref)
-        self.deadlines.pop(ref, None)
-        try:
-            result = self.ray.get(ref)
-        except _worker_lost_errors(self.ray) as error:
-            return self._on_lost(actor, uri, error, ledger)
-        self.idle.append(actor)
-        return result
-
-    def _on_lost(self, actor, uri: str, error: Exception, ledger: _Ledger) -> ImageResult | None:
-        self.ray.kill(actor)  # dead already, or alive and only the pixels were lost: replace it
-        self._start_actor()
-        self.attempts[uri] += 1
-        log.warning("worker lost while segmenting %s (%s); attempt %d of %d", uri, type(error).__name__,
-                    self.attempts[uri], MAX_ATTEMPTS)
-        if self.attempts[uri] < MAX_ATTEMPTS:
-            ledger.requeue(uri)
-            return None
-        return image_result(uri, [], error=f"segment: the worker died on this image {MAX_ATTEMPTS} times (out of memory?)")
-
-
-class _CommitStage:
-    """Commit tasks: `commit_shard` on a CPU worker instead of the driver.
-
-    Ray retries a task whose worker or node is lost; a commit is idempotent (same bytes under
-    the same names, marker only if absent), so a retry cannot duplicate rows. A commit that
-    fails anyway ends the job: its shard stays uncommitted and a re-run does it again.
-    """
-
-    def __init__(self, ray, dataset: OutputDataset) -> None:
-        self.ray = ray
-        self.task = ray.remote(commit_shard).options(num_cpus=STAGE_TASK_CPUS, max_retries=MAX_ATTEMPTS - 1)
-        self.dataset = ray.put(dataset)
-        self.running: dict = {}  # commit ref -> shard
-
-    def submit(self, shard: Shard, results: list[ImageResult]) -> None:
-        self.running[self.task.remote(self.dataset, shard, results)] = shard
-
-    def take(self, ref) -> ShardCommit:
-        shard = self.running.pop(ref)
-        try:
-            return ShardCommit(shard, self.ray.get(ref))
-        except self.ray.exceptions.RayError as error:
-            cause = getattr(error, "cause", None) or error
-            raise JobFailure(f"committing {shard.name} failed: {one_line_reason(cause, typed=True)}") from None
-
-
-def _worker_lost_errors(ray) -> tuple[type[Exception], ...]:
-    """The errors that mean a worker (process or node) or an object went away, not that the image failed."""
-    e = ray.exceptions
-    return (e.RayActorError, e.WorkerCrashedError, e.ObjectLostError, e.NodeDiedError, e.OutOfMemoryError)
+        raise JobFailure(f"no segmenting actor can start: each asks for {amounts(resources)} and this machine has {lacking}")
 
 
 def choose_executor(job: JobSpec, n_images: int) -> tuple[str, str]:

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 from sam_batch import __version__
 from sam_batch.jobs.dataset import DatasetError, OutputDataset, Plan
-from sam_batch.jobs.executors import ShardCommit, make_executor
+from sam_batch.jobs.executors import make_executor
 from sam_batch.jobs.lease import LeaseHeld, OutputLease
 from sam_batch.jobs.plan import list_inputs, make_plan
 from sam_batch.jobs.schema import JobSpec
-from sam_batch.jobs.worker import STAGES, ImageResult
+from sam_batch.jobs.worker import STAGES, ImageDone, ShardCommit
 
 log = logging.getLogger("sam_batch")
 
@@ -41,6 +41,8 @@ class RunSummary:
     images_ok: int = 0
     images_error: int = 0
     masks: int = 0
+    tiles_segmented: int = 0
+    tiles_redone: int = 0
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     workers: list[str] = field(default_factory=list)
@@ -62,6 +64,8 @@ class RunSummary:
             "images_ok": self.images_ok,
             "images_error": self.images_error,
             "masks": self.masks,
+            "tiles_segmented": self.tiles_segmented,
+            "tiles_redone": self.tiles_redone,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 4),
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
@@ -143,8 +147,7 @@ def _run_holding_the_lease(
                 summary.shards_committed += int(event.stats["committed"])
                 continue
             _count(summary, event)
-            if event.worker:
-                workers.add(event.worker)
+            workers.update(event.workers)
             progress.update(event, summary)
     finally:
         progress.close()
@@ -163,14 +166,16 @@ def _remove_unfinished(dataset: OutputDataset) -> None:
                     "first %s; their shards are done again", len(removed), removed[0])
 
 
-def _count(summary: RunSummary, result: ImageResult) -> None:
-    if result.image_row["status"] == "ok":
+def _count(summary: RunSummary, done: ImageDone) -> None:
+    if done.error is None:
         summary.images_ok += 1
     else:
         summary.images_error += 1
-        log.warning("%s: %s", result.uri, result.image_row["error"])
-    summary.masks += len(result.mask_rows)
-    for stage, seconds in result.stage_seconds.items():
+        log.warning("%s: %s", done.uri, done.error)
+    summary.masks += done.n_masks
+    summary.tiles_segmented += done.tiles_segmented
+    summary.tiles_redone += done.tiles_redone
+    for stage, seconds in done.stage_seconds.items():
         summary.stage_seconds[stage] += seconds
 
 
@@ -187,7 +192,7 @@ class Progress:
 
             self.bar = tqdm(total=total, unit="img", dynamic_ncols=True)
 
-    def update(self, result: ImageResult, summary: RunSummary) -> None:
+    def update(self, done: ImageDone, summary: RunSummary) -> None:
         self.done += 1
         if self.bar is not None:
             self.bar.set_postfix(masks=summary.masks, errors=summary.images_error, refresh=False)
@@ -195,15 +200,14 @@ class Progress:
             return
         rate = self.done / max(time.perf_counter() - self.started, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        error = result.image_row["error"]
         log.info(
             "[%d/%d] %s %s masks=%d%s | total masks=%d %.3f img/s eta %.0fs",
             self.done,
             self.total,
-            result.image_row["status"],
-            result.uri,
-            len(result.mask_rows),
-            f" ({error})" if error else "",
+            "ok" if done.error is None else "error",
+            done.uri,
+            done.n_masks,
+            f" ({done.error})" if done.error else "",
             summary.masks,
             rate,
             eta,

@@ -1,11 +1,14 @@
-"""The work itself, the same under every executor: segment one image; commit one shard.
+"""The work itself, the same under every executor: segment one image, or one tile of it;
+finish an image into rows; commit one shard.
 
-`ImageSegmenter` loads the model once and then turns input URIs into rows. A failing image
-becomes an `images` row with status `error` and a one-line reason naming the stage; the job
-goes on. `commit_shard` writes a shard's rows once all its images are back.
+`ImageSegmenter` loads the model once. In process it turns an input URI into rows
+(`segment`); on Ray it segments one tile at a time (`segment_tile`), whose masks a CPU task
+then makes into the image's rows (`finish_image`). A failing image becomes an `images` row
+with status `error` and a one-line reason naming the stage; the job goes on. `commit_shard`
+writes a shard's rows once all its images are back.
 
 torch (the engine, the generator) loads only when an `ImageSegmenter` is made, so a driver and
-the read and commit tasks of a Ray job never import it.
+the read, finish and commit tasks of a Ray job never import it.
 """
 
 from __future__ import annotations
@@ -28,21 +31,59 @@ from sam_batch.pipeline.rasters import ArrayScene, RasterScene, Scene, is_raster
 from sam_batch.pipeline.tables import image_row, images_table, mask_rows, masks_table
 
 if TYPE_CHECKING:
-    from sam_batch.pipeline.scenes import SceneResult
+    from sam_batch.pipeline.scenes import ScenePlan, SceneResult
+    from sam_batch.pipeline.tile_masks import TileMasks
 
 STAGES = ("read", "segment", "encode", "write")
 log = logging.getLogger("sam_batch")
 
 
+@dataclass(frozen=True)
+class ImageDone:
+    """What the runner counts of one finished image (its rows stay where they were made).
+
+    error: the images row's one-line error, None when ok; stage_seconds: s per stage of
+    `STAGES`; workers: the segmenting workers that ran it (several for a tiled scene on Ray);
+    tiles_segmented: its tiles that went through the model (tiles with no valid pixel never
+    do); tiles_redone: those segmented again after their worker was lost.
+    """
+
+    uri: str
+    error: str | None
+    n_masks: int
+    stage_seconds: dict[str, float]
+    workers: tuple[str, ...]
+    tiles_segmented: int = 0
+    tiles_redone: int = 0
+
+
 @dataclass
 class ImageResult:
-    """Rows of one input image and the seconds each stage took on it."""
+    """Rows of one input image, the seconds each stage took on it, the workers that segmented it."""
 
     uri: str
     mask_rows: list[dict]
     image_row: dict
     stage_seconds: dict[str, float] = field(default_factory=dict)
-    worker: str = ""
+    workers: tuple[str, ...] = ()
+    tiles_segmented: int = 0
+
+    def done(self) -> ImageDone:
+        """The runner's summary of this result."""
+        return ImageDone(self.uri, self.image_row["error"], len(self.mask_rows), self.stage_seconds, self.workers,
+                         self.tiles_segmented)
+
+
+@dataclass(frozen=True)
+class ShardCommit:
+    """A shard's commit is done: `stats` as returned by `commit_shard` (`committed` is False
+    when another attempt had committed it first; `write_seconds` in s)."""
+
+    shard: Shard
+    stats: dict
+
+
+Event = ImageDone | ShardCommit  # what an executor yields to the runner
 
 
 class ImageSegmenter:
@@ -67,8 +108,8 @@ class ImageSegmenter:
         )
 
     def segment(self, uri: str, image: np.ndarray | None = None, read_seconds: float = 0.0) -> ImageResult:
-        """Rows of one input; `image` (H, W, 3) uint8 when a read stage has already decoded it,
-        in `read_seconds`, which count in the row's seconds and the read stage's.
+        """Rows of one input, all in this process; `image` (H, W, 3) uint8 when a read stage has
+        already decoded it, in `read_seconds`, which count in the row's seconds and the read stage's.
 
         Rasters (TIFF magic) are read here, window by window; photos whole. Either is cut into
         tiles of `raster.tile_size` or segmented whole as `raster.tiling` says
@@ -77,10 +118,10 @@ class ImageSegmenter:
         stops at the first step past `run.image_timeout_s` (`jobs.bounded`). Never raises for a
         bad image: the failure is the images row's `error`.
         """
-        from sam_batch.pipeline.scenes import tile_size_for  # imports torch, so not at the top
+        from sam_batch.pipeline.scenes import finish_scene, plan_scene, segment_tiles, tile_size_for
 
         seconds = {**dict.fromkeys(STAGES, 0.0), "read": read_seconds}
-        started = time.perf_counter() - read_seconds
+        started = time.time() - read_seconds
         budget = Budget(self.job.run.image_timeout_s)
         size: tuple[int, int] | None = None
         raster = self.job.raster
@@ -88,20 +129,21 @@ class ImageSegmenter:
             with ReadThread(self.job.run.read_timeout_s) as reads, ExitStack() as stack:
                 scene = self._open_scene(uri, image, reads, stack)
                 size = (scene.height, scene.width)
-                seconds["read"] = time.perf_counter() - started
+                seconds["read"] = time.time() - started
                 t = time.perf_counter()
-                tile_size = tile_size_for(scene, raster.tiling, raster.tile_size)
-                result = self._segment_scene(uri, scene, tile_size, budget.check)
+                plan = plan_scene(scene, tile_size_for(scene, raster.tiling, raster.tile_size), raster.tile_overlap)
+
+                def segment(rgb: np.ndarray, valid: np.ndarray | None, index: int) -> TileMasks:
+                    return self.segment_tile(uri, rgb, valid, plan, index, budget.check)
+
+                tiles = segment_tiles(scene, plan, segment, budget.check)
                 seconds["segment"] = time.perf_counter() - t
-            t = time.perf_counter()
-            rows = mask_rows(uri, result.records())
-            seconds["encode"] = time.perf_counter() - t
+            return finish_image(uri, finish_scene(plan, tiles, self.params.crop_nms_thresh), started, seconds,
+                                (self.worker_name,))
         except (ImageError, OverBudget) as error:
-            return self._result(uri, [], size, started, seconds, error=str(error))
+            return self._result(uri, size, started, seconds, str(error))
         except Exception as error:  # noqa: BLE001 - one image's failure must not end the job
-            reason = f"segment: {one_line_reason(error, typed=True)}"
-            return self._result(uri, [], size, started, seconds, error=reason)
-        return self._result(uri, rows, size, started, seconds, crs=result.crs, transform=result.transform)
+            return self._result(uri, size, started, seconds, f"segment: {one_line_reason(error, typed=True)}")
 
     def _open_scene(self, uri: str, image: np.ndarray | None, reads: ReadThread, stack: ExitStack) -> Scene:
         """`image` (H, W, 3) uint8 as a scene when a read stage decoded it; else the file at
@@ -117,21 +159,30 @@ class ImageSegmenter:
         stack.callback(reads.post, scene.__exit__, None, None, None)
         return BoundedScene(scene, reads)
 
-    def _segment_scene(self, uri: str, scene: Scene, tile_size: int, check: Callable[[], None]) -> SceneResult:
-        """`segment_scene` under the image's time budget (`check`, which raises `OverBudget`),
-        run again with half the prompts per decode call each time the decoder
-        runs out of device memory (the masks do not depend on the batch); the smaller batch
-        stays for the images after this one. Out of memory at one prompt a call is the image's
-        error, and the batch goes back to what it was when the image started."""
+    def segment_tile(
+        self,
+        uri: str,
+        rgb: np.ndarray,
+        valid: np.ndarray | None,
+        plan: ScenePlan,
+        index: int,
+        check: Callable[[], None],
+    ) -> TileMasks:
+        """`pipeline.scenes.segment_tile` on tile `index` of `uri`'s `plan` (`rgb` (h, w, 3)
+        uint8, `valid` (h, w) bool or None), under the image's time budget (`check`, which
+        raises `OverBudget`), run again with half the prompts per decode call each time the
+        decoder runs out of device memory (the masks do not depend on the batch); the smaller
+        batch stays for the tiles after this one. Out of memory at one prompt a call is the
+        image's error, and the batch goes back to what it was when the tile started."""
         import torch
 
         from sam_batch.pipeline.amg import DecoderOutOfMemory
-        from sam_batch.pipeline.scenes import segment_scene
+        from sam_batch.pipeline.scenes import segment_tile
 
         started_with = (self.params, self.engine.min_prompt_batch)
         while True:
             try:
-                return segment_scene(self.engine, scene, self.params, tile_size, self.job.raster.tile_overlap, check)
+                return segment_tile(self.engine, rgb, valid, self.params, plan, index, check)
             except DecoderOutOfMemory as error:
                 failed = error.prompts  # the exception (and the tensors its frames hold) is gone below
             if torch.cuda.is_available():
@@ -145,28 +196,26 @@ class ImageSegmenter:
                         uri, failed, failed // 2)
 
     def _result(
-        self,
-        uri: str,
-        rows: list[dict],
-        size: tuple[int, int] | None,
-        started: float,
-        seconds: dict[str, float],
-        *,
-        error: str | None = None,
-        crs: str | None = None,
-        transform: list[float] | None = None,
+        self, uri: str, size: tuple[int, int] | None, started: float, seconds: dict[str, float], error: str
     ) -> ImageResult:
-        return image_result(
-            uri,
-            rows,
-            size=size,
-            seconds=time.perf_counter() - started,
-            stage_seconds=seconds,
-            worker=self.worker_name,
-            error=error,
-            crs=crs,
-            transform=transform,
-        )
+        return image_result(uri, [], size=size, seconds=time.time() - started, stage_seconds=seconds,
+                            workers=(self.worker_name,), error=error)
+
+
+def finish_image(
+    uri: str, result: SceneResult, started: float, seconds: dict[str, float], workers: tuple[str, ...]
+) -> ImageResult:
+    """The rows of a segmented image: its masks' records (RLE, boxes, polygons) made here.
+
+    started: `time.time()` when the image's work began, in any process (its row's seconds count
+    from there); seconds: s per stage so far, the encoding's added here.
+    """
+    t = time.perf_counter()
+    rows = mask_rows(uri, result.records())
+    seconds = {**seconds, "encode": seconds.get("encode", 0.0) + time.perf_counter() - t}
+    done = image_result(uri, rows, size=(result.height, result.width), seconds=time.time() - started,
+                        stage_seconds=seconds, workers=workers, crs=result.crs, transform=result.transform)
+    return dataclasses.replace(done, tiles_segmented=result.tiles - result.tiles_skipped)
 
 
 def commit_shard(dataset: OutputDataset, shard: Shard, results: list[ImageResult]) -> dict:
@@ -178,7 +227,7 @@ def commit_shard(dataset: OutputDataset, shard: Shard, results: list[ImageResult
         "n_images": len(ordered),
         "n_errors": sum(r.image_row["status"] == "error" for r in ordered),
         "n_masks": sum(len(r.mask_rows) for r in ordered),
-        "workers": sorted({r.worker for r in ordered}),
+        "workers": sorted({w for r in ordered for w in r.workers}),
     }
     committed = dataset.commit_shard(
         shard,
@@ -196,7 +245,7 @@ def image_result(
     size: tuple[int, int] | None = None,
     seconds: float = 0.0,
     stage_seconds: dict[str, float] | None = None,
-    worker: str = "",
+    workers: tuple[str, ...] = (),
     error: str | None = None,
     crs: str | None = None,
     transform: list[float] | None = None,
@@ -219,4 +268,4 @@ def image_result(
         crs=crs,
         transform=transform,
     )
-    return ImageResult(uri, rows, row, stage_seconds or {}, worker)
+    return ImageResult(uri, rows, row, stage_seconds or {}, workers)

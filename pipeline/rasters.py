@@ -35,6 +35,10 @@ from sam_batch.pipeline.images import (
 
 Window = tuple[int, int, int, int]  # XYXY in scene pixels, end exclusive
 MAX_SCENE_PIXELS = 200_000 * 200_000  # a header beyond this is not a scene but a broken file
+# a file whose header claims more pixels than this per byte of the file is sparse or broken, not
+# a scene worth planning: deflate packs at most about 1,000 bytes into one, 3 bands of zeros at most
+# about 3,000 pixels a byte; a sparse 150,000^2 TIFF of 700 KB claims 32,000 (README, "Scenes")
+MAX_PIXELS_PER_FILE_BYTE = 10_000
 STRETCH_SAMPLE_SIDE = 1024  # the decimated read for stretch limits is at most this a side
 # s3fs storage options and the argument of rasterio's AWSSession each is (`gdal_s3_session`)
 S3FS_TO_SESSION = {"key": "aws_access_key_id", "secret": "aws_secret_access_key", "token": "aws_session_token",
@@ -121,6 +125,14 @@ def gdal_s3_session(storage_options: dict):
         return None
 
 
+def _size_or_none(fs: fsspec.AbstractFileSystem, path: str) -> int | None:
+    """The file's size in bytes, None where the store cannot say (then no sparseness check)."""
+    try:
+        return fs.size(path)
+    except Exception:  # noqa: BLE001 - opening the raster reports a missing or unreadable file
+        return None
+
+
 class BlockReads:
     """The filesystem rasterio reads a remote raster through: `fs` itself, but each file opened
     to read in blocks of `REMOTE_BLOCK_BYTES` kept in fsspec's block cache, instead of the
@@ -141,7 +153,9 @@ class RasterScene:
 
     bands: 1-based band indexes used as RGB (None = the first three that are not alpha; one
     band is repeated as gray, or coloured through its palette); nodata: overrides the file's
-    nodata value. Pixels are valid where any chosen band differs from nodata (and is not NaN),
+    nodata value; stretch: limits an earlier opening of the same file computed (`stretch`),
+    so that a tile read elsewhere is stretched alike without computing them again.
+    Pixels are valid where any chosen band differs from nodata (and is not NaN),
     or, for files without a nodata value, where GDAL's dataset mask (alpha band or internal
     mask) says so.
     """
@@ -152,6 +166,7 @@ class RasterScene:
         storage_options: dict | None = None,
         bands: Sequence[int] | None = None,
         nodata: float | None = None,
+        stretch: tuple[float, float] | None = None,
     ) -> None:
         import rasterio
 
@@ -159,7 +174,7 @@ class RasterScene:
         self._open = ExitStack()  # GDAL's S3 settings, if any, then the dataset: closed in reverse
         try:
             self._src = self._open_dataset(uri, storage_options or {})
-            self._describe(bands, nodata)
+            self._describe(bands, nodata, stretch)
         except rasterio.errors.RasterioError as error:
             self._open.close()
             raise ImageError("decode", f"raster open failed: {raster_error_reason(error)}") from None
@@ -173,6 +188,7 @@ class RasterScene:
         its fsspec filesystem (`BlockReads`)."""
         rasterio = self._rasterio
         fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+        self._file_bytes = _size_or_none(fs, path)
         protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
         if "file" in protocols:
             return self._open.enter_context(rasterio.open(path))
@@ -182,13 +198,17 @@ class RasterScene:
             return self._open.enter_context(rasterio.open(f"s3://{path}"))
         return self._open.enter_context(rasterio.open(path, opener=BlockReads(fs)))
 
-    def _describe(self, bands: Sequence[int] | None, nodata: float | None) -> None:
+    def _describe(self, bands: Sequence[int] | None, nodata: float | None, stretch: tuple[float, float] | None) -> None:
         src = self._src
         self.width, self.height = src.width, src.height
         if self.width <= 0 or self.height <= 0:
             raise ImageError("decode", f"image has no pixels ({self.width}x{self.height})")
         if self.width * self.height > MAX_SCENE_PIXELS:
             raise ImageError("decode", f"header claims {self.width}x{self.height} pixels, over {MAX_SCENE_PIXELS}")
+        if self._file_bytes and self.width * self.height > MAX_PIXELS_PER_FILE_BYTE * self._file_bytes:
+            raise ImageError("decode", f"header claims {self.width}x{self.height} pixels in a file of "
+                                       f"{self._file_bytes} bytes, over {MAX_PIXELS_PER_FILE_BYTE} pixels a byte: "
+                                       "a sparse or broken raster")
         self.bands = rgb_bands(src, bands)
         self.palette = palette_colours(src, self.bands)
         self.crs = src.crs
@@ -198,7 +218,7 @@ class RasterScene:
             flag.name in ("per_dataset", "alpha") for flag in src.mask_flag_enums[self.bands[0] - 1]
         )
         plain = self.palette is not None or src.dtypes[self.bands[0] - 1] == "uint8"
-        self.stretch = None if plain else self._stretch_limits()
+        self.stretch = None if plain else (stretch or self._stretch_limits())
 
     def __enter__(self) -> RasterScene:
         return self

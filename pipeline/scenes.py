@@ -2,27 +2,38 @@
 
 `tile_size_for` decides whether a scene is tiled at all (`raster.tiling`): by default a photo
 goes through the generator whole, as the reference generator segments it, and georeferenced
-scenes and images of more than `MAX_WHOLE_PIXELS` are tiled. `segment_scene` cuts the scene
-into tiles (`tiles.plan_tiles`), reads one window at a time (memory bounded by the tile, not the
-scene), skips tiles with no valid pixel before the model, runs `amg.generate_masks` on each
-tile, drops masks lying mostly on nodata (and, when there are several tiles, empty masks, which
-thresholds at 0 keep), makes one set of objects across seams (`tiles.merge_tiles`).
-`SceneResult.records` then writes them in scene pixels, with the polygon in the scene's CRS for
-georeferenced scenes. A scene that fits in one tile gives exactly the records of
-`amg.generate_masks` + `amg.to_records`."""
+scenes and images of more than `MAX_WHOLE_PIXELS` are tiled. A scene's work is three steps,
+which an executor may run in different processes:
+
+1. `plan_scene`: its tiles (`tiles.plan_tiles`) and georeferencing, from the header alone;
+2. `segment_tile`, per tile with a valid pixel (`has_valid_pixels`; others never reach the
+   model): `amg.generate_masks` on the tile's window, masks lying mostly on nodata dropped
+   (and, when there are several tiles, empty masks, which thresholds at 0 keep), the rest
+   placed in scene pixels and packed (`tile_masks.TileMasks`);
+3. `finish_scene`: one set of objects across seams (`tiles.merge_tiles`).
+
+`segment_scene` runs the three in this process, one window read at a time (memory bounded by
+the tile, not the scene). `SceneResult.records` then writes the objects in scene pixels, with
+the polygon in the scene's CRS for georeferenced scenes. A scene that fits in one tile gives
+exactly the records of `amg.generate_masks` + `amg.to_records`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sam_batch.pipeline.amg import Check, Engine, Mask, generate_masks, no_check
 from sam_batch.pipeline.geometry import crs_label, mask_geometry
 from sam_batch.pipeline.params import AmgParams
 from sam_batch.pipeline.rasters import Scene
 from sam_batch.pipeline.rle import mask_rle_columns
+from sam_batch.pipeline.tile_masks import TileMasks, pack
 from sam_batch.pipeline.tiles import SceneMask, Tile, is_cut, merge_tiles, plan_tiles
+
+if TYPE_CHECKING:  # the generator imports torch, which the read and finish tasks never load
+    from sam_batch.pipeline.amg import Check, Engine, Mask
 
 MAX_NODATA_FRACTION = 0.5  # a mask with more of its pixels on nodata than this is dropped
 # `raster.tiling: auto` segments an image that is not georeferenced whole up to this many pixels
@@ -73,40 +84,121 @@ def tile_size_for(scene: Scene, tiling: str, tile_size: int) -> int:
     return longest
 
 
+@dataclass(frozen=True)
+class ScenePlan:
+    """How one image is segmented, known from its header before any of its pixels.
+
+    width, height: pixels; crs, transform: as in `SceneResult`; tiles: the windows the
+    generator runs on (`tiles.plan_tiles`; one when the image goes whole).
+    """
+
+    width: int
+    height: int
+    crs: str | None
+    transform: list[float] | None
+    tiles: tuple[Tile, ...]
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return self.height, self.width
+
+
+def plan_scene(scene: Scene, tile_size: int, overlap: int) -> ScenePlan:
+    """The plan of `scene` cut into tiles of `tile_size` (as `tile_size_for` gives it) that
+    share `overlap` pixels (`raster.tile_overlap`)."""
+    return ScenePlan(
+        width=scene.width,
+        height=scene.height,
+        crs=crs_label(scene.crs),
+        transform=list(scene.transform)[:6] if scene.transform is not None else None,
+        tiles=tuple(plan_tiles(scene.width, scene.height, tile_size, overlap)),
+    )
+
+
+def has_valid_pixels(valid: np.ndarray | None) -> bool:
+    """Whether a tile whose valid pixels are `valid` (None: all) is worth the model."""
+    return valid is None or bool(valid.any())
+
+
+def segment_tile(
+    engine: Engine,
+    rgb: np.ndarray,
+    valid: np.ndarray | None,
+    params: AmgParams,
+    plan: ScenePlan,
+    index: int,
+    check: Check | None = None,
+) -> TileMasks:
+    """The masks of tile `index` of `plan` whose pixels are `rgb` (h, w, 3) uint8 and `valid`
+    (h, w) bool or None (all valid): `generate_masks` on the tile, empty masks dropped where
+    the scene has several tiles (thresholds at 0 keep them; they have no place to stand for
+    across seams), masks mostly on nodata dropped, the rest placed in scene pixels and packed.
+
+    check: handed to `generate_masks` (between crops and point batches); raises to stop.
+    """
+    from sam_batch.pipeline.amg import generate_masks, no_check
+
+    tile = plan.tiles[index]
+    several = len(plan.tiles) > 1
+    placed = [
+        _place(mask, tile, index, plan.image_hw)
+        for mask in generate_masks(engine, rgb, params, check or no_check)
+        if not (several and not mask.mask.any())
+        and (valid is None or _nodata_fraction(mask.mask, valid) <= MAX_NODATA_FRACTION)
+    ]
+    return pack(placed, index)
+
+
+def finish_scene(plan: ScenePlan, tiles: list[TileMasks], iou_threshold: float) -> SceneResult:
+    """One set of objects from the masks of the tiles that were segmented (`tiles`, in any
+    order; a tile with no valid pixel has none): the seam rule of `tiles.merge_tiles` at
+    `iou_threshold` (`amg.crop_nms_thresh`)."""
+    masks = [mask for packed in sorted(tiles, key=lambda t: t.tile) for mask in packed.unpack()]
+    return SceneResult(
+        width=plan.width,
+        height=plan.height,
+        masks=merge_tiles(masks, list(plan.tiles), iou_threshold),
+        crs=plan.crs,
+        transform=plan.transform,
+        tiles=len(plan.tiles),
+        tiles_skipped=len(plan.tiles) - len(tiles),
+    )
+
+
+TileSegmenter = Callable[[np.ndarray, "np.ndarray | None", int], TileMasks]  # (rgb, valid, tile index)
+
+
+def segment_tiles(scene: Scene, plan: ScenePlan, segment: TileSegmenter, check: Check) -> list[TileMasks]:
+    """Read the tiles of `plan` from `scene` one after another and `segment` each that has a
+    valid pixel; `check` runs before every tile but the first (raises to stop)."""
+    tiles = []
+    for index, tile in enumerate(plan.tiles):
+        if index:
+            check()
+        rgb, valid = scene.read(tile.window)
+        if has_valid_pixels(valid):
+            tiles.append(segment(rgb, valid, index))
+    return tiles
+
+
 def segment_scene(
-    engine: Engine, scene: Scene, params: AmgParams, tile_size: int, overlap: int, check: Check = no_check
+    engine: Engine, scene: Scene, params: AmgParams, tile_size: int, overlap: int, check: Check | None = None
 ) -> SceneResult:
-    """All objects of a scene, one record each, in deterministic order (tile, then mask order).
+    """All objects of a scene, one record each, in deterministic order (tile, then mask order):
+    its tiles read and segmented one after another in this process.
 
     check: called before every tile but the first, and by `generate_masks` within each tile;
     raises to stop the scene (a time budget).
     """
-    image_hw = (scene.height, scene.width)
-    tiles = plan_tiles(scene.width, scene.height, tile_size, overlap)
-    masks: list[SceneMask] = []
-    skipped = 0
-    for index, tile in enumerate(tiles):
-        if index:
-            check()
-        rgb, valid = scene.read(tile.window)
-        if valid is not None and not valid.any():
-            skipped += 1
-            continue
-        for mask in generate_masks(engine, rgb, params, check):
-            if len(tiles) > 1 and not mask.mask.any():
-                continue  # an empty mask (thresholds at 0) has no place to stand for across seams
-            placed = _place(mask, tile, index, image_hw)
-            if valid is None or _nodata_fraction(mask.mask, valid) <= MAX_NODATA_FRACTION:
-                masks.append(placed)
-    return SceneResult(
-        width=scene.width,
-        height=scene.height,
-        masks=merge_tiles(masks, tiles, params.crop_nms_thresh),
-        crs=crs_label(scene.crs),
-        transform=list(scene.transform)[:6] if scene.transform is not None else None,
-        tiles=len(tiles),
-        tiles_skipped=skipped,
-    )
+    from sam_batch.pipeline.amg import no_check
+
+    plan = plan_scene(scene, tile_size, overlap)
+    check = check or no_check
+
+    def segment(rgb: np.ndarray, valid: np.ndarray | None, index: int) -> TileMasks:
+        return segment_tile(engine, rgb, valid, params, plan, index, check)
+
+    return finish_scene(plan, segment_tiles(scene, plan, segment, check), params.crop_nms_thresh)
 
 
 def _place(mask: Mask, tile: Tile, index: int, image_hw: tuple[int, int]) -> SceneMask:

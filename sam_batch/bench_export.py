@@ -72,7 +72,7 @@ def synthetic_output(root: Path, n_images: int, masks_per_image: int, images_per
     dataset.write_plan(Plan("synthetic", {"name": "bench-export"}, shards))
     template_images = [image_row(uris[0], status="ok", error=None, width=SCENE_SIZE, height=SCENE_SIZE,
                                  n_masks=masks_per_image, seconds=0.0, crs=SCENE_CRS, transform=list(SCENE_TRANSFORM)[:6])]
-    template = masks_table(mask_rows(uris[0], mask_pool(masks_per_image)), template_images)
+    template = masks_table(mask_rows(uris[0], mask_pool(masks_per_image)), template_images, SCENE_CRS)
     for shard in shards:
         masks = pa.concat_tables([_for_image(template, uri) for uri in shard.uris])
         images = images_table([{**template_images[0], "image_uri": uri, "image_id": image_id_for(uri)} for uri in shard.uris])

@@ -44,16 +44,16 @@ MIB = 2**20
 # Kinds of process, in report order. A Ray worker is named by the Ray tasks it was seen running.
 DRIVER = "driver (`sam-batch run`)"
 ACTOR = "segmenting actor"
-CPU_TASKS = "read/commit task worker"
+CPU_TASKS = "open/read/finish/commit task worker"
 IDLE = "Ray worker, never seen busy"
 KINDS = (DRIVER, ACTOR, CPU_TASKS, IDLE, "raylet", "gcs_server", "other Ray process")
-CPU_TASK_NAMES = {"_read_image", "commit_shard"}
+CPU_TASK_NAMES = {"open_image", "read_tile", "_finish", "_commit"}
 
 
 @dataclass
 class ProcessPeak:
     """One process under the driver: its command, the Ray task names it was seen running
-    (`_read_image`, `IDLE`, …), and its peak RSS in bytes."""
+    (`open_image`, `IDLE`, …), and its peak RSS in bytes."""
 
     pid: int
     is_driver: bool
@@ -67,7 +67,7 @@ class ProcessPeak:
         busy = self.tasks - {"IDLE"}
         if self.is_driver:
             return DRIVER
-        if any(t.startswith("_SegmenterActor") for t in busy):
+        if any(t.startswith("SegmenterActor") for t in busy):
             return ACTOR
         if busy & CPU_TASK_NAMES:
             return CPU_TASKS
@@ -139,7 +139,7 @@ def _peak_rss(process) -> int:
 
 
 def _ray_task(cmdline: list[str]) -> str | None:
-    """`_read_image` from a Ray worker's title `ray::_read_image`; None for other processes."""
+    """`open_image` from a Ray worker's title `ray::open_image`; None for other processes."""
     first = cmdline[0] if cmdline else ""
     return first[len("ray::") :].split()[0].rstrip("()") if first.startswith("ray::") else None
 

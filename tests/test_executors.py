@@ -10,8 +10,9 @@ import psutil
 import pytest
 import ray
 
-from sam_batch.jobs import executors
-from sam_batch.jobs.executors import AUTO_RAY_MIN_IMAGES, STAGE_TASK_CPUS, RayExecutor, choose_executor, visible_gpus
+from sam_batch.jobs import executors, ray_pipeline
+from sam_batch.jobs.executors import AUTO_RAY_MIN_IMAGES, RayExecutor, choose_executor, visible_gpus
+from sam_batch.jobs.ray_pipeline import STAGE_TASK_CPUS
 from sam_batch.jobs.schema import parse_job
 
 
@@ -160,8 +161,8 @@ def is_loopback(ip: str) -> bool:
                                                     ({"num_cpus": 5 - STAGE_TASK_CPUS}, "5"), ({"num_gpus": 1, "num_cpus": 1}, "1")])
 def test_segmenting_actors_get_omp_threads_for_every_core_they_use(resources, threads) -> None:
     """Ray would set OMP_NUM_THREADS to the CPUs it assigns rounded down (1 for 1.75)."""
-    assert executors._actor_env(resources) == {"env_vars": {"OMP_NUM_THREADS": threads}}
-    assert executors._actor_threads(resources["num_cpus"]) == int(threads)
+    assert ray_pipeline._actor_env(resources) == {"env_vars": {"OMP_NUM_THREADS": threads}}
+    assert ray_pipeline._actor_threads(resources["num_cpus"]) == int(threads)
 
 
 def test_embedded_ray_listens_on_loopback_only() -> None:

@@ -133,7 +133,7 @@ def actor_pids(driver: psutil.Process) -> list[int]:
     pids = []
     for process in driver.children(recursive=True):
         try:
-            if any("_SegmenterActor" in part for part in process.cmdline()):
+            if any("SegmenterActor" in part for part in process.cmdline()):
                 pids.append(process.pid)
         except psutil.NoSuchProcess:
             continue
@@ -293,3 +293,64 @@ def test_a_commit_killed_before_its_marker_is_taken_back_by_the_next_run(tmp_pat
     assert sorted(Path(i["image_uri"]).name for i in images) == names
     raw, committed = raw_and_committed_keys(out)
     assert raw == committed and len(set(raw)) == len(raw) == sum(i["n_masks"] for i in images) > 0
+
+
+# `sam-batch run` (argv[1:]) that prints a line to stderr as each tile of a scene comes back to
+# the driver: the test's hook, in the child, not in the code under test
+TILES_WATCHED = """
+import sys
+from sam_batch.cli import main
+from sam_batch.jobs import ray_pipeline
+
+tile_back = ray_pipeline.RayPipeline._tile_back
+
+
+def watched(self, image, masks):
+    print("TILE BACK", file=sys.stderr, flush=True)
+    return tile_back(self, image, masks)
+
+
+ray_pipeline.RayPipeline._tile_back = watched
+sys.exit(main(sys.argv[1:]))
+"""
+SCENE_JOB = {"amg": {"points_per_side": 4}, "raster": {"tile_size": 256, "tile_overlap": 32}}  # 16 tiles
+
+
+def scene_job(path: Path, out: Path, **run: object) -> Path:
+    job = {"name": "scene-faults", "input": {"uris": [str(IMAGES / "RGB.byte.tif")]}, "output": {"uri": str(out)},
+           "run": {"executor": "ray", **run}, **SCENE_JOB}
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def test_an_actor_killed_mid_scene_costs_only_its_tiles(tmp_path) -> None:
+    """One scene of 16 tiles on two actors; one is SIGKILLed once three tiles are back. The run
+    redoes only the tiles that actor held (at most IN_FLIGHT_PER_ACTOR), and its masks are
+    those of a run on one actor."""
+    from sam_batch.jobs.ray_pipeline import IN_FLIGHT_PER_ACTOR
+
+    one = tmp_path / "one"
+    subprocess.run([SAM_BATCH, "run", str(scene_job(tmp_path / "one.yaml", one, max_actors=1))], check=True,
+                   capture_output=True, timeout=1200)
+    clean = json.loads((one / "run.json").read_text())
+    out = tmp_path / "out"
+    job = scene_job(tmp_path / "job.yaml", out, max_actors=2)
+    driver = subprocess.Popen([sys.executable, "-c", TILES_WATCHED, "run", str(job)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    back = 0
+    for line in driver.stderr:
+        back += line.startswith("TILE BACK")
+        if back == 3:
+            break
+    assert driver.poll() is None and back == 3, "the scene ended before the fault could be injected"
+    victims = actor_pids(psutil.Process(driver.pid))
+    assert len(victims) == 2, victims
+    os.kill(victims[0], signal.SIGKILL)
+    _, stderr = driver.communicate(timeout=1200)
+    assert driver.returncode == 0, stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["images_ok"] == 1 and clean["images_ok"] == 1
+    assert 1 <= record["tiles_redone"] <= IN_FLIGHT_PER_ACTOR, record
+    assert record["tiles_segmented"] == clean["tiles_segmented"]  # each tile once, and the redone again
+    assert clean["tiles_redone"] == 0 and clean["tiles_segmented"] >= 12  # corners may hold only nodata
+    assert_same_rows(out, rows(one))

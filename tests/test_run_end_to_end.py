@@ -237,11 +237,12 @@ def test_photos_run_in_process_without_ray_or_rasterio(tmp_path) -> None:
 STOP_AFTER_FIRST_COMMIT = """
 import sys
 from sam_batch.jobs import executors
+from sam_batch.jobs.worker import ShardCommit
 run = executors.LocalExecutor.run
 def stopping(self, shards, dataset):
     for event in run(self, shards, dataset):
         yield event
-        if isinstance(event, executors.ShardCommit):
+        if isinstance(event, ShardCommit):
             raise KeyboardInterrupt
 executors.LocalExecutor.run = stopping
 from sam_batch.cli import main

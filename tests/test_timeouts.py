@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,9 +24,12 @@ import pytest
 import yaml
 
 from conftest import IMAGES
-from sam_batch.jobs import executors
+from sam_batch.jobs import executors, ray_pipeline
 from sam_batch.jobs.bounded import BoundedScene, ReadThread, ReadTimedOut
 from sam_batch.jobs.schema import parse_job
+from sam_batch.jobs.stages import Opened
+from sam_batch.pipeline.rasters import ArrayScene
+from sam_batch.pipeline.scenes import plan_scene
 
 SAM_BATCH = str(Path(sys.executable).parent / "sam-batch")
 STALLED = "stalled.jpg"  # the server never answers for this name
@@ -165,9 +169,9 @@ def test_a_window_read_that_never_returns_times_out_and_the_close_waits_for_it()
 
 
 class HangingActor:
-    """A segmenting actor stuck where no budget check runs: its image never comes back."""
+    """A segmenting actor stuck where no budget check runs: its tile never comes back."""
 
-    def __init__(self, job) -> None:
+    def __init__(self, job, segmenter) -> None:
         self.job = job
 
     def placed(self) -> None:
@@ -176,36 +180,39 @@ class HangingActor:
     def load(self) -> None:
         return None
 
-    def segment(self, uri: str, image, read_seconds: float) -> None:
+    def segment_tile(self, *args) -> None:
         threading.Event().wait()
 
 
 @pytest.mark.slow
 def test_an_actor_stuck_past_the_budget_is_killed_and_replaced(monkeypatch) -> None:
+    import numpy as np
     import ray
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests
-    monkeypatch.setattr(executors, "_SegmenterActor", HangingActor)
-    monkeypatch.setattr(executors, "SEGMENT_GRACE_S", 0.0)
+    monkeypatch.setattr(ray_pipeline, "SegmenterActor", HangingActor)
+    monkeypatch.setattr(ray_pipeline, "SEGMENT_GRACE_S", 0.0)
     job = parse_job({"name": "stuck", "input": {"uris": ["x.jpg"]}, "output": {"uri": "out"},
                      "run": {"image_timeout_s": IMAGE_TIMEOUT_S}})
     executor = executors.RayExecutor(job)
     assert executor._init_ray(ray), "a Ray was already running in this process"
-    pool = executors._ActorPool(ray, job, {"num_cpus": 0.5}, 1)
+    pool = ray_pipeline.ActorPool(ray, job, {"num_cpus": 0.5}, 1)
     try:
         pool.start()
         for _ in ("placed", "load"):
             [started], _ = ray.wait(pool.refs, num_returns=1)
-            pool.take(started, ledger=None)
-        pool.feed(deque([("x.jpg", None, 0.0)]))
+            pool.take(started)
+        photo = np.zeros((8, 8, 3), np.uint8)
+        plan = plan_scene(ArrayScene(photo), 8, 0)
+        opened = Opened(None, plan, raster=False, stretch=None, seconds=0.0, started=time.time())
+        image = ray_pipeline._Image("x.jpg", opened, ray.put(photo), deadline=time.monotonic() + IMAGE_TIMEOUT_S)
+        pool.feed(deque([ray_pipeline._Unit(image, 0)]))
         [stuck] = pool.refs
-        result = None
-        while result is None:  # the driver's loop: wait up to the deadline, then expire
+        while pool.busy:  # the driver's loop: wait up to the kill time, then expire
             done, _ = ray.wait(pool.refs, num_returns=1, timeout=pool.wait_timeout())
             assert done == []
-            result = pool.expire()
-        assert result.image_row["error"] == f"segment: over run.image_timeout_s ({IMAGE_TIMEOUT_S} s)"
-        assert list(pool.busy) == [] and len(pool.placing) == 1  # its replacement
+            pool.expire()
+        assert len(pool.placing) == 1 and not pool.loaded  # its replacement, placing
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(stuck)  # the stuck actor is gone
     finally:
