@@ -1,12 +1,20 @@
-"""Tile planning, the seam rule and RLE placement: pure functions on hand-made masks."""
+"""Tile planning, the seam rule and RLE placement: pure functions on hand-made masks, and the
+seam rule against a brute-force copy of itself on the synthetic scenes of
+benchmarks/merge_scaling.py."""
 
 from __future__ import annotations
+
+import importlib.util
+import sys
 
 import numpy as np
 import pytest
 
+from sam_batch.pipeline import tiles as tiles_module
 from sam_batch.pipeline.rle import encode_rle, encode_rle_placed
 from sam_batch.pipeline.tiles import SceneMask, Tile, is_cut, merge_tiles, plan_tiles
+
+from conftest import REPO
 
 
 @pytest.mark.parametrize(
@@ -116,6 +124,20 @@ def test_parts_that_disagree_on_the_shared_strip_are_not_merged() -> None:
     assert len(kept) == 2
 
 
+def test_scene_masks_hold_their_pixels_packed() -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        height, width = (int(v) for v in rng.integers(1, 30, 2))
+        pixels = rng.random((height, width)) < 0.4
+        mask = SceneMask(pixels, 7, 3, 0.9, 0.95, [7.0, 3.0], [0, 0, 40, 40])
+        assert mask.bits.shape == (height, (width + 7) // 8) and mask.bits.dtype == np.uint8
+        assert np.array_equal(mask.pixels, pixels) and mask.pixels.dtype == bool
+        assert mask.area == pixels.sum() and mask.box == (7, 3, 7 + width - 1, 3 + height - 1)
+        window = sorted(int(v) for v in rng.integers(7, 8 + width, 2)), sorted(int(v) for v in rng.integers(3, 4 + height, 2))
+        (x0, x1), (y0, y1) = window
+        assert np.array_equal(tiles_module._view(mask, x0, y0, x1, y1), pixels[y0 - 3 : y1 - 3, x0 - 7 : x1 - 7])
+
+
 def test_single_tile_is_left_alone() -> None:
     tiles = [Tile((0, 0, 100, 60), (0, 0, 100, 60))]
     masks = [_mask(0, 1, 1, 5, 5)]
@@ -132,3 +154,139 @@ def test_placed_rle_equals_full_image_rle() -> None:
         full = np.zeros((height, width), dtype=bool)
         full[y0:y1, x0:x1] = pixels
         assert encode_rle_placed(pixels, x0, y0, (height, width)) == encode_rle(full)
+
+
+def _merge_scaling():
+    """benchmarks/merge_scaling.py, whose synthetic scenes are the ones measured in docs/benchmarks.md."""
+    spec = importlib.util.spec_from_file_location("merge_scaling", REPO / "benchmarks" / "merge_scaling.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["merge_scaling"] = module  # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _outcome(masks: list[SceneMask]) -> list[tuple]:
+    return [
+        (m.tile, m.parts, m.box, m.area, m.iou, m.stability, m.point, m.crop_box, m.cut, m.bits.tobytes())
+        for m in masks
+    ]
+
+
+@pytest.mark.parametrize(("size", "seed"), [(1920, 0), (2816, 1), (2816, 2), (3712, 3)])
+def test_merge_equals_comparing_every_pair(size: int, seed: int) -> None:
+    """The seam rule compares only masks on shared strips: the same result as comparing every
+    pair, as the rule was first written."""
+    masks, tiles = _merge_scaling().synthetic_scene(size, seed, masks_per_tile=30, crossing_share=0.4)
+    expected, fired = _brute_force_merge(masks, tiles, 0.7)
+    assert _outcome(merge_tiles(masks, tiles, 0.7)) == _outcome(expected)
+    assert fired["box duplicate"] and fired["covered"] and fired["stitched"]  # every rule had work to do
+
+
+def _brute_force_merge(
+    masks: list[SceneMask], tiles: list[Tile], iou_threshold: float
+) -> tuple[list[SceneMask], dict[str, int]]:
+    """The seam rule comparing every pair of masks: pipeline/tiles.py's first version; and how
+    often each rule fired."""
+    fired = dict.fromkeys(["box duplicate", "covered", "stitched"], 0)
+    for index, mask in enumerate(masks):
+        mask.parts = [index]
+
+    def priority(mask: SceneMask) -> tuple:
+        x0, y0, x1, y1 = mask.box
+        cx0, cy0, cx1, cy1 = tiles[mask.tile].core
+        centre_x, centre_y = (x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2
+        return (mask.cut, not (cx0 <= centre_x < cx1 and cy0 <= centre_y < cy1), -mask.iou)
+
+    kept: list[SceneMask] = []
+    for i in sorted(range(len(masks)), key=lambda i: (priority(masks[i]), i)):
+        mask = masks[i]
+        rivals = [k for k in kept if k.tile != mask.tile and _windows_overlap(tiles[k.tile], tiles[mask.tile])]
+        if any(_box_iou(mask.box, k.box) > iou_threshold for k in rivals):
+            fired["box duplicate"] += 1
+        else:
+            kept.append(mask)
+    whole = [m for m in kept if not m.cut]
+    parts = []
+    for m in kept:
+        if m.cut and any(o.tile != m.tile and _pixels_in_both(m, o) > 0.5 * m.area for o in whole):
+            fired["covered"] += 1
+        elif m.cut:
+            parts.append(m)
+    group = list(range(len(parts)))
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    for i, a in enumerate(parts):
+        for j in range(i + 1, len(parts)):
+            b = parts[j]
+            if a.tile != b.tile and _pixels_in_both(a, b) and _agree_on_shared_window(a, b, tiles):
+                group[root(j)] = root(i)
+    groups: dict[int, list[SceneMask]] = {}
+    for i, part in enumerate(parts):
+        groups.setdefault(root(i), []).append(part)
+    stitched = []
+    for members in groups.values():
+        fired["stitched"] += len(members) > 1
+        stitched.append(members[0] if len(members) == 1 else _union_of(members, tiles))
+    return sorted(whole + stitched, key=lambda m: (m.tile, m.parts[0])), fired
+
+
+def _windows_overlap(a: Tile, b: Tile) -> bool:
+    return a.window[0] < b.window[2] and b.window[0] < a.window[2] and a.window[1] < b.window[3] and b.window[1] < a.window[3]
+
+
+def _box_iou(a: tuple[int, ...], b: tuple[int, ...]) -> float:
+    """As the reference's NMS counts inclusive boxes: (x1 - x0) * (y1 - y0)."""
+    inter = max(min(a[2], b[2]) - max(a[0], b[0]), 0) * max(min(a[3], b[3]) - max(a[1], b[1]), 0)
+    area_a, area_b = (a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])
+    return inter / max(area_a + area_b - inter, 1e-9)
+
+
+def _pixels_in_both(a: SceneMask, b: SceneMask, window: tuple[int, int, int, int] | None = None) -> int:
+    """Pixels set in both masks, optionally only inside an XYXY window (end exclusive)."""
+    x0, y0 = max(a.box[0], b.box[0], window[0] if window else 0), max(a.box[1], b.box[1], window[1] if window else 0)
+    x1, y1 = min(a.box[2], b.box[2]) + 1, min(a.box[3], b.box[3]) + 1
+    if window is not None:
+        x1, y1 = min(x1, window[2]), min(y1, window[3])
+    if x0 >= x1 or y0 >= y1:
+        return 0
+    return int((_region(a, x0, y0, x1, y1) & _region(b, x0, y0, x1, y1)).sum())
+
+
+def _region(mask: SceneMask, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    return mask.pixels[y0 - mask.y0 : y1 - mask.y0, x0 - mask.x0 : x1 - mask.x0]
+
+
+def _agree_on_shared_window(a: SceneMask, b: SceneMask, tiles: list[Tile]) -> bool:
+    wa, wb = tiles[a.tile].window, tiles[b.tile].window
+    shared = (max(wa[0], wb[0]), max(wa[1], wb[1]), min(wa[2], wb[2]), min(wa[3], wb[3]))
+    inter = _pixels_in_both(a, b, shared)
+    union = _pixels_in_both(a, a, shared) + _pixels_in_both(b, b, shared) - inter
+    return union > 0 and inter >= 0.5 * union
+
+
+def _union_of(members: list[SceneMask], tiles: list[Tile]) -> SceneMask:
+    largest = max(members, key=lambda m: (m.area, -m.tile))
+    x0, y0 = min(m.box[0] for m in members), min(m.box[1] for m in members)
+    x1, y1 = max(m.box[2] for m in members) + 1, max(m.box[3] for m in members) + 1
+    pixels = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+    for m in members:
+        height, width = m.pixels.shape
+        pixels[m.y0 - y0 : m.y0 - y0 + height, m.x0 - x0 : m.x0 - x0 + width] |= m.pixels
+    windows = [tiles[m.tile].window for m in members]
+    first = min(members, key=lambda m: (m.tile, m.parts[0]))
+    return SceneMask(
+        pixels=pixels,
+        x0=x0,
+        y0=y0,
+        iou=largest.iou,
+        stability=largest.stability,
+        point=largest.point,
+        crop_box=[min(w[0] for w in windows), min(w[1] for w in windows), max(w[2] for w in windows), max(w[3] for w in windows)],
+        tile=first.tile,
+        cut=largest.cut,
+        parts=sorted(i for m in members for i in m.parts),
+    )
