@@ -8,8 +8,13 @@ The seam rule (`merge_tiles`), applied to the masks of all tiles in image pixels
 
 1. A mask is *cut* when it touches an edge of its tile that is not an edge of the image: the
    tile saw only part of the object.
-2. Duplicates across tiles are removed with box NMS (IoU above `iou_threshold`) between masks
-   of different tiles. The copy kept is, in this order of preference: an uncut one, one whose box centre lies in its own tile's core
+2. Duplicates across tiles are removed by greedy NMS between masks of different tiles: a mask
+   is dropped when a kept mask of another tile has a box IoU above `iou_threshold` or a mask
+   (pixel) IoU above `DUPLICATE_MASK_IOU` with it — box IoU alone lets the same object survive
+   twice when one copy's box is stretched by a few pixels the other does not hold. Mask IoU,
+   not intersection over the smaller mask, so that a part and the whole it belongs to (SAM's
+   nested masks, which NMS within a tile keeps) are not taken for one object. The copy kept is,
+   in this order of preference: an uncut one, one whose box centre lies in its own tile's core
    (the tile that sees it with the most context on every side), the higher predicted IoU. Masks
    of the same tile never suppress each other (automatic mask generation has already run NMS
    within the tile).
@@ -38,6 +43,7 @@ import numpy as np
 
 SAME_OBJECT_IOU = 0.5  # parts of one object agree at least this well where both tiles see it
 COVERED_FRACTION = 0.5  # a cut mask this much inside a kept whole mask is a partial copy of it
+DUPLICATE_MASK_IOU = 0.5  # masks of two tiles overlapping more than this (pixel IoU) are one object
 
 
 @dataclass(frozen=True)
@@ -254,14 +260,17 @@ def _overlapping_tiles(tiles: list[Tile]) -> list[tuple[int, int]]:
 
 
 def _nms_across_tiles(order: np.ndarray, boxes: np.ndarray, overlaps: _Overlaps, iou_threshold: float) -> np.ndarray:
-    """Greedy box NMS in priority order over the touching pairs: a mask is dropped when a kept
-    mask of another tile has box IoU above `iou_threshold` with it.
+    """Greedy NMS in priority order over the touching pairs: a mask is dropped when a kept mask of
+    another tile has box IoU above `iou_threshold` or mask IoU above `DUPLICATE_MASK_IOU` with it.
 
     Returns bool (N,): kept.
     """
-    pairs = overlaps.pairs
+    pairs, areas, most = overlaps.pairs, overlaps.areas, overlaps.most
     first, second = boxes[pairs[:, 0]].astype(np.float64), boxes[pairs[:, 1]].astype(np.float64)
-    duplicate = _box_iou(first, second) > iou_threshold
+    box_duplicate = _box_iou(first, second) > iou_threshold
+    asked = ~box_duplicate & (most > DUPLICATE_MASK_IOU * (areas.sum(axis=1) - most))
+    shared = overlaps.shared(asked)
+    duplicate = box_duplicate | (asked & (shared > DUPLICATE_MASK_IOU * np.maximum(areas.sum(axis=1) - shared, 1)))
     rivals: dict[int, list[int]] = {}
     for i, j in pairs[duplicate].tolist():
         rivals.setdefault(i, []).append(j)

@@ -1,20 +1,27 @@
-"""Tile planning, the seam rule and RLE placement: pure functions on hand-made masks, and the
-seam rule against a brute-force copy of itself on the synthetic scenes of
-benchmarks/merge_scaling.py."""
+"""Tile planning, the seam rule and RLE placement: pure functions on hand-made masks, the seam
+rule against a brute-force copy of itself on the synthetic scenes of benchmarks/merge_scaling.py,
+and no duplicates across tiles on the Landsat scene with the real model."""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
+from rasterio.transform import Affine
 
+from sam_batch.engines.backend import build_engine
 from sam_batch.pipeline import tiles as tiles_module
+from sam_batch.pipeline.params import AmgParams
+from sam_batch.pipeline.rasters import RasterScene
 from sam_batch.pipeline.rle import encode_rle, encode_rle_placed
-from sam_batch.pipeline.tiles import SceneMask, Tile, is_cut, merge_tiles, plan_tiles
+from sam_batch.pipeline.scenes import segment_scene
+from sam_batch.pipeline.tiles import DUPLICATE_MASK_IOU, SceneMask, Tile, is_cut, merge_tiles, plan_tiles
 
-from conftest import REPO
+from conftest import IMAGES, MOBILE_SAM, REPO
 
 
 @pytest.mark.parametrize(
@@ -124,6 +131,34 @@ def test_parts_that_disagree_on_the_shared_strip_are_not_merged() -> None:
     assert len(kept) == 2
 
 
+def _with_tail(mask: SceneMask, rows: int) -> SceneMask:
+    """The mask with a 1-pixel-wide tail `rows` long below its first column: a far taller box, few more pixels."""
+    height, width = mask.pixels.shape
+    pixels = np.zeros((height + rows, width), dtype=bool)
+    pixels[:height] = mask.pixels
+    pixels[height:, 0] = True
+    mask.pixels = pixels
+    return mask
+
+
+def test_copies_whose_boxes_differ_but_pixels_agree_are_one_object() -> None:
+    plain = _mask(0, 42, 10, 47, 30)  # in the shared strip, whole in both tiles; centre x 45: tile 0's core
+    tailed = _with_tail(_mask(1, 42, 10, 47, 30, iou=0.99), 20)  # box (42, 10, 47, 50)
+    assert not plain.cut and not tailed.cut
+    box_iou = tiles_module._box_iou(np.array([plain.box], float), np.array([tailed.box], float))[0]
+    mask_iou = plain.area / tailed.area
+    assert box_iou < 0.7 and mask_iou > DUPLICATE_MASK_IOU  # 0.5 and 0.86
+    kept = merge_tiles([plain, tailed], TILES, 0.7)
+    assert len(kept) == 1 and kept[0].tile == 0  # today's priority: the copy centred in its own core
+
+
+def test_a_part_inside_a_whole_of_another_tile_is_not_its_duplicate() -> None:
+    whole = _mask(0, 10, 10, 55, 50)  # tile 0 sees it whole
+    inside = _mask(1, 42, 20, 52, 30)  # a smaller object on it, seen by tile 1: all its pixels inside
+    kept = merge_tiles([whole, inside], TILES, 0.7)
+    assert _boxes(kept) == [whole.box, inside.box]  # mask IoU 0.06: not one object (SAM nests masks)
+
+
 def test_scene_masks_hold_their_pixels_packed() -> None:
     rng = np.random.default_rng(1)
     for _ in range(50):
@@ -172,22 +207,25 @@ def _outcome(masks: list[SceneMask]) -> list[tuple]:
     ]
 
 
+@pytest.mark.parametrize("duplicate_mask_iou", [DUPLICATE_MASK_IOU, 1.0], ids=["as-is", "box-iou-only"])
 @pytest.mark.parametrize(("size", "seed"), [(1920, 0), (2816, 1), (2816, 2), (3712, 3)])
-def test_merge_equals_comparing_every_pair(size: int, seed: int) -> None:
+def test_merge_equals_comparing_every_pair(size: int, seed: int, duplicate_mask_iou: float, monkeypatch) -> None:
     """The seam rule compares only masks on shared strips: the same result as comparing every
-    pair, as the rule was first written."""
+    pair, as the rule was first written (1.0: without the mask IoU criterion, the rule before it)."""
+    monkeypatch.setattr(tiles_module, "DUPLICATE_MASK_IOU", duplicate_mask_iou)
     masks, tiles = _merge_scaling().synthetic_scene(size, seed, masks_per_tile=30, crossing_share=0.4)
-    expected, fired = _brute_force_merge(masks, tiles, 0.7)
+    expected, fired = _brute_force_merge(masks, tiles, 0.7, duplicate_mask_iou)
     assert _outcome(merge_tiles(masks, tiles, 0.7)) == _outcome(expected)
     assert fired["box duplicate"] and fired["covered"] and fired["stitched"]  # every rule had work to do
+    assert fired["mask duplicate"] or duplicate_mask_iou == 1.0
 
 
 def _brute_force_merge(
-    masks: list[SceneMask], tiles: list[Tile], iou_threshold: float
+    masks: list[SceneMask], tiles: list[Tile], iou_threshold: float, duplicate_mask_iou: float
 ) -> tuple[list[SceneMask], dict[str, int]]:
-    """The seam rule comparing every pair of masks: pipeline/tiles.py's first version; and how
-    often each rule fired."""
-    fired = dict.fromkeys(["box duplicate", "covered", "stitched"], 0)
+    """The seam rule comparing every pair of masks: pipeline/tiles.py's first version, plus the
+    mask IoU criterion; and how often each rule fired."""
+    fired = dict.fromkeys(["box duplicate", "mask duplicate", "covered", "stitched"], 0)
     for index, mask in enumerate(masks):
         mask.parts = [index]
 
@@ -203,6 +241,8 @@ def _brute_force_merge(
         rivals = [k for k in kept if k.tile != mask.tile and _windows_overlap(tiles[k.tile], tiles[mask.tile])]
         if any(_box_iou(mask.box, k.box) > iou_threshold for k in rivals):
             fired["box duplicate"] += 1
+        elif any(_pixels_iou(mask, k) > duplicate_mask_iou for k in rivals):
+            fired["mask duplicate"] += 1
         else:
             kept.append(mask)
     whole = [m for m in kept if not m.cut]
@@ -260,6 +300,11 @@ def _region(mask: SceneMask, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
     return mask.pixels[y0 - mask.y0 : y1 - mask.y0, x0 - mask.x0 : x1 - mask.x0]
 
 
+def _pixels_iou(a: SceneMask, b: SceneMask) -> float:
+    inter = _pixels_in_both(a, b)
+    return inter / (a.area + b.area - inter) if inter else 0.0
+
+
 def _agree_on_shared_window(a: SceneMask, b: SceneMask, tiles: list[Tile]) -> bool:
     wa, wb = tiles[a.tile].window, tiles[b.tile].window
     shared = (max(wa[0], wb[0]), max(wa[1], wb[1]), min(wa[2], wb[2]), min(wa[3], wb[3]))
@@ -290,3 +335,36 @@ def _union_of(members: list[SceneMask], tiles: list[Tile]) -> SceneMask:
         cut=largest.cut,
         parts=sorted(i for m in members for i in m.parts),
     )
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return build_engine("vit_t", str(MOBILE_SAM), device="cpu")
+
+
+def _upsampled_landsat(path: Path) -> Path:
+    """The Landsat scene at twice its resolution (each pixel 2 × 2), georeferencing to match."""
+    with rasterio.open(IMAGES / "RGB.byte.tif") as src:
+        pixels, profile = src.read(), src.profile
+    pixels = pixels.repeat(2, axis=1).repeat(2, axis=2)
+    profile.update(height=pixels.shape[1], width=pixels.shape[2], transform=profile["transform"] @ Affine.scale(0.5))
+    profile.update(tiled=True, blockxsize=256, blockysize=256)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(pixels)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("scale", "tile_size"), [(1, 512), (2, 1024)])
+def test_no_object_twice_across_tiles_on_the_landsat_scene(scale: int, tile_size: int, tmp_path: Path, engine) -> None:
+    """16 x 16 points per tile, overlap 128: no two masks of different tiles have mask IoU above 0.5.
+
+    Box NMS alone left one such pair on the upsampled scene at 1024 (mask IoU 0.55, box IoU 0.63).
+    """
+    uri = str(IMAGES / "RGB.byte.tif") if scale == 1 else str(_upsampled_landsat(tmp_path / "landsat-2x.tif"))
+    with RasterScene(uri) as scene:
+        result = segment_scene(engine, scene, AmgParams(points_per_side=16), tile_size, 128)
+    assert result.tiles == 4 and len(result.masks) >= 10
+    masks = result.masks
+    pairs = [(a, b) for i, a in enumerate(masks) for b in masks[i + 1 :] if a.tile != b.tile]
+    assert max(_pixels_iou(a, b) for a, b in pairs) <= DUPLICATE_MASK_IOU
