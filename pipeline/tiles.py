@@ -8,11 +8,16 @@ The seam rule (`merge_tiles`), applied to the masks of all tiles in image pixels
 
 1. A mask is *cut* when it touches an edge of its tile that is not an edge of the image: the
    tile saw only part of the object.
-2. Duplicates across tiles are removed with box NMS (IoU above `iou_threshold`) between masks
-   of different tiles. The copy kept is, in this order of preference: an uncut one, one whose
-   box centre lies in its own tile's core (the tile that sees it with the most context on
-   every side), the higher predicted IoU. Masks of the same tile never suppress each other
-   (automatic mask generation has already run NMS within the tile).
+2. Duplicates across tiles are removed by greedy NMS between masks of different tiles: a mask
+   is dropped when a kept mask of another tile has a box IoU above `iou_threshold` or a mask
+   (pixel) IoU above `DUPLICATE_MASK_IOU` with it — box IoU alone lets the same object survive
+   twice when one copy's box is stretched by a few pixels the other does not hold. Mask IoU,
+   not intersection over the smaller mask, so that a part and the whole it belongs to (SAM's
+   nested masks, which NMS within a tile keeps) are not taken for one object. The copy kept is,
+   in this order of preference: an uncut one, one whose box centre lies in its own tile's core
+   (the tile that sees it with the most context on every side), the higher predicted IoU. Masks
+   of the same tile never suppress each other (automatic mask generation has already run NMS
+   within the tile).
 3. A cut mask whose pixels lie mostly (> 50%) inside a kept mask of another tile is a partial
    view of an object seen whole there, and is dropped.
 4. The cut masks left are parts of objects larger than the halo lets one tile see. Parts from
@@ -20,17 +25,25 @@ The seam rule (`merge_tiles`), applied to the masks of all tiles in image pixels
    tiles' shared window >= 0.5) are one object: they are merged into one mask, their union.
 
 The result is one row per object; objects no tile sees whole are stitched from their parts.
+
+Every rule compares only masks of different tiles whose boxes share a pixel, and a mask lies
+inside its tile's window, so the pairs compared are found tile pair by tile pair (neighbouring
+windows, through a grid) among the masks on the pair's shared strip: time and memory grow with
+the number of masks, not its square. Masks are held as their boxes' bits packed along rows
+(`np.packbits`), 1 bit a pixel.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
+from itertools import combinations
 
 import numpy as np
 
 SAME_OBJECT_IOU = 0.5  # parts of one object agree at least this well where both tiles see it
 COVERED_FRACTION = 0.5  # a cut mask this much inside a kept whole mask is a partial copy of it
+DUPLICATE_MASK_IOU = 0.5  # masks of two tiles overlapping more than this (pixel IoU) are one object
 
 
 @dataclass(frozen=True)
@@ -63,35 +76,60 @@ def _axis_spans(length: int, tile_size: int, overlap: int) -> list[tuple[tuple[i
     return [((starts[i], ends[i]), (cuts[i], cuts[i + 1])) for i in range(count)]
 
 
-@dataclass
 class SceneMask:
-    """One mask in image pixels, held as the bool pixels of its own box.
+    """One mask in image pixels, held as the bits of its own box packed along rows.
 
-    pixels: bool (h, w), pixels[0, 0] at image pixel (x0, y0); iou, stability: the model's
-    scores; point: the prompt's xy in image pixels; crop_box: XYXY of the crop or tile that
-    produced it; tile: index into the tile plan; cut: touches an inner edge of its tile.
+    pixels: bool (h, w), pixels[0, 0] at image pixel (x0, y0) — a new array at each read,
+    packed again when assigned; bits: uint8 (h, ceil(w / 8)), `np.packbits(pixels, axis=1)`;
+    iou, stability: the model's scores; point: the prompt's xy in image pixels; crop_box: XYXY
+    of the crop or tile that produced it; tile: index into the tile plan; cut: touches an inner
+    edge of its tile; parts: indexes, into `merge_tiles`'s input, of the masks it stands for.
     """
 
-    pixels: np.ndarray
-    x0: int
-    y0: int
-    iou: float
-    stability: float
-    point: list[float]
-    crop_box: list[int]
-    tile: int = 0
-    cut: bool = False
-    parts: list[int] = field(default_factory=list)
+    __slots__ = ("bits", "width", "_area", "x0", "y0", "iou", "stability", "point", "crop_box", "tile", "cut", "parts")
+
+    def __init__(
+        self,
+        pixels: np.ndarray,
+        x0: int,
+        y0: int,
+        iou: float,
+        stability: float,
+        point: list[float],
+        crop_box: list[int],
+        tile: int = 0,
+        cut: bool = False,
+        parts: list[int] | None = None,
+    ) -> None:
+        self.pixels = pixels
+        self.x0, self.y0 = x0, y0
+        self.iou, self.stability = iou, stability
+        self.point, self.crop_box = point, crop_box
+        self.tile, self.cut = tile, cut
+        self.parts = [] if parts is None else parts
+
+    @property
+    def pixels(self) -> np.ndarray:
+        return np.unpackbits(self.bits, axis=1, count=self.width).view(bool)
+
+    @pixels.setter
+    def pixels(self, pixels: np.ndarray) -> None:
+        pixels = np.asarray(pixels, dtype=bool)
+        self.bits = np.packbits(pixels, axis=1)
+        self.width = pixels.shape[1]
+        self._area = int(np.count_nonzero(pixels))
 
     @property
     def box(self) -> tuple[int, int, int, int]:
         """XYXY in image pixels, last pixel inclusive (the reference generator's boxes)."""
-        height, width = self.pixels.shape
-        return self.x0, self.y0, self.x0 + width - 1, self.y0 + height - 1
+        return self.x0, self.y0, self.x0 + self.width - 1, self.y0 + self.bits.shape[0] - 1
 
     @property
     def area(self) -> int:
-        return int(self.pixels.sum())
+        return self._area
+
+    def __repr__(self) -> str:
+        return f"SceneMask(box={self.box}, area={self.area}, tile={self.tile}, cut={self.cut}, iou={self.iou})"
 
 
 def is_cut(box: tuple[int, int, int, int], window: tuple[int, int, int, int], image_hw: tuple[int, int]) -> bool:
@@ -108,108 +146,209 @@ def is_cut(box: tuple[int, int, int, int], window: tuple[int, int, int, int], im
 
 
 def merge_tiles(masks: list[SceneMask], tiles: list[Tile], iou_threshold: float) -> list[SceneMask]:
-    """Apply the seam rule of this module to all tiles' masks; returns them in (tile, input) order."""
+    """Apply the seam rule of this module to all tiles' masks; returns them in (tile, input) order.
+
+    Each mask must lie inside its tile's window; iou_threshold in [0, 1]. Sets every input
+    mask's `parts` to [its index].
+    """
     if len(tiles) <= 1:
         return masks
-    kept = _nms_across_tiles(masks, tiles, iou_threshold)
-    whole = [m for m in kept if not m.cut]
-    parts = [m for m in kept if m.cut and not _covered_by_other_tile(m, whole)]
-    return sorted(whole + _merge_parts(parts, tiles), key=lambda m: (m.tile, m.parts[0] if m.parts else 0))
-
-
-def _priority(mask: SceneMask, tiles: list[Tile]) -> tuple:
-    x0, y0, x1, y1 = mask.box
-    cx0, cy0, cx1, cy1 = tiles[mask.tile].core
-    centre_x, centre_y = (x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2
-    in_core = cx0 <= centre_x < cx1 and cy0 <= centre_y < cy1
-    return (mask.cut, not in_core, -mask.iou)
-
-
-def _nms_across_tiles(masks: list[SceneMask], tiles: list[Tile], iou_threshold: float) -> list[SceneMask]:
-    """Greedy box NMS in priority order, where only masks of overlapping, different tiles compete."""
     for index, mask in enumerate(masks):
         mask.parts = [index]
-    order = sorted(range(len(masks)), key=lambda i: (_priority(masks[i], tiles), i))
-    neighbours = _overlapping_tiles(tiles)
-    kept_boxes: dict[int, list[tuple[int, int, int, int]]] = {t: [] for t in range(len(tiles))}
-    kept = []
-    for i in order:
-        mask = masks[i]
-        box = np.array(mask.box, dtype=np.float64)
-        rivals = [b for t in neighbours[mask.tile] if t != mask.tile for b in kept_boxes[t]]
-        if rivals and _box_iou(box, np.array(rivals, dtype=np.float64)).max() > iou_threshold:
-            continue
-        kept_boxes[mask.tile].append(mask.box)
-        kept.append(mask)
+    boxes = np.array([m.box for m in masks], dtype=np.int64).reshape(-1, 4)
+    tile_of = np.array([m.tile for m in masks], dtype=np.int64)
+    cut = np.array([m.cut for m in masks], dtype=bool)
+    areas = np.array([m.area for m in masks], dtype=np.int64)
+    overlaps = _Overlaps(masks, boxes, areas, _touching_pairs(boxes, tile_of, tiles))
+    order = _priority_order(masks, boxes, tile_of, cut, tiles)
+    kept = _nms_across_tiles(order, boxes, overlaps, iou_threshold)
+    is_part = kept & cut & ~_covered_by_other_tile(kept, cut, overlaps)
+    rank = np.empty(len(masks), dtype=np.int64)
+    rank[order] = np.arange(len(masks))
+    whole = [masks[i] for i in np.flatnonzero(kept & ~cut)]
+    part_pairs = overlaps.pairs[is_part[overlaps.pairs].all(axis=1)]
+    stitched = _merge_parts(masks, np.flatnonzero(is_part), rank, part_pairs, tiles)
+    return sorted(whole + stitched, key=lambda m: (m.tile, m.parts[0]))
+
+
+def _priority_order(
+    masks: list[SceneMask], boxes: np.ndarray, tile_of: np.ndarray, cut: np.ndarray, tiles: list[Tile]
+) -> np.ndarray:
+    """Mask indexes, most preferred first: uncut, box centre in its tile's core, higher IoU, input order."""
+    cores = np.array([t.core for t in tiles], dtype=np.int64)[tile_of]
+    centre_x, centre_y = (boxes[:, 0] + boxes[:, 2] + 1) / 2, (boxes[:, 1] + boxes[:, 3] + 1) / 2
+    in_core = (cores[:, 0] <= centre_x) & (centre_x < cores[:, 2]) & (cores[:, 1] <= centre_y) & (centre_y < cores[:, 3])
+    iou = np.array([m.iou for m in masks], dtype=np.float64)
+    return np.lexsort((np.arange(len(masks)), -iou, ~in_core, cut))
+
+
+class _Overlaps:
+    """The pairs the seam rule compares, with the pixels each pair holds in both masks, counted
+    only for the pairs a rule asks about.
+
+    pairs: (P, 2) mask indexes, first < second (see `_touching_pairs`); areas: (P, 2) each
+    mask's pixels; most: (P,) a bound on the pixels in both, the smaller area or the size of the
+    boxes' intersection: a rule that no count up to it can meet is decided without counting.
+    """
+
+    def __init__(self, masks: list[SceneMask], boxes: np.ndarray, areas: np.ndarray, pairs: np.ndarray) -> None:
+        self.masks, self.pairs = masks, pairs
+        first, second = boxes[pairs[:, 0]], boxes[pairs[:, 1]]
+        self.windows = np.concatenate(
+            [np.maximum(first[:, :2], second[:, :2]), np.minimum(first[:, 2:], second[:, 2:]) + 1], axis=1
+        )
+        self.areas = areas[pairs].reshape(-1, 2)
+        window_size = (self.windows[:, 2] - self.windows[:, 0]) * (self.windows[:, 3] - self.windows[:, 1])
+        self.most = np.minimum(self.areas.min(axis=1), window_size)
+        self._shared = np.full(len(pairs), -1, dtype=np.int64)
+
+    def shared(self, asked: np.ndarray) -> np.ndarray:
+        """(P,) pixels in both masks, counted where `asked` (bool (P,)); -1 where never asked."""
+        for p in np.flatnonzero(asked & (self._shared < 0)).tolist():
+            i, j = self.pairs[p]
+            self._shared[p] = _pixels_in_both(self.masks[i], self.masks[j], *self.windows[p].tolist())
+        return self._shared
+
+
+def _touching_pairs(boxes: np.ndarray, tile_of: np.ndarray, tiles: list[Tile]) -> np.ndarray:
+    """(P, 2) index pairs, first < second, of masks of different tiles whose inclusive XYXY boxes
+    share a pixel: for each pair of overlapping tiles, the masks of each on their shared strip."""
+    by_tile = np.argsort(tile_of, kind="stable")
+    starts = np.searchsorted(tile_of[by_tile], np.arange(len(tiles) + 1))
+    found = []
+    for t, u in _overlapping_tiles(tiles):
+        sx0, sy0 = max(tiles[t].window[0], tiles[u].window[0]), max(tiles[t].window[1], tiles[u].window[1])
+        sx1, sy1 = min(tiles[t].window[2], tiles[u].window[2]), min(tiles[t].window[3], tiles[u].window[3])
+        sides = []
+        for tile in (t, u):
+            members = by_tile[starts[tile] : starts[tile + 1]]
+            b = boxes[members]
+            sides.append(members[(b[:, 0] < sx1) & (b[:, 2] >= sx0) & (b[:, 1] < sy1) & (b[:, 3] >= sy0)])
+        a, b = boxes[sides[0]], boxes[sides[1]]
+        touch = (
+            (a[:, None, 0] <= b[None, :, 2])
+            & (b[None, :, 0] <= a[:, None, 2])
+            & (a[:, None, 1] <= b[None, :, 3])
+            & (b[None, :, 1] <= a[:, None, 3])
+        )
+        rows, columns = np.nonzero(touch)
+        found.append(np.stack([sides[0][rows], sides[1][columns]], axis=1))
+    pairs = np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
+    return np.sort(pairs, axis=1)
+
+
+def _overlapping_tiles(tiles: list[Tile]) -> list[tuple[int, int]]:
+    """Pairs (t, u), t < u, of tiles whose windows overlap, looked for among the tiles that
+    share a cell of a grid as coarse as the largest window."""
+    windows = [t.window for t in tiles]
+    cell = max(max(x1 - x0, y1 - y0) for x0, y0, x1, y1 in windows)
+    grid: dict[tuple[int, int], list[int]] = {}
+    for index, (x0, y0, x1, y1) in enumerate(windows):
+        for column in range(x0 // cell, (x1 - 1) // cell + 1):
+            for row in range(y0 // cell, (y1 - 1) // cell + 1):
+                grid.setdefault((column, row), []).append(index)
+    pairs = {
+        (t, u)
+        for members in grid.values()
+        for t, u in combinations(members, 2)
+        if windows[t][0] < windows[u][2]
+        and windows[u][0] < windows[t][2]
+        and windows[t][1] < windows[u][3]
+        and windows[u][1] < windows[t][3]
+    }
+    return sorted(pairs)
+
+
+def _nms_across_tiles(order: np.ndarray, boxes: np.ndarray, overlaps: _Overlaps, iou_threshold: float) -> np.ndarray:
+    """Greedy NMS in priority order over the touching pairs: a mask is dropped when a kept mask of
+    another tile has box IoU above `iou_threshold` or mask IoU above `DUPLICATE_MASK_IOU` with it.
+
+    Returns bool (N,): kept.
+    """
+    pairs, areas, most = overlaps.pairs, overlaps.areas, overlaps.most
+    first, second = boxes[pairs[:, 0]].astype(np.float64), boxes[pairs[:, 1]].astype(np.float64)
+    box_duplicate = _box_iou(first, second) > iou_threshold
+    asked = ~box_duplicate & (most > DUPLICATE_MASK_IOU * (areas.sum(axis=1) - most))
+    shared = overlaps.shared(asked)
+    duplicate = box_duplicate | (asked & (shared > DUPLICATE_MASK_IOU * np.maximum(areas.sum(axis=1) - shared, 1)))
+    rivals: dict[int, list[int]] = {}
+    for i, j in pairs[duplicate].tolist():
+        rivals.setdefault(i, []).append(j)
+        rivals.setdefault(j, []).append(i)
+    kept = np.zeros(len(boxes), dtype=bool)
+    for i in order.tolist():
+        kept[i] = not any(kept[j] for j in rivals.get(i, ()))
     return kept
 
 
-def _overlapping_tiles(tiles: list[Tile]) -> list[list[int]]:
-    """For each tile, the tiles whose windows overlap it (itself included)."""
-    windows = np.array([t.window for t in tiles])
-    overlaps = (
-        (windows[:, None, 0] < windows[None, :, 2])
-        & (windows[None, :, 0] < windows[:, None, 2])
-        & (windows[:, None, 1] < windows[None, :, 3])
-        & (windows[None, :, 1] < windows[:, None, 3])
-    )
-    return [np.flatnonzero(row).tolist() for row in overlaps]
-
-
-def _box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one inclusive XYXY box (4,) with each of (N, 4), areas as the reference's NMS counts them."""
-    width = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
-    height = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of inclusive XYXY boxes, row by row of two (P, 4), areas as the reference's NMS counts them."""
+    width = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    height = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
     inter = width * height
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return inter / np.maximum(area + areas - inter, 1e-9)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / np.maximum(area_a + area_b - inter, 1e-9)
 
 
-def _covered_by_other_tile(part: SceneMask, whole: list[SceneMask]) -> bool:
-    area = part.area
-    return any(
-        other.tile != part.tile and _intersection(part, other) > COVERED_FRACTION * area for other in whole
-    )
+def _covered_by_other_tile(kept: np.ndarray, cut: np.ndarray, overlaps: _Overlaps) -> np.ndarray:
+    """bool (N,): cut masks with more than `COVERED_FRACTION` of their pixels inside one kept
+    uncut mask of another tile."""
+    covered = np.zeros(len(kept), dtype=bool)
+    for side in (0, 1):
+        part, whole = overlaps.pairs[:, side], overlaps.pairs[:, 1 - side]
+        bar = COVERED_FRACTION * overlaps.areas[:, side]
+        asked = kept[part] & cut[part] & kept[whole] & ~cut[whole] & (overlaps.most > bar)
+        covered[part[asked & (overlaps.shared(asked) > bar)]] = True
+    return covered
 
 
-def _intersection(a: SceneMask, b: SceneMask, window: tuple[int, int, int, int] | None = None) -> int:
-    """Pixels set in both masks, optionally only inside an XYXY window (end exclusive)."""
-    ax0, ay0, ax1, ay1 = a.box
-    bx0, by0, bx1, by1 = b.box
-    x0, y0, x1, y1 = max(ax0, bx0), max(ay0, by0), min(ax1, bx1) + 1, min(ay1, by1) + 1
-    if window is not None:
-        x0, y0, x1, y1 = max(x0, window[0]), max(y0, window[1]), min(x1, window[2]), min(y1, window[3])
-    if x0 >= x1 or y0 >= y1:
-        return 0
-    return int((_view(a, x0, y0, x1, y1) & _view(b, x0, y0, x1, y1)).sum())
+def _pixels_in_both(a: SceneMask, b: SceneMask, x0: int, y0: int, x1: int, y1: int) -> int:
+    """Pixels set in both masks over an XYXY window (end exclusive) inside both boxes."""
+    return int(np.count_nonzero(_view(a, x0, y0, x1, y1) & _view(b, x0, y0, x1, y1)))
 
 
 def _view(mask: SceneMask, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-    return mask.pixels[y0 - mask.y0 : y1 - mask.y0, x0 - mask.x0 : x1 - mask.x0]
-
-
-def _count_in(mask: SceneMask, window: tuple[int, int, int, int]) -> int:
-    x0, y0, x1, y1 = mask.box
-    x0, y0 = max(x0, window[0]), max(y0, window[1])
-    x1, y1 = min(x1 + 1, window[2]), min(y1 + 1, window[3])
-    return int(_view(mask, x0, y0, x1, y1).sum()) if x0 < x1 and y0 < y1 else 0
+    """The mask's bool pixels over an XYXY window of its box (end exclusive), unpacked."""
+    left, right = x0 - mask.x0, x1 - mask.x0
+    first_byte = left // 8
+    rows = mask.bits[y0 - mask.y0 : y1 - mask.y0, first_byte : (right + 7) // 8]
+    return np.unpackbits(rows, axis=1)[:, left - 8 * first_byte : right - 8 * first_byte].view(bool)
 
 
 def _same_object(a: SceneMask, b: SceneMask, tiles: list[Tile]) -> bool:
     """Parts of two tiles agree (IoU >= SAME_OBJECT_IOU) over the window both tiles see."""
     wa, wb = tiles[a.tile].window, tiles[b.tile].window
     shared = (max(wa[0], wb[0]), max(wa[1], wb[1]), min(wa[2], wb[2]), min(wa[3], wb[3]))
-    if shared[0] >= shared[2] or shared[1] >= shared[3]:
-        return False
-    inter = _intersection(a, b, shared)
-    union = _count_in(a, shared) + _count_in(b, shared) - inter
+    a_in, b_in = _clip(a.box, shared), _clip(b.box, shared)
+    both = _clip((b_in[0], b_in[1], b_in[2] - 1, b_in[3] - 1), a_in) if a_in and b_in else None
+    if both is None:
+        return False  # no pixel in both: IoU 0
+    pixels_a, pixels_b = _view(a, *a_in), _view(b, *b_in)
+    x0, y0, x1, y1 = both
+    inter = int(
+        np.count_nonzero(
+            pixels_a[y0 - a_in[1] : y1 - a_in[1], x0 - a_in[0] : x1 - a_in[0]]
+            & pixels_b[y0 - b_in[1] : y1 - b_in[1], x0 - b_in[0] : x1 - b_in[0]]
+        )
+    )
+    union = int(np.count_nonzero(pixels_a)) + int(np.count_nonzero(pixels_b)) - inter
     return union > 0 and inter >= SAME_OBJECT_IOU * union
 
 
-def _merge_parts(parts: list[SceneMask], tiles: list[Tile]) -> list[SceneMask]:
-    """Union the parts that belong to one object (transitively); each group becomes one mask."""
-    group = list(range(len(parts)))
+def _clip(box: tuple[int, int, int, int], window: tuple[int, int, int, int]) -> tuple[int, int, int, int] | None:
+    """An inclusive XYXY box cut to an XYXY window (end exclusive), end exclusive; None if nothing is left."""
+    x0, y0 = max(box[0], window[0]), max(box[1], window[1])
+    x1, y1 = min(box[2] + 1, window[2]), min(box[3] + 1, window[3])
+    return (x0, y0, x1, y1) if x0 < x1 and y0 < y1 else None
+
+
+def _merge_parts(
+    masks: list[SceneMask], parts: np.ndarray, rank: np.ndarray, pairs: np.ndarray, tiles: list[Tile]
+) -> list[SceneMask]:
+    """Union the parts that belong to one object (transitively, over the touching `pairs` that
+    agree); each group becomes one mask, its members taken in priority `rank`."""
+    group = {int(i): int(i) for i in parts}
 
     def root(i: int) -> int:
         while group[i] != i:
@@ -217,19 +356,13 @@ def _merge_parts(parts: list[SceneMask], tiles: list[Tile]) -> list[SceneMask]:
             i = group[i]
         return i
 
-    for i, a in enumerate(parts):
-        for j in range(i + 1, len(parts)):
-            b = parts[j]
-            if a.tile != b.tile and _boxes_touch(a.box, b.box) and _same_object(a, b, tiles):
-                group[root(j)] = root(i)
+    for i, j in pairs.tolist():
+        if _same_object(masks[i], masks[j], tiles):
+            group[root(j)] = root(i)
     groups: dict[int, list[SceneMask]] = {}
-    for i, part in enumerate(parts):
-        groups.setdefault(root(i), []).append(part)
+    for i in sorted(group, key=lambda i: rank[i]):
+        groups.setdefault(root(i), []).append(masks[i])
     return [_union(members, tiles) for members in groups.values()]
-
-
-def _boxes_touch(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
-    return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
 
 
 def _union(members: list[SceneMask], tiles: list[Tile]) -> SceneMask:
@@ -245,18 +378,20 @@ def _union(members: list[SceneMask], tiles: list[Tile]) -> SceneMask:
     x1, y1 = boxes[:, 2:].max(axis=0) + 1
     pixels = np.zeros((y1 - y0, x1 - x0), dtype=bool)
     for m in members:
-        height, width = m.pixels.shape
+        height, width = m.bits.shape[0], m.width
         pixels[m.y0 - y0 : m.y0 - y0 + height, m.x0 - x0 : m.x0 - x0 + width] |= m.pixels
     windows = np.array([tiles[m.tile].window for m in members])
     hull = [int(windows[:, 0].min()), int(windows[:, 1].min()), int(windows[:, 2].max()), int(windows[:, 3].max())]
     first = min(members, key=lambda m: (m.tile, m.parts[0]))
-    return replace(
-        largest,
+    return SceneMask(
         pixels=pixels,
         x0=int(x0),
         y0=int(y0),
+        iou=largest.iou,
+        stability=largest.stability,
+        point=largest.point,
         crop_box=hull,
         tile=first.tile,
+        cut=largest.cut,
         parts=sorted(i for m in members for i in m.parts),
     )
-
