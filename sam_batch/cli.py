@@ -141,6 +141,8 @@ def _validate(args: argparse.Namespace) -> int:
     job = load_job(args.job, args.overrides)
     listed = list_inputs(job)
     output = OutputDataset(job.output.uri, job.output.storage_options)
+    output.check_root()  # the lines `run` stops with, before any work
+    output.check_exclusive_create(output.check_writable())
     existing = output.read_plan()
     resumes = existing is not None and existing.fingerprint == job.fingerprint()
     plan = existing if resumes else make_plan(job, listed)
@@ -149,7 +151,6 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"inputs: {len(plan.uris)} images in {len(plan.shards)} shards{frozen}")
     for shard in plan.shards:
         print(f"  {shard.name}: {len(shard.uris)} images, first {shard.uris[0]}")
-    output.check_exclusive_create(output.check_writable())  # the lines `run` stops with
     if existing is None:
         print(f"output: {job.output.uri} (new)")
     elif resumes:
