@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sam_batch.engines.registry import BACKENDS
 from sam_batch.engines.checkpoints import KNOWN_CHECKPOINTS, load_state_dict, resolve_checkpoint, sha256_file
 from sam_batch.engines.point_decoder import ImageSide, PointDecoder
 from sam_batch.engines.sam import (
@@ -33,10 +34,9 @@ if TYPE_CHECKING:
     from sam_batch.engines.onnx_backend import OnnxEngine
     from sam_batch.engines.tensorrt_backend import TensorRTEngine
 
-BACKENDS = ("torch", "onnx", "tensorrt")
 # the dtype each precision computes in; tf32 is fp32 with TensorFloat-32 matrix products and
 # convolutions on the GPUs that have them (fp32 means full fp32: TF32 is turned off)
-PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LAYOUTS = ("cpu", "gpu")  # how a TorchEngine lays out the work (see TorchEngine)
 # batches decoded at once on the CPU: each holds the GIL for its Python between operators
 # (about a tenth of its time), so beyond a few threads more cores go to each batch instead
@@ -124,7 +124,7 @@ class TorchEngine:
         if precision != "fp32" and self.layout == "cpu":
             raise EngineError(f"engine.precision: {precision} needs a GPU; use fp32 on the CPU")
         self.device = device
-        self.dtype = PRECISIONS[precision]
+        self.dtype = TORCH_DTYPES[precision]
         allow_tf32(precision == "tf32")
         self.model = model.to(device).eval()
         self.mask_threshold = 0.0

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .registry import MODEL_TYPES
 from .prompt_decoder import MaskDecoder, PromptEncoder
 from .tiny_vit import TinyViT
 from .vit import IMAGE_SIZE, VIT_CONFIGS, ImageEncoderViT
 
-MODEL_TYPES = ("vit_t", "vit_b", "vit_l", "vit_h")
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 

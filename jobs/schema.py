@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 
+from sam_batch.engines.registry import Backend, ModelType, Precision
 from sam_batch.pipeline.params import AmgParams
 
 __all__ = [
@@ -44,9 +45,6 @@ __all__ = [
     "parse_job",
 ]
 
-ModelType = Literal["vit_t", "vit_b", "vit_l", "vit_h"]
-Backend = Literal["torch", "onnx", "tensorrt"]
-Precision = Literal["fp32", "tf32", "fp16", "bf16"]
 Executor = Literal["auto", "ray", "local"]
 Tiling = Literal["auto", "always", "never"]
 

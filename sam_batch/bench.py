@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from sam_batch.engines.registry import MODEL_TYPES
+
 if TYPE_CHECKING:
     from sam_batch.engines.backend import TorchEngine
 
@@ -68,7 +70,6 @@ BASELINE_COLUMNS = ("image", "points per side", "threads", "side", "seconds", "C
 SIDES = ("reference", "sam-batch")
 DEFAULT_REF_VENV = ".venv-ref"
 DEFAULT_DOC = "docs/benchmarks.md"
-MODEL_TYPES = ("vit_t", "vit_b", "vit_l", "vit_h")
 
 DOC_HEADER = """\
 # Benchmarks

@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from sam_batch.engines.registry import MODEL_TYPES
+
     parser = argparse.ArgumentParser(prog="sam-batch", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -102,12 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     weights = commands.add_parser("weights", help="manage model weights")
     weights_commands = weights.add_subparsers(dest="weights_command", required=True)
     fetch = weights_commands.add_parser("fetch", help="provision a checkpoint into the cache")
-    fetch.add_argument("model_type", choices=["vit_t", "vit_b", "vit_l", "vit_h"])
+    fetch.add_argument("model_type", choices=MODEL_TYPES)
     fetch.add_argument("--force", action="store_true", help="download again even if cached")
     fetch.set_defaults(handler=_weights_fetch)
 
     export = commands.add_parser("export-onnx", help="export a model's image encoder and prompt decoder to ONNX")
-    export.add_argument("model_type", choices=["vit_t", "vit_b", "vit_l", "vit_h"])
+    export.add_argument("model_type", choices=MODEL_TYPES)
     export.add_argument("-o", "--out", required=True, help="folder for encoder.onnx and decoder.onnx")
     export.add_argument("--checkpoint", help="path or fsspec URL (default: the cached default weights)")
     export.add_argument("--sha256", help="verify the checkpoint against this sha256")
