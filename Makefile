@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 # The CPU build of torch from this machine's disk; an unpinned torch would pull a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench bench-env bench-memory bench-pipeline gpu-kit
+.PHONY: install demo test test-fast bench bench-env bench-memory bench-export bench-pipeline gpu-kit
 
 install: $(VENV)/.installed
 
@@ -26,7 +26,7 @@ test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow"
 
 # The reference generator (MobileSAM's SamAutomaticMaskGenerator) in its own environment,
-# never in $(VENV): `make bench` runs it and sam-batch side by side (sam_batch/bench.py).
+# never in $(VENV): `make bench` runs it and sam-batch side by side (benchmarks/reference.py).
 REF_VENV ?= .venv-ref
 REF_TORCH ?= torch==2.14.1 torchvision==0.29.1
 
@@ -38,15 +38,19 @@ $(REF_VENV)/.installed:
 	$(REF_VENV)/bin/pip install --quiet timm mobilesam-mirror segment-anything pycocotools pillow numpy opencv-python-headless
 	touch $@
 
-# Fails (sam-batch bench's exit status 3) when a ratio is NOT VALID (load above the threads) or a
+# Fails (benchmarks.reference's exit status 3) when a ratio is NOT VALID (load above the threads) or a
 # side drifted more than 15% from its quiet baseline: the report and doc section are still written.
 bench: install bench-env
-	$(VENV)/bin/sam-batch bench --ref-venv $(REF_VENV) --write-doc
+	$(VENV)/bin/python -m benchmarks.reference --ref-venv $(REF_VENV) --write-doc
 
 # Peak memory of the driver and every Ray worker over 100 and then 1,000 small images
-# (sam_batch/bench_memory.py); about 10-20 minutes on 2 cores.
+# (benchmarks/ray_memory.py); about 10-20 minutes on 2 cores.
 bench-memory: install
-	$(VENV)/bin/sam-batch bench-memory --write-doc
+	$(VENV)/bin/python -m benchmarks.ray_memory --write-doc
+
+# Peak memory and time of `sam-batch export` as the output grows (benchmarks/export_memory.py).
+bench-export: install
+	$(PY) -m benchmarks.export_memory
 
 # The Ray pipeline without a GPU (benchmarks/pipeline.py): a stand-in engine (200 ms a tile), a
 # store with 100 ms a range request, 1, 2 and 4 actors, and the driver's peak RSS; Markdown on stdout.

@@ -1,3 +1,8 @@
 """sam-batch: Segment Anything automatic mask generation over image archives, into Parquet."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("sam-batch")  # written once, in pyproject.toml
+except PackageNotFoundError:  # sources copied, not installed (deploy/gpu-check.sh's site)
+    __version__ = "0+unknown"

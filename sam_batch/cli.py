@@ -1,5 +1,6 @@
-"""The `sam-batch` command line: run, validate, render, export, weights fetch, bench, bench-memory,
-bench-export, bench-gpu."""
+"""The `sam-batch` command line: run, validate, render, export, weights fetch, export-onnx.
+
+Benchmarks are not commands of the product: they live in the checkout's `benchmarks/`."""
 
 from __future__ import annotations
 
@@ -14,22 +15,6 @@ log = logging.getLogger("sam_batch")
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # bench parses its own options
-        from sam_batch.bench import main as bench_main
-
-        return bench_main(argv[1:])
-    if argv[:1] == ["bench-memory"]:  # so does bench-memory
-        from sam_batch.bench_memory import main as bench_memory_main
-
-        return bench_memory_main(argv[1:])
-    if argv[:1] == ["bench-gpu"]:  # and bench-gpu
-        from sam_batch.bench_gpu import main as bench_gpu_main
-
-        return bench_gpu_main(argv[1:])
-    if argv[:1] == ["bench-export"]:  # and bench-export
-        from sam_batch.bench_export import main as bench_export_main
-
-        return bench_export_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     for noisy in ("ray", "fsspec", "s3fs", "botocore", "urllib3", "rasterio"):
@@ -53,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     from sam_batch.engines.registry import MODEL_TYPES
 
-    parser = argparse.ArgumentParser(prog="sam-batch", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sam-batch", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run (or resume) a job")
@@ -95,11 +80,6 @@ def _parser() -> argparse.ArgumentParser:
     exporting.add_argument("--coco-polygons", action="store_true", help="coco: polygons instead of RLE (holes are filled)")
     exporting.add_argument("--overwrite", action="store_true", help="replace the destination if it exists")
     exporting.set_defaults(handler=_export)
-
-    commands.add_parser("bench", help="the reference generator and sam-batch side by side (see bench --help)")
-    commands.add_parser("bench-memory", help="peak memory of a Ray run over 100 and 1,000 images (see bench-memory --help)")
-    commands.add_parser("bench-export", help="peak memory and time of export as the output grows (see bench-export --help)")
-    commands.add_parser("bench-gpu", help="precisions, compile, encoder batches and whole runs on a GPU (see bench-gpu --help)")
 
     weights = commands.add_parser("weights", help="manage model weights")
     weights_commands = weights.add_subparsers(dest="weights_command", required=True)

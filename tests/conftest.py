@@ -41,7 +41,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
 
 def load_golden(name: str) -> dict:
     """A golden file with its `segmentation`, `bbox`, ... parsed into Python values."""
-    from sam_batch.bench import read_golden
+    from benchmarks.reference import read_golden
 
     return read_golden(GOLDEN / name)
 

@@ -1,4 +1,4 @@
-"""`sam-batch bench` without the reference environment: mask agreement, the alternating rounds
+"""`python -m benchmarks.reference` without the reference environment: mask agreement, the alternating rounds
 and their medians, the load rule (NOT VALID), the drift from quiet baselines, the report, the doc
 section, and the one-line refusal when `.venv-ref` is missing. Timing sides and the load are
 fakes: no timed assertions."""
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sam_batch.bench import (
+from benchmarks.reference import (
     DEFAULT_IMAGES,
     DOC_HEADER,
     Agreement,
@@ -290,12 +290,12 @@ def test_doc_section_names_machine_versions_command_date_and_verdict(tmp_path: P
     whole = WholeProcess(320.0, 80.0, [Agreement(1.0, 0.99, 0.98)], max_load=1.5, cores=2)
     section = format_section(
         [example_result(max_load=2.75)], whole, machine, model_type="vit_t", points_per_side=32,
-        command="sam-batch bench --write-doc", when=datetime.datetime(2025, 1, 2, 3, 4),
+        command="python -m benchmarks.reference --write-doc", when=datetime.datetime(2025, 1, 2, 3, 4),
         note="other work ran meanwhile",
     )
     assert section.startswith("## 2025-01-02 03:04 UTC — vit_t, 32×32 points, 2 threads\n")
     for expected in ("2 cores (`nproc`), AMD EPYC", "torch 2.14.1", "mobilesam-mirror 1.0.0",
-                     "torch 2.13.0+cpu", "`sam-batch bench --write-doc`", "1.50 / 2.75 / 3.25",
+                     "torch 2.13.0+cpu", "`python -m benchmarks.reference --write-doc`", "1.50 / 2.75 / 3.25",
                      "note: other work ran meanwhile", "| dog.jpg |", "2.50× NOT VALID",
                      "- NOT VALID: dog.jpg: 1-minute load reached 2.75 above 2 threads",
                      "| dog.jpg | 2 | sam-batch, reference | 160.0 | 70.0 | 2.75 |",
@@ -322,12 +322,12 @@ def test_missing_reference_env_is_one_line_and_exit_1(tmp_path: Path, capsys: py
 
 def test_cli_missing_reference_env(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "sam_batch.cli", "bench", "--", "--ref-venv", str(tmp_path / "nowhere")],
-        capture_output=True, text=True, check=False,
+        [sys.executable, "-m", "benchmarks.reference", "--", "--ref-venv", str(tmp_path / "nowhere")],
+        capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[1],
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        f"sam-batch bench: the reference environment {tmp_path / 'nowhere'} is missing: run `make bench-env` first"
+        f"benchmarks.reference: the reference environment {tmp_path / 'nowhere'} is missing: run `make bench-env` first"
     ]
 
 
@@ -356,7 +356,7 @@ def test_run_pipeline_times_sam_batch_run_and_reads_its_masks(tmp_path: Path, sh
 
 
 def test_profile_times_every_stage_of_one_image(shared_images: Path) -> None:
-    from sam_batch.bench_profile import STAGES, profile_image
+    from benchmarks.image_stages import STAGES, profile_image
     from sam_batch.pipeline import amg, held_masks
 
     before = {name: getattr(amg, name) for name in ("_stable_masks", "box_nms", "encode_rle")}

@@ -1,4 +1,4 @@
-"""`sam-batch bench-gpu` on the CPU: every phase runs and reports, so the GPU check a lent
+"""`python -m benchmarks.gpu_check` on the CPU: every phase runs and reports, so the GPU check a lent
 machine runs (deploy/gpu-check.sh) is known to work before any device time is spent on it."""
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 
 from conftest import GOLDEN, REPO
-from sam_batch.bench_gpu import ModelSpec, agreement_row, format_report, golden_records
+from benchmarks.gpu_check import ModelSpec, agreement_row, format_report, golden_records
 from sam_batch.pipeline.rle import encode_rle
 
 REFERENCE_PYTHON = REPO / ".venv-ref" / "bin" / "python"
 
 
 def bench_gpu(out: Path, *options: str) -> list[dict]:
-    """Run `sam-batch bench-gpu` as a process on the CPU; its results, in order."""
+    """Run `python -m benchmarks.gpu_check` as a process on the CPU; its results, in order."""
     proc = subprocess.run(
-        [sys.executable, "-m", "sam_batch.cli", "bench-gpu", "--device", "cpu", "--out", str(out), *options],
-        capture_output=True, text=True, timeout=900,
+        [sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--out", str(out), *options],
+        capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1],
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]

@@ -1,4 +1,4 @@
-"""`sam-batch bench-memory`'s process sampler on a real process tree (no Ray needed)."""
+"""`python -m benchmarks.ray_memory`'s process sampler on a real process tree (no Ray needed)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from sam_batch.bench_memory import DRIVER, TreeSampler
+from benchmarks.ray_memory import DRIVER, TreeSampler
 
 
 def test_sampler_finds_the_tree_and_names_processes_by_their_latest_command(tmp_path: Path) -> None:

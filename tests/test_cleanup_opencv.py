@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import GOLDEN
-from sam_batch.bench import read_golden
+from benchmarks.reference import read_golden
 from sam_batch.pipeline.masks import remove_small_regions
 from sam_batch.pipeline.rle import decode_rle
 

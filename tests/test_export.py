@@ -302,7 +302,7 @@ def test_memory_does_not_grow_with_the_masks(tmp_path: Path, format_: str) -> No
     under what holding the larger output's rows would take."""
     import pyarrow.parquet as pq
 
-    from sam_batch.bench_export import measure_export, synthetic_output
+    from benchmarks.export_memory import measure_export, synthetic_output
 
     peaks = {}
     for shards in (4, 16):

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from conftest import IMAGES, load_golden
-from sam_batch.bench import agreement
+from benchmarks.reference import agreement
 from sam_batch.cli import main as cli_main
 from sam_batch.engines.backend import EngineError, build_engine, load_model, set_cpu_threads
 from sam_batch.engines.onnx_backend import OnnxEngine

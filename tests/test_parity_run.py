@@ -20,7 +20,7 @@ import pytest
 
 from conftest import IMAGES, PARITY_LINES, load_golden
 from parity import strict_differences
-from sam_batch.bench import agreement
+from benchmarks.reference import agreement
 from test_run_end_to_end import sam_batch, write_job
 
 HELD_OUT = Path(__file__).parent / "data" / "held_out"

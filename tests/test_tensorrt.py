@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from conftest import IMAGES
-from sam_batch.bench import agreement
+from benchmarks.reference import agreement
 from sam_batch.engines import backend
 from sam_batch.engines.backend import EngineError, build_engine, load_model
 from sam_batch.engines.onnx_export import cached_onnx

@@ -1,4 +1,4 @@
-"""Where the time of one image goes: `python -m sam_batch.bench_profile IMAGE [--threads N]`.
+"""Where the time of one image goes: `python -m benchmarks.image_stages IMAGE [--threads N]`.
 
 Runs `generate_masks` + `to_records` once on the image in this process and prints the wall
 seconds of each stage (encoder, decoder, upsampling + stability filter, boxes, NMS, RLE), summed
@@ -87,7 +87,7 @@ def _timed(function: Callable, stage: str, seconds: Counter, synchronize: Callab
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sam_batch.bench_profile", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.image_stages", description=__doc__.splitlines()[0])
     parser.add_argument("image", help="image path or fsspec URL")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--model", default="vit_t")

@@ -1,4 +1,4 @@
-"""`python -m sam_batch.bench_scene`: peak memory of tiled scene segmentation as scenes grow.
+"""`python -m benchmarks.scene_memory`: peak memory of tiled scene segmentation as scenes grow.
 
 Mosaics a GeoTIFF n x n times (n = 1, 2, 4: 1x, 4x and 16x the pixels) into tiled GeoTIFFs
 with the source's nodata and a matching transform, then segments each in a fresh process
@@ -70,7 +70,7 @@ def measure_one(path: str, points_per_side: int, tile_size: int, overlap: int) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sam_batch.bench_scene", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scene_memory", description=__doc__.splitlines()[0])
     parser.add_argument("--scene", default=DEFAULT_SCENE, help="source GeoTIFF to mosaic")
     parser.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4], help="mosaic n x n for each n")
     parser.add_argument("--points-per-side", type=int, default=4)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         for factor in args.factors:
             path = mosaic(Path(args.scene), factor, Path(tmp) / f"mosaic{factor}.tif")
             command = [
-                sys.executable, "-m", "sam_batch.bench_scene", "--one", str(path),
+                sys.executable, "-m", "benchmarks.scene_memory", "--one", str(path),
                 "--points-per-side", str(args.points_per_side),
                 "--tile-size", str(args.tile_size), "--tile-overlap", str(args.tile_overlap),
             ]
@@ -122,7 +122,7 @@ def _append_doc(doc: Path, args: argparse.Namespace, table: str, load_before: fl
 ## {now} — scene memory, vit_t, {args.points_per_side}×{args.points_per_side} points per tile
 
 - machine: {os.cpu_count()} cores (`nproc`), {platform.processor() or platform.machine()}
-- command: `python -m sam_batch.bench_scene --scene {args.scene} --factors {' '.join(map(str, args.factors))} --points-per-side {args.points_per_side} --tile-size {args.tile_size} --tile-overlap {args.tile_overlap} --write-doc`
+- command: `python -m benchmarks.scene_memory --scene {args.scene} --factors {' '.join(map(str, args.factors))} --points-per-side {args.points_per_side} --tile-size {args.tile_size} --tile-overlap {args.tile_overlap} --write-doc`
 - scenes: {args.scene} mosaicked n×n (tiled GeoTIFF, deflate), each segmented in a fresh process; peak RSS is that process's (`ru_maxrss`), model included
 - load (1-min average) before / after: {load_before:.2f} / {load_after:.2f}
 

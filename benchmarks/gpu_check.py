@@ -1,4 +1,4 @@
-"""`sam-batch bench-gpu`: what only a GPU can show, as one prepared, time-boxed run.
+"""`python -m benchmarks.gpu_check`: what only a GPU can show, as one prepared, time-boxed run.
 
 Made for a short loan of a GPU machine: `make gpu-kit` packs the weights, images, golden files
 and missing wheels into `.gpu-kit/`, and `deploy/gpu-check.sh` runs this there (see
@@ -16,7 +16,7 @@ docs/benchmarks.md, "Measuring on a GPU"). Phases, in this order:
    `raster.tile_size` above every image's size (so none is tiled, as in the reference): wall
    seconds, the run's own images/s and masks.
 4. profile (`--profile PRECISION ...`): seconds per stage (encoder, decoder, upsampling and
-   stability, boxes, NMS, RLE; `bench_profile.stage_seconds`) summed over the images, the device
+   stability, boxes, NMS, RLE; `image_stages.stage_seconds`) summed over the images, the device
    synchronised around each stage.
 5. encoder: the image encoder alone on each of `--encoder-batches` images per call (random
    inputs): ms per image, to show what several images per encoder call would gain.
@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sam_batch.bench import agreement, check_exit, read_golden, write_run_job
+from benchmarks.reference import agreement, check_exit, read_golden, write_run_job
 
 GOLDEN_NAME = "{image}.pps{points}.crop0.minarea0.json"
 RUN_TIMEOUT_S = 300  # the run phase's process, so a hung run cannot take a lent machine's whole time
@@ -182,7 +182,7 @@ class GpuMemory:
 
 def time_generate(engine, images: dict[str, np.ndarray], points_per_side: int, repeats: int) -> tuple[dict, dict]:
     """Best-of-`repeats` seconds and the records of each image (the first run's), after one warm-up."""
-    from sam_batch.bench import run_ours
+    from benchmarks.reference import run_ours
 
     run_ours(engine, next(iter(images.values())), points_per_side)  # kernels, caches, allocator
     seconds, records = {}, {}
@@ -384,8 +384,8 @@ class Session:
                                      points_per_side=args.points_per_side, copies=args.run_images))
 
     def profile(self, spec: ModelSpec, precision: str) -> None:
-        from sam_batch.bench import run_ours
-        from sam_batch.bench_profile import stage_seconds
+        from benchmarks.reference import run_ours
+        from benchmarks.image_stages import stage_seconds
 
         engine = self.engines.engine(spec, precision)
         run_ours(engine, next(iter(self.images.values())), self.args.points_per_side)  # warm-up
@@ -425,7 +425,7 @@ def run_reference_on(images: dict[str, np.ndarray], args: argparse.Namespace) ->
     """MobileSAM's generator (fp32) in `args.reference_python` on `args.device`, one warm-up first."""
     import torch
 
-    from sam_batch.bench import run_reference, save_pixels
+    from benchmarks.reference import run_reference, save_pixels
     from sam_batch.engines.checkpoints import resolve_checkpoint
 
     checkpoint = resolve_checkpoint("vit_t", args.checkpoint, None)
@@ -472,7 +472,7 @@ def format_report(rows: list[dict]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sam-batch bench-gpu", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", nargs="+", required=True, help="image files (photos)")
     parser.add_argument("--golden", type=Path, help="the folder of golden files, for fp32 parity")
     parser.add_argument("--out", type=Path, required=True, help="folder for results.jsonl and report.md")

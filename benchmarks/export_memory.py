@@ -1,4 +1,4 @@
-"""`sam-batch bench-export`: peak memory and time of `sam-batch export` as the output grows.
+"""`python -m benchmarks.export_memory`: peak memory and time of `sam-batch export` as the output grows.
 
 The benchmark builds synthetic committed outputs (`synthetic_output`: georeferenced 1024x1024
 "scenes" in EPSG:32618, each with the same pool of masks — discs of 4-24 px radius at seeded
@@ -132,7 +132,7 @@ def format_report(results: list[Measurement]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sam-batch bench-export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.export_memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--masks", type=int, nargs="+", default=list(DEFAULT_MASKS), help="total masks of each synthetic output")
     parser.add_argument("--formats", nargs="+", default=list(DEFAULT_FORMATS), choices=sorted(SUFFIXES))
     parser.add_argument("--masks-per-image", type=int, default=1000)
@@ -150,6 +150,10 @@ def main(argv: list[str]) -> int:
     end_load = os.getloadavg()[:2]
     print(f"{started}, load average (1, 5 min) {load[0]:.1f}, {load[1]:.1f} at start, "
           f"{end_load[0]:.1f}, {end_load[1]:.1f} at the end; {os.cpu_count()} CPUs")
-    print(f"command: sam-batch bench-export {shlex.join(argv)}")
+    print(f"command: python -m benchmarks.export_memory {shlex.join(argv)}")
     print(format_report(results))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,7 +1,7 @@
 """What the masks table's mask columns cost, on this machine.
 
-    python -m sam_batch.bench_masks decode [--sides 1024 4096 8192] [--mask-side 50]
-    python -m sam_batch.bench_masks reproject [--masks 1000 10000]
+    python -m benchmarks.mask_decode decode [--sides 1024 4096 8192] [--mask-side 50]
+    python -m benchmarks.mask_decode reproject [--masks 1000 10000]
 
 `decode`: pycocotools' decode of one small square mask from its full-image RLE and from its
 box-local RLE, at several image sizes, each size in a fresh process so that its peak RSS is its
@@ -96,7 +96,7 @@ def _peak_rss_mib() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sam_batch.bench_masks", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.mask_decode", description=__doc__)
     what = parser.add_subparsers(dest="what", required=True)
     decode = what.add_parser("decode")
     decode.add_argument("--sides", type=int, nargs="+", default=list(DEFAULT_SIDES))
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| image | full-image RLE: s | MiB | box-local RLE: s | MiB |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for side in args.sides:
-        child = [sys.executable, "-m", "sam_batch.bench_masks", "decode", "--one", str(side),
+        child = [sys.executable, "-m", "benchmarks.mask_decode", "decode", "--one", str(side),
                  "--mask-side", str(args.mask_side)]
         row = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout)
         print(f"| {side}² | {row['full_seconds']:.4f} | {row['full_mib']:.0f} | "

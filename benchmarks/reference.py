@@ -1,4 +1,4 @@
-"""`sam-batch bench`: MobileSAM's reference generator and sam-batch side by side.
+"""`python -m benchmarks.reference`: MobileSAM's reference generator and sam-batch side by side.
 
 On the same pixels, weights and grid, one after the other, never at once:
 1. per image, in at least 2 rounds (`--rounds`), the order of the sides flipping every round
@@ -74,10 +74,13 @@ DEFAULT_DOC = "docs/benchmarks.md"
 DOC_HEADER = """\
 # Benchmarks
 
-Written by `make bench` (`sam-batch bench --write-doc`), newest section last. Each run puts
+Written by `make bench` (`python -m benchmarks.reference --write-doc`), newest section last. Each run puts
 MobileSAM's reference `SamAutomaticMaskGenerator` (its own environment, `.venv-ref`, made by
 `make bench-env`) and sam-batch side by side on the same decoded pixels, the same checkpoint,
 the same parameters and the same number of torch threads, one after the other, never at once.
+Sections dated before 2026-12-04 12:00 UTC name the commands of their day: `sam-batch bench`,
+`bench-memory`, `bench-gpu`, `bench-export` and `python -m sam_batch.bench_*` are now the
+modules of the checkout's `benchmarks/` (README, *Benchmarks*).
 
 - *reference s* / *sam-batch s*: the median, over the image's rounds, of the wall time of one
   `generate` call (image encoder, all point batches, filters, NMS, COCO RLE records), with the
@@ -105,13 +108,13 @@ the same parameters and the same number of torch threads, one after the other, n
   points per side, threads and CPU model; more than 15% either way is flagged *DRIFTED*: the
   machine, or the code, is not what it was when the baseline was measured, and the ratio is not
   comparable with earlier ones. *no baseline* where the table has no row.
-- `sam-batch bench` exits with status 3 when any ratio is NOT VALID or any side DRIFTED (after
+- `python -m benchmarks.reference` exits with status 3 when any ratio is NOT VALID or any side DRIFTED (after
   printing, and writing the section with `--write-doc`), so `make bench` fails; only valid
   ratios of sides within 15% of their baselines are quoted elsewhere (README).
 
 ## Quiet baselines
 
-Each side's `generate` seconds on a quiet machine, which `sam-batch bench` reads (the table
+Each side's `generate` seconds on a quiet machine, which `python -m benchmarks.reference` reads (the table
 under this heading, these columns). Add a row by hand from a run whose ratio was valid and whose
 other side was within 15% of its baseline (the bench prints such rows for sides that have
 none); replace a sam-batch row when the code's speed changes, measured side by side.
@@ -120,34 +123,7 @@ none); replace a sam-batch row when the code's speed changes, measured side by s
 | --- | ---: | ---: | --- | ---: | --- | --- |
 """
 
-# Runs in .venv-ref: argv[1] is a JSON spec, see `run_reference`. Prints one JSON object.
-REFERENCE_DRIVER = """\
-import json, sys, time
-from importlib.metadata import version
-
-import numpy as np
-import torch
-from mobile_sam import SamAutomaticMaskGenerator, sam_model_registry
-
-spec = json.loads(sys.argv[1])
-torch.set_num_threads(spec["threads"])
-model = sam_model_registry[spec["model_type"]](checkpoint=spec["checkpoint"]).to(spec["device"]).eval()
-generator = SamAutomaticMaskGenerator(
-    model, points_per_side=spec["points_per_side"], output_mode="coco_rle"
-)
-if spec["warm_up"]:  # once, untimed: CUDA's kernels and allocator
-    generator.generate(np.load(spec["images"][0][0]))
-for pixels, out in spec["images"]:
-    image = np.load(pixels)
-    start = time.perf_counter()
-    records = generator.generate(image)
-    seconds = time.perf_counter() - start
-    with open(out, "w") as f:
-        json.dump({"seconds": seconds, "records": records}, f)
-    print(f"{pixels}: {seconds:.1f}s, {len(records)} masks", file=sys.stderr, flush=True)
-print(json.dumps({"torch": torch.__version__, "mobile_sam": version("mobilesam-mirror"),
-                  "threads": torch.get_num_threads()}))
-"""
+REFERENCE_DRIVER = Path(__file__).with_name("reference_driver.py")  # run by the reference's Python
 
 
 class BenchError(RuntimeError):
@@ -664,11 +640,9 @@ def run_reference(
         "warm_up": warm_up,
         "images": [[str(p), str(o)] for p, o in zip(pixels, outs)],
     }
-    driver = pixels[0].parent / "reference_driver.py"
-    driver.write_text(REFERENCE_DRIVER)
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [str(python), *(["-I"] if isolated else []), str(driver), json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [str(python), *(["-I"] if isolated else []), str(REFERENCE_DRIVER), json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     check_exit(proc, _echo_lines(proc, proc.stderr, log), "the reference generator")
     stdout = proc.stdout.read()
@@ -757,7 +731,7 @@ def run_ours(engine: TorchEngine, image: np.ndarray, points_per_side: int) -> Si
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sam-batch bench",
+        prog="python -m benchmarks.reference",
         description="MobileSAM's reference generator and sam-batch side by side on the same images.",
     )
     parser.add_argument("--images", nargs="+", default=list(DEFAULT_IMAGES), metavar="IMAGE",
@@ -781,10 +755,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point of `sam-batch bench`; returns the exit status: 0, 1 when the bench cannot run,
+    """Entry point of `python -m benchmarks.reference`; returns the exit status: 0, 1 when the bench cannot run,
     `EXIT_SUSPECT` when a ratio is NOT VALID or a side drifted from its baseline.
 
-    A leading `--` is dropped: `sam-batch bench -- --images ...` hands the options through
+    A leading `--` is dropped: `python -m benchmarks.reference -- --images ...` hands the options through
     the top-level parser, which would otherwise take an option-first tail as its own.
     """
     parser = _parser()
@@ -794,12 +768,12 @@ def main(argv: list[str]) -> int:
     try:
         python = reference_python(args.ref_venv)
     except BenchError as error:
-        print(f"sam-batch bench: {error}", file=sys.stderr)
+        print(f"benchmarks.reference: {error}", file=sys.stderr)
         return 1
     try:
         return _bench(args, python, argv)
     except BenchError as error:
-        print(f"sam-batch bench: {error}", file=sys.stderr)
+        print(f"benchmarks.reference: {error}", file=sys.stderr)
         return 1
 
 
@@ -868,7 +842,7 @@ def _bench(args: argparse.Namespace, python: Path, argv: list[str]) -> int:
         print()
         print(format_whole_process(whole, len(results)))
     seeds = missing_baselines(results, points_per_side=args.points_per_side, cpu=cpu,
-                              measured=f"{when:%Y-%m-%d %H:%M} UTC `sam-batch bench`")
+                              measured=f"{when:%Y-%m-%d %H:%M} UTC `python -m benchmarks.reference`")
     if seeds:
         print(f"\nRows this run could add under {BASELINES_HEADING!r} in {args.doc} (sides without a baseline):")
         print("\n".join(format_baseline_row(b) for b in seeds))
@@ -896,7 +870,7 @@ def _bench(args: argparse.Namespace, python: Path, argv: list[str]) -> int:
         print(f"appended to {args.doc}", file=sys.stderr)
     problems = verdict(results, whole)
     for line in problems:
-        print(f"sam-batch bench: {line}", file=sys.stderr)
+        print(f"benchmarks.reference: {line}", file=sys.stderr)
     return EXIT_SUSPECT if problems else 0
 
 
@@ -921,3 +895,7 @@ def _whole_process(
         max_load=sampler.max_since(mark),
         cores=len(os.sched_getaffinity(0)),
     )
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""`sam-batch bench-memory`: peak memory of a real Ray run over 100 and then 1,000 small images.
+"""`python -m benchmarks.ray_memory`: peak memory of a real Ray run over 100 and then 1,000 small images.
 
 For each image count, the benchmark writes that many small JPEGs (random crops of the photos
 in `--source`, resized to 64–128 px a side, the same seed every time), a job over them on the
@@ -34,7 +34,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from sam_batch.bench import DEFAULT_DOC, append_section, cpu_model
+from benchmarks.reference import DEFAULT_DOC, append_section, cpu_model
 
 DEFAULT_SOURCE = "../shared/data/images"
 DEFAULT_COUNTS = (100, 1000)
@@ -263,7 +263,7 @@ def _total_memory_gib() -> float:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sam-batch bench-memory",
+        prog="python -m benchmarks.ray_memory",
         description="Peak memory of the driver and every Ray worker over 100 and 1,000 small images.",
     )
     parser.add_argument("--counts", nargs="+", type=int, default=list(DEFAULT_COUNTS), metavar="N",
@@ -280,7 +280,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point of `sam-batch bench-memory`; returns the exit status."""
+    """Entry point of `python -m benchmarks.ray_memory`; returns the exit status."""
     args = _parser().parse_args(argv[1:] if argv[:1] == ["--"] else argv)
     load_before = os.getloadavg()[0]
     runs = []
@@ -289,7 +289,7 @@ def main(argv: list[str]) -> int:
             try:
                 runs.append(run_once(Path(tmp), n_images, args))
             except (OSError, RuntimeError) as error:
-                print(f"sam-batch bench-memory: {error}", file=sys.stderr)
+                print(f"benchmarks.ray_memory: {error}", file=sys.stderr)
                 return 1
         print(f"{n_images} images: {runs[-1].seconds:.0f} s\n{format_report(runs[-1:])}", file=sys.stderr, flush=True)
     print(format_report(runs))
@@ -298,3 +298,7 @@ def main(argv: list[str]) -> int:
         append_section(args.doc, format_section(runs, args, command, (load_before, os.getloadavg()[0])))
         print(f"appended to {args.doc}", file=sys.stderr)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
