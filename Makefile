@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 # The CPU build of torch from this machine's disk; an unpinned torch would pull a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench bench-env bench-memory bench-export bench-pipeline gpu-kit
+.PHONY: install demo test test-unit test-fast bench bench-env bench-memory bench-export bench-pipeline gpu-kit
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ demo: install
 
 test: install
 	$(VENV)/bin/pytest -q
+
+# tests/unit only: needs nothing outside the checkout, under 2 minutes
+test-unit: install
+	$(VENV)/bin/pytest -q tests/unit
 
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow"

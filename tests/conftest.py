@@ -1,4 +1,6 @@
-"""Shared test fixtures: the real data in ../shared, a weights cache seeded from it, golden files."""
+"""Shared test set-up: a weights cache seeded from ../shared, the S3 endpoint, and the rule that
+tests/integration/ is not run, saying why, where ../shared is missing (tests/unit/ needs nothing
+outside the checkout)."""
 
 from __future__ import annotations
 
@@ -7,13 +9,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from shared_data import HAS_SHARED_DATA, IMAGES, MOBILE_SAM, PARITY_LINES, SHARED
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SAM_BATCH_SHARED", REPO.parent / "shared"))
-IMAGES = SHARED / "data" / "images"
-GOLDEN = SHARED / "golden"
-MOBILE_SAM = SHARED / "models" / "mobile_sam.pt"
-PARITY_LINES: list[str] = []  # filled by the parity tests, printed at the end of the run
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+MISSING_DATA = (f"needs the test data in {SHARED} (../shared beside the checkout: the checkpoint, "
+                "photos and golden files), which is not there")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -21,8 +21,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
     Set before any test runs, so `sam-batch` subprocesses and Ray workers inherit it.
     """
-    if not MOBILE_SAM.exists():
-        raise pytest.UsageError(f"the test data is missing: {MOBILE_SAM} (../shared beside the checkout)")
+    if not HAS_SHARED_DATA:
+        return
     cache = Path(config.rootpath) / ".pytest_cache" / "weights"
     cache.mkdir(parents=True, exist_ok=True)
     cached = cache / "mobile_sam.pt"
@@ -31,24 +31,28 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["SAM_BATCH_CACHE"] = str(cache)
 
 
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Without ../shared, tests/integration is not collected (its modules read the data as they
+    load); the header and the summary say so."""
+    if not HAS_SHARED_DATA and (collection_path == INTEGRATION or INTEGRATION in collection_path.parents):
+        return True
+    return None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"test data: {SHARED}" if HAS_SHARED_DATA else f"tests/integration not run: {MISSING_DATA}"
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
-    """The parity figures per golden file, so every CI log carries them."""
+    """The parity figures per golden file, so every CI log carries them; or why the integration
+    tests did not run."""
+    if not HAS_SHARED_DATA:
+        terminalreporter.section("integration tests not run")
+        terminalreporter.write_line(f"tests/integration: {MISSING_DATA}")
     if PARITY_LINES:
         terminalreporter.section("parity with the reference generator")
         for line in PARITY_LINES:
             terminalreporter.write_line(line)
-
-
-def load_golden(name: str) -> dict:
-    """A golden file with its `segmentation`, `bbox`, ... parsed into Python values."""
-    from benchmarks.reference import read_golden
-
-    return read_golden(GOLDEN / name)
-
-
-def golden_files() -> list[str]:
-    """Every golden file, named relative to GOLDEN (`extra/…` for those in its extra/)."""
-    return sorted(str(p.relative_to(GOLDEN)) for p in [*GOLDEN.glob("*.json"), *GOLDEN.glob("extra/*.json")])
 
 
 @pytest.fixture(scope="session")

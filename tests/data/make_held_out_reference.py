@@ -1,5 +1,5 @@
 """Write the reference generator's masks for the held-out photos in tests/data/held_out/, for
-`tests/test_parity_run.py`.
+`tests/integration/test_parity_run.py`.
 
 The photos are scikit-image's bundled ones, saved as PNG so that both environments read the
 same pixels: coffee, rocket, hubble_deep_field and mosaic (1120 x 1400:

@@ -1,4 +1,4 @@
-"""Record torchvision's own `batched_nms` on boxes whose scores tie, for `tests/test_nms_reference.py`.
+"""Record torchvision's own `batched_nms` on boxes whose scores tie, for `tests/unit/test_nms_reference.py`.
 
 Run in the reference environment (`make bench-env`), from the repository root:
 
