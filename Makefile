@@ -1,11 +1,11 @@
-# sam-batch: make install | demo | test | bench
+# sam-batch: make install | demo | lint | test | bench
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # The CPU build of torch from this machine's disk; an unpinned torch would pull a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-unit test-fast bench bench-env bench-memory bench-export bench-pipeline gpu-kit
+.PHONY: install demo lint test test-unit test-fast bench bench-env bench-memory bench-export bench-pipeline gpu-kit
 
 install: $(VENV)/.installed
 
@@ -13,11 +13,16 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH)"
-	$(PIP) install --quiet -e '.[test,demo,s3,onnx]'
+	$(PIP) install --quiet -e '.[test,demo,s3,onnx,lint]'
 	touch $@
 
 demo: install
 	$(PY) -m sam_batch.demo
+
+# ruff's lint and format check, with the rules in pyproject.toml ([tool.ruff]); CI runs it first
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: install
 	$(VENV)/bin/pytest -q
