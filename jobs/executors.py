@@ -34,21 +34,15 @@ from sam_batch.jobs.worker import Event, ImageSegmenter, ShardCommit, commit_sha
 
 log = logging.getLogger("sam_batch")
 
-# cores per CPU segmenting actor: two batch threads in one actor decode within ~3-6% of two 1-core
-# actors on even image counts (docs/benchmarks.md), with half the model copies and no core idle
-# at a job's tail (14% faster on 3 images)
+# cores per CPU segmenting actor (docs/benchmarks.md, "Constants and their measurements")
 CPUS_PER_ACTOR = 2
-# ... except where each crop's prompts are one decode batch: then only the encoder uses the second
-# core, and 1-core actors were 21% faster (40 small images, 4x4 points, docs/benchmarks.md), where
-# a node has the memory for an actor per core (a segmenting actor peaked at 879 MiB)
+# ... except where each crop's prompts are one decode batch: then one-core actors, where a node
+# has this much memory per core for them
 ONE_CORE_ACTOR_MEMORY = 2 * 2**30  # bytes of a node's Ray `memory` per core
 GPU_ACTOR_RESOURCES = {"num_gpus": 1, "num_cpus": 1}  # what a GPU segmenting actor asks Ray for
 ATTACH_CONNECT_TIMEOUT_S = 10.0  # a cluster's address that accepts no connection in this long fails the job
 REAPER_EXIT_TIMEOUT_S = 30.0  # seconds a run waits, after Ray's shutdown, for `jobs.reaper` to end what is left
-# `run.executor: auto` starts Ray for this many images to do or more: on 2 cores, one small image
-# at 4x4 points took 10 s longer on Ray than in process (medians, load about 2: Ray's start and
-# stop), 16 took 82 s less (load 5-10: two one-core actors against one process on both cores);
-# docs/benchmarks.md, 2026-12-04
+# `run.executor: auto` starts Ray for this many images to do or more, in process below
 AUTO_RAY_MIN_IMAGES = 16
 NVIDIA_GPUS_DIR = "/proc/driver/nvidia/gpus"  # one entry per GPU the NVIDIA driver sees
 

@@ -192,7 +192,7 @@ def remove_small_regions(
         whether any small region was found (True also when keeping the largest island
         leaves the mask as it was).
     """
-    from scipy import ndimage  # 0.35 s to import: only jobs with amg.min_mask_region_area > 0 pay it
+    from scipy import ndimage  # slow to import: only jobs with amg.min_mask_region_area > 0 pay it
 
     fill_holes = mode == "holes"
     labels, n_regions = ndimage.label(mask != fill_holes, structure=np.ones((3, 3), bool))
