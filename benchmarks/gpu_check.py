@@ -57,14 +57,14 @@ RUN_TIMEOUT_S = 300  # the run phase's process, so a hung run cannot take a lent
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class MeasuredModel:
     """A model to measure: its type, and whether it loads the checkpoint or random weights."""
 
     model_type: str
     random_weights: bool
 
     @classmethod
-    def parse(cls, text: str) -> ModelSpec:
+    def parse(cls, text: str) -> MeasuredModel:
         model_type, _, weights = text.partition(":")
         if weights not in ("", "random"):
             raise argparse.ArgumentTypeError(f"{text!r}: expected MODEL or MODEL:random")
@@ -134,9 +134,9 @@ class Engines:
     def __init__(self, device: str, checkpoint: str | None) -> None:
         self.device = device
         self.checkpoint = checkpoint
-        self.models: dict[ModelSpec, object] = {}
+        self.models: dict[MeasuredModel, object] = {}
 
-    def engine(self, spec: ModelSpec, precision: str, *, fresh: bool = False):
+    def engine(self, spec: MeasuredModel, precision: str, *, fresh: bool = False):
         """An engine at `precision`; `fresh` builds its own model (to change its modules)."""
         from sam_batch.engines.backend import TorchEngine, pick_device
 
@@ -147,7 +147,7 @@ class Engines:
                 self.models[spec] = model
         return TorchEngine(model, pick_device(self.device), precision)
 
-    def _build(self, spec: ModelSpec):
+    def _build(self, spec: MeasuredModel):
         import torch
 
         from sam_batch.engines.backend import load_model
@@ -193,7 +193,7 @@ def time_generate(engine, images: dict[str, np.ndarray], points_per_side: int, r
     return seconds, records
 
 
-def generate_row(spec: ModelSpec, precision: str, seconds: dict, records: dict, memory: GpuMemory) -> dict:
+def generate_row(spec: MeasuredModel, precision: str, seconds: dict, records: dict, memory: GpuMemory) -> dict:
     """One generate result: per image seconds and masks, images/s over them, peak memory."""
     return {
         "phase": "generate",
@@ -237,7 +237,7 @@ def golden_records(golden_dir: Path | None, names: list[str], points_per_side: i
 
 
 def encoder_rows(
-    spec: ModelSpec, engine, precision: str, device: str, batches: list[int], calls: int = 3
+    spec: MeasuredModel, engine, precision: str, device: str, batches: list[int], calls: int = 3
 ) -> Iterator[dict]:
     """ms per image of the image encoder alone (random inputs), on each of `batches` images per call."""
     import torch
@@ -315,7 +315,7 @@ class Session:
         self.engines = Engines(args.device, args.checkpoint)
         self.images = {Path(uri).name: load_image(uri) for uri in args.images}
         self.golden = golden_records(args.golden, list(self.images), args.points_per_side)
-        self.eager: dict[tuple[ModelSpec, str], Measured] = {}  # generate's, for the agreements
+        self.eager: dict[tuple[MeasuredModel, str], Measured] = {}  # generate's, for the agreements
 
     def measure(self) -> None:
         args = self.args
@@ -346,7 +346,7 @@ class Session:
         except Exception as error:  # noqa: BLE001 - one failed phase must not lose the others
             self.results.add({"phase": "failed", "what": name, "error": f"{type(error).__name__}: {error}"[:500]})
 
-    def generate(self, spec: ModelSpec, precision: str) -> None:
+    def generate(self, spec: MeasuredModel, precision: str) -> None:
         engine = self.engines.engine(spec, precision)
         memory = GpuMemory(self.args.device)
         memory.reset()
@@ -370,7 +370,7 @@ class Session:
             "images_per_second": round(len(self.images) / sum(reference.seconds.values()), 3),
         })
         for (spec, precision), ours in self.eager.items():
-            if spec == ModelSpec("vit_t", False):
+            if spec == MeasuredModel("vit_t", False):
                 row = agreement_row(f"{precision} vs the reference fp32 ({self.args.device})", spec.label,
                                     ours.records, reference.records)
                 row["reference_seconds_over_ours"] = round(sum(reference.seconds.values()) / sum(ours.seconds.values()), 2)
@@ -383,7 +383,7 @@ class Session:
                                      device=args.device, precision=args.run_precision,
                                      points_per_side=args.points_per_side, copies=args.run_images))
 
-    def profile(self, spec: ModelSpec, precision: str) -> None:
+    def profile(self, spec: MeasuredModel, precision: str) -> None:
         from benchmarks.reference import run_ours
         from benchmarks.image_stages import stage_seconds
 
@@ -398,12 +398,12 @@ class Session:
         self.results.add({"phase": "profile", "model": spec.label, "precision": precision, "images": len(self.images),
                           "masks": masks, "seconds": {stage: round(s, 4) for stage, s in totals.items()}})
 
-    def encoder(self, spec: ModelSpec, precision: str) -> None:
+    def encoder(self, spec: MeasuredModel, precision: str) -> None:
         engine = self.engines.engine(spec, precision)
         for row in encoder_rows(spec, engine, precision, self.args.device, self.args.encoder_batches):
             self.results.add(row)
 
-    def compiled(self, spec: ModelSpec, precision: str) -> None:
+    def compiled(self, spec: MeasuredModel, precision: str) -> None:
         engine = self.engines.engine(spec, precision, fresh=True)
         started = time.perf_counter()
         compile_engine(engine, self.args.compile_backend)
@@ -417,7 +417,7 @@ class Session:
         if not spec.random_weights and (spec, precision) in self.eager:
             self._agreement(f"compiled vs eager {precision}", spec, records, self.eager[spec, precision].records)
 
-    def _agreement(self, compared: str, spec: ModelSpec, ours: dict, theirs: dict) -> None:
+    def _agreement(self, compared: str, spec: MeasuredModel, ours: dict, theirs: dict) -> None:
         self.results.add(agreement_row(compared, spec.label, ours, theirs))
 
 
@@ -477,7 +477,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--golden", type=Path, help="the folder of golden files, for fp32 parity")
     parser.add_argument("--out", type=Path, required=True, help="folder for results.jsonl and report.md")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--models", nargs="+", type=ModelSpec.parse, default=[ModelSpec("vit_t", False)],
+    parser.add_argument("--models", nargs="+", type=MeasuredModel.parse, default=[MeasuredModel("vit_t", False)],
                         help="MODEL or MODEL:random (default: vit_t)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "bf16"])
     parser.add_argument("--checkpoint", help="weights for models without :random (default: the cached default)")

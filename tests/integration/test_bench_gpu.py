@@ -14,7 +14,7 @@ import pytest
 from sam_batch.pipeline.rle import encode_rle
 from shared_data import GOLDEN, REPO
 
-from benchmarks.gpu_check import ModelSpec, agreement_row, format_report, golden_records
+from benchmarks.gpu_check import MeasuredModel, agreement_row, format_report, golden_records
 
 REFERENCE_PYTHON = REPO / ".venv-ref" / "bin" / "python"
 
@@ -130,7 +130,7 @@ def test_agreement_rows_hold_the_worst_image() -> None:
 
 
 def test_model_specs_parse_random_weights_and_refuse_anything_else() -> None:
-    assert ModelSpec.parse("vit_h:random") == ModelSpec("vit_h", True)
-    assert ModelSpec.parse("vit_t").label == "vit_t"
+    assert MeasuredModel.parse("vit_h:random") == MeasuredModel("vit_h", True)
+    assert MeasuredModel.parse("vit_t").label == "vit_t"
     with pytest.raises(argparse.ArgumentTypeError, match="MODEL:random"):
-        ModelSpec.parse("vit_h:ones")
+        MeasuredModel.parse("vit_h:ones")
