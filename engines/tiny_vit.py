@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vit import encoder_neck
+from .image_encoder import encoder_neck
 
 
 class ConvBN(nn.Module):

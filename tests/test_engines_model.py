@@ -26,7 +26,7 @@ from sam_batch.engines.sam import (
     resize_longest_side,
     scale_coords,
 )
-from sam_batch.engines.vit import VIT_CONFIGS, ImageEncoderViT, ViTConfig
+from sam_batch.engines.image_encoder import VIT_CONFIGS, ImageEncoderViT, ViTConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CHECKPOINT = SHARED / "models" / "mobile_sam.pt"
