@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .image_encoder import LayerNorm2d, MLPBlock
+from .common import LayerNorm2d, MLPBlock
 
 
 class PositionEmbeddingRandom(nn.Module):

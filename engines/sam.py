@@ -17,7 +17,8 @@ from torch import nn
 from .registry import MODEL_TYPES
 from .prompt_decoder import MaskDecoder, PromptEncoder
 from .tiny_vit import TinyViT
-from .image_encoder import IMAGE_SIZE, VIT_CONFIGS, ImageEncoderViT
+from .common import IMAGE_SIZE
+from .image_encoder import VIT_CONFIGS, ImageEncoderViT
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .image_encoder import encoder_neck
+from .common import encoder_neck
 
 
 class ConvBN(nn.Module):
