@@ -53,7 +53,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from .prompt_decoder import Attention, MaskDecoder, PromptEncoder
+from .mask_decoder import Attention, MaskDecoder, PromptEncoder
 
 OUTPUTS = [0, 2, 3, 4]  # the tokens read after the transformer: IoU, mask tokens 1-3 (multimask)
 
