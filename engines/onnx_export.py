@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 DEFAULT_OPSET = 17
 # the modules the graphs are traced from (beside this one): their source is part of the cache key
-GRAPH_MODULES = ("sam", "tiny_vit", "image_encoder", "common", "mask_decoder", "onnx_export")
+GRAPH_MODULES = ("sam", "tiny_vit", "image_encoder", "common", "prompt_encoder", "transformer", "mask_decoder", "onnx_export")
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
 EMBEDDING_SHAPE = (1, 256, 64, 64)
 ENCODER_INPUTS, ENCODER_OUTPUTS = ("images",), ("image_embeddings",)

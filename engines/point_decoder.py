@@ -53,7 +53,9 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from .mask_decoder import Attention, MaskDecoder, PromptEncoder
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+from .transformer import Attention
 
 OUTPUTS = [0, 2, 3, 4]  # the tokens read after the transformer: IoU, mask tokens 1-3 (multimask)
 

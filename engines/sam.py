@@ -15,7 +15,8 @@ from PIL import Image
 from torch import nn
 
 from .registry import MODEL_TYPES
-from .mask_decoder import MaskDecoder, PromptEncoder
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
 from .tiny_vit import TinyViT
 from .common import IMAGE_SIZE
 from .image_encoder import VIT_CONFIGS, ImageEncoderViT
