@@ -21,14 +21,9 @@ import torch.nn.functional as F
 from sam_batch.engines.registry import BACKENDS
 from sam_batch.engines.checkpoints import KNOWN_CHECKPOINTS, load_state_dict, resolve_checkpoint, sha256_file
 from sam_batch.engines.point_decoder import ImageSide, PointDecoder
-from sam_batch.engines.sam import (
-    IMAGE_SIZE,
-    SamModel,
-    build_sam,
-    image_to_input,
-    resize_longest_side,
-    scale_coords,
-)
+from sam_batch.engines.common import IMAGE_SIZE
+from sam_batch.engines.sam import SamModel, build_sam
+from sam_batch.engines.transforms import image_to_input, resize_longest_side, scale_coords
 
 if TYPE_CHECKING:
     from sam_batch.engines.onnx_backend import OnnxEngine

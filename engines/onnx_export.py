@@ -2,7 +2,7 @@
 
 The two graphs, float32 in and out:
 
-- encoder: `images` (1, 3, 1024, 1024), normalised and padded as `sam.image_to_input` makes
+- encoder: `images` (1, 3, 1024, 1024), normalised and padded as `transforms.image_to_input` makes
   it -> `image_embeddings` (1, 256, 64, 64).
 - decoder: `image_embeddings` (1, 256, 64, 64), `point_coords` (B, N, 2) xy in input-frame
   pixels, `point_labels` (B, N) (1 foreground, 0 background, -1 ignore) ->
@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from sam_batch.engines.checkpoints import cache_dir
-from sam_batch.engines.sam import IMAGE_SIZE, SamModel
+from sam_batch.engines.common import IMAGE_SIZE
+from sam_batch.engines.sam import SamModel
 
 if TYPE_CHECKING:
     from sam_batch.engines.backend import LoadedModel

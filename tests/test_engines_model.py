@@ -17,15 +17,8 @@ from PIL import Image
 from torch import nn
 
 from sam_batch.engines.point_decoder import PointDecoder
-from sam_batch.engines.sam import (
-    MODEL_TYPES,
-    SamModel,
-    build_sam,
-    image_to_input,
-    preprocess_shape,
-    resize_longest_side,
-    scale_coords,
-)
+from sam_batch.engines.sam import MODEL_TYPES, SamModel, build_sam
+from sam_batch.engines.transforms import image_to_input, preprocess_shape, resize_longest_side, scale_coords
 from sam_batch.engines.image_encoder import VIT_CONFIGS, ImageEncoderViT, ViTConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from conftest import GOLDEN, MOBILE_SAM
 from sam_batch.engines.backend import CropEmbedding, upscale_logits
-from sam_batch.engines.sam import build_sam, preprocess_shape, scale_coords
+from sam_batch.engines.sam import build_sam
+from sam_batch.engines.transforms import preprocess_shape, scale_coords
 from sam_batch.pipeline.amg import _stable_masks_batched, _stable_masks_windowed
 from sam_batch.pipeline.masks import masks_to_boxes
 from sam_batch.pipeline.params import AmgParams
