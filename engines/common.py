@@ -41,7 +41,7 @@ def encoder_neck(in_channels: int, out_channels: int = EMBED_CHANNELS) -> nn.Seq
 
 
 class MLPBlock(nn.Module):
-    """Two-layer MLP ``lin2(act(lin1(x)))`` over the last dimension."""
+    """Two-layer MLP ``lin2(act(lin1(x)))`` over the last dimension (ViT blocks, two-way transformer)."""
 
     def __init__(self, dim: int, hidden_dim: int, act: type[nn.Module] = nn.GELU) -> None:
         super().__init__()

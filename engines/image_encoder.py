@@ -62,7 +62,7 @@ def relative_position_table(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
     return rel_pos[positions[:, None] - positions[None, :] + size - 1]
 
 
-class Attention(nn.Module):
+class ViTAttention(nn.Module):
     """Multi-head self-attention over an (H, W) token grid with decomposed relative position bias.
 
     The bias for query (qy, qx) and key (ky, kx) is ``q . Rh[qy - ky] + q . Rw[qx - kx]``.
@@ -120,7 +120,7 @@ class Block(nn.Module):
         super().__init__()
         self.window_size = window_size
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, window_size or grid_size)
+        self.attn = ViTAttention(dim, num_heads, window_size or grid_size)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(dim, 4 * dim)
 

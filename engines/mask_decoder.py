@@ -20,8 +20,8 @@ from .common import LayerNorm2d
 from .transformer import TwoWayTransformer
 
 
-class MLP(nn.Module):
-    """``num_layers`` Linear layers with ReLU between them."""
+class HeadMLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU between them: the mask decoder's hypernetwork and IoU heads."""
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
         super().__init__()
@@ -61,9 +61,9 @@ class MaskDecoder(nn.Module):
             nn.GELU(),
         )
         self.output_hypernetworks_mlps = nn.ModuleList(
-            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3) for _ in range(self.num_mask_tokens)
+            HeadMLP(transformer_dim, transformer_dim, transformer_dim // 8, 3) for _ in range(self.num_mask_tokens)
         )
-        self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
+        self.iou_prediction_head = HeadMLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
 
     def forward(
         self,

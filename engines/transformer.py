@@ -15,7 +15,7 @@ from torch import nn
 from .common import MLPBlock
 
 
-class Attention(nn.Module):
+class TwoWayAttention(nn.Module):
     """Multi-head attention with q/k/v projected down to ``embedding_dim // downsample_rate``.
 
     Inputs are (B, N, embedding_dim) token sets whose batch sizes may be 1 and B: batch-1
@@ -68,14 +68,14 @@ class TwoWayAttentionBlock(nn.Module):
         skip_first_layer_pe: bool,
     ) -> None:
         super().__init__()
-        self.self_attn = Attention(embedding_dim, num_heads)
+        self.self_attn = TwoWayAttention(embedding_dim, num_heads)
         self.norm1 = nn.LayerNorm(embedding_dim)
-        self.cross_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
+        self.cross_attn_token_to_image = TwoWayAttention(embedding_dim, num_heads, attention_downsample_rate)
         self.norm2 = nn.LayerNorm(embedding_dim)
         self.mlp = MLPBlock(embedding_dim, mlp_dim, act=nn.ReLU)
         self.norm3 = nn.LayerNorm(embedding_dim)
         self.norm4 = nn.LayerNorm(embedding_dim)
-        self.cross_attn_image_to_token = Attention(embedding_dim, num_heads, attention_downsample_rate)
+        self.cross_attn_image_to_token = TwoWayAttention(embedding_dim, num_heads, attention_downsample_rate)
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(
@@ -118,7 +118,7 @@ class TwoWayTransformer(nn.Module):
             )
             for i in range(depth)
         )
-        self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
+        self.final_attn_token_to_image = TwoWayAttention(embedding_dim, num_heads, attention_downsample_rate)
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(
