@@ -25,17 +25,14 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from sam_batch.engines.backend import LoadedModel, load_model
 from sam_batch.engines.checkpoints import cache_dir
 from sam_batch.engines.common import IMAGE_SIZE
 from sam_batch.engines.sam import SamModel
-
-if TYPE_CHECKING:
-    from sam_batch.engines.backend import LoadedModel
 
 DEFAULT_OPSET = 17
 # the modules the graphs are traced from (beside this one): their source is part of the cache key
@@ -119,8 +116,6 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
 ) -> OnnxFiles:
     """Load `checkpoint` (None: the cached default of `model_type`) and export it into `out_dir`."""
-    from sam_batch.engines.backend import load_model
-
     return export_model(load_model(model_type, checkpoint, sha256).model, out_dir, opset)
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from sam_batch.cli import main as cli_main
-from sam_batch.engines.backend import build_engine
+from sam_batch.engines.factory import build_engine
 from sam_batch.jobs.runner import run_job
 from sam_batch.jobs.schema import parse_job
 from sam_batch.pipeline import rle

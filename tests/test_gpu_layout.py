@@ -18,7 +18,8 @@ import torch
 from conftest import IMAGES, PARITY_LINES, load_golden
 from parity import strict_differences
 from sam_batch.bench import agreement
-from sam_batch.engines.backend import GPU_PROMPT_BATCH, EngineError, TorchEngine, load_model, set_cpu_threads, tf32_settings
+from sam_batch.engines.backend import GPU_PROMPT_BATCH, EngineError, load_model, set_cpu_threads, tf32_settings
+from sam_batch.engines.torch_backend import TorchEngine
 from sam_batch.pipeline.amg import CropMasks, generate_masks, to_records
 from sam_batch.pipeline.held_masks import DeviceMasks
 from sam_batch.pipeline.images import load_image

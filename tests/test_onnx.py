@@ -22,7 +22,8 @@ import yaml
 from conftest import IMAGES, load_golden
 from sam_batch.bench import agreement
 from sam_batch.cli import main as cli_main
-from sam_batch.engines.backend import EngineError, build_engine, load_model, set_cpu_threads
+from sam_batch.engines.backend import EngineError, load_model, set_cpu_threads
+from sam_batch.engines.factory import build_engine
 from sam_batch.engines.onnx_backend import OnnxEngine
 from sam_batch.engines.onnx_export import DEFAULT_OPSET, cached_onnx, decoder_output_shapes, graph_source_digest
 from sam_batch.pipeline.amg import generate_masks, to_records

@@ -18,8 +18,9 @@ import yaml
 
 from conftest import IMAGES
 from sam_batch.bench import agreement
-from sam_batch.engines import backend
-from sam_batch.engines.backend import EngineError, build_engine, load_model
+from sam_batch.engines import factory
+from sam_batch.engines.backend import EngineError, load_model
+from sam_batch.engines.factory import build_engine
 from sam_batch.engines.onnx_export import cached_onnx
 from sam_batch.engines.tensorrt_backend import (
     DecoderProfile,
@@ -141,7 +142,7 @@ def test_missing_package_and_gpu_are_named(monkeypatch) -> None:
 
 def test_build_engine_fails_before_loading_weights(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    monkeypatch.setattr(backend, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(factory, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     with pytest.raises(EngineError, match="needs the `tensorrt` package"):
         build_engine("vit_t", backend="tensorrt")
 
