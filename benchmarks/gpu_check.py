@@ -138,7 +138,8 @@ class Engines:
 
     def engine(self, spec: MeasuredModel, precision: str, *, fresh: bool = False):
         """An engine at `precision`; `fresh` builds its own model (to change its modules)."""
-        from sam_batch.engines.backend import TorchEngine, pick_device
+        from sam_batch.engines.backend import pick_device
+        from sam_batch.engines.torch_backend import TorchEngine
 
         model = None if fresh else self.models.get(spec)
         if model is None:

@@ -32,7 +32,8 @@ STAGES = {  # stage -> (object holder, attribute) wrapped; "engine" stands for t
 
 def profile_image(uri: str, *, model: str = "vit_t", threads: int | None = None, points_per_side: int = 32) -> dict:
     """Seconds per stage of one image on the CPU, plus `generate` (all of it) and the number of masks."""
-    from sam_batch.engines.backend import build_engine, keep_freed_memory, set_cpu_threads
+    from sam_batch.engines.backend import keep_freed_memory, set_cpu_threads
+    from sam_batch.engines.factory import build_engine
     from sam_batch.pipeline.images import load_image
 
     used = set_cpu_threads(threads)

@@ -50,7 +50,7 @@ from pycocotools import mask as mask_utils
 from sam_batch.engines.registry import MODEL_TYPES
 
 if TYPE_CHECKING:
-    from sam_batch.engines.backend import TorchEngine
+    from sam_batch.engines.torch_backend import TorchEngine
 
 MATCH_IOU = 0.9
 # dog and groceries have golden files; rocket (640×427) and coffee (600×400) are scikit-image
@@ -781,7 +781,8 @@ def _bench(args: argparse.Namespace, python: Path, argv: list[str]) -> int:
     """Both sides on every image, the report, and the doc section if asked."""
     import torch
 
-    from sam_batch.engines.backend import build_engine, keep_freed_memory, set_cpu_threads
+    from sam_batch.engines.backend import keep_freed_memory, set_cpu_threads
+    from sam_batch.engines.factory import build_engine
     from sam_batch.engines.checkpoints import resolve_checkpoint
     from sam_batch.pipeline.images import load_image
 

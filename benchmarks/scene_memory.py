@@ -46,7 +46,8 @@ def mosaic(source: Path, factor: int, out: Path) -> Path:
 
 def measure_one(path: str, points_per_side: int, tile_size: int, overlap: int) -> dict:
     """Segment one scene in this process; its figures, peak RSS in MiB."""
-    from sam_batch.engines.backend import build_engine, keep_freed_memory, set_cpu_threads
+    from sam_batch.engines.backend import keep_freed_memory, set_cpu_threads
+    from sam_batch.engines.factory import build_engine
     from sam_batch.pipeline.params import AmgParams
     from sam_batch.pipeline.rasters import RasterScene
     from sam_batch.pipeline.scenes import segment_scene

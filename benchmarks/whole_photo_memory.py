@@ -16,7 +16,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from sam_batch.engines.backend import build_engine, keep_freed_memory, set_cpu_threads
+from sam_batch.engines.backend import keep_freed_memory, set_cpu_threads
+from sam_batch.engines.factory import build_engine
 from sam_batch.pipeline.amg import generate_masks, to_records
 from sam_batch.pipeline.images import load_image
 from sam_batch.pipeline.params import AmgParams

@@ -17,7 +17,7 @@ import torch
 
 from sam_batch.engines.backend import CropEmbedding, EngineError, LoadedModel, prompt_batch, upscale_logits
 from sam_batch.engines.onnx_export import DEFAULT_OPSET, EMBEDDING_SHAPE, OnnxFiles, cached_onnx, decoder_output_shapes
-from sam_batch.engines.sam import PIXEL_MEAN, PIXEL_STD, image_to_input, resize_longest_side, scale_coords
+from sam_batch.engines.transforms import PIXEL_MEAN, PIXEL_STD, image_to_input, resize_longest_side, scale_coords
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 

@@ -2,7 +2,7 @@
 
 The two graphs, float32 in and out:
 
-- encoder: `images` (1, 3, 1024, 1024), normalised and padded as `sam.image_to_input` makes
+- encoder: `images` (1, 3, 1024, 1024), normalised and padded as `transforms.image_to_input` makes
   it -> `image_embeddings` (1, 256, 64, 64).
 - decoder: `image_embeddings` (1, 256, 64, 64), `point_coords` (B, N, 2) xy in input-frame
   pixels, `point_labels` (B, N) (1 foreground, 0 background, -1 ignore) ->
@@ -25,20 +25,18 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from sam_batch.engines.backend import LoadedModel, load_model
 from sam_batch.engines.checkpoints import cache_dir
-from sam_batch.engines.sam import IMAGE_SIZE, SamModel
-
-if TYPE_CHECKING:
-    from sam_batch.engines.backend import LoadedModel
+from sam_batch.engines.common import IMAGE_SIZE
+from sam_batch.engines.sam import SamModel
 
 DEFAULT_OPSET = 17
 # the modules the graphs are traced from (beside this one): their source is part of the cache key
-GRAPH_MODULES = ("sam", "tiny_vit", "vit", "prompt_decoder", "onnx_export")
+GRAPH_MODULES = ("sam", "tiny_vit", "image_encoder", "common", "prompt_encoder", "transformer", "mask_decoder", "onnx_export")
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
 EMBEDDING_SHAPE = (1, 256, 64, 64)
 ENCODER_INPUTS, ENCODER_OUTPUTS = ("images",), ("image_embeddings",)
@@ -118,8 +116,6 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
 ) -> OnnxFiles:
     """Load `checkpoint` (None: the cached default of `model_type`) and export it into `out_dir`."""
-    from sam_batch.engines.backend import load_model
-
     return export_model(load_model(model_type, checkpoint, sha256).model, out_dir, opset)
 
 

@@ -53,7 +53,9 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from .prompt_decoder import Attention, MaskDecoder, PromptEncoder
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+from .transformer import TwoWayAttention
 
 OUTPUTS = [0, 2, 3, 4]  # the tokens read after the transformer: IoU, mask tokens 1-3 (multimask)
 
@@ -470,7 +472,7 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(2)
 
 
-def _scale(attention: Attention) -> float:
+def _scale(attention: TwoWayAttention) -> float:
     return (attention.q_proj.out_features // attention.num_heads) ** -0.5
 
 
@@ -480,7 +482,7 @@ def _softmax_over_tokens(scores: torch.Tensor, heads: int) -> torch.Tensor:
     return torch.softmax(scores.reshape(batch, heads, -1, n), dim=2).flatten(1, 2)
 
 
-def _attend_shared(attention: Attention, queries: torch.Tensor, side: ImageSide) -> torch.Tensor:
+def _attend_shared(attention: TwoWayAttention, queries: torch.Tensor, side: ImageSide) -> torch.Tensor:
     """The first block's token-to-image attention: B prompts' queries (B, T, C) against the
     crop's precomputed keys and values, all prompts in one sequence. -> (B, T, C)."""
     batch, n_tokens, _ = queries.shape
@@ -489,7 +491,7 @@ def _attend_shared(attention: Attention, queries: torch.Tensor, side: ImageSide)
     return attention.out_proj(out.transpose(1, 2).reshape(batch, n_tokens, -1))
 
 
-def _mixed_vectors(attention: Attention, values: torch.Tensor) -> torch.Tensor:
+def _mixed_vectors(attention: TwoWayAttention, values: torch.Tensor) -> torch.Tensor:
     """An image-to-token attention's per-head values (B, H, T, D) through its output projection:
     the vectors (B, H T, C) an image token's weights mix. Each carries 1/H of the output bias,
     since each head's weights sum to one."""

@@ -31,7 +31,7 @@ import torch
 from sam_batch.engines.backend import GPU_PROMPT_BATCH, CropEmbedding, EngineError, LoadedModel, pick_device, upscale_logits
 from sam_batch.engines.checkpoints import cache_dir
 from sam_batch.engines.onnx_export import DEFAULT_OPSET, cached_onnx
-from sam_batch.engines.sam import PIXEL_MEAN, PIXEL_STD, image_to_input, resize_longest_side, scale_coords
+from sam_batch.engines.transforms import PIXEL_MEAN, PIXEL_STD, image_to_input, resize_longest_side, scale_coords
 
 log = logging.getLogger("sam_batch")
 

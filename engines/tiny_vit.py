@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vit import encoder_neck
+from .common import encoder_neck
 
 
 class ConvBN(nn.Module):
@@ -45,7 +45,7 @@ class ConvBN(nn.Module):
         return F.conv2d(x, conv.weight * scale[:, None, None, None], bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-class PatchEmbed(nn.Module):
+class ConvPatchEmbed(nn.Module):
     """Stem: (N, 3, H, W) -> (N, dim, H/4, W/4) through two stride-2 3x3 conv+BN layers."""
 
     def __init__(self, dim: int) -> None:
@@ -140,7 +140,7 @@ class WindowAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, dim))
 
 
-class Mlp(nn.Module):
+class PreNormMLP(nn.Module):
     """Pre-norm MLP: ``fc2(gelu(fc1(norm(x))))``."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
@@ -167,7 +167,7 @@ class TinyViTBlock(nn.Module):
         self.window = window
         self.attn = WindowAttention(dim, num_heads, window)
         self.local_conv = ConvBN(dim, dim, local_conv_size, groups=dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = PreNormMLP(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, H, W, dim) -> (N, H, W, dim)."""
@@ -237,7 +237,7 @@ class TinyViT(nn.Module):
         merges = [
             PatchMerging(embed_dims[i], embed_dims[i + 1], stride=2 if i < last - 1 else 1) for i in range(last)
         ]
-        self.patch_embed = PatchEmbed(embed_dims[0])
+        self.patch_embed = ConvPatchEmbed(embed_dims[0])
         self.layers = nn.ModuleList([ConvStage(embed_dims[0], depths[0], mbconv_expand_ratio, merges[0])])
         self.layers.extend(
             AttentionStage(

@@ -91,7 +91,8 @@ class ImageSegmenter:
     in this process (None: every core it may use)."""
 
     def __init__(self, job: JobSpec, worker_name: str = "local", threads: int | None = None) -> None:
-        from sam_batch.engines.backend import build_engine, keep_freed_memory, set_cpu_threads
+        from sam_batch.engines.backend import keep_freed_memory, set_cpu_threads
+        from sam_batch.engines.factory import build_engine
 
         set_cpu_threads(threads)
         keep_freed_memory()

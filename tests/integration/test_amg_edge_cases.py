@@ -14,8 +14,10 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from parity import strict_differences
-from sam_batch.engines.backend import CropEmbedding, build_engine, upscale_logits
+from sam_batch.engines.backend import CropEmbedding, upscale_logits
+from sam_batch.engines.factory import build_engine
 from sam_batch.pipeline.amg import _filter_batch, generate_masks, to_records
 from sam_batch.pipeline.images import load_image
 from sam_batch.pipeline.params import AmgParams

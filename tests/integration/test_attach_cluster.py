@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from ray.cluster_utils import Cluster
+
 from shared_data import IMAGES
 
 pytestmark = pytest.mark.slow

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sam_batch.pipeline.rle import encode_rle
-from shared_data import GOLDEN, REPO
 
 from benchmarks.gpu_check import MeasuredModel, agreement_row, format_report, golden_records
+from sam_batch.pipeline.rle import encode_rle
+from shared_data import GOLDEN, REPO
 
 REFERENCE_PYTHON = REPO / ".venv-ref" / "bin" / "python"
 

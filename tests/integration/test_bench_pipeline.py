@@ -14,6 +14,7 @@ from dataclasses import asdict
 import duckdb
 import numpy as np
 import pytest
+
 from sam_batch.pipeline.rasters import RasterScene
 from sam_batch.pipeline.tiles import is_cut, plan_tiles
 from shared_data import REPO

@@ -28,9 +28,8 @@ def test_run_pipeline_times_sam_batch_run_and_reads_its_masks(tmp_path: Path, sh
 
 
 def test_profile_times_every_stage_of_one_image(shared_images: Path) -> None:
-    from sam_batch.pipeline import amg, held_masks
-
     from benchmarks.image_stages import STAGES, profile_image
+    from sam_batch.pipeline import amg, held_masks
 
     before = {name: getattr(amg, name) for name in ("_stable_masks", "box_nms", "encode_rle")}
     boxes_before = held_masks.masks_to_boxes

@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
-from sam_batch.engines.backend import build_engine
+
+from sam_batch.cli import main as cli_main
+from sam_batch.engines.factory import build_engine
 from sam_batch.jobs.runner import run_job
 from sam_batch.jobs.schema import parse_job
 from sam_batch.pipeline import rle
@@ -21,8 +23,6 @@ from sam_batch.pipeline.rasters import ArrayScene
 from sam_batch.pipeline.render import box_mask, overlay
 from sam_batch.pipeline.scenes import segment_scene
 from shared_data import IMAGES
-
-from sam_batch.cli import main as cli_main
 
 LANDSAT = IMAGES / "RGB.byte.tif"  # 791 x 718 = 567,938 pixels
 DOG = IMAGES / "dog.jpg"  # 800 x 534 = 427,200 pixels

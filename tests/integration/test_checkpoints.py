@@ -20,6 +20,7 @@ from typing import Iterator
 import fsspec
 import pytest
 import torch
+
 from sam_batch.engines import checkpoints as ck
 from sam_batch.engines.checkpoints import (
     KNOWN_CHECKPOINTS,

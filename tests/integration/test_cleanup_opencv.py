@@ -15,11 +15,11 @@ import importlib.util
 import cv2
 import numpy as np
 import pytest
+
+from benchmarks.reference import read_golden
 from sam_batch.pipeline.masks import remove_small_regions
 from sam_batch.pipeline.rle import decode_rle
 from shared_data import GOLDEN
-
-from benchmarks.reference import read_golden
 
 
 def _reference_amg_module():

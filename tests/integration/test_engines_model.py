@@ -13,19 +13,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sam_batch.engines.point_decoder import PointDecoder
-from sam_batch.engines.sam import (
-    MODEL_TYPES,
-    SamModel,
-    build_sam,
-    image_to_input,
-    preprocess_shape,
-    resize_longest_side,
-    scale_coords,
-)
-from sam_batch.engines.vit import VIT_CONFIGS, ImageEncoderViT, ViTConfig
-from shared_data import SHARED
 from torch import nn
+
+from sam_batch.engines.image_encoder import VIT_CONFIGS, ImageEncoderViT, ViTConfig
+from sam_batch.engines.point_decoder import PointDecoder
+from sam_batch.engines.sam import MODEL_TYPES, SamModel, build_sam
+from sam_batch.engines.transforms import image_to_input, preprocess_shape, resize_longest_side, scale_coords
+from shared_data import SHARED
 
 CHECKPOINT = SHARED / "models" / "mobile_sam.pt"
 needs_shared_data = pytest.mark.skipif(not CHECKPOINT.exists(), reason=f"test data {SHARED} not present")

@@ -9,6 +9,7 @@ import ipaddress
 import psutil
 import pytest
 import ray
+
 from sam_batch.jobs import executors, ray_pipeline
 from sam_batch.jobs.executors import AUTO_RAY_MIN_IMAGES, RayExecutor, choose_executor, visible_gpus
 from sam_batch.jobs.ray_pipeline import STAGE_TASK_CPUS

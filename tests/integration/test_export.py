@@ -22,10 +22,11 @@ import shapely
 from PIL import Image
 from pycocotools.coco import COCO
 from pyproj import Transformer
+from scipy import ndimage
+
 from sam_batch.jobs.export import ExportRequest, export
 from sam_batch.jobs.export_formats import AMG_HEADER, box_pixels, full_mask, full_rle
 from sam_batch.pipeline.rle import decode_rle, encode_rle
-from scipy import ndimage
 from shared_data import IMAGES
 
 LANDSAT, DOG = IMAGES / "RGB.byte.tif", IMAGES / "dog.jpg"

@@ -20,6 +20,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
+
 from shared_data import IMAGES
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,8 @@ import pytest
 import rasterio
 from PIL import Image
 from rasterio.transform import Affine
-from sam_batch.engines.backend import build_engine
+
+from sam_batch.engines.factory import build_engine
 from sam_batch.pipeline.geometry import mask_geometry
 from sam_batch.pipeline.images import ImageError, apply_stretch, decode_image, stretch_limits
 from sam_batch.pipeline.params import AmgParams

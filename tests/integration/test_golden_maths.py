@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from sam_batch.pipeline import grids, masks, rle
 from shared_data import GOLDEN
 

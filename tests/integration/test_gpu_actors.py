@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 from ray.cluster_utils import Cluster
+
 from sam_batch.jobs import runner
 from sam_batch.jobs.executors import RayExecutor
 from sam_batch.jobs.runner import RunSummary, run_job

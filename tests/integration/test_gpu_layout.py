@@ -14,22 +14,16 @@ import logging
 
 import pytest
 import torch
-from sam_batch.engines.backend import (
-    GPU_PROMPT_BATCH,
-    EngineError,
-    TorchEngine,
-    load_model,
-    set_cpu_threads,
-    tf32_settings,
-)
+from test_parity_golden import check_strict
+
+from benchmarks.reference import agreement
+from sam_batch.engines.backend import GPU_PROMPT_BATCH, EngineError, load_model, set_cpu_threads, tf32_settings
+from sam_batch.engines.torch_backend import TorchEngine
 from sam_batch.pipeline.amg import CropMasks, generate_masks, to_records
 from sam_batch.pipeline.held_masks import DeviceMasks
 from sam_batch.pipeline.images import load_image
 from sam_batch.pipeline.params import AmgParams
 from shared_data import IMAGES, PARITY_LINES, load_golden
-from test_parity_golden import check_strict
-
-from benchmarks.reference import agreement
 
 # bf16 keeps 8 bits of mantissa (a relative step of 2^-8): a predicted IoU or a stability score
 # within about 0.004 of its threshold may land on the other side, so a mask or two of a photo

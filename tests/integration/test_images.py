@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
+
 from sam_batch.pipeline.images import ImageError, decode_image, load_image
 from shared_data import IMAGES
 

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from test_run_end_to_end import SAM_BATCH, sam_batch, write_job
+
 from sam_batch.jobs import lease as lease_module
 from sam_batch.jobs.dataset import OutputDataset
 from sam_batch.jobs.lease import LeaseHeld, OutputLease
 from shared_data import IMAGES
-from test_run_end_to_end import SAM_BATCH, sam_batch, write_job
 
 NAMES = ["dog.jpg", "groceries.jpg", "picture1.jpg", "picture2.jpg", "truck.jpg", "dogs.jpg"]
 

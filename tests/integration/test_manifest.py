@@ -17,6 +17,7 @@ import pytest
 import s3fs
 import yaml
 from PIL import Image
+
 from sam_batch.jobs.plan import PlanError, list_inputs
 from sam_batch.jobs.schema import parse_job
 from shared_data import IMAGES

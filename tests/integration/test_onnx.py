@@ -18,17 +18,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from sam_batch.engines.backend import EngineError, build_engine, load_model, set_cpu_threads
+from test_parity_golden import check_strict
+
+from benchmarks.reference import agreement
+from sam_batch.cli import main as cli_main
+from sam_batch.engines.backend import EngineError, load_model, set_cpu_threads
+from sam_batch.engines.factory import build_engine
 from sam_batch.engines.onnx_backend import OnnxEngine
 from sam_batch.engines.onnx_export import DEFAULT_OPSET, cached_onnx, decoder_output_shapes, graph_source_digest
 from sam_batch.pipeline.amg import generate_masks, to_records
 from sam_batch.pipeline.images import load_image
 from sam_batch.pipeline.params import AmgParams
 from shared_data import IMAGES, load_golden
-from test_parity_golden import check_strict
-
-from benchmarks.reference import agreement
-from sam_batch.cli import main as cli_main
 
 SAM_BATCH = str(Path(sys.executable).parent / "sam-batch")
 EMBEDDING_RTOL = 1e-4  # relative (Frobenius) error of the image embedding

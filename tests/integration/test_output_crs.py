@@ -18,12 +18,13 @@ from rasterio.crs import CRS
 from rasterio.features import shapes
 from rasterio.transform import Affine
 from rasterio.warp import transform_bounds, transform_geom
+from test_geo import parse_wkb
+
 from sam_batch.jobs.output_crs import FALLBACK_CRS, choose_output_crs, scene_crs
 from sam_batch.jobs.runner import run_job
 from sam_batch.jobs.schema import JobError, parse_job
 from sam_batch.pipeline.geometry import mask_geometry, reproject_geometries
 from shared_data import IMAGES
-from test_geo import parse_wkb
 
 LANDSAT = IMAGES / "RGB.byte.tif"  # EPSG:32618
 UINT16 = IMAGES / "RGBA.uint16.tif"  # EPSG:32612

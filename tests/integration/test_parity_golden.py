@@ -12,8 +12,11 @@ import threading
 
 import pytest
 import torch
+
 from parity import largest_differences, strict_differences
-from sam_batch.engines.backend import MAX_CONCURRENT_BATCHES, build_engine, set_cpu_threads
+from sam_batch.engines.backend import set_cpu_threads
+from sam_batch.engines.factory import build_engine
+from sam_batch.engines.torch_backend import MAX_CONCURRENT_BATCHES
 from sam_batch.pipeline.amg import _map_in_threads, generate_masks, to_records
 from sam_batch.pipeline.images import load_image
 from sam_batch.pipeline.params import AmgParams

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from parity import strict_differences
-from shared_data import IMAGES, PARITY_LINES, TEST_DATA, load_golden
 from test_run_end_to_end import sam_batch, write_job
 
 from benchmarks.reference import agreement
+from parity import strict_differences
+from shared_data import IMAGES, PARITY_LINES, TEST_DATA, load_golden
 
 HELD_OUT = TEST_DATA / "held_out"
 LARGE_PHOTOS = {"truck.jpg": "truck.jpg.pps32.crop0.minarea0.json", "app_assets_picture4.jpg": "app_assets_picture4.jpg.pps32.crop0.minarea0.json"}

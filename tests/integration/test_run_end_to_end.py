@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from pycocotools import mask as mask_utils
+
 from shared_data import IMAGES
 
 SAM_BATCH = str(Path(sys.executable).parent / "sam-batch")

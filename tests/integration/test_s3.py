@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 import yaml
+
 from shared_data import IMAGES
 
 SAM_BATCH = str(Path(sys.executable).parent / "sam-batch")
@@ -130,6 +131,7 @@ def scenes_behind_a_counter(s3, tmp_path_factory):
     import numpy as np
     import rasterio
     from rasterio.shutil import copy as copy_raster
+
     from s3_counter import CountingProxy
 
     fs, options = s3

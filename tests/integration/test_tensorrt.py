@@ -15,8 +15,11 @@ import onnx
 import pytest
 import torch
 import yaml
-from sam_batch.engines import backend
-from sam_batch.engines.backend import EngineError, build_engine, load_model
+
+from benchmarks.reference import agreement
+from sam_batch.engines import factory
+from sam_batch.engines.backend import EngineError, load_model
+from sam_batch.engines.factory import build_engine
 from sam_batch.engines.onnx_export import cached_onnx
 from sam_batch.engines.tensorrt_backend import (
     DecoderProfile,
@@ -30,8 +33,6 @@ from sam_batch.pipeline.amg import generate_masks, to_records
 from sam_batch.pipeline.images import load_image
 from sam_batch.pipeline.params import AmgParams
 from shared_data import IMAGES
-
-from benchmarks.reference import agreement
 
 MIN_AGREEMENT = 0.98  # recall and precision at IoU 0.9 of TensorRT's masks against the torch engine's
 
@@ -141,7 +142,7 @@ def test_missing_package_and_gpu_are_named(monkeypatch) -> None:
 
 def test_build_engine_fails_before_loading_weights(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    monkeypatch.setattr(backend, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(factory, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     with pytest.raises(EngineError, match="needs the `tensorrt` package"):
         build_engine("vit_t", backend="tensorrt")
 

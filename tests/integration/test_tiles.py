@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.transform import Affine
-from sam_batch.engines.backend import build_engine
+
+from sam_batch.engines.factory import build_engine
 from sam_batch.pipeline import tiles as tiles_module
 from sam_batch.pipeline.params import AmgParams
 from sam_batch.pipeline.rasters import RasterScene

@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+
 from sam_batch.jobs import executors, ray_pipeline
 from sam_batch.jobs.bounded import BoundedScene, ReadThread, ReadTimedOut
 from sam_batch.jobs.schema import parse_job

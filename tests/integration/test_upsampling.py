@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from sam_batch.engines.backend import CropEmbedding, upscale_logits
-from sam_batch.engines.sam import build_sam, preprocess_shape, scale_coords
+from sam_batch.engines.sam import build_sam
+from sam_batch.engines.transforms import preprocess_shape, scale_coords
 from sam_batch.pipeline.amg import _stable_masks_batched, _stable_masks_windowed
 from sam_batch.pipeline.masks import masks_to_boxes
 from sam_batch.pipeline.params import AmgParams

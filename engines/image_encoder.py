@@ -1,4 +1,4 @@
-"""SAM's plain-ViT image encoder (vit_b / vit_l / vit_h) and the layers SAM's modules share.
+"""SAM's plain-ViT image encoder (vit_b / vit_l / vit_h).
 
 The encoder maps a normalised, zero-padded image (N, 3, 1024, 1024) to an image embedding
 (N, 256, 64, 64): 16x16 patches, absolute position embeddings, transformer blocks with windowed
@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMAGE_SIZE = 1024
+from .common import IMAGE_SIZE, MLPBlock, encoder_neck
+
 PATCH_SIZE = 16
 WINDOW_SIZE = 14
-EMBED_CHANNELS = 256
 
 
 @dataclass(frozen=True)
@@ -36,45 +36,6 @@ VIT_CONFIGS: dict[str, ViTConfig] = {
     "vit_l": ViTConfig(1024, 24, 16, (5, 11, 17, 23)),
     "vit_h": ViTConfig(1280, 32, 16, (7, 15, 23, 31)),
 }
-
-
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channel dimension of (N, C, H, W) maps (eps 1e-6)."""
-
-    def __init__(self, channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, C, H, W), normalised per pixel across C."""
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
-
-
-def encoder_neck(in_channels: int, out_channels: int = EMBED_CHANNELS) -> nn.Sequential:
-    """Neck shared by every SAM encoder: conv1x1 -> LayerNorm2d -> conv3x3 -> LayerNorm2d (no biases)."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
-        LayerNorm2d(out_channels),
-        nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
-        LayerNorm2d(out_channels),
-    )
-
-
-class MLPBlock(nn.Module):
-    """Two-layer MLP ``lin2(act(lin1(x)))`` over the last dimension."""
-
-    def __init__(self, dim: int, hidden_dim: int, act: type[nn.Module] = nn.GELU) -> None:
-        super().__init__()
-        self.lin1 = nn.Linear(dim, hidden_dim)
-        self.lin2 = nn.Linear(hidden_dim, dim)
-        self.act = act()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., dim) -> (..., dim)."""
-        return self.lin2(self.act(self.lin1(x)))
 
 
 class PatchEmbed(nn.Module):
@@ -101,7 +62,7 @@ def relative_position_table(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
     return rel_pos[positions[:, None] - positions[None, :] + size - 1]
 
 
-class Attention(nn.Module):
+class ViTAttention(nn.Module):
     """Multi-head self-attention over an (H, W) token grid with decomposed relative position bias.
 
     The bias for query (qy, qx) and key (ky, kx) is ``q . Rh[qy - ky] + q . Rw[qx - kx]``.
@@ -159,7 +120,7 @@ class Block(nn.Module):
         super().__init__()
         self.window_size = window_size
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, window_size or grid_size)
+        self.attn = ViTAttention(dim, num_heads, window_size or grid_size)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(dim, 4 * dim)
 

@@ -1,0 +1,44 @@
+"""`build_engine`: a loaded SAM model in the engine of the job's `engine.backend`.
+
+The one module that imports every back-end (`torch_backend`, `onnx_backend`,
+`tensorrt_backend`); they import what they share from `backend`, never this module or each
+other, so the engines' imports form a tree. The heavy optional packages (onnxruntime,
+tensorrt) are imported only when an engine of theirs is built.
+"""
+
+from __future__ import annotations
+
+from sam_batch.engines.backend import EngineError, load_model, pick_device
+from sam_batch.engines.onnx_backend import OnnxEngine
+from sam_batch.engines.registry import BACKENDS
+from sam_batch.engines.tensorrt_backend import TensorRTEngine, require_tensorrt
+from sam_batch.engines.torch_backend import TorchEngine
+
+
+def build_engine(
+    model_type: str,
+    checkpoint: str | None = None,
+    sha256: str | None = None,
+    *,
+    backend: str = "torch",
+    device: str = "auto",
+    precision: str = "fp32",
+    storage_options: dict | None = None,
+    layout: str | None = None,
+) -> TorchEngine | OnnxEngine | TensorRTEngine:
+    """Resolve the checkpoint, load it strictly into a fresh model and wrap it in `backend`'s engine.
+
+    `onnx` and `tensorrt` derive their graphs from the loaded weights on first use and cache them
+    under the weights cache (see `engines.onnx_backend`, `engines.tensorrt_backend`).
+    `layout` is the torch engine's (see `TorchEngine`).
+    """
+    if backend not in BACKENDS:
+        raise EngineError(f"engine.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "tensorrt":
+        require_tensorrt(device)  # before loading any weights: name what is missing at once
+    loaded = load_model(model_type, checkpoint, sha256, storage_options)
+    if backend == "onnx":
+        return OnnxEngine.from_model(loaded, device, precision)
+    if backend == "tensorrt":
+        return TensorRTEngine.from_model(loaded, device, precision)
+    return TorchEngine(loaded.model, pick_device(device), precision, layout)
