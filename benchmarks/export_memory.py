@@ -25,10 +25,11 @@ import numpy as np
 import pyarrow as pa
 from rasterio.transform import Affine
 
-from sam_batch.jobs.dataset import OutputDataset, Plan, Shard
+from sam_batch.jobs.dataset import OutputDataset
+from sam_batch.jobs.plan import Plan, Shard
 from sam_batch.pipeline.geometry import mask_geometry
 from sam_batch.pipeline.rle import encode_rle_placed
-from sam_batch.pipeline.tables import image_id_for, image_row, mask_rows, masks_table, images_table
+from sam_batch.pipeline.tables import image_id_for, image_row, images_table, mask_rows, masks_table
 
 SCENE_SIZE = 1024  # pixels a side of each synthetic scene
 SCENE_CRS = "EPSG:32618"

@@ -385,8 +385,8 @@ class Session:
                                      points_per_side=args.points_per_side, copies=args.run_images))
 
     def profile(self, spec: MeasuredModel, precision: str) -> None:
-        from benchmarks.reference import run_ours
         from benchmarks.image_stages import stage_seconds
+        from benchmarks.reference import run_ours
 
         engine = self.engines.engine(spec, precision)
         run_ours(engine, next(iter(self.images.values())), self.args.points_per_side)  # warm-up

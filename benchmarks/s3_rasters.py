@@ -30,7 +30,6 @@ from rasterio.windows import Window
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from s3_counter import CountingProxy  # noqa: E402
-
 from sam_batch.pipeline.rasters import BlockReads  # noqa: E402
 
 SIDE = 4096  # pixels a side of each scene

@@ -30,12 +30,12 @@ import json
 import posixpath
 import re
 import uuid
-from dataclasses import dataclass
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sam_batch.jobs.plan import Plan, Shard
 from sam_batch.jobs.schema import JobError
 
 BOOKKEEPING = "_sam_batch"
@@ -54,51 +54,6 @@ class DatasetError(RuntimeError):
 
 class OutputNotWritable(JobError):
     """The output's storage refuses writes: the job cannot run as written."""
-
-
-@dataclass(frozen=True)
-class Shard:
-    """A numbered, frozen list of input URIs: the unit of commit and resume."""
-
-    shard_id: int
-    uris: tuple[str, ...]
-
-    @property
-    def name(self) -> str:
-        return f"shard-{self.shard_id:05d}"
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a job will do: the job's fingerprint, its shards and the CRS its geometries are
-    written in ('EPSG:code' or WKT: `jobs.output_crs`), frozen at the output root."""
-
-    fingerprint: str
-    job: dict
-    shards: tuple[Shard, ...]
-    output_crs: str | None = None
-
-    @property
-    def uris(self) -> list[str]:
-        """Every input, in plan order."""
-        return [uri for shard in self.shards for uri in shard.uris]
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "fingerprint": self.fingerprint,
-                "job": self.job,
-                "shards": [{"shard_id": s.shard_id, "uris": list(s.uris)} for s in self.shards],
-                "output_crs": self.output_crs,
-            },
-            indent=1,
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> "Plan":
-        data = json.loads(text)
-        shards = tuple(Shard(s["shard_id"], tuple(s["uris"])) for s in data["shards"])
-        return cls(data["fingerprint"], data["job"], shards, data.get("output_crs"))
 
 
 class OutputDataset:

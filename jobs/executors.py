@@ -26,7 +26,8 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from itertools import takewhile
 
-from sam_batch.jobs.dataset import OutputDataset, Shard
+from sam_batch.jobs.dataset import OutputDataset
+from sam_batch.jobs.plan import Shard
 from sam_batch.jobs.ray_pipeline import STAGE_TASK_CPUS, ActorPool, JobFailure, RayPipeline, amounts, shortfall
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.jobs.stages import read_photo

@@ -10,10 +10,12 @@ symbolic links to files and to folders (fsspec's enters no linked folder), never
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import fsspec
 import pyarrow as pa
@@ -21,13 +23,57 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import glob_translate
 
-from sam_batch.jobs.dataset import Plan, Shard
 from sam_batch.jobs.output_crs import choose_output_crs
 from sam_batch.jobs.schema import JobSpec, normalise_uri
 from sam_batch.pipeline.images import one_line_reason
 
 GLOB_CHARS = "*?["
 log = logging.getLogger("sam_batch")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A numbered, frozen list of input URIs: the unit of commit and resume."""
+
+    shard_id: int
+    uris: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.shard_id:05d}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a job will do: the job's fingerprint, its shards and the CRS its geometries are
+    written in ('EPSG:code' or WKT: `jobs.output_crs`), frozen at the output root."""
+
+    fingerprint: str
+    job: dict
+    shards: tuple[Shard, ...]
+    output_crs: str | None = None
+
+    @property
+    def uris(self) -> list[str]:
+        """Every input, in plan order."""
+        return [uri for shard in self.shards for uri in shard.uris]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "fingerprint": self.fingerprint,
+                "job": self.job,
+                "shards": [{"shard_id": s.shard_id, "uris": list(s.uris)} for s in self.shards],
+                "output_crs": self.output_crs,
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        data = json.loads(text)
+        shards = tuple(Shard(s["shard_id"], tuple(s["uris"])) for s in data["shards"])
+        return cls(data["fingerprint"], data["job"], shards, data.get("output_crs"))
 
 
 class PlanError(RuntimeError):

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from sam_batch.jobs.bounded import Budget, OverBudget
-from sam_batch.jobs.dataset import OutputDataset, Shard
+from sam_batch.jobs.dataset import OutputDataset
+from sam_batch.jobs.plan import Shard
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.jobs.stages import Opened, TileRead, open_image, read_tile
 from sam_batch.jobs.worker import (

@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass, field
 
 from sam_batch import __version__
-from sam_batch.jobs.dataset import DatasetError, OutputDataset, Plan
+from sam_batch.jobs.dataset import DatasetError, OutputDataset
 from sam_batch.jobs.executors import make_executor
 from sam_batch.jobs.lease import LeaseHeld, OutputLease
-from sam_batch.jobs.plan import list_inputs, make_plan
+from sam_batch.jobs.plan import Plan, list_inputs, make_plan
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.jobs.worker import STAGES, ImageDone, ShardCommit
 

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sam_batch.jobs.bounded import BoundedScene, Budget, OverBudget, ReadThread
-from sam_batch.jobs.dataset import OutputDataset, Shard
+from sam_batch.jobs.dataset import OutputDataset
+from sam_batch.jobs.plan import Shard
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.pipeline.images import ImageError, decode_image, one_line_reason, read_bytes
 from sam_batch.pipeline.rasters import ArrayScene, RasterScene, Scene, is_raster

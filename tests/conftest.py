@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from shared_data import HAS_SHARED_DATA, IMAGES, MOBILE_SAM, PARITY_LINES, SHARED
 
 INTEGRATION = Path(__file__).resolve().parent / "integration"

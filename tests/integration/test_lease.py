@@ -152,7 +152,7 @@ def test_two_runs_on_one_output_one_is_refused_and_nothing_is_lost(tmp_path) -> 
 
 def leave_an_attempt(dataset: OutputDataset) -> None:
     """A commit of `dataset`'s run that dies after writing its masks: an attempt left behind."""
-    from sam_batch.jobs.dataset import Shard
+    from sam_batch.jobs.plan import Shard
     from sam_batch.pipeline.tables import IMAGES_SCHEMA, MASKS_SCHEMA
 
     write_bytes = dataset._write_bytes

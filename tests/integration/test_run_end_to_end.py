@@ -384,7 +384,8 @@ def test_an_unreadable_plan_is_one_line_and_overwrite_starts_again(tmp_path) -> 
 
 def test_plan_and_run_record_are_never_half_written(tmp_path) -> None:
     """A write that dies half-way leaves the previous plan and run record readable, whole."""
-    from sam_batch.jobs.dataset import OutputDataset, Plan, Shard
+    from sam_batch.jobs.dataset import OutputDataset
+    from sam_batch.jobs.plan import Plan, Shard
 
     dataset = OutputDataset(str(tmp_path / "out"))
     first = Plan("f" * 16, {"name": "a"}, (Shard(0, ("x.jpg",)),))
@@ -410,7 +411,8 @@ def test_plan_and_run_record_are_never_half_written(tmp_path) -> None:
 
 def test_a_commit_that_dies_before_its_files_are_written_publishes_nothing(tmp_path) -> None:
     """Both tables are staged in full before either is moved under masks/ or images/."""
-    from sam_batch.jobs.dataset import OutputDataset, Shard
+    from sam_batch.jobs.dataset import OutputDataset
+    from sam_batch.jobs.plan import Shard
     from sam_batch.pipeline.tables import IMAGES_SCHEMA, MASKS_SCHEMA
 
     dataset = OutputDataset(str(tmp_path / "out"))
@@ -502,7 +504,8 @@ def test_a_commit_out_of_space_or_quota_is_one_line_naming_the_output(tmp_path, 
     """Without a small disk to fill: the write fails as a full disk or a quota would."""
     import errno
 
-    from sam_batch.jobs.dataset import DatasetError, OutputDataset, Shard
+    from sam_batch.jobs.dataset import DatasetError, OutputDataset
+    from sam_batch.jobs.plan import Shard
     from sam_batch.pipeline.tables import images_table, masks_table
 
     dataset = OutputDataset(str(tmp_path / "out"))

@@ -250,7 +250,8 @@ RACE_ROUNDS = 20
 RACER = """
 import json, sys, time
 import pyarrow as pa
-from sam_batch.jobs.dataset import OutputDataset, Shard
+from sam_batch.jobs.dataset import OutputDataset
+from sam_batch.jobs.plan import Shard
 options, run_id, start = json.loads(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 results = []
 for round_ in range(int(sys.argv[4])):

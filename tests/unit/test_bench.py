@@ -14,8 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sam_batch.pipeline.rle import encode_rle
-from shared_data import REPO, TEST_DATA
 
 from benchmarks.reference import (
     DEFAULT_IMAGES,
@@ -43,6 +41,8 @@ from benchmarks.reference import (
     parse_baselines,
     verdict,
 )
+from sam_batch.pipeline.rle import encode_rle
+from shared_data import REPO, TEST_DATA
 
 
 def record(mask: np.ndarray) -> dict:

@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 import tomllib
 import yaml
-from sam_batch.jobs.schema import parse_job
-from shared_data import REPO
 
 from sam_batch.cli import _parser
+from sam_batch.jobs.schema import parse_job
+from shared_data import REPO
 
 DEPLOY = REPO / "deploy"
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]

@@ -8,9 +8,9 @@ import fsspec
 import pytest
 import yaml
 from fsspec.implementations.memory import MemoryFileSystem
-from sam_batch.jobs.dataset import DatasetError, OutputDataset
 
 from sam_batch.cli import EXIT_JOB_FAILED, main
+from sam_batch.jobs.dataset import DatasetError, OutputDataset
 
 
 class OverwritingFileSystem(MemoryFileSystem):
@@ -81,7 +81,8 @@ def test_a_shards_claim_belongs_to_its_run_until_a_new_run_takes_it_back(tmp_pat
     attempt carries on; a claim left by a killed commit is taken back at the next run's start."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from sam_batch.jobs.dataset import Shard
+
+    from sam_batch.jobs.plan import Shard
 
     out = str(tmp_path / "out")
     claiming, other, next_run = (OutputDataset(out, run_id=run_id) for run_id in ("a", "b", "c"))

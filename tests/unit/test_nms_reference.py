@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from sam_batch.pipeline import masks
 from sam_batch.pipeline.masks import TORCHVISION_RESORT_ABOVE, box_nms
 from shared_data import TEST_DATA

@@ -10,10 +10,10 @@ import zipfile
 from pathlib import Path
 
 import tomllib
-from shared_data import REPO
 
 import sam_batch
 from sam_batch.cli import _parser
+from shared_data import REPO
 
 PRODUCT_COMMANDS = {"run", "validate", "render", "export", "weights", "export-onnx"}
 SOURCES = ("pyproject.toml", "README.md", "sam_batch", "engines", "pipeline", "jobs", "benchmarks")

@@ -5,6 +5,7 @@ files in tests/integration/test_golden_maths.py."""
 import numpy as np
 import pytest
 import torch
+
 from sam_batch.pipeline import grids, masks, rle
 
 # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation on every call.

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from sam_batch.jobs.schema import (
     AmgSpec,
     EngineSpec,
