@@ -345,10 +345,14 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_a_cpu_worker_keeps_the_memory_it_frees() -> None:
     """After `keep_freed_memory`, blocks freed on any thread are reused, not faulted in again:
-    20 rounds of 74 MiB on each of two threads fault in no page. (This checks the options are in
+    20 rounds of 74 MiB over two threads fault in under 1% of their pages. (This checks the options are in
     force; their effect on a real image, fewer page faults and seconds, is in docs/benchmarks.md.)"""
+    import resource
     import subprocess
 
     result = subprocess.run([sys.executable, "-c", KEEP_FREED_MEMORY], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert int(result.stdout) < 100  # page faults over 20 rounds of 74 MiB
+    # Without the options each round faults its 74 MiB in again: 20 x 74 MiB of pages. With them,
+    # none but the few a busy machine's memory reclaim (e.g. DAMON) takes back and faults in.
+    faults_without = 20 * 74 * 2**20 // resource.getpagesize()
+    assert int(result.stdout) < faults_without // 100, result.stdout

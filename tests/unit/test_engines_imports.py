@@ -6,7 +6,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ENGINES = Path(__file__).resolve().parents[1] / "engines"
+from shared_data import REPO
+
+ENGINES = REPO / "engines"
 PACKAGE = "sam_batch.engines"
 
 
