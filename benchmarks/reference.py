@@ -782,8 +782,8 @@ def _bench(args: argparse.Namespace, python: Path, argv: list[str]) -> int:
     import torch
 
     from sam_batch.engines.backend import keep_freed_memory, set_cpu_threads
-    from sam_batch.engines.factory import build_engine
     from sam_batch.engines.checkpoints import resolve_checkpoint
+    from sam_batch.engines.factory import build_engine
     from sam_batch.pipeline.images import load_image
 
     def progress(line: str) -> None:

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from sam_batch.pipeline.images import ImageError
+from sam_batch.pipeline.errors import ImageError
 from sam_batch.pipeline.rasters import Scene, Window
 
 Result = TypeVar("Result")

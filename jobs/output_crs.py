@@ -19,8 +19,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from sam_batch.jobs.bounded import read_bounded
 from sam_batch.jobs.schema import JobSpec
+from sam_batch.pipeline.errors import one_line_reason
 from sam_batch.pipeline.geometry import crs_label, crs_name
-from sam_batch.pipeline.images import one_line_reason
 from sam_batch.pipeline.rasters import BlockReads, is_raster
 
 FALLBACK_CRS = "EPSG:4326"  # scenes in several CRSs (or none) are written in longitude/latitude

@@ -25,7 +25,7 @@ from fsspec.utils import glob_translate
 
 from sam_batch.jobs.output_crs import choose_output_crs
 from sam_batch.jobs.schema import JobSpec, normalise_uri
-from sam_batch.pipeline.images import one_line_reason
+from sam_batch.pipeline.errors import one_line_reason
 
 GLOB_CHARS = "*?["
 log = logging.getLogger("sam_batch")

@@ -47,7 +47,7 @@ from sam_batch.jobs.worker import (
     finish_image,
     image_result,
 )
-from sam_batch.pipeline.images import ImageError, one_line_reason
+from sam_batch.pipeline.errors import ImageError, one_line_reason
 from sam_batch.pipeline.scenes import ScenePlan, finish_scene
 from sam_batch.pipeline.tile_masks import TileMasks
 

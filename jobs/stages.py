@@ -21,7 +21,9 @@ import numpy as np
 
 from sam_batch.jobs.bounded import read_bounded
 from sam_batch.jobs.schema import RasterSpec
-from sam_batch.pipeline.images import TIFF_MAGIC, ImageError, decode_image, one_line_reason, open_input, read_bytes
+from sam_batch.pipeline.errors import ImageError, one_line_reason
+from sam_batch.pipeline.images import decode_image
+from sam_batch.pipeline.inputs import TIFF_MAGIC_BYTES, open_input, read_bytes, starts_like_tiff
 from sam_batch.pipeline.rasters import ArrayScene, RasterScene, Window
 from sam_batch.pipeline.scenes import ScenePlan, has_valid_pixels, plan_scene, tile_size_for
 
@@ -98,12 +100,12 @@ def _photo_bytes(uri: str, storage_options: dict) -> bytes | None:
     """
     try:
         with open_input(uri, storage_options) as f:
-            head = f.read(len(TIFF_MAGIC[0]))
-            data = head if head in TIFF_MAGIC else head + f.read()
+            head = f.read(TIFF_MAGIC_BYTES)
+            data = head if starts_like_tiff(head) else head + f.read()
     except Exception:  # noqa: BLE001 - read_bytes raises the one-line ImageError
         data = b""
     data = data or read_bytes(uri, storage_options)
-    return None if data[: len(TIFF_MAGIC[0])] in TIFF_MAGIC else data
+    return None if starts_like_tiff(data) else data
 
 
 def _raster_plan(uri: str, storage_options: dict, raster: RasterSpec) -> tuple[ScenePlan, tuple[float, float] | None]:

@@ -27,7 +27,9 @@ from sam_batch.jobs.bounded import BoundedScene, Budget, OverBudget, ReadThread
 from sam_batch.jobs.dataset import OutputDataset
 from sam_batch.jobs.plan import Shard
 from sam_batch.jobs.schema import JobSpec
-from sam_batch.pipeline.images import ImageError, decode_image, one_line_reason, read_bytes
+from sam_batch.pipeline.errors import ImageError, one_line_reason
+from sam_batch.pipeline.images import decode_image
+from sam_batch.pipeline.inputs import read_bytes
 from sam_batch.pipeline.rasters import ArrayScene, RasterScene, Scene, is_raster
 from sam_batch.pipeline.tables import image_row, images_table, mask_rows, masks_table
 

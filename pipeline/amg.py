@@ -38,7 +38,6 @@ from sam_batch.pipeline.params import AmgParams
 from sam_batch.pipeline.rle import encode_rle
 from sam_batch.pipeline.upsampling import MaskUpsampler
 
-
 UPSCALE_CHUNK = 16  # masks brought to full size at once: bounds memory, not results
 Check = Callable[[], None]  # called between steps of an image's work; raises to stop it
 

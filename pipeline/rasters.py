@@ -20,20 +20,11 @@ from typing import Protocol
 import fsspec
 import numpy as np
 
-from sam_batch.pipeline.images import (
-    TIFF_MAGIC,
-    ImageError,
-    apply_palette,
-    apply_stretch,
-    one_line_reason,
-    open_input,
-    palette_colours,
-    raster_error_reason,
-    rgb_bands,
-    stretch_limits,
-)
+from sam_batch.pipeline.errors import ImageError, one_line_reason, raster_error_reason
+from sam_batch.pipeline.inputs import TIFF_MAGIC_BYTES, check_size, open_input, starts_like_tiff
 
 Window = tuple[int, int, int, int]  # XYXY in scene pixels, end exclusive
+MAX_RASTER_PIXELS = 30_000 * 30_000  # a TIFF read whole (`decode_raster`) is refused beyond this
 MAX_SCENE_PIXELS = 200_000 * 200_000  # a header beyond this is not a scene but a broken file
 # a file whose header claims more pixels than this per byte of the file is sparse or broken, not
 # a scene worth planning: deflate packs at most about 1,000 bytes into one, 3 bands of zeros at most
@@ -83,7 +74,7 @@ def is_raster(uri: str, storage_options: dict | None = None) -> bool:
     """
     try:
         with open_input(uri, storage_options) as f:
-            head = f.read(4)
+            head = f.read(TIFF_MAGIC_BYTES)
     except ImageError:
         raise
     except FileNotFoundError:
@@ -92,7 +83,7 @@ def is_raster(uri: str, storage_options: dict | None = None) -> bool:
         raise ImageError("read", one_line_reason(error)) from None
     if not head:
         raise ImageError("read", "file is empty (0 bytes)")
-    return head in TIFF_MAGIC
+    return starts_like_tiff(head)
 
 
 def gdal_s3_session(storage_options: dict):
@@ -267,3 +258,98 @@ class RasterScene:
             return read()
         except self._rasterio.errors.RasterioError as error:
             raise ImageError("decode", f"raster read failed: {raster_error_reason(error)}") from None
+
+
+def decode_raster(data: bytes, bands: Sequence[int] | None) -> np.ndarray:
+    """A TIFF's bytes, read whole, as RGB uint8 (H, W, 3): `rgb_bands`, a palette's colours, or
+    data that is not uint8 stretched (`stretch_limits`)."""
+    import rasterio
+    from rasterio.io import MemoryFile
+
+    try:
+        with MemoryFile(data) as memfile, memfile.open() as src:
+            check_size(src.width, src.height, MAX_RASTER_PIXELS)
+            chosen = rgb_bands(src, bands)
+            palette = palette_colours(src, chosen)
+            pixels = src.read(chosen)
+    except ImageError:
+        raise
+    except rasterio.errors.RasterioError as error:
+        raise ImageError("decode", f"raster read failed: {raster_error_reason(error)}") from None
+    if palette is not None:
+        pixels = apply_palette(pixels, palette)
+    elif pixels.dtype != np.uint8:
+        pixels = stretch_to_uint8(pixels)
+    if pixels.shape[0] == 1:
+        return gray_to_rgb(pixels)
+    return np.ascontiguousarray(np.moveaxis(pixels, 0, -1))
+
+
+def rgb_bands(src, bands: Sequence[int] | None) -> list[int]:
+    """The 1-based bands of rasterio dataset `src` shown as RGB: `bands` as given, else the
+    first three that are not alpha (one band is shown as gray; the alpha band marks the valid
+    pixels through the dataset mask). `ImageError` for a band the file lacks, two bands, or
+    complex pixels."""
+    not_alpha = [b for b, colour in zip(src.indexes, src.colorinterp) if colour.name != "alpha"]
+    chosen = list(bands) if bands else (not_alpha or list(src.indexes))[:3]
+    if max(chosen) > src.count:
+        raise ImageError("decode", f"bands {chosen} asked for, the file has {src.count}")
+    if len(chosen) == 2:
+        raise ImageError("decode", f"bands {chosen}: two bands have no RGB view; set raster.bands")
+    dtypes = {src.dtypes[b - 1] for b in chosen}
+    if any(np.dtype(d).kind == "c" for d in dtypes):
+        raise ImageError("decode", f"{'/'.join(sorted(dtypes))} pixels have no RGB view")
+    return chosen
+
+
+def palette_colours(src, bands: list[int]) -> np.ndarray | None:
+    """The colours (K, 3) uint8 of index 0..K-1 when `bands` is one palette band of `src`
+    (an indexed-colour or 1-bit file), else None."""
+    if len(bands) != 1 or src.colorinterp[bands[0] - 1].name != "palette":
+        return None
+    try:
+        colormap = src.colormap(bands[0])
+    except ValueError:  # no colour table after all: shown as gray
+        return None
+    colours = np.zeros((max(colormap) + 1, 3), dtype=np.uint8)
+    for index, rgba in colormap.items():
+        colours[index] = rgba[:3]
+    return colours
+
+
+def apply_palette(pixels: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """Indexes (1, H, W) -> RGB (3, H, W) uint8 through `colours` (K, 3); indexes past K are black."""
+    index = pixels[0].astype(np.int64)
+    rgb = colours[np.clip(index, 0, len(colours) - 1)]
+    rgb[(index < 0) | (index >= len(colours))] = 0
+    return np.moveaxis(rgb, -1, 0)
+
+
+def stretch_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Linear stretch of (C, H, W) data between its 2nd and 98th percentiles, all bands together."""
+    return apply_stretch(pixels, *stretch_limits(pixels))
+
+
+def stretch_limits(pixels: np.ndarray) -> tuple[float, float]:
+    """The (low, high) data values that map to 0 and 255: the 2nd and 98th percentiles of the
+    finite values of `pixels` (any shape), all bands together. Flat data is placed within
+    its type's own range instead; no finite data gives (0, 1).
+    """
+    finite = pixels[np.isfinite(pixels)] if pixels.dtype.kind == "f" else pixels.ravel()
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = (float(v) for v in np.percentile(finite, [2, 98]))
+    if high <= low:
+        return (0.0, float(np.iinfo(pixels.dtype).max)) if pixels.dtype.kind in "iu" else (low, low + 1.0)
+    return low, high
+
+
+def apply_stretch(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map data linearly from [low, high] to uint8 [0, 255], clipping; NaN becomes 0."""
+    scaled = (np.nan_to_num(pixels.astype(np.float64), nan=low) - low) * (255.0 / (high - low))
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+def gray_to_rgb(pixels: np.ndarray) -> np.ndarray:
+    """One band (1, H, W) as gray RGB (H, W, 3)."""
+    return np.ascontiguousarray(np.repeat(pixels[0][..., None], 3, axis=-1))

@@ -152,7 +152,8 @@ def _render(args: argparse.Namespace) -> int:
 
     from sam_batch.jobs.dataset import OutputDataset
     from sam_batch.jobs.schema import normalise_uri
-    from sam_batch.pipeline.images import load_image, one_line_reason
+    from sam_batch.pipeline.errors import one_line_reason
+    from sam_batch.pipeline.images import load_image
     from sam_batch.pipeline.render import box_mask, overlay
 
     output = OutputDataset(args.output_uri)

@@ -21,10 +21,11 @@ from PIL import Image
 from rasterio.transform import Affine
 
 from sam_batch.engines.factory import build_engine
+from sam_batch.pipeline.errors import ImageError
 from sam_batch.pipeline.geometry import mask_geometry
-from sam_batch.pipeline.images import ImageError, apply_stretch, decode_image, stretch_limits
+from sam_batch.pipeline.images import decode_image
 from sam_batch.pipeline.params import AmgParams
-from sam_batch.pipeline.rasters import RasterScene
+from sam_batch.pipeline.rasters import RasterScene, apply_stretch, stretch_limits
 from sam_batch.pipeline.rle import decode_rle
 from sam_batch.pipeline.scenes import MAX_NODATA_FRACTION, MAX_WHOLE_PIXELS, segment_scene, tile_size_for
 from shared_data import IMAGES

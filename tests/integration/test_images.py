@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sam_batch.pipeline.images import ImageError, decode_image, load_image
+from sam_batch.pipeline.errors import ImageError
+from sam_batch.pipeline.images import decode_image, load_image
 from shared_data import IMAGES
 
 
@@ -153,7 +154,7 @@ def test_a_failure_while_segmenting_is_one_stable_line(monkeypatch) -> None:
 
 
 def test_one_line_reason_names_the_type_when_the_message_is_empty() -> None:
-    from sam_batch.pipeline.images import one_line_reason
+    from sam_batch.pipeline.errors import one_line_reason
 
     assert one_line_reason(OSError("disk\n  gone")) == "disk gone"
     assert one_line_reason(KeyError()) == "KeyError"
