@@ -78,7 +78,7 @@ from sam_batch.jobs.executors import RayExecutor
 from sam_batch.jobs.plan import make_plan
 from sam_batch.jobs.schema import JobSpec, parse_job
 from sam_batch.jobs.stages import open_image, read_tile
-from sam_batch.jobs.worker import ImageDone, commit_shard, finish_image
+from sam_batch.jobs.worker import ImageDone, finish_image, write_shard
 from sam_batch.pipeline.scenes import finish_scene
 from sam_batch.pipeline.tile_masks import TileMasks, pack
 from sam_batch.pipeline.tiles import SceneMask, is_cut
@@ -383,7 +383,7 @@ def cpu_per_tile(scenes: list[str], latency_folder: Path, masks_per_tile: int) -
     dataset = OutputDataset(job.output.uri).for_plan(one_scene)
     shard = one_scene.shards[0]
     clock = time.process_time()
-    commit_shard(dataset, shard, [result])
+    write_shard(dataset, shard, [result])
     commit_s = time.process_time() - clock
     return {
         "tiles": n_tiles,

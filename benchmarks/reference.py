@@ -179,7 +179,7 @@ def is_drifted(drift: float | None) -> bool:
 
 
 @dataclass(frozen=True)
-class ImageResult:
+class ImageTiming:
     """Both sides on one image over its rounds; `threads` is the load limit of its validity, the
     baselines (s) are the quiet ones for this image, grid, thread count and CPU, if any."""
 
@@ -387,7 +387,7 @@ def format_baseline_row(baseline: Baseline) -> str:
             f"| {baseline.seconds:.1f} | {baseline.cpu_model} | {baseline.measured} |")
 
 
-def missing_baselines(results: list[ImageResult], *, points_per_side: int, cpu: str, measured: str) -> list[Baseline]:
+def missing_baselines(results: list[ImageTiming], *, points_per_side: int, cpu: str, measured: str) -> list[Baseline]:
     """Baselines this run could seed: for each valid image, each side without one, provided the
     other side, if it has a baseline, did not drift."""
     found = []
@@ -458,7 +458,7 @@ def _drift_cell(drift: float | None) -> str:
     return f"{drift:+.1%}" + (" DRIFTED" if is_drifted(drift) else "")
 
 
-def format_table(results: list[ImageResult]) -> str:
+def format_table(results: list[ImageTiming]) -> str:
     """The per-image report as a Markdown table: medians over the rounds, validity, drift."""
     lines = [
         "| image | size | reference s | sam-batch s | speed-up | max load | reference vs baseline "
@@ -478,7 +478,7 @@ def format_table(results: list[ImageResult]) -> str:
     return "\n".join(lines)
 
 
-def format_rounds(results: list[ImageResult]) -> str:
+def format_rounds(results: list[ImageTiming]) -> str:
     """Every round's seconds as a Markdown table, in the order they ran."""
     lines = [
         "| image | round | order | reference s | sam-batch s | max load |",
@@ -492,7 +492,7 @@ def format_rounds(results: list[ImageResult]) -> str:
     return "\n".join(lines)
 
 
-def verdict(results: list[ImageResult], whole: WholeProcess | None) -> list[str]:
+def verdict(results: list[ImageTiming], whole: WholeProcess | None) -> list[str]:
     """One line per NOT VALID ratio and per drifted image; empty when every figure holds."""
     lines = [f"NOT VALID: {r.image}: 1-minute load reached {r.max_load:.2f} above {r.threads} threads"
              for r in results if not r.valid]
@@ -565,7 +565,7 @@ def cpu_model() -> str:
 
 
 def format_section(
-    results: list[ImageResult],
+    results: list[ImageTiming],
     whole: WholeProcess | None,
     machine: Machine,
     *,
@@ -822,7 +822,7 @@ def _bench(args: argparse.Namespace, python: Path, argv: list[str]) -> int:
 
                 name = Path(uri).name
                 lookup = dict(points_per_side=args.points_per_side, threads=threads, cpu=cpu)
-                results.append(ImageResult(
+                results.append(ImageTiming(
                     name, image.shape[0], image.shape[1], alternate_rounds(args.rounds, reference, ours, sampler),
                     threads,
                     reference_baseline=find_baseline(baselines, name, side="reference", **lookup),

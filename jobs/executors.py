@@ -31,7 +31,7 @@ from sam_batch.jobs.plan import Shard
 from sam_batch.jobs.ray_pipeline import STAGE_TASK_CPUS, ActorPool, JobFailure, RayPipeline, amounts, shortfall
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.jobs.stages import read_photo
-from sam_batch.jobs.worker import Event, ImageSegmenter, ShardCommit, commit_shard, image_result
+from sam_batch.jobs.worker import Event, ImageSegmenter, ShardCommit, image_result, write_shard
 
 log = logging.getLogger("sam_batch")
 
@@ -84,7 +84,7 @@ class LocalExecutor:
                     else:
                         results.append(segmenter.segment(uri, photo, seconds))
                     yield results[-1].done()
-                yield ShardCommit(shard, commit_shard(dataset, shard, results))
+                yield ShardCommit(shard, write_shard(dataset, shard, results))
 
 
 class RayExecutor:

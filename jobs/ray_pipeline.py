@@ -4,7 +4,7 @@ A tile is the unit of work, and each stage holds a bounded number of tiles or im
 memory stays flat however large the scenes and however long the input:
 
     open tasks (CPU)      tile read tasks (CPU)   segmenting actors        finish tasks (CPU)    commit tasks (CPU)
-    a raster's header:    one window each, with   (GPU, else CPU): any     all of an image's     `commit_shard` with
+    a raster's header:    one window each, with   (GPU, else CPU): any     all of an image's     `write_shard` with
     its plan and its   ►  the scene's stretch; ►  tile of any scene, two ► tiles back: seams ►  the rows fetched
     stretch; a photo      ≤ READ_AHEAD per actor  at a time; return each   merged, RLE,          from the object
     decoded whole         (a photo's tiles are    mask's box bits, box     polygons, rows        store; ≤ MAX_COMMITS
@@ -43,9 +43,9 @@ from sam_batch.jobs.worker import (
     ImageResult,
     ImageSegmenter,
     ShardCommit,
-    commit_shard,
     finish_image,
     image_result,
+    write_shard,
 )
 from sam_batch.pipeline.errors import ImageError, one_line_reason
 from sam_batch.pipeline.scenes import ScenePlan, finish_scene
@@ -653,13 +653,13 @@ class ActorPool:
 
 
 def _commit(dataset: OutputDataset, shard: Shard, *results: ImageResult) -> dict:
-    """A commit task: `commit_shard` with the shard's results, which Ray fetches from the
+    """A commit task: `write_shard` with the shard's results, which Ray fetches from the
     object store (the finish tasks' results) before the task starts."""
-    return commit_shard(dataset, shard, list(results))
+    return write_shard(dataset, shard, list(results))
 
 
 class _CommitStage:
-    """Commit tasks: `commit_shard` on a CPU worker instead of the driver.
+    """Commit tasks: `write_shard` on a CPU worker instead of the driver.
 
     Ray retries a task whose worker or node is lost; a commit is idempotent (same bytes under
     the same names, marker only if absent), so a retry cannot duplicate rows. A commit that

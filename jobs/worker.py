@@ -4,7 +4,7 @@ finish an image into rows; commit one shard.
 `ImageSegmenter` loads the model once. In process it turns an input URI into rows
 (`segment`); on Ray it segments one tile at a time (`segment_tile`), whose masks a CPU task
 then makes into the image's rows (`finish_image`). A failing image becomes an `images` row
-with status `error` and a one-line reason naming the stage; the job goes on. `commit_shard`
+with status `error` and a one-line reason naming the stage; the job goes on. `write_shard`
 writes a shard's rows once all its images are back.
 
 torch (the engine, the generator) loads only when an `ImageSegmenter` is made, so a driver and
@@ -79,7 +79,7 @@ class ImageResult:
 
 @dataclass(frozen=True)
 class ShardCommit:
-    """A shard's commit is done: `stats` as returned by `commit_shard` (`committed` is False
+    """A shard's commit is done: `stats` as returned by `write_shard` (`committed` is False
     when another attempt had committed it first; `write_seconds` in s)."""
 
     shard: Shard
@@ -222,7 +222,7 @@ def finish_image(
     return dataclasses.replace(done, tiles_segmented=result.tiles - result.tiles_skipped)
 
 
-def commit_shard(dataset: OutputDataset, shard: Shard, results: list[ImageResult]) -> dict:
+def write_shard(dataset: OutputDataset, shard: Shard, results: list[ImageResult]) -> dict:
     """Write a shard's tables in plan order and create its marker; returns the shard's stats."""
     by_uri = {r.uri: r for r in results}
     ordered = [by_uri[uri] for uri in shard.uris]

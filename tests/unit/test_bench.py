@@ -21,7 +21,7 @@ from benchmarks.reference import (
     Agreement,
     Baseline,
     BenchError,
-    ImageResult,
+    ImageTiming,
     LoadSampler,
     Machine,
     Round,
@@ -90,14 +90,14 @@ def test_agreement_with_empty_sides() -> None:
 
 def example_result(
     *, max_load: float = 1.5, reference_baseline: float | None = None, ours_baseline: float | None = None
-) -> ImageResult:
+) -> ImageTiming:
     """dog.jpg over two rounds: the reference 140 and 160 s (median 150), ours 50 and 70 s (60)."""
     masks = [record(box(0, 10, 0, 10)), record(box(10, 20, 5, 25))]
     rounds = (
         Round(Side(140.0, masks), Side(50.0, masks[:1]), reference_first=True, max_load=1.0),
         Round(Side(160.0, masks), Side(70.0, masks[:1]), reference_first=False, max_load=max_load),
     )
-    return ImageResult("dog.jpg", 20, 30, rounds, threads=2,
+    return ImageTiming("dog.jpg", 20, 30, rounds, threads=2,
                        reference_baseline=reference_baseline, ours_baseline=ours_baseline)
 
 
@@ -133,7 +133,7 @@ def test_rounds_alternate_the_order_and_report_the_medians() -> None:
     rounds = alternate_rounds(4, side("reference"), side("ours"), LoadSampler(FakeLoad(0.5)))
     assert calls == ["reference", "ours", "ours", "reference", "reference", "ours", "ours", "reference"]
     assert [r.reference_first for r in rounds] == [True, False, True, False]
-    result = ImageResult("x.png", 1, 1, rounds, threads=2)
+    result = ImageTiming("x.png", 1, 1, rounds, threads=2)
     assert (result.reference_seconds, result.ours_seconds) == (155.0, 15.5)  # of 4: mean of the middle two
     assert result.speedup == 10.0
     rows = format_rounds([result]).splitlines()[2:]
@@ -153,9 +153,9 @@ def test_a_round_keeps_the_highest_load_read_during_it() -> None:
     sampler = LoadSampler(FakeLoad(0.4, 1.9, 0.3, 2.6, 1.0))
     rounds = alternate_rounds(2, lambda: Side(100.0, []), lambda: Side(20.0, []), sampler)
     assert [r.max_load for r in rounds] == [1.9, 2.6]
-    result = ImageResult("x.png", 1, 1, rounds, threads=2)
+    result = ImageTiming("x.png", 1, 1, rounds, threads=2)
     assert result.max_load == 2.6 and not result.valid
-    assert ImageResult("x.png", 1, 1, rounds, threads=3).valid
+    assert ImageTiming("x.png", 1, 1, rounds, threads=3).valid
 
 
 def test_load_sampler_reads_in_the_background_until_stopped() -> None:
