@@ -41,12 +41,17 @@ def main() -> None:
         print(growth_for(int(sys.argv[2])))
         return
     batches = [int(b) for b in sys.argv[1:]] or [16, 32, 64]
-    growth = {b: float(subprocess.check_output([sys.executable, __file__, "--one", str(b)], text=True)) for b in batches}
+    growth = {
+        b: float(subprocess.check_output([sys.executable, __file__, "--one", str(b)], text=True)) for b in batches
+    }
     slope = (growth[batches[-1]] - growth[batches[0]]) / (batches[-1] - batches[0])
     print("| prompts | peak RSS growth, MiB |\n| ---: | ---: |")
     for b in batches:
         print(f"| {b} | {growth[b]:.0f} |")
-    print(f"\nper prompt: {slope:.1f} MiB; 256 prompts: {256 * slope / 1024:.1f} GiB; 1,024: {1024 * slope / 1024:.1f} GiB")
+    print(
+        f"\nper prompt: {slope:.1f} MiB; 256 prompts: {256 * slope / 1024:.1f} GiB; "
+        f"1,024: {1024 * slope / 1024:.1f} GiB"
+    )
 
 
 if __name__ == "__main__":

@@ -51,32 +51,49 @@ def mask_pool(n_masks: int, seed: int = 0) -> list[dict]:
         yy, xx = np.mgrid[: 2 * radius + 1, : 2 * radius + 1]
         pixels = (yy - radius) ** 2 + (xx - radius) ** 2 <= radius**2
         wkb, bounds = mask_geometry(pixels, x0, y0, SCENE_TRANSFORM)
-        records.append({
-            "segmentation": encode_rle_placed(pixels, x0, y0, (SCENE_SIZE, SCENE_SIZE)),
-            "bbox": [float(x0), float(y0), float(2 * radius), float(2 * radius)],
-            "area": int(pixels.sum()),
-            "predicted_iou": float(rng.uniform(0.88, 1.0)),
-            "stability_score": float(rng.uniform(0.95, 1.0)),
-            "point_coords": [[float(x0 + radius), float(y0 + radius)]],
-            "crop_box": [0, 0, SCENE_SIZE, SCENE_SIZE],
-            "geometry": wkb,
-            "geometry_bbox": bounds,
-        })
+        records.append(
+            {
+                "segmentation": encode_rle_placed(pixels, x0, y0, (SCENE_SIZE, SCENE_SIZE)),
+                "bbox": [float(x0), float(y0), float(2 * radius), float(2 * radius)],
+                "area": int(pixels.sum()),
+                "predicted_iou": float(rng.uniform(0.88, 1.0)),
+                "stability_score": float(rng.uniform(0.95, 1.0)),
+                "point_coords": [[float(x0 + radius), float(y0 + radius)]],
+                "crop_box": [0, 0, SCENE_SIZE, SCENE_SIZE],
+                "geometry": wkb,
+                "geometry_bbox": bounds,
+            }
+        )
     return records
 
 
 def synthetic_output(root: Path, n_images: int, masks_per_image: int, images_per_shard: int) -> Path:
     """A committed output of `n_images` synthetic scenes of `masks_per_image` masks each."""
     uris = [f"synthetic://scene-{i:06d}.tif" for i in range(n_images)]
-    shards = tuple(Shard(i, tuple(uris[s : s + images_per_shard])) for i, s in enumerate(range(0, n_images, images_per_shard)))
+    shards = tuple(
+        Shard(i, tuple(uris[s : s + images_per_shard])) for i, s in enumerate(range(0, n_images, images_per_shard))
+    )
     dataset = OutputDataset(str(root))
     dataset.write_plan(Plan("synthetic", {"name": "bench-export"}, shards))
-    template_images = [image_row(uris[0], status="ok", error=None, width=SCENE_SIZE, height=SCENE_SIZE,
-                                 n_masks=masks_per_image, seconds=0.0, crs=SCENE_CRS, transform=list(SCENE_TRANSFORM)[:6])]
+    template_images = [
+        image_row(
+            uris[0],
+            status="ok",
+            error=None,
+            width=SCENE_SIZE,
+            height=SCENE_SIZE,
+            n_masks=masks_per_image,
+            seconds=0.0,
+            crs=SCENE_CRS,
+            transform=list(SCENE_TRANSFORM)[:6],
+        )
+    ]
     template = masks_table(mask_rows(uris[0], mask_pool(masks_per_image)), template_images, SCENE_CRS)
     for shard in shards:
         masks = pa.concat_tables([_for_image(template, uri) for uri in shard.uris])
-        images = images_table([{**template_images[0], "image_uri": uri, "image_id": image_id_for(uri)} for uri in shard.uris])
+        images = images_table(
+            [{**template_images[0], "image_uri": uri, "image_id": image_id_for(uri)} for uri in shard.uris]
+        )
         dataset.commit_shard(shard, masks, images, {"images": len(shard.uris)})
     return root
 
@@ -99,7 +116,15 @@ class Measurement:
 
 def measure_export(output: Path, destination: Path, format_: str) -> tuple[int, float]:
     """Run `sam-batch export` as its own process: (its peak RSS in bytes, wall seconds)."""
-    command = [str(Path(sys.executable).parent / "sam-batch"), "export", str(output), "--to", str(destination), "--format", format_]
+    command = [
+        str(Path(sys.executable).parent / "sam-batch"),
+        "export",
+        str(output),
+        "--to",
+        str(destination),
+        "--format",
+        format_,
+    ]
     start = time.perf_counter()
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(command, stdout=log, stderr=log)
@@ -112,7 +137,9 @@ def measure_export(output: Path, destination: Path, format_: str) -> tuple[int, 
     return usage.ru_maxrss * 1024, seconds
 
 
-def run(work: Path, mask_counts: list[int], formats: list[str], masks_per_image: int, images_per_shard: int) -> list[Measurement]:
+def run(
+    work: Path, mask_counts: list[int], formats: list[str], masks_per_image: int, images_per_shard: int
+) -> list[Measurement]:
     results = []
     for total in mask_counts:
         output = synthetic_output(work / f"out-{total}", total // masks_per_image, masks_per_image, images_per_shard)
@@ -126,15 +153,23 @@ def run(work: Path, mask_counts: list[int], formats: list[str], masks_per_image:
 
 
 def format_report(results: list[Measurement]) -> str:
-    lines = ["| masks | format | peak RSS (MiB) | seconds | masks/s | file (MiB) |", "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| masks | format | peak RSS (MiB) | seconds | masks/s | file (MiB) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
     for m in results:
-        lines.append(f"| {m.masks:,} | {m.format} | {m.peak_rss / MIB:.0f} | {m.seconds:.1f} | {m.masks / m.seconds:,.0f} | {m.file_bytes / MIB:.0f} |")
+        lines.append(
+            f"| {m.masks:,} | {m.format} | {m.peak_rss / MIB:.0f} | {m.seconds:.1f} | "
+            f"{m.masks / m.seconds:,.0f} | {m.file_bytes / MIB:.0f} |"
+        )
     return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.export_memory", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--masks", type=int, nargs="+", default=list(DEFAULT_MASKS), help="total masks of each synthetic output")
+    parser.add_argument(
+        "--masks", type=int, nargs="+", default=list(DEFAULT_MASKS), help="total masks of each synthetic output"
+    )
     parser.add_argument("--formats", nargs="+", default=list(DEFAULT_FORMATS), choices=sorted(SUFFIXES))
     parser.add_argument("--masks-per-image", type=int, default=1000)
     parser.add_argument("--images-per-shard", type=int, default=64)
@@ -149,8 +184,10 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="sam-batch-bench-export-", dir=args.work) as work:
         results = run(Path(work), args.masks, args.formats, args.masks_per_image, args.images_per_shard)
     end_load = os.getloadavg()[:2]
-    print(f"{started}, load average (1, 5 min) {load[0]:.1f}, {load[1]:.1f} at start, "
-          f"{end_load[0]:.1f}, {end_load[1]:.1f} at the end; {os.cpu_count()} CPUs")
+    print(
+        f"{started}, load average (1, 5 min) {load[0]:.1f}, {load[1]:.1f} at start, "
+        f"{end_load[0]:.1f}, {end_load[1]:.1f} at the end; {os.cpu_count()} CPUs"
+    )
     print(f"command: python -m benchmarks.export_memory {shlex.join(argv)}")
     print(format_report(results))
     return 0

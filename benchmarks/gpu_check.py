@@ -115,15 +115,23 @@ def environment(device: str) -> dict:
     """torch, CUDA and the device, for the report's header."""
     import torch
 
-    row = {"phase": "environment", "torch": torch.__version__, "cuda": torch.version.cuda, "device": device,
-           "torch_threads": torch.get_num_threads()}
+    row = {
+        "phase": "environment",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+    }
     if device.startswith("cuda"):
         from sam_batch.engines.backend import tf32_settings
 
         row |= tf32_settings()  # as torch starts; each engine then sets them for its precision
         props = torch.cuda.get_device_properties(device)
-        row |= {"gpu": props.name, "capability": f"{props.major}.{props.minor}",
-                "gpu_memory_gib": round(props.total_memory / 2**30, 1)}
+        row |= {
+            "gpu": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+        }
     return row
 
 
@@ -214,8 +222,12 @@ def agreement_row(compared: str, model: str, ours: dict, theirs: dict) -> dict:
         "model": model,
         "compared": compared,
         "images": {
-            name: {"recall": round(a.recall, 4), "precision": round(a.precision, 4),
-                   "mean_iou": round(a.mean_best_iou, 4), "masks": [len(ours[name]), len(theirs[name])]}
+            name: {
+                "recall": round(a.recall, 4),
+                "precision": round(a.precision, 4),
+                "mean_iou": round(a.mean_best_iou, 4),
+                "masks": [len(ours[name]), len(theirs[name])],
+            }
             for name, a in per_image.items()
         },
         "min_recall": round(min((a.recall for a in per_image.values()), default=float("nan")), 4),
@@ -256,8 +268,14 @@ def encoder_rows(
                 engine.model.embed(inputs)
             _synchronize(device)
         per_image = (time.perf_counter() - started) / (calls * batch)
-        yield {"phase": "encoder", "model": spec.label, "precision": precision, "images_per_call": batch,
-               "ms_per_image": round(per_image * 1000, 3), "peak_gpu_mib": memory.peak_mib()}
+        yield {
+            "phase": "encoder",
+            "model": spec.label,
+            "precision": precision,
+            "images_per_call": batch,
+            "ms_per_image": round(per_image * 1000, 3),
+            "peak_gpu_mib": memory.peak_mib(),
+        }
 
 
 def compile_engine(engine, backend: str) -> None:
@@ -268,8 +286,16 @@ def compile_engine(engine, backend: str) -> None:
     engine.model.mask_decoder = torch.compile(engine.model.mask_decoder, backend=backend)
 
 
-def run_row(uris: list[Path], workdir: Path, *, checkpoint: str | None, device: str, precision: str,
-            points_per_side: int, copies: int) -> dict:
+def run_row(
+    uris: list[Path],
+    workdir: Path,
+    *,
+    checkpoint: str | None,
+    device: str,
+    precision: str,
+    points_per_side: int,
+    copies: int,
+) -> dict:
     """`sam-batch run` (in-process executor) as a process over `copies` images made of `uris`."""
     inputs = workdir / "inputs"
     inputs.mkdir(parents=True)
@@ -279,19 +305,36 @@ def run_row(uris: list[Path], workdir: Path, *, checkpoint: str | None, device: 
         listed.append(str(inputs / f"{i:04d}-{source.name}"))
         shutil.copyfile(source, listed[-1])
     job_file = write_run_job(
-        workdir, "bench-gpu", listed, model_type="vit_t", checkpoint=checkpoint, points_per_side=points_per_side,
-        engine={"device": device, "precision": precision}, raster={"tile_size": 8192}, run={"executor": "local"},
+        workdir,
+        "bench-gpu",
+        listed,
+        model_type="vit_t",
+        checkpoint=checkpoint,
+        points_per_side=points_per_side,
+        engine={"device": device, "precision": precision},
+        raster={"tile_size": 8192},
+        run={"executor": "local"},
     )
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "sam_batch.cli", "run", str(job_file)],
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sam_batch.cli", "run", str(job_file)],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     wall = time.perf_counter() - started
     check_exit(proc, proc.stderr, "sam-batch run")  # a failure is the phase's one-line `failed` row
     record = json.loads((workdir / "out" / "run.json").read_text())
     return {
-        "phase": "run", "precision": precision, "images": copies, "process_seconds": round(wall, 2),
-        "process_images_per_second": round(copies / wall, 3), "run_images_per_second": record["images_per_second"],
-        "images_ok": record["images_ok"], "images_error": record["images_error"], "masks": record["masks"],
+        "phase": "run",
+        "precision": precision,
+        "images": copies,
+        "process_seconds": round(wall, 2),
+        "process_images_per_second": round(copies / wall, 3),
+        "run_images_per_second": record["images_per_second"],
+        "images_ok": record["images_ok"],
+        "images_error": record["images_error"],
+        "masks": record["masks"],
         "stage_seconds": record["stage_seconds"],
     }
 
@@ -340,7 +383,9 @@ class Session:
 
     def _phase(self, name: str, step: Callable[..., None], *step_args) -> None:
         if self.budget.spent():
-            self.results.add({"phase": "skipped", "what": name, "reason": f"the {self.args.budget_s:.0f} s budget was spent"})
+            self.results.add(
+                {"phase": "skipped", "what": name, "reason": f"the {self.args.budget_s:.0f} s budget was spent"}
+            )
             return
         try:
             step(*step_args)
@@ -365,24 +410,45 @@ class Session:
     def reference(self) -> None:
         """MobileSAM's own generator (fp32) on the same device and images, against ours at each precision."""
         reference = run_reference_on(self.images, self.args)
-        self.results.add({
-            "phase": "reference", "model": "vit_t", "precision": "fp32",
-            "images": {n: {"seconds": round(s, 4), "masks": len(reference.records[n])} for n, s in reference.seconds.items()},
-            "images_per_second": round(len(self.images) / sum(reference.seconds.values()), 3),
-        })
+        self.results.add(
+            {
+                "phase": "reference",
+                "model": "vit_t",
+                "precision": "fp32",
+                "images": {
+                    n: {"seconds": round(s, 4), "masks": len(reference.records[n])}
+                    for n, s in reference.seconds.items()
+                },
+                "images_per_second": round(len(self.images) / sum(reference.seconds.values()), 3),
+            }
+        )
         for (spec, precision), ours in self.eager.items():
             if spec == MeasuredModel("vit_t", False):
-                row = agreement_row(f"{precision} vs the reference fp32 ({self.args.device})", spec.label,
-                                    ours.records, reference.records)
-                row["reference_seconds_over_ours"] = round(sum(reference.seconds.values()) / sum(ours.seconds.values()), 2)
+                row = agreement_row(
+                    f"{precision} vs the reference fp32 ({self.args.device})",
+                    spec.label,
+                    ours.records,
+                    reference.records,
+                )
+                row["reference_seconds_over_ours"] = round(
+                    sum(reference.seconds.values()) / sum(ours.seconds.values()), 2
+                )
                 self.results.add(row)
 
     def run(self) -> None:
         args = self.args
         with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
-            self.results.add(run_row([Path(uri) for uri in args.images], Path(tmp), checkpoint=args.checkpoint,
-                                     device=args.device, precision=args.run_precision,
-                                     points_per_side=args.points_per_side, copies=args.run_images))
+            self.results.add(
+                run_row(
+                    [Path(uri) for uri in args.images],
+                    Path(tmp),
+                    checkpoint=args.checkpoint,
+                    device=args.device,
+                    precision=args.run_precision,
+                    points_per_side=args.points_per_side,
+                    copies=args.run_images,
+                )
+            )
 
     def profile(self, spec: MeasuredModel, precision: str) -> None:
         from benchmarks.image_stages import stage_seconds
@@ -393,11 +459,21 @@ class Session:
         totals: Counter[str] = Counter()
         masks = 0
         for image in self.images.values():
-            seconds, n_masks = stage_seconds(engine, image, self.args.points_per_side, lambda: _synchronize(self.args.device))
+            seconds, n_masks = stage_seconds(
+                engine, image, self.args.points_per_side, lambda: _synchronize(self.args.device)
+            )
             totals.update(seconds)
             masks += n_masks
-        self.results.add({"phase": "profile", "model": spec.label, "precision": precision, "images": len(self.images),
-                          "masks": masks, "seconds": {stage: round(s, 4) for stage, s in totals.items()}})
+        self.results.add(
+            {
+                "phase": "profile",
+                "model": spec.label,
+                "precision": precision,
+                "images": len(self.images),
+                "masks": masks,
+                "seconds": {stage: round(s, 4) for stage, s in totals.items()},
+            }
+        )
 
     def encoder(self, spec: MeasuredModel, precision: str) -> None:
         engine = self.engines.engine(spec, precision)
@@ -412,8 +488,11 @@ class Session:
         memory.reset()
         seconds, records = time_generate(engine, self.images, self.args.points_per_side, self.args.repeats)
         row = generate_row(spec, precision, seconds, records, memory)
-        row |= {"phase": "compile", "backend": self.args.compile_backend,
-                "compile_and_timing_seconds": round(time.perf_counter() - started, 2)}
+        row |= {
+            "phase": "compile",
+            "backend": self.args.compile_backend,
+            "compile_and_timing_seconds": round(time.perf_counter() - started, 2),
+        }
         self.results.add(row)
         if not spec.random_weights and (spec, precision) in self.eager:
             self._agreement(f"compiled vs eager {precision}", spec, records, self.eager[spec, precision].records)
@@ -433,10 +512,20 @@ def run_reference_on(images: dict[str, np.ndarray], args: argparse.Namespace) ->
     with tempfile.TemporaryDirectory(prefix="bench-gpu-reference-") as tmp:
         pixels = save_pixels(list(images.values()), Path(tmp))
         sides, _, _ = run_reference(
-            Path(args.reference_python), pixels, checkpoint, model_type="vit_t", points_per_side=args.points_per_side,
-            threads=torch.get_num_threads(), device=args.device, warm_up=True, isolated=False, log=lambda line: None,
+            Path(args.reference_python),
+            pixels,
+            checkpoint,
+            model_type="vit_t",
+            points_per_side=args.points_per_side,
+            threads=torch.get_num_threads(),
+            device=args.device,
+            warm_up=True,
+            isolated=False,
+            log=lambda line: None,
         )
-    return Measured({n: side.seconds for n, side in zip(images, sides)}, {n: side.records for n, side in zip(images, sides)})
+    return Measured(
+        {n: side.seconds for n, side in zip(images, sides)}, {n: side.records for n, side in zip(images, sides)}
+    )
 
 
 def format_report(rows: list[dict]) -> str:
@@ -445,28 +534,47 @@ def format_report(rows: list[dict]) -> str:
     for row in rows:
         if row["phase"] == "environment":
             lines.append("- " + ", ".join(f"{k}: {v}" for k, v in row.items() if k != "phase"))
-    lines += ["", "| phase | model | precision | images/s | peak GPU MiB | detail |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "| phase | model | precision | images/s | peak GPU MiB | detail |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for row in rows:
         phase = row["phase"]
         if phase in ("generate", "compile", "reference"):
             per_image = ", ".join(f"{n} {v['seconds']:.3f} s / {v['masks']} masks" for n, v in row["images"].items())
-            lines.append(f"| {phase} | {row['model']} | {row['precision']} | {row['images_per_second']} | "
-                         f"{row.get('peak_gpu_mib', '')} | {per_image} |")
+            lines.append(
+                f"| {phase} | {row['model']} | {row['precision']} | {row['images_per_second']} | "
+                f"{row.get('peak_gpu_mib', '')} | {per_image} |"
+            )
         elif phase == "agreement":
-            speedup = f", reference s / ours {row['reference_seconds_over_ours']}" if "reference_seconds_over_ours" in row else ""
-            lines.append(f"| agreement | {row['model']} | {row['compared']} | | | min recall {row['min_recall']}, "
-                         f"min precision {row['min_precision']} over {len(row['images'])} images{speedup} |")
+            speedup = (
+                f", reference s / ours {row['reference_seconds_over_ours']}"
+                if "reference_seconds_over_ours" in row
+                else ""
+            )
+            lines.append(
+                f"| agreement | {row['model']} | {row['compared']} | | | min recall {row['min_recall']}, "
+                f"min precision {row['min_precision']} over {len(row['images'])} images{speedup} |"
+            )
         elif phase == "profile":
             stages = ", ".join(f"{stage} {s:.3f} s" for stage, s in row["seconds"].items())
-            lines.append(f"| profile | {row['model']} | {row['precision']} | | | {row['images']} images, "
-                         f"{row['masks']} masks: {stages} |")
+            lines.append(
+                f"| profile | {row['model']} | {row['precision']} | | | {row['images']} images, "
+                f"{row['masks']} masks: {stages} |"
+            )
         elif phase == "encoder":
-            lines.append(f"| encoder | {row['model']} | {row['precision']} | {1000 / row['ms_per_image']:.1f} | "
-                         f"{row['peak_gpu_mib']} | {row['images_per_call']} per call: {row['ms_per_image']} ms per image |")
+            lines.append(
+                f"| encoder | {row['model']} | {row['precision']} | {1000 / row['ms_per_image']:.1f} | "
+                f"{row['peak_gpu_mib']} | {row['images_per_call']} per call: {row['ms_per_image']} ms per image |"
+            )
         elif phase == "run":
-            lines.append(f"| run | vit_t | {row['precision']} | {row['process_images_per_second']} (process), "
-                         f"{row['run_images_per_second']} (run) | | {row['images_ok']} of {row['images']} images ok, {row['masks']} masks, "
-                         f"{row['process_seconds']} s |")
+            lines.append(
+                f"| run | vit_t | {row['precision']} | {row['process_images_per_second']} (process), "
+                f"{row['run_images_per_second']} (run) | | {row['images_ok']} of {row['images']} images ok, "
+                f"{row['masks']} masks, "
+                f"{row['process_seconds']} s |"
+            )
         elif phase in ("skipped", "failed"):
             lines.append(f"| {phase} | | | | | {row.get('what', '')} {row.get('error', row.get('reason', ''))} |")
     return "\n".join(lines) + "\n"
@@ -478,24 +586,48 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--golden", type=Path, help="the folder of golden files, for fp32 parity")
     parser.add_argument("--out", type=Path, required=True, help="folder for results.jsonl and report.md")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--models", nargs="+", type=MeasuredModel.parse, default=[MeasuredModel("vit_t", False)],
-                        help="MODEL or MODEL:random (default: vit_t)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        type=MeasuredModel.parse,
+        default=[MeasuredModel("vit_t", False)],
+        help="MODEL or MODEL:random (default: vit_t)",
+    )
     parser.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "bf16"])
     parser.add_argument("--checkpoint", help="weights for models without :random (default: the cached default)")
     parser.add_argument("--points-per-side", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--reference", action="store_true",
-                        help="also time MobileSAM's generator on --device, in --reference-python")
-    parser.add_argument("--reference-python", default=sys.executable,
-                        help="a Python that imports mobile_sam (default: this one, with its PYTHONPATH)")
+    parser.add_argument(
+        "--reference", action="store_true", help="also time MobileSAM's generator on --device, in --reference-python"
+    )
+    parser.add_argument(
+        "--reference-python",
+        default=sys.executable,
+        help="a Python that imports mobile_sam (default: this one, with its PYTHONPATH)",
+    )
     parser.add_argument("--run-images", type=int, default=64, help="images in the `sam-batch run` phase (0: skip)")
     parser.add_argument("--run-precision", default="fp16")
-    parser.add_argument("--encoder-batches", nargs="*", type=int, default=[1, 4, 8],
-                        help="images per encoder call in the encoder phase (none: skip it)")
-    parser.add_argument("--profile", nargs="*", default=[], metavar="PRECISION",
-                        help="also time each stage, the device synchronised around it, at these precisions")
-    parser.add_argument("--compile", nargs="*", default=[], metavar="PRECISION",
-                        help="also measure under torch.compile at these precisions")
+    parser.add_argument(
+        "--encoder-batches",
+        nargs="*",
+        type=int,
+        default=[1, 4, 8],
+        help="images per encoder call in the encoder phase (none: skip it)",
+    )
+    parser.add_argument(
+        "--profile",
+        nargs="*",
+        default=[],
+        metavar="PRECISION",
+        help="also time each stage, the device synchronised around it, at these precisions",
+    )
+    parser.add_argument(
+        "--compile",
+        nargs="*",
+        default=[],
+        metavar="PRECISION",
+        help="also measure under torch.compile at these precisions",
+    )
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--budget-s", type=float, default=420.0, help="no phase starts after this many seconds")
     return parser

@@ -41,8 +41,13 @@ def profile_image(uri: str, *, model: str = "vit_t", threads: int | None = None,
     engine = build_engine(model, device="cpu")
     image = load_image(uri)
     seconds, masks = stage_seconds(engine, image, points_per_side)
-    return {"image": uri, "size": list(image.shape[:2]), "threads": used, "masks": masks,
-            **{k: round(v, 2) for k, v in seconds.items()}}
+    return {
+        "image": uri,
+        "size": list(image.shape[:2]),
+        "threads": used,
+        "masks": masks,
+        **{k: round(v, 2) for k, v in seconds.items()},
+    }
 
 
 def stage_seconds(
@@ -94,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="vit_t")
     parser.add_argument("--points-per-side", type=int, default=32)
     args = parser.parse_args(argv)
-    print(json.dumps(profile_image(args.image, model=args.model, threads=args.threads,
-                                   points_per_side=args.points_per_side)))
+    print(
+        json.dumps(
+            profile_image(args.image, model=args.model, threads=args.threads, points_per_side=args.points_per_side)
+        )
+    )
     return 0
 
 

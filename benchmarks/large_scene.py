@@ -33,8 +33,16 @@ def upsampled_scene(path: Path) -> Path:
     with rasterio.open(SCENE) as src:
         pixels = src.read(out_shape=(src.count, SIDE, SIDE), resampling=Resampling.bilinear)
         transform = src.transform * src.transform.scale(src.width / SIDE, src.height / SIDE)
-        profile = {**src.profile, "width": SIDE, "height": SIDE, "transform": transform, "tiled": True,
-                   "blockxsize": 512, "blockysize": 512, "compress": "deflate"}
+        profile = {
+            **src.profile,
+            "width": SIDE,
+            "height": SIDE,
+            "transform": transform,
+            "tiled": True,
+            "blockxsize": 512,
+            "blockysize": 512,
+            "compress": "deflate",
+        }
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(pixels)
     return path
@@ -42,10 +50,15 @@ def upsampled_scene(path: Path) -> Path:
 
 def run(folder: Path, scene: Path, out: Path, max_actors: int) -> tuple[float, dict]:
     """`sam-batch run` of the scene on Ray with `max_actors` actors: (seconds, run.json)."""
-    job = {"name": "large-scene", "input": {"uris": [str(scene)]}, "output": {"uri": str(out)},
-           "model": {"type": "vit_t"}, "amg": {"points_per_side": 8},
-           "raster": {"tile_size": 1024, "tile_overlap": 128},
-           "run": {"executor": "ray", "max_actors": max_actors}}
+    job = {
+        "name": "large-scene",
+        "input": {"uris": [str(scene)]},
+        "output": {"uri": str(out)},
+        "model": {"type": "vit_t"},
+        "amg": {"points_per_side": 8},
+        "raster": {"tile_size": 1024, "tile_overlap": 128},
+        "run": {"executor": "ray", "max_actors": max_actors},
+    }
     path = folder / f"job-{out.name}.yaml"
     path.write_text(yaml.safe_dump(job))
     started = time.perf_counter()
@@ -64,12 +77,19 @@ def main() -> None:
     two_s, two = run(folder, scene, folder / "two", 2)
     again_s, again = run(folder, scene, folder / "two", 2)
     one_s, one = run(folder, scene, folder / "one", 1)
-    print(json.dumps({
-        "scene": f"{SIDE}x{SIDE}", "two_actors": {"seconds": round(two_s, 1), "run": two},
-        "resumed": {"seconds": round(again_s, 1), "run": again},
-        "one_actor": {"seconds": round(one_s, 1), "run": one},
-        "masks_equal": masks(folder / "two") == masks(folder / "one"), "n_masks": two["masks"],
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "scene": f"{SIDE}x{SIDE}",
+                "two_actors": {"seconds": round(two_s, 1), "run": two},
+                "resumed": {"seconds": round(again_s, 1), "run": again},
+                "one_actor": {"seconds": round(one_s, 1), "run": one},
+                "masks_equal": masks(folder / "two") == masks(folder / "one"),
+                "n_masks": two["masks"],
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -71,14 +71,32 @@ def measure_reprojection(n_masks: int) -> list[str]:
         pixels = (xx - DISC_BOX / 2) ** 2 + (yy - DISC_BOX / 2) ** 2 < radius**2
         x0, y0 = int(rng.integers(0, image_hw[1] - DISC_BOX)), int(rng.integers(0, image_hw[0] - DISC_BOX))
         geometry, bounds = mask_geometry(pixels, x0, y0, transform)
-        records.append({
-            **mask_rle_columns(pixels, x0, y0, image_hw), "area": int(pixels.sum()), "bbox": [0.0] * 4,
-            "predicted_iou": 1.0, "point_coords": [[0.0, 0.0]], "stability_score": 1.0, "crop_box": [0, 0, 1, 1],
-            "geometry": geometry, "geometry_bbox": bounds,
-        })
+        records.append(
+            {
+                **mask_rle_columns(pixels, x0, y0, image_hw),
+                "area": int(pixels.sum()),
+                "bbox": [0.0] * 4,
+                "predicted_iou": 1.0,
+                "point_coords": [[0.0, 0.0]],
+                "stability_score": 1.0,
+                "crop_box": [0, 0, 1, 1],
+                "geometry": geometry,
+                "geometry_bbox": bounds,
+            }
+        )
     rows = mask_rows(str(LANDSAT), records)
-    images = [image_row(str(LANDSAT), status="ok", error=None, width=image_hw[1], height=image_hw[0],
-                        n_masks=n_masks, seconds=0.0, crs=crs)]
+    images = [
+        image_row(
+            str(LANDSAT),
+            status="ok",
+            error=None,
+            width=image_hw[1],
+            height=image_hw[0],
+            n_masks=n_masks,
+            seconds=0.0,
+            crs=crs,
+        )
+    ]
     vertices = sum((len(row["geometry"]) - 9) // 16 for row in rows)  # about: 16 bytes a vertex
     lines = []
     for round_ in range(2):
@@ -117,11 +135,22 @@ def main(argv: list[str] | None = None) -> int:
     print("| image | full-image RLE: s | MiB | box-local RLE: s | MiB |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for side in args.sides:
-        child = [sys.executable, "-m", "benchmarks.mask_decode", "decode", "--one", str(side),
-                 "--mask-side", str(args.mask_side)]
+        child = [
+            sys.executable,
+            "-m",
+            "benchmarks.mask_decode",
+            "decode",
+            "--one",
+            str(side),
+            "--mask-side",
+            str(args.mask_side),
+        ]
         row = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout)
-        print(f"| {side}² | {row['full_seconds']:.4f} | {row['full_mib']:.0f} | "
-              f"{row['box_seconds']:.6f} | {row['box_mib']:.1f} |", flush=True)
+        print(
+            f"| {side}² | {row['full_seconds']:.4f} | {row['full_mib']:.0f} | "
+            f"{row['box_seconds']:.6f} | {row['box_mib']:.1f} |",
+            flush=True,
+        )
     return 0
 
 

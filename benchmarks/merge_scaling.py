@@ -129,7 +129,12 @@ def _share(
     reach = 2 * JITTER_PX + 0.6 * 2 * max(rx, ry)  # jitter and the longest tail
     for r, (ty0, ty1) in enumerate(rows):
         for c, (tx0, tx1) in enumerate(columns):
-            if tx0 < shape.cx + rx + reach and shape.cx - rx - reach < tx1 and ty0 < shape.cy + ry + reach and shape.cy - ry - reach < ty1:
+            if (
+                tx0 < shape.cx + rx + reach
+                and shape.cx - rx - reach < tx1
+                and ty0 < shape.cy + ry + reach
+                and shape.cy - ry - reach < ty1
+            ):
                 tail = rng.choice(["left", "right", "up", "down"]) if rng.random() < TAILED_SHARE else None
                 seen[r * len(columns) + c].append(Ellipse(shape.cx, shape.cy, rx, ry, tail))
 
@@ -238,7 +243,9 @@ def main() -> None:
         return
     label = f"tiles.py of {args.before}" if args.before else "this checkout"
     print(f"merge_tiles, {label}; load average before: {os.getloadavg()[0]:.2f}\n")
-    print("| scene | tiles | masks | cut | merged | masks held, MiB | peak RSS growth, MiB | merge wall s | merge CPU s |")
+    print(
+        "| scene | tiles | masks | cut | merged | masks held, MiB | peak RSS growth, MiB | merge wall s | merge CPU s |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for size in args.sizes:
         command = [sys.executable, __file__, str(size), "--one"] + (["--before", args.before] if args.before else [])

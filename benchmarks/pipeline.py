@@ -206,9 +206,17 @@ def write_scenes(folder: Path, count: int, side: int, georeferenced: bool) -> li
     yy, xx = np.mgrid[0:side, 0:side]
     pattern = np.stack([xx // 7 % 256, yy // 5 % 256, (xx + yy) // 11 % 256]) // 2
     pixels = (pattern + rng.integers(0, 64, pattern.shape)).astype(np.uint8)
-    profile = {"driver": "GTiff", "width": side, "height": side, "count": 3, "dtype": "uint8",
-               "tiled": True, "blockxsize": min(SCENE_BLOCK, side), "blockysize": min(SCENE_BLOCK, side),
-               "compress": "deflate"}
+    profile = {
+        "driver": "GTiff",
+        "width": side,
+        "height": side,
+        "count": 3,
+        "dtype": "uint8",
+        "tiled": True,
+        "blockxsize": min(SCENE_BLOCK, side),
+        "blockysize": min(SCENE_BLOCK, side),
+        "compress": "deflate",
+    }
     if georeferenced:
         profile |= {"crs": "EPSG:32618", "transform": rasterio.transform.from_origin(300_000, 4_000_000, 1, 1)}
     first = folder / "scene-00000.tif"
@@ -225,14 +233,18 @@ def bench_job(
 ) -> JobSpec:
     """The job every run uses: a cuda job (one GPU and one CPU an actor), tile 1024 / overlap
     128, its inputs a glob under `uris_folder` (the plans are made from the URIs themselves)."""
-    return parse_job({
-        "name": "bench-pipeline",
-        "input": {"uris": [f"{PROTOCOL}://{uris_folder}/*.tif"],
-                  "storage_options": {"latency_s": latency_s, "requests_dir": str(requests_dir)}},
-        "engine": {"device": "cuda"},
-        "output": {"uri": str(output)},
-        "run": {"executor": "ray", "max_actors": actors, "shard_size": shard_size},
-    })
+    return parse_job(
+        {
+            "name": "bench-pipeline",
+            "input": {
+                "uris": [f"{PROTOCOL}://{uris_folder}/*.tif"],
+                "storage_options": {"latency_s": latency_s, "requests_dir": str(requests_dir)},
+            },
+            "engine": {"device": "cuda"},
+            "output": {"uri": str(output)},
+            "run": {"executor": "ray", "max_actors": actors, "shard_size": shard_size},
+        }
+    )
 
 
 # --- one run: a driver process ------------------------------------------------------------------
@@ -269,8 +281,14 @@ def run_one(config: RunConfig) -> dict:
     stand_in = StandIn(config.tile_seconds, config.masks_per_tile, str(logs))
     for name, value in config.tuning.items():  # read by the driver's loop as it runs
         setattr(ray_pipeline, name, type(getattr(ray_pipeline, name))(value))
-    ray.init(address="local", num_cpus=config.cpus, num_gpus=config.actors, include_dashboard=False,
-             logging_level="WARNING", runtime_env={"worker_process_setup_hook": register_latency_store})
+    ray.init(
+        address="local",
+        num_cpus=config.cpus,
+        num_gpus=config.actors,
+        include_dashboard=False,
+        logging_level="WARNING",
+        runtime_env={"worker_process_setup_hook": register_latency_store},
+    )
     try:
         executor = RayExecutor(job, segmenter=functools.partial(StandInSegmenter, stand_in))
         rss_before = _memory_bytes("VmRSS")
@@ -421,8 +439,10 @@ def report_throughput(results: list[dict], tile_seconds: float) -> list[str]:
         tuning = tuning_label(result["tuning"])
         one_actor.setdefault(tuning, t["tiles_per_s"] if result["actors"] == 1 else math.nan)
         busy = ", ".join(f"{b:.0%}" for b in sorted(t["busy"].values()))
-        lines.append(f"| {tuning} | {result['actors']} | {t['tiles']} | {t['tiles_per_s']:.2f} | "
-                     f"{t['run_tiles_per_s']:.2f} | {t['tiles_per_s'] / one_actor[tuning]:.2f} | {busy} |")
+        lines.append(
+            f"| {tuning} | {result['actors']} | {t['tiles']} | {t['tiles_per_s']:.2f} | "
+            f"{t['run_tiles_per_s']:.2f} | {t['tiles_per_s'] / one_actor[tuning]:.2f} | {busy} |"
+        )
     lines += [
         f"\nIdeal: {1 / tile_seconds:.1f} tiles/s an actor. Seconds of each task (mean, wall, its arguments' "
         "fetch included; `ray.timeline`):\n",
@@ -432,10 +452,12 @@ def report_throughput(results: list[dict], tile_seconds: float) -> list[str]:
     ]
     for result in results:
         mean = {name.rsplit(".", 1)[-1]: sum(v) / len(v) for name, v in result["tasks"].items() if v}
-        lines.append(f"| {tuning_label(result['tuning'])} | {result['actors']} | {result['requests']} | "
-                     f"{mean.get('open_image', math.nan):.2f} | "
-                     f"{mean.get('read_tile', math.nan):.2f} | {mean.get('segment_tile', math.nan):.3f} | "
-                     f"{mean.get('_finish', math.nan):.2f} | {mean.get('_commit', math.nan):.2f} |")
+        lines.append(
+            f"| {tuning_label(result['tuning'])} | {result['actors']} | {result['requests']} | "
+            f"{mean.get('open_image', math.nan):.2f} | "
+            f"{mean.get('read_tile', math.nan):.2f} | {mean.get('segment_tile', math.nan):.3f} | "
+            f"{mean.get('_finish', math.nan):.2f} | {mean.get('_commit', math.nan):.2f} |"
+        )
     return lines
 
 
@@ -457,8 +479,10 @@ def parse_tuning(text: str) -> dict[str, float]:
 
 def report_memory(results: list[dict]) -> list[str]:
     """Markdown: the driver's RSS before `RayExecutor.run` and at its peak, per run."""
-    lines = ["| run | actors | images | masks | driver RSS before run (MiB) | driver peak RSS (MiB) | growth (MiB) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| run | actors | images | masks | driver RSS before run (MiB) | driver peak RSS (MiB) | growth (MiB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     return lines + [
         f"| {r['label']} | {r['actors']} | {r['images']} | {r['masks']} | {r['rss_before'] / MIB:.0f} | "
         f"{r['rss_peak'] / MIB:.0f} | {(r['rss_peak'] - r['rss_before']) / MIB:.0f} |"
@@ -475,17 +499,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--masks-per-tile", type=int, default=60)
     parser.add_argument("--actors", type=int, nargs="*", default=[1, 2, 4])
     parser.add_argument("--cpus", type=int, default=8, help="CPUs the local Ray declares")
-    parser.add_argument("--variant", type=parse_tuning, action="append", default=[],
-                        help="NAME=VALUE[,NAME=VALUE]: also run every actor count with these jobs.ray_pipeline "
-                             f"constants ({', '.join(TUNABLE)}), interleaved with the runs as committed")
-    parser.add_argument("--memory-images", type=int, nargs="*", default=[100, 1000],
-                        help="image counts of the memory runs (60 masks each)")
-    parser.add_argument("--memory-masks", type=int, nargs="*", default=[10, 10_000],
-                        help="masks per image of the memory runs (over --memory-mask-images images)")
+    parser.add_argument(
+        "--variant",
+        type=parse_tuning,
+        action="append",
+        default=[],
+        help="NAME=VALUE[,NAME=VALUE]: also run every actor count with these jobs.ray_pipeline "
+        f"constants ({', '.join(TUNABLE)}), interleaved with the runs as committed",
+    )
+    parser.add_argument(
+        "--memory-images",
+        type=int,
+        nargs="*",
+        default=[100, 1000],
+        help="image counts of the memory runs (60 masks each)",
+    )
+    parser.add_argument(
+        "--memory-masks",
+        type=int,
+        nargs="*",
+        default=[10, 10_000],
+        help="masks per image of the memory runs (over --memory-mask-images images)",
+    )
     parser.add_argument("--memory-mask-images", type=int, default=8)
     parser.add_argument("--memory-tile-seconds", type=float, default=0.01)
-    parser.add_argument("--work", type=Path, default=None,
-                        help="folder for inputs and outputs (default: a temporary one)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="folder for inputs and outputs (default: a temporary one)"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -497,8 +537,10 @@ def main(argv: list[str]) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as temporary:
         work = args.work or Path(temporary)
-        print(f"date (UTC): {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}; "
-              f"load average at start: {os.getloadavg()[0]:.2f}; command: benchmarks/pipeline.py {' '.join(argv)}\n")
+        print(
+            f"date (UTC): {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}; "
+            f"load average at start: {os.getloadavg()[0]:.2f}; command: benchmarks/pipeline.py {' '.join(argv)}\n"
+        )
         report(args, work)
         print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
 
@@ -508,45 +550,93 @@ def report(args: argparse.Namespace, work: Path) -> None:
     register_latency_store()
     scenes = write_scenes(work / "scenes", args.scenes, args.scene_side, georeferenced=True)
     cpu = cpu_per_tile(scenes, work / "scenes", args.masks_per_tile)
-    print(f"CPU seconds per tile, in one process, no latency ({cpu['tiles']} tiles a scene, "
-          f"{cpu['masks_kept']} masks kept of {cpu['tiles'] * args.masks_per_tile}):\n")
-    print("| open | read | finish: merge | finish: records | commit | sum |\n"
-          "| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        f"CPU seconds per tile, in one process, no latency ({cpu['tiles']} tiles a scene, "
+        f"{cpu['masks_kept']} masks kept of {cpu['tiles'] * args.masks_per_tile}):\n"
+    )
+    print(
+        "| open | read | finish: merge | finish: records | commit | sum |\n| ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
     stages = [cpu[k] for k in ("open", "read", "merge", "records", "commit")]
     print("| " + " | ".join(f"{s:.3f}" for s in stages) + f" | {sum(stages):.3f} |\n", flush=True)
 
-    def config(label: str, folder: str, uris: list[str], actors: int, tile_s: float, masks: int, latency_s: float,
-               shard_size: int, tuning: dict[str, float] | None = None) -> RunConfig:
-        return RunConfig(label, str(work / folder), uris, actors, args.cpus, tile_s, masks, latency_s, shard_size,
-                         tuning or {})
+    def config(
+        label: str,
+        folder: str,
+        uris: list[str],
+        actors: int,
+        tile_s: float,
+        masks: int,
+        latency_s: float,
+        shard_size: int,
+        tuning: dict[str, float] | None = None,
+    ) -> RunConfig:
+        return RunConfig(
+            label, str(work / folder), uris, actors, args.cpus, tile_s, masks, latency_s, shard_size, tuning or {}
+        )
 
     runs = [
-        run_in_driver(config(f"{n} actors" + (f", {tuning_label(tuning)}" if tuning else ""),
-                             f"throughput-{n}-{v}", scenes, n, args.tile_seconds, args.masks_per_tile,
-                             args.read_latency_s, DEFAULT_SHARD_SIZE, tuning))
+        run_in_driver(
+            config(
+                f"{n} actors" + (f", {tuning_label(tuning)}" if tuning else ""),
+                f"throughput-{n}-{v}",
+                scenes,
+                n,
+                args.tile_seconds,
+                args.masks_per_tile,
+                args.read_latency_s,
+                DEFAULT_SHARD_SIZE,
+                tuning,
+            )
+        )
         for n in args.actors
         for v, tuning in enumerate([{}, *args.variant])
     ]
     runs.sort(key=lambda r: (tuning_label(r["tuning"]) != "as committed", tuning_label(r["tuning"]), r["actors"]))
-    print(f"Throughput: {args.scenes} scenes of {args.scene_side}² px, {args.tile_seconds * 1000:.0f} ms a tile, "
-          f"{args.read_latency_s * 1000:.0f} ms a range request, {args.cpus} CPUs declared:\n")
+    print(
+        f"Throughput: {args.scenes} scenes of {args.scene_side}² px, {args.tile_seconds * 1000:.0f} ms a tile, "
+        f"{args.read_latency_s * 1000:.0f} ms a range request, {args.cpus} CPUs declared:\n"
+    )
     print("\n".join(report_throughput(runs, args.tile_seconds)) + "\n", flush=True)
     if not args.memory_images and not args.memory_masks:
         print("\n".join(report_memory(runs)))
         return
-    small = write_scenes(work / "small", max([*args.memory_images, args.memory_mask_images]), SMALL_SIDE,
-                         georeferenced=False)
+    small = write_scenes(
+        work / "small", max([*args.memory_images, args.memory_mask_images]), SMALL_SIDE, georeferenced=False
+    )
     memory = [
-        run_in_driver(config(f"{count} images", f"images-{count}", small[:count], MEMORY_ACTORS,
-                             args.memory_tile_seconds, args.masks_per_tile, 0.0, DEFAULT_SHARD_SIZE))
+        run_in_driver(
+            config(
+                f"{count} images",
+                f"images-{count}",
+                small[:count],
+                MEMORY_ACTORS,
+                args.memory_tile_seconds,
+                args.masks_per_tile,
+                0.0,
+                DEFAULT_SHARD_SIZE,
+            )
+        )
         for count in args.memory_images
     ] + [
-        run_in_driver(config(f"{masks} masks an image", f"masks-{masks}", small[: args.memory_mask_images],
-                             MEMORY_ACTORS, args.memory_tile_seconds, masks, 0.0, MASKS_SHARD_SIZE))
+        run_in_driver(
+            config(
+                f"{masks} masks an image",
+                f"masks-{masks}",
+                small[: args.memory_mask_images],
+                MEMORY_ACTORS,
+                args.memory_tile_seconds,
+                masks,
+                0.0,
+                MASKS_SHARD_SIZE,
+            )
+        )
         for masks in args.memory_masks
     ]
-    print(f"Driver memory ({SMALL_SIDE}² images, one tile each, {args.memory_tile_seconds * 1000:.0f} ms a tile, "
-          "no latency; the throughput runs first):\n")
+    print(
+        f"Driver memory ({SMALL_SIDE}² images, one tile each, {args.memory_tile_seconds * 1000:.0f} ms a tile, "
+        "no latency; the throughput runs first):\n"
+    )
     print("\n".join(report_memory(runs + memory)))
 
 

@@ -94,7 +94,7 @@ class TreeSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> "TreeSampler":
+    def __enter__(self) -> TreeSampler:
         self._thread.start()
         return self
 
@@ -220,7 +220,9 @@ def format_report(runs: list[RunMemory]) -> str:
         cells = []
         for run in runs:
             peaks = [round(b / MIB) for b in run.by_kind().get(kind, [])]
-            cells.append("—" if not peaks else f"{peaks[0]}" + (f" ({', '.join(map(str, peaks))})" if len(peaks) > 1 else ""))
+            cells.append(
+                "—" if not peaks else f"{peaks[0]}" + (f" ({', '.join(map(str, peaks))})" if len(peaks) > 1 else "")
+            )
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     lines.append(
         "| *wall s / images per s* | "
@@ -240,7 +242,8 @@ def format_section(runs: list[RunMemory], args: argparse.Namespace, command: str
     when = datetime.datetime.now(datetime.timezone.utc)
     lines = [
         f"## {when:%Y-%m-%d %H:%M} UTC — memory: Ray executor over "
-        + " and ".join(f"{run.n_images:,}" for run in runs) + " small images",
+        + " and ".join(f"{run.n_images:,}" for run in runs)
+        + " small images",
         "",
         f"- machine: {len(os.sched_getaffinity(0))} cores (`nproc`), {cpu_model()}, "
         f"{_total_memory_gib():.0f} GiB memory",
@@ -266,10 +269,20 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks.ray_memory",
         description="Peak memory of the driver and every Ray worker over 100 and 1,000 small images.",
     )
-    parser.add_argument("--counts", nargs="+", type=int, default=list(DEFAULT_COUNTS), metavar="N",
-                        help="image counts, one run each (default: 100 1000)")
-    parser.add_argument("--source", type=Path, default=Path(DEFAULT_SOURCE),
-                        help=f"folder of photos to crop the images from (default: {DEFAULT_SOURCE})")
+    parser.add_argument(
+        "--counts",
+        nargs="+",
+        type=int,
+        default=list(DEFAULT_COUNTS),
+        metavar="N",
+        help="image counts, one run each (default: 100 1000)",
+    )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=Path(DEFAULT_SOURCE),
+        help=f"folder of photos to crop the images from (default: {DEFAULT_SOURCE})",
+    )
     parser.add_argument("--points-per-side", type=int, default=2)
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between samples (default: 0.1)")

@@ -229,7 +229,9 @@ class ImageTiming:
     @property
     def reference_drift(self) -> float | None:
         """The reference median's drift from its baseline (None without one)."""
-        return None if self.reference_baseline is None else relative_drift(self.reference_seconds, self.reference_baseline)
+        return (
+            None if self.reference_baseline is None else relative_drift(self.reference_seconds, self.reference_baseline)
+        )
 
     @property
     def ours_drift(self) -> float | None:
@@ -345,7 +347,7 @@ def parse_baselines(doc_text: str) -> list[Baseline]:
     lines = doc_text.splitlines()
     if BASELINES_HEADING not in lines:
         return []
-    body = lines[lines.index(BASELINES_HEADING) + 1:]
+    body = lines[lines.index(BASELINES_HEADING) + 1 :]
     table_start = next((i for i, line in enumerate(body) if line.startswith("|") or line.startswith("## ")), len(body))
     table = []
     for line in body[table_start:]:
@@ -383,8 +385,10 @@ def find_baseline(
 
 def format_baseline_row(baseline: Baseline) -> str:
     """One row of the quiet baselines table."""
-    return (f"| {baseline.image} | {baseline.points_per_side} | {baseline.threads} | {baseline.side} "
-            f"| {baseline.seconds:.1f} | {baseline.cpu_model} | {baseline.measured} |")
+    return (
+        f"| {baseline.image} | {baseline.points_per_side} | {baseline.threads} | {baseline.side} "
+        f"| {baseline.seconds:.1f} | {baseline.cpu_model} | {baseline.measured} |"
+    )
 
 
 def missing_baselines(results: list[ImageTiming], *, points_per_side: int, cpu: str, measured: str) -> list[Baseline]:
@@ -487,19 +491,28 @@ def format_rounds(results: list[ImageTiming]) -> str:
     for r in results:
         for index, one in enumerate(r.rounds):
             order = "reference, sam-batch" if one.reference_first else "sam-batch, reference"
-            lines.append(f"| {r.image} | {index + 1} | {order} | {one.reference.seconds:.1f} | {one.ours.seconds:.1f} "
-                         f"| {one.max_load:.2f} |")
+            lines.append(
+                f"| {r.image} | {index + 1} | {order} | {one.reference.seconds:.1f} | {one.ours.seconds:.1f} "
+                f"| {one.max_load:.2f} |"
+            )
     return "\n".join(lines)
 
 
 def verdict(results: list[ImageTiming], whole: WholeProcess | None) -> list[str]:
     """One line per NOT VALID ratio and per drifted image; empty when every figure holds."""
-    lines = [f"NOT VALID: {r.image}: 1-minute load reached {r.max_load:.2f} above {r.threads} threads"
-             for r in results if not r.valid]
+    lines = [
+        f"NOT VALID: {r.image}: 1-minute load reached {r.max_load:.2f} above {r.threads} threads"
+        for r in results
+        if not r.valid
+    ]
     if whole is not None and not whole.valid:
         lines.append(f"NOT VALID: whole process: 1-minute load reached {whole.max_load:.2f} above {whole.cores} cores")
-    lines += [f"DRIFTED: {r.image}: reference {_drift_cell(r.reference_drift)}, sam-batch {_drift_cell(r.ours_drift)} "
-              f"against the quiet baselines (limit ±{DRIFT_LIMIT:.0%})" for r in results if r.drifted]
+    lines += [
+        f"DRIFTED: {r.image}: reference {_drift_cell(r.reference_drift)}, sam-batch {_drift_cell(r.ours_drift)} "
+        f"against the quiet baselines (limit ±{DRIFT_LIMIT:.0%})"
+        for r in results
+        if r.drifted
+    ]
     return lines
 
 
@@ -529,13 +542,16 @@ def format_whole_process(run: WholeProcess, n_images: int) -> str:
     """The whole-process comparison as a one-row Markdown table (worst image's agreement)."""
     recall = min(a.recall for a in run.agreements)
     precision = min(a.precision for a in run.agreements)
-    return "\n".join([
-        f"| whole process | images | reference s | `sam-batch run` s | speed-up | max load | min recall@{MATCH_IOU} "
-        f"| min precision@{MATCH_IOU} |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| start to exit | {n_images} | {run.reference_seconds:.1f} | {run.ours_seconds:.1f} "
-        f"| {_speedup_cell(run.speedup, run.valid)} | {run.max_load:.2f} | {recall:.3f} | {precision:.3f} |",
-    ])
+    return "\n".join(
+        [
+            f"| whole process | images | reference s | `sam-batch run` s | speed-up | max load "
+            f"| min recall@{MATCH_IOU} "
+            f"| min precision@{MATCH_IOU} |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| start to exit | {n_images} | {run.reference_seconds:.1f} | {run.ours_seconds:.1f} "
+            f"| {_speedup_cell(run.speedup, run.valid)} | {run.max_load:.2f} | {recall:.3f} | {precision:.3f} |",
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -620,8 +636,17 @@ def save_pixels(images: list[np.ndarray], folder: Path) -> list[Path]:
 
 
 def run_reference(
-    python: Path, pixels: list[Path], checkpoint: Path, *, model_type: str, points_per_side: int, threads: int,
-    device: str = "cpu", warm_up: bool = False, isolated: bool = True, log=print,
+    python: Path,
+    pixels: list[Path],
+    checkpoint: Path,
+    *,
+    model_type: str,
+    points_per_side: int,
+    threads: int,
+    device: str = "cpu",
+    warm_up: bool = False,
+    isolated: bool = True,
+    log=print,
 ) -> tuple[list[Side], dict, float]:
     """The reference generator on every .npy of `pixels`, in one subprocess of `python`.
 
@@ -642,7 +667,10 @@ def run_reference(
     }
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [str(python), *(["-I"] if isolated else []), str(REFERENCE_DRIVER), json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [str(python), *(["-I"] if isolated else []), str(REFERENCE_DRIVER), json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     check_exit(proc, _echo_lines(proc, proc.stderr, log), "the reference generator")
     stdout = proc.stdout.read()
@@ -652,7 +680,13 @@ def run_reference(
 
 
 def write_run_job(
-    workdir: Path, name: str, uris: list[str], *, model_type: str, checkpoint: str | None, points_per_side: int,
+    workdir: Path,
+    name: str,
+    uris: list[str],
+    *,
+    model_type: str,
+    checkpoint: str | None,
+    points_per_side: int,
     **sections: dict,
 ) -> Path:
     """workdir/job.yaml: a job over `uris` writing into workdir/out; `sections` add job sections
@@ -684,12 +718,15 @@ def run_pipeline(
 
     from sam_batch.jobs.schema import normalise_uri
 
-    job_file = write_run_job(workdir, "bench", uris, model_type=model_type, checkpoint=str(checkpoint),
-                             points_per_side=points_per_side)
+    job_file = write_run_job(
+        workdir, "bench", uris, model_type=model_type, checkpoint=str(checkpoint), points_per_side=points_per_side
+    )
     started = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "sam_batch.cli", "run", str(job_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     check_exit(proc, _echo_lines(proc, proc.stdout, log), "sam-batch run")
     seconds = time.perf_counter() - started
@@ -734,20 +771,38 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks.reference",
         description="MobileSAM's reference generator and sam-batch side by side on the same images.",
     )
-    parser.add_argument("--images", nargs="+", default=list(DEFAULT_IMAGES), metavar="IMAGE",
-                        help="image paths or fsspec URLs (default: dog.jpg and groceries.jpg from ../shared, "
-                             "rocket.png and coffee.png from tests/data/held_out)")
+    parser.add_argument(
+        "--images",
+        nargs="+",
+        default=list(DEFAULT_IMAGES),
+        metavar="IMAGE",
+        help="image paths or fsspec URLs (default: dog.jpg and groceries.jpg from ../shared, "
+        "rocket.png and coffee.png from tests/data/held_out)",
+    )
     parser.add_argument("--points-per-side", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=MIN_ROUNDS,
-                        help=f"rounds per image, both sides each, order alternating (at least {MIN_ROUNDS})")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=MIN_ROUNDS,
+        help=f"rounds per image, both sides each, order alternating (at least {MIN_ROUNDS})",
+    )
     parser.add_argument("--model", default="vit_t", choices=MODEL_TYPES)
-    parser.add_argument("--checkpoint", default=None,
-                        help="path or URL of the weights both sides load (default: the cached default)")
+    parser.add_argument(
+        "--checkpoint", default=None, help="path or URL of the weights both sides load (default: the cached default)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: all cores)")
-    parser.add_argument("--ref-venv", type=Path, default=Path(DEFAULT_REF_VENV),
-                        help=f"the reference environment (default: {DEFAULT_REF_VENV})")
-    parser.add_argument("--no-whole-process", dest="whole_process", action="store_false",
-                        help="skip the whole-process comparison with `sam-batch run`")
+    parser.add_argument(
+        "--ref-venv",
+        type=Path,
+        default=Path(DEFAULT_REF_VENV),
+        help=f"the reference environment (default: {DEFAULT_REF_VENV})",
+    )
+    parser.add_argument(
+        "--no-whole-process",
+        dest="whole_process",
+        action="store_false",
+        help="skip the whole-process comparison with `sam-batch run`",
+    )
     parser.add_argument("--write-doc", action="store_true", help="append a dated section to --doc")
     parser.add_argument("--doc", type=Path, default=Path(DEFAULT_DOC), help=f"(default: {DEFAULT_DOC})")
     parser.add_argument("--note", default=None, help="a remark to add to the doc section")
@@ -806,28 +861,38 @@ def _bench(args: argparse.Namespace, python: Path, argv: list[str]) -> int:
             results, versions = [], {}
             for uri, image, path in zip(args.images, images, pixels):
 
-                def reference() -> Side:
+                def reference(path: Path = path, uri: str = uri) -> Side:
                     [side], found, _ = run_reference(
-                        python, [path], checkpoint, model_type=args.model, points_per_side=args.points_per_side,
-                        threads=threads, log=progress,
+                        python,
+                        [path],
+                        checkpoint,
+                        model_type=args.model,
+                        points_per_side=args.points_per_side,
+                        threads=threads,
+                        log=progress,
                     )
                     versions.update(found)
                     progress(f"{uri}: reference {side.seconds:.1f}s, {len(side.records)} masks")
                     return side
 
-                def ours() -> Side:
+                def ours(image: np.ndarray = image, uri: str = uri) -> Side:
                     side = run_ours(engine, image, args.points_per_side)
                     progress(f"{uri}: sam-batch {side.seconds:.1f}s, {len(side.records)} masks")
                     return side
 
                 name = Path(uri).name
                 lookup = dict(points_per_side=args.points_per_side, threads=threads, cpu=cpu)
-                results.append(ImageTiming(
-                    name, image.shape[0], image.shape[1], alternate_rounds(args.rounds, reference, ours, sampler),
-                    threads,
-                    reference_baseline=find_baseline(baselines, name, side="reference", **lookup),
-                    ours_baseline=find_baseline(baselines, name, side="sam-batch", **lookup),
-                ))
+                results.append(
+                    ImageTiming(
+                        name,
+                        image.shape[0],
+                        image.shape[1],
+                        alternate_rounds(args.rounds, reference, ours, sampler),
+                        threads,
+                        reference_baseline=find_baseline(baselines, name, side="reference", **lookup),
+                        ours_baseline=find_baseline(baselines, name, side="sam-batch", **lookup),
+                    )
+                )
             whole = None
             if args.whole_process:
                 whole = _whole_process(args, python, checkpoint, pixels, threads, sampler, Path(tmp), progress)
@@ -842,8 +907,12 @@ def _bench(args: argparse.Namespace, python: Path, argv: list[str]) -> int:
     if whole is not None:
         print()
         print(format_whole_process(whole, len(results)))
-    seeds = missing_baselines(results, points_per_side=args.points_per_side, cpu=cpu,
-                              measured=f"{when:%Y-%m-%d %H:%M} UTC `python -m benchmarks.reference`")
+    seeds = missing_baselines(
+        results,
+        points_per_side=args.points_per_side,
+        cpu=cpu,
+        measured=f"{when:%Y-%m-%d %H:%M} UTC `python -m benchmarks.reference`",
+    )
     if seeds:
         print(f"\nRows this run could add under {BASELINES_HEADING!r} in {args.doc} (sides without a baseline):")
         print("\n".join(format_baseline_row(b) for b in seeds))
@@ -860,7 +929,9 @@ def _bench(args: argparse.Namespace, python: Path, argv: list[str]) -> int:
             load_after=load_after,
         )
         section = format_section(
-            results, whole, machine,
+            results,
+            whole,
+            machine,
             model_type=args.model,
             points_per_side=args.points_per_side,
             command=shlex.join(["sam-batch", "bench", *argv]),
@@ -876,22 +947,38 @@ def _bench(args: argparse.Namespace, python: Path, argv: list[str]) -> int:
 
 
 def _whole_process(
-    args: argparse.Namespace, python: Path, checkpoint: Path, pixels: list[Path], threads: int,
-    sampler: LoadSampler, workdir: Path, progress: Callable[[str], None],
+    args: argparse.Namespace,
+    python: Path,
+    checkpoint: Path,
+    pixels: list[Path],
+    threads: int,
+    sampler: LoadSampler,
+    workdir: Path,
+    progress: Callable[[str], None],
 ) -> WholeProcess:
     """`sam-batch run`, then the reference's process, over every image; the load held against the cores."""
     progress(f"whole processes: sam-batch run, then the reference generator, on {len(pixels)} images")
     mark = sampler.sample()
     written, run_seconds = run_pipeline(
-        args.images, workdir, model_type=args.model, checkpoint=checkpoint,
-        points_per_side=args.points_per_side, log=progress,
+        args.images,
+        workdir,
+        model_type=args.model,
+        checkpoint=checkpoint,
+        points_per_side=args.points_per_side,
+        log=progress,
     )
     references, _, reference_seconds = run_reference(
-        python, pixels, checkpoint, model_type=args.model, points_per_side=args.points_per_side,
-        threads=threads, log=progress,
+        python,
+        pixels,
+        checkpoint,
+        model_type=args.model,
+        points_per_side=args.points_per_side,
+        threads=threads,
+        log=progress,
     )
     return WholeProcess(
-        reference_seconds, run_seconds,
+        reference_seconds,
+        run_seconds,
         [agreement(written[uri], reference.records) for uri, reference in zip(args.images, references)],
         max_load=sampler.max_since(mark),
         cores=len(os.sched_getaffinity(0)),

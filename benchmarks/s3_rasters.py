@@ -42,12 +42,20 @@ def scenes(folder: Path) -> dict[str, Path]:
     """The strip TIFF and the COG, written under `folder`."""
     yy, xx = np.mgrid[0:SIDE, 0:SIDE]
     pixels = np.stack([xx // 7 % 256, yy // 5 % 256, (xx + yy) // 11 % 256]).astype(np.uint8)
-    profile = {"driver": "GTiff", "width": SIDE, "height": SIDE, "count": 3, "dtype": "uint8",
-               "crs": "EPSG:32618", "transform": rasterio.transform.from_origin(300_000, 4_000_000, 1, 1)}
+    profile = {
+        "driver": "GTiff",
+        "width": SIDE,
+        "height": SIDE,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:32618",
+        "transform": rasterio.transform.from_origin(300_000, 4_000_000, 1, 1),
+    }
     with rasterio.open(folder / "strip.tif", "w", **profile) as out:
         out.write(pixels)
-    with rasterio.open(folder / "tiled.tif", "w", tiled=True, blockxsize=512, blockysize=512, compress="deflate",
-                       **profile) as out:
+    with rasterio.open(
+        folder / "tiled.tif", "w", tiled=True, blockxsize=512, blockysize=512, compress="deflate", **profile
+    ) as out:
         out.write(pixels)
         out.build_overviews([2, 4, 8])
     copy_raster(folder / "tiled.tif", folder / "cog.tif", driver="COG", blocksize=512, compress="deflate")
@@ -64,19 +72,26 @@ def measure(name: str, reader: str, proxy: CountingProxy) -> str:
     proxy.reset()
     started = time.perf_counter()
     if reader == "GDAL /vsis3/":
-        session = AWSSession(aws_access_key_id="bench", aws_secret_access_key=SECRET, endpoint_url=f"127.0.0.1:{proxy.port}")
-        with rasterio.Env(session=session, AWS_HTTPS="NO", AWS_VIRTUAL_HOSTING="FALSE",
-                          GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"), rasterio.open(f"s3://bench/{name}") as source:
+        session = AWSSession(
+            aws_access_key_id="bench", aws_secret_access_key=SECRET, endpoint_url=f"127.0.0.1:{proxy.port}"
+        )
+        with (
+            rasterio.Env(
+                session=session, AWS_HTTPS="NO", AWS_VIRTUAL_HOSTING="FALSE", GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"
+            ),
+            rasterio.open(f"s3://bench/{name}") as source,
+        ):
             read_windows(source)
     else:
-        fs = s3fs.S3FileSystem(key="bench", secret=SECRET, client_kwargs={"endpoint_url": endpoint},
-                               skip_instance_cache=True)
+        fs = s3fs.S3FileSystem(
+            key="bench", secret=SECRET, client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True
+        )
         opener = fs if reader == "s3fs default" else BlockReads(fs)
         with rasterio.open(f"bench/{name}", opener=opener) as source:
             read_windows(source)
     seconds = time.perf_counter() - started
     path = f"/bench/{name}"
-    return (f"| {name} | {reader} | {proxy.gets[path]} | {proxy.bytes[path] / 2**20:.2f} | {seconds:.2f} |")
+    return f"| {name} | {reader} | {proxy.gets[path]} | {proxy.bytes[path] / 2**20:.2f} | {seconds:.2f} |"
 
 
 def main(latencies: list[float]) -> None:

@@ -33,7 +33,11 @@ def mosaic(source: Path, factor: int, out: Path) -> Path:
     with rasterio.open(source) as src:
         profile, pixels = src.profile, src.read()
     profile.update(
-        width=src.width * factor, height=src.height * factor, tiled=True, blockxsize=256, blockysize=256,
+        width=src.width * factor,
+        height=src.height * factor,
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
         compress="deflate",
     )
     with rasterio.open(out, "w", **profile) as dst:
@@ -90,9 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         for factor in args.factors:
             path = mosaic(Path(args.scene), factor, Path(tmp) / f"mosaic{factor}.tif")
             command = [
-                sys.executable, "-m", "benchmarks.scene_memory", "--one", str(path),
-                "--points-per-side", str(args.points_per_side),
-                "--tile-size", str(args.tile_size), "--tile-overlap", str(args.tile_overlap),
+                sys.executable,
+                "-m",
+                "benchmarks.scene_memory",
+                "--one",
+                str(path),
+                "--points-per-side",
+                str(args.points_per_side),
+                "--tile-size",
+                str(args.tile_size),
+                "--tile-overlap",
+                str(args.tile_overlap),
             ]
             figures = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
             rows.append({"pixels": f"{factor * factor}x", **figures})
@@ -123,8 +135,10 @@ def _append_doc(doc: Path, args: argparse.Namespace, table: str, load_before: fl
 ## {now} — scene memory, vit_t, {args.points_per_side}×{args.points_per_side} points per tile
 
 - machine: {os.cpu_count()} cores (`nproc`), {platform.processor() or platform.machine()}
-- command: `python -m benchmarks.scene_memory --scene {args.scene} --factors {' '.join(map(str, args.factors))} --points-per-side {args.points_per_side} --tile-size {args.tile_size} --tile-overlap {args.tile_overlap} --write-doc`
-- scenes: {args.scene} mosaicked n×n (tiled GeoTIFF, deflate), each segmented in a fresh process; peak RSS is that process's (`ru_maxrss`), model included
+- command: `python -m benchmarks.scene_memory --scene {args.scene} --factors {" ".join(map(str, args.factors))} \
+--points-per-side {args.points_per_side} --tile-size {args.tile_size} --tile-overlap {args.tile_overlap} --write-doc`
+- scenes: {args.scene} mosaicked n×n (tiled GeoTIFF, deflate), each segmented in a fresh process; \
+peak RSS is that process's (`ru_maxrss`), model included
 - load (1-min average) before / after: {load_before:.2f} / {load_after:.2f}
 
 {table}

@@ -38,8 +38,10 @@ def main() -> None:
     records = to_records(generate_masks(engine, image, AmgParams()))
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MIB
-    print(f"{path} at {width}x{height} ({width * height / 1e6:.1f} MP): {len(records)} masks, "
-          f"{seconds:.1f} s, peak RSS {peak:.0f} MiB ({before:.0f} MiB before segmenting)")
+    print(
+        f"{path} at {width}x{height} ({width * height / 1e6:.1f} MP): {len(records)} masks, "
+        f"{seconds:.1f} s, peak RSS {peak:.0f} MiB ({before:.0f} MiB before segmenting)"
+    )
 
 
 if __name__ == "__main__":

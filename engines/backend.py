@@ -53,8 +53,10 @@ def allow_tf32(allowed: bool) -> None:
 def tf32_settings() -> dict[str, object]:
     """The TF32 switches as `allow_tf32` sets them, for reports."""
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        return {"tf32_matmul": torch.backends.cuda.matmul.fp32_precision,
-                "tf32_cudnn_conv": torch.backends.cudnn.conv.fp32_precision}
+        return {
+            "tf32_matmul": torch.backends.cuda.matmul.fp32_precision,
+            "tf32_cudnn_conv": torch.backends.cudnn.conv.fp32_precision,
+        }
     return {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn_conv": torch.backends.cudnn.allow_tf32}
 
 

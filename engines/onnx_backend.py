@@ -26,9 +26,7 @@ def _onnxruntime():
     try:
         import onnxruntime
     except ImportError as error:
-        raise EngineError(
-            f"engine.backend onnx needs onnxruntime: pip install 'sam-batch[onnx]' ({error})"
-        ) from None
+        raise EngineError(f"engine.backend onnx needs onnxruntime: pip install 'sam-batch[onnx]' ({error})") from None
     return onnxruntime
 
 
@@ -131,7 +129,10 @@ class OnnxEngine:
         coords = torch.from_numpy(scale_coords(points.astype(np.float64), crop.crop_hw))[:, None, :]
         labels = torch.ones((len(points), 1))
         out = self.decoder(
-            decoder_output_shapes(len(points)), image_embeddings=crop.embedding, point_coords=coords, point_labels=labels
+            decoder_output_shapes(len(points)),
+            image_embeddings=crop.embedding,
+            point_coords=coords,
+            point_labels=labels,
         )
         return out["low_res_logits"], out["iou_predictions"]
 

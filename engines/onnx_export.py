@@ -36,7 +36,16 @@ from sam_batch.engines.sam import SamModel
 
 DEFAULT_OPSET = 17
 # the modules the graphs are traced from (beside this one): their source is part of the cache key
-GRAPH_MODULES = ("sam", "tiny_vit", "image_encoder", "common", "prompt_encoder", "transformer", "mask_decoder", "onnx_export")
+GRAPH_MODULES = (
+    "sam",
+    "tiny_vit",
+    "image_encoder",
+    "common",
+    "prompt_encoder",
+    "transformer",
+    "mask_decoder",
+    "onnx_export",
+)
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
 EMBEDDING_SHAPE = (1, 256, 64, 64)
 ENCODER_INPUTS, ENCODER_OUTPUTS = ("images",), ("image_embeddings",)
@@ -179,7 +188,14 @@ def export_model(model: SamModel, out_dir: str | os.PathLike[str], opset: int = 
     labels = torch.ones(TRACE_PROMPTS, TRACE_POINTS)
     graphs = [
         (files.encoder, EncoderGraph(model), (image,), ENCODER_INPUTS, ENCODER_OUTPUTS, {}),
-        (files.decoder, DecoderGraph(model), (embedding, coords, labels), DECODER_INPUTS, DECODER_OUTPUTS, DECODER_DYNAMIC_AXES),
+        (
+            files.decoder,
+            DecoderGraph(model),
+            (embedding, coords, labels),
+            DECODER_INPUTS,
+            DECODER_OUTPUTS,
+            DECODER_DYNAMIC_AXES,
+        ),
     ]
     for path, module, args, inputs, outputs, dynamic_axes in graphs:
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")

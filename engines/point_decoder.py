@@ -134,7 +134,9 @@ class _SideWeights:
 
         def head_rows(weight: torch.Tensor, *rows: torch.Tensor) -> torch.Tensor:
             """(H D, C) -> (H (D + len(rows)), C): each head's D rows followed by `rows` (C,)."""
-            return torch.cat([weight.view(heads, -1, weight.shape[1]), *(r.expand(heads, 1, -1) for r in rows)], 1).flatten(0, 1)
+            return torch.cat(
+                [weight.view(heads, -1, weight.shape[1]), *(r.expand(heads, 1, -1) for r in rows)], 1
+            ).flatten(0, 1)
 
         def constant(linear: torch.nn.Linear, shift: torch.Tensor, bias: bool) -> torch.Tensor:  # -> (H, D, N)
             out = linear.weight @ (pe + shift[:, None])
@@ -142,11 +144,13 @@ class _SideWeights:
 
         scale = _scale(i2t1)
         src = [t2i1.k_proj.weight, t2i1.v_proj.weight, i2t1.q_proj.weight * scale]
-        src_constant = torch.cat([
-            t2i1.k_proj.weight @ pe + t2i1.k_proj.bias[:, None],
-            t2i1.v_proj.bias[:, None].expand(-1, pe.shape[1]),
-            (i2t1.q_proj.weight @ pe + i2t1.q_proj.bias[:, None]) * scale,
-        ])
+        src_constant = torch.cat(
+            [
+                t2i1.k_proj.weight @ pe + t2i1.k_proj.bias[:, None],
+                t2i1.v_proj.bias[:, None].expand(-1, pe.shape[1]),
+                (i2t1.q_proj.weight @ pe + i2t1.q_proj.bias[:, None]) * scale,
+            ]
+        )
         s = [head_rows(o1, bo1), t2i2.k_proj.weight * g1, i2t2.q_proj.weight * g1, t2i2.v_proj.weight * g1]
         st = [
             head_rows(o1 * g1, bo1 * g1, g1),
@@ -178,7 +182,9 @@ class PointDecoder:
     derived from the weights are made here, so make the decoder after the weights are loaded.
     """
 
-    def __init__(self, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, chunk: int = 2, tile: int = 512) -> None:
+    def __init__(
+        self, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, chunk: int = 2, tile: int = 512
+    ) -> None:
         width = prompt_encoder.image_embedding_size[1]
         if tile % width:
             raise ValueError(f"tile: {tile} image tokens is not a whole number of rows of {width}")
@@ -339,7 +345,9 @@ class PointDecoder:
         )
         scores, gram_t_w1, cross2, scores3, b1c_w1 = (left @ w1).split([n_mixed] * 3 + [n_out, 1], dim=1)
         w2 = _softmax_over_tokens(_scores_(scores, i2t_keys, side.queries2, r1), heads)
-        cross1_g = _per_head(torch.cat([values1, one, -_heads_of(opening.vectors1_mean, heads)], -1), side.cross1_g)  # s~ . A1t
+        cross1_g = _per_head(
+            torch.cat([values1, one, -_heads_of(opening.vectors1_mean, heads)], -1), side.cross1_g
+        )  # s~ . A1t
         sq_zc = sq_st + torch.add(gram_t_w1, cross1_g, alpha=2).mul_(w1).sum(1)
         _add_per_head_(cross2, torch.cat([i2t_values, one], -1), side.cross2)  # zc . A2c
         left = torch.cat([a2c @ a2c.mT, _folded(q3, a2c_g2 @ k_weight, heads), (a2c @ b1c)[:, None]], dim=1)

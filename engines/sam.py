@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import MODEL_TYPES
+from .image_encoder import VIT_CONFIGS, ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
+from .registry import MODEL_TYPES
 from .tiny_vit import TinyViT
-from .image_encoder import VIT_CONFIGS, ImageEncoderViT
 from .transforms import PIXEL_MEAN, PIXEL_STD
 
 

@@ -28,7 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sam_batch.engines.backend import GPU_PROMPT_BATCH, CropEmbedding, EngineError, LoadedModel, pick_device, upscale_logits
+from sam_batch.engines.backend import (
+    GPU_PROMPT_BATCH,
+    CropEmbedding,
+    EngineError,
+    LoadedModel,
+    pick_device,
+    upscale_logits,
+)
 from sam_batch.engines.checkpoints import cache_dir
 from sam_batch.engines.onnx_export import DEFAULT_OPSET, cached_onnx
 from sam_batch.engines.transforms import PIXEL_MEAN, PIXEL_STD, image_to_input, resize_longest_side, scale_coords
@@ -90,7 +97,11 @@ def check_precision(precision: str, trt_version: str) -> None:
 
 
 def plan_name(
-    graph: str, precision: str, gpu_name: str, capability: tuple[int, int], trt_version: str,
+    graph: str,
+    precision: str,
+    gpu_name: str,
+    capability: tuple[int, int],
+    trt_version: str,
     profile: DecoderProfile | None,
 ) -> str:
     """File name of a cached plan inside its ONNX folder's plan directory (see `cached_plan`)."""
@@ -168,8 +179,12 @@ def _pin_layers(trt, network) -> int:
 def cached_plan(trt, onnx_path: Path, precision: str, device: torch.device, profile: DecoderProfile | None) -> bytes:
     """The plan for `onnx_path` on `device`'s GPU, built on first use and cached (atomic rename)."""
     name = plan_name(
-        onnx_path.stem, precision, torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device),
-        trt.__version__, profile,
+        onnx_path.stem,
+        precision,
+        torch.cuda.get_device_name(device),
+        torch.cuda.get_device_capability(device),
+        trt.__version__,
+        profile,
     )
     path = cache_dir() / "tensorrt" / onnx_path.parent.name / name
     if path.is_file():
@@ -230,8 +245,12 @@ class TensorRTEngine:
 
     @classmethod
     def from_model(
-        cls, loaded: LoadedModel, device: str = "auto", precision: str = "fp32",
-        profile: DecoderProfile = DecoderProfile(), opset: int = DEFAULT_OPSET,
+        cls,
+        loaded: LoadedModel,
+        device: str = "auto",
+        precision: str = "fp32",
+        profile: DecoderProfile = DecoderProfile(),
+        opset: int = DEFAULT_OPSET,
     ) -> TensorRTEngine:
         """Engines for a loaded model on `device`, from its cached ONNX graphs; built on first use."""
         trt = require_tensorrt(device)

@@ -42,7 +42,9 @@ class ConvBN(nn.Module):
         conv, norm = self.c, self.bn
         scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
         bias = norm.bias - norm.running_mean * scale
-        return F.conv2d(x, conv.weight * scale[:, None, None, None], bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return F.conv2d(
+            x, conv.weight * scale[:, None, None, None], bias, conv.stride, conv.padding, conv.dilation, conv.groups
+        )
 
 
 class ConvPatchEmbed(nn.Module):
@@ -234,9 +236,7 @@ class TinyViT(nn.Module):
     ) -> None:
         super().__init__()
         last = len(embed_dims) - 1
-        merges = [
-            PatchMerging(embed_dims[i], embed_dims[i + 1], stride=2 if i < last - 1 else 1) for i in range(last)
-        ]
+        merges = [PatchMerging(embed_dims[i], embed_dims[i + 1], stride=2 if i < last - 1 else 1) for i in range(last)]
         self.patch_embed = ConvPatchEmbed(embed_dims[0])
         self.layers = nn.ModuleList([ConvStage(embed_dims[0], depths[0], mbconv_expand_ratio, merges[0])])
         self.layers.extend(

@@ -42,7 +42,9 @@ class TorchEngine:
     `precision` sets torch's process-wide TF32 switches: on for tf32, off otherwise.
     """
 
-    def __init__(self, model: SamModel, device: torch.device, precision: str = "fp32", layout: str | None = None) -> None:
+    def __init__(
+        self, model: SamModel, device: torch.device, precision: str = "fp32", layout: str | None = None
+    ) -> None:
         self.layout = layout or ("gpu" if device.type == "cuda" else "cpu")
         if self.layout not in LAYOUTS:
             raise EngineError(f"layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")

@@ -273,12 +273,17 @@ class OutputDataset:
             return
         except (OSError, ValueError, NotImplementedError) as error:
             reason = f"{type(error).__name__}: {' '.join(str(error).split())}"
-            raise DatasetError(f"{self.uri}: cannot create a file only if it is absent here ({reason}), "
-                               f"which commits need; {_backend(self.fs)}") from None
+            raise DatasetError(
+                f"{self.uri}: cannot create a file only if it is absent here ({reason}), "
+                f"which commits need; {_backend(self.fs)}"
+            ) from None
         finally:
             self._remove(probe)
-        raise DatasetError(f"{self.uri}: this store replaced a file it was asked to create only if absent, "
-                           f"so commits and the lease could not be exclusive; {_backend(self.fs)}")
+        raise DatasetError(
+            f"{self.uri}: this store replaced a file it was asked to create only if absent, "
+            f"so commits and the lease could not be exclusive; {_backend(self.fs)}"
+        )
+
     def _attempt(self, name: str) -> str:
         """A path in this run's folder of attempts."""
         return self.path(BOOKKEEPING, ATTEMPTS, self.run_id, name)
@@ -326,8 +331,10 @@ def _backend(fs: fsspec.AbstractFileSystem) -> str:
         release = f"{package} {importlib.metadata.version(package)}"
     except importlib.metadata.PackageNotFoundError:
         release = package
-    return (f"its fsspec back-end is {type(fs).__name__} of {release} "
-            "(s3fs does this from 2025.7.0, gcsfs and adlfs from 2024.12.0)")
+    return (
+        f"its fsspec back-end is {type(fs).__name__} of {release} "
+        "(s3fs does this from 2025.7.0, gcsfs and adlfs from 2024.12.0)"
+    )
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

@@ -79,8 +79,9 @@ class LocalExecutor:
                     read_next()
                     error, photo, seconds = read.result()
                     if error:
-                        results.append(image_result(uri, [], seconds=seconds, stage_seconds={"read": seconds},
-                                                    error=error))
+                        results.append(
+                            image_result(uri, [], seconds=seconds, stage_seconds={"read": seconds}, error=error)
+                        )
                     else:
                         results.append(segmenter.segment(uri, photo, seconds))
                     yield results[-1].done()
@@ -213,11 +214,12 @@ def _attach(ray, address: str, source: str) -> None:
         except OSError as error:
             reason = "no answer" if isinstance(error, TimeoutError) else (error.strerror or type(error).__name__)
             raise JobFailure(
-                f"{source} {address}: no Ray cluster reachable there ({reason} within "
-                f"{ATTACH_CONNECT_TIMEOUT_S:.0f} s)"
+                f"{source} {address}: no Ray cluster reachable there ({reason} within {ATTACH_CONNECT_TIMEOUT_S:.0f} s)"
             ) from None
     log.info("attaching to the Ray cluster at %s", address)
-    loopback = host is not None and _is_loopback(host) and not address.startswith("ray://") and _nodes_on_loopback(address)
+    loopback = (
+        host is not None and _is_loopback(host) and not address.startswith("ray://") and _nodes_on_loopback(address)
+    )
     with _ray_multi_node_off(ray) if loopback else nullcontext():
         node_ip = {"_node_ip_address": "127.0.0.1" if host == "localhost" else host} if loopback else {}
         ray.init(address=address, logging_level=logging.WARNING, **node_ip)
@@ -333,7 +335,9 @@ def _check_fits(ray, resources: dict) -> None:
     total = ray.cluster_resources()
     lacking = shortfall(resources, total, total)
     if lacking:
-        raise JobFailure(f"no segmenting actor can start: each asks for {amounts(resources)} and this machine has {lacking}")
+        raise JobFailure(
+            f"no segmenting actor can start: each asks for {amounts(resources)} and this machine has {lacking}"
+        )
 
 
 def choose_executor(job: JobSpec, n_images: int) -> tuple[str, str]:

@@ -37,8 +37,14 @@ from sam_batch.jobs.export_source import CommittedMasks, ExportError, ImageInfo
 GIS_FORMATS = ("gpkg", "fgb", "geojson", "geojsonseq", "geoparquet")
 FORMATS = (*GIS_FORMATS, "coco", "amg")
 EXTENSIONS = {
-    ".gpkg": "gpkg", ".fgb": "fgb", ".geojson": "geojson", ".geojsons": "geojsonseq", ".geojsonl": "geojsonseq",
-    ".parquet": "geoparquet", ".json": "coco", "": "amg",
+    ".gpkg": "gpkg",
+    ".fgb": "fgb",
+    ".geojson": "geojson",
+    ".geojsons": "geojsonseq",
+    ".geojsonl": "geojsonseq",
+    ".parquet": "geoparquet",
+    ".json": "coco",
+    "": "amg",
 }
 
 
@@ -86,14 +92,19 @@ def export(request: ExportRequest, progress: bool | None = None) -> tuple[str, E
     gis = format_ in GIS_FORMATS
     pixel_bounds = (None, None) if gis else (request.min_area, request.max_area)
     if gis:
-        options = VectorOptions(_target_crs(request, images), request.simplify, request.min_area, request.max_area, "label" in names)
+        options = VectorOptions(
+            _target_crs(request, images), request.simplify, request.min_area, request.max_area, "label" in names
+        )
         columns = vector_columns(options)
     else:
         columns = coco_columns(names) if format_ == "coco" else amg_columns(names)
     _check_destination(request.destination, request.overwrite)
     counts = ExportCounts()
     show = sys.stderr.isatty() if progress is None else progress
-    with _progress_bar(source.total_rows(), show) as on_read, staged(request.destination, folder=format_ == "amg") as path:
+    with (
+        _progress_bar(source.total_rows(), show) as on_read,
+        staged(request.destination, folder=format_ == "amg") as path,
+    ):
         batches = source.batches(columns, request.where, *pixel_bounds, on_read=on_read)
         if format_ in GDAL_DRIVERS:
             write_gdal(path, GDAL_DRIVERS[format_], batches, options, counts)
@@ -129,12 +140,16 @@ def _target_crs(request: ExportRequest, images: list[ImageInfo]) -> str:
     """The CRS of a GIS file: `--crs`, else the one CRS of the output's georeferenced scenes."""
     found = sorted({image.crs for image in images if image.crs is not None})
     if not found:
-        raise ExportError(f"{request.output_uri}: no georeferenced image, so its masks have no geometry; "
-                          "export photos' masks to COCO (.json) or amg.py's folders")
+        raise ExportError(
+            f"{request.output_uri}: no georeferenced image, so its masks have no geometry; "
+            "export photos' masks to COCO (.json) or amg.py's folders"
+        )
     if request.crs is not None:
         return request.crs
     if len(found) > 1:
-        raise ExportError(f"{request.output_uri}: scenes in {len(found)} CRSs ({', '.join(found)}); pass --crs to choose one")
+        raise ExportError(
+            f"{request.output_uri}: scenes in {len(found)} CRSs ({', '.join(found)}); pass --crs to choose one"
+        )
     return found[0]
 
 

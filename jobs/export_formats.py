@@ -83,7 +83,9 @@ def coco_polygons(pixels: np.ndarray, x0: int, y0: int) -> list[list[float]]:
 
     rings = [
         geometry["coordinates"][0]
-        for geometry, _ in shapes(pixels.astype(np.uint8), mask=pixels, connectivity=4, transform=Affine.translation(x0, y0))
+        for geometry, _ in shapes(
+            pixels.astype(np.uint8), mask=pixels, connectivity=4, transform=Affine.translation(x0, y0)
+        )
     ]
     return [[float(c) for point in ring for c in point] for ring in rings]
 
@@ -110,21 +112,38 @@ class VectorOptions:
 
 def vector_columns(options: VectorOptions) -> list[str]:
     """The joined columns the GIS writers read."""
-    return ["image_uri", "image_id", "mask_id", "area", "predicted_iou", "stability_score",
-            *(["label"] if options.label else []), "crs", "geometry"]
+    return [
+        "image_uri",
+        "image_id",
+        "mask_id",
+        "area",
+        "predicted_iou",
+        "stability_score",
+        *(["label"] if options.label else []),
+        "crs",
+        "geometry",
+    ]
 
 
 def feature_schema(options: VectorOptions) -> pa.Schema:
     """The attributes of each feature (one per mask) and its WKB MultiPolygon `geometry`."""
-    return pa.schema([
-        ("image_uri", pa.string()), ("image_id", pa.string()), ("mask_id", pa.int32()),
-        ("area_px", pa.int64()), ("predicted_iou", pa.float32()), ("stability_score", pa.float32()),
-        *([("label", pa.string())] if options.label else []),
-        ("geometry", pa.binary()),
-    ])
+    return pa.schema(
+        [
+            ("image_uri", pa.string()),
+            ("image_id", pa.string()),
+            ("mask_id", pa.int32()),
+            ("area_px", pa.int64()),
+            ("predicted_iou", pa.float32()),
+            ("stability_score", pa.float32()),
+            *([("label", pa.string())] if options.label else []),
+            ("geometry", pa.binary()),
+        ]
+    )
 
 
-def feature_batches(batches: Iterable[pa.RecordBatch], options: VectorOptions, counts: ExportCounts) -> Iterator[pa.RecordBatch]:
+def feature_batches(
+    batches: Iterable[pa.RecordBatch], options: VectorOptions, counts: ExportCounts
+) -> Iterator[pa.RecordBatch]:
     """Rows → features in `options.target_crs`: reprojected, filtered by area, simplified, valid
     MultiPolygons; rows without a geometry (photos) or with no area left are skipped."""
     import shapely
@@ -162,24 +181,37 @@ def feature_batches(batches: Iterable[pa.RecordBatch], options: VectorOptions, c
         yield pa.record_batch([columns[name].cast(schema.field(name).type) for name in schema.names], schema=schema)
 
 
-def write_gdal(path: str, driver: str, batches: Iterable[pa.RecordBatch], options: VectorOptions, counts: ExportCounts) -> None:
+def write_gdal(
+    path: str, driver: str, batches: Iterable[pa.RecordBatch], options: VectorOptions, counts: ExportCounts
+) -> None:
     """One layer of MultiPolygons through GDAL (pyogrio's Arrow stream writer), batch by batch."""
     import pyogrio
     from pyproj import CRS
 
     stream = pa.RecordBatchReader.from_batches(feature_schema(options), feature_batches(batches, options, counts))
     pyogrio.write_arrow(
-        stream, path, driver=driver, layer=GIS_LAYER if driver == "GPKG" else None,
-        geometry_name="geometry", geometry_type="MultiPolygon", crs=CRS.from_user_input(options.target_crs).to_wkt(),
+        stream,
+        path,
+        driver=driver,
+        layer=GIS_LAYER if driver == "GPKG" else None,
+        geometry_name="geometry",
+        geometry_type="MultiPolygon",
+        crs=CRS.from_user_input(options.target_crs).to_wkt(),
     )
 
 
-def write_geoparquet(path: str, batches: Iterable[pa.RecordBatch], options: VectorOptions, counts: ExportCounts) -> None:
+def write_geoparquet(
+    path: str, batches: Iterable[pa.RecordBatch], options: VectorOptions, counts: ExportCounts
+) -> None:
     """One GeoParquet 1.1 file (WKB MultiPolygons, PROJJSON CRS), one row group per batch."""
     import pyarrow.parquet as pq
     from pyproj import CRS
 
-    column = {"encoding": "WKB", "geometry_types": ["MultiPolygon"], "crs": CRS.from_user_input(options.target_crs).to_json_dict()}
+    column = {
+        "encoding": "WKB",
+        "geometry_types": ["MultiPolygon"],
+        "crs": CRS.from_user_input(options.target_crs).to_json_dict(),
+    }
     geo = {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": column}}
     schema = feature_schema(options).with_metadata({b"geo": json.dumps(geo).encode()})
     with pq.ParquetWriter(path, schema, compression="zstd") as writer:
@@ -191,12 +223,24 @@ def write_geoparquet(path: str, batches: Iterable[pa.RecordBatch], options: Vect
 
 
 def coco_columns(names: list[str]) -> list[str]:
-    return ["image_id", "bbox", "area", "predicted_iou", "stability_score",
-            *(["label"] if "label" in names else []), *pixel_columns(names)]
+    return [
+        "image_id",
+        "bbox",
+        "area",
+        "predicted_iou",
+        "stability_score",
+        *(["label"] if "label" in names else []),
+        *pixel_columns(names),
+    ]
 
 
 def write_coco(
-    path: str, batches: Iterable[pa.RecordBatch], images: list[ImageInfo], polygons: bool, counts: ExportCounts, source_uri: str
+    path: str,
+    batches: Iterable[pa.RecordBatch],
+    images: list[ImageInfo],
+    polygons: bool,
+    counts: ExportCounts,
+    source_uri: str,
 ) -> None:
     """COCO JSON, written as a stream: the annotations one by one as they come, then `images`
     (every `ok` image: file_name its URI, width, height) and `categories` (one, or one per
@@ -212,14 +256,22 @@ def write_coco(
             for row in batch.to_pylist():
                 category = categories.setdefault(row.get("label") or DEFAULT_CATEGORY, len(categories) + 1)
                 annotation = {
-                    "id": counts.written + 1, "image_id": image_ids[row["image_id"]], "category_id": category,
+                    "id": counts.written + 1,
+                    "image_id": image_ids[row["image_id"]],
+                    "category_id": category,
                     "segmentation": coco_polygons(*box_pixels(row)) if polygons else full_rle(row),
-                    "area": row["area"], "bbox": row["bbox"], "iscrowd": 0, "score": row["predicted_iou"],
+                    "area": row["area"],
+                    "bbox": row["bbox"],
+                    "iscrowd": 0,
+                    "score": row["predicted_iou"],
                     "stability_score": row["stability_score"],
                 }
                 out.write(("," if counts.written else "") + "\n" + json.dumps(annotation))
                 counts.written += 1
-        entries = [{"id": image_ids[i.image_id], "file_name": i.image_uri, "width": i.width, "height": i.height} for i in images]
+        entries = [
+            {"id": image_ids[i.image_id], "file_name": i.image_uri, "width": i.width, "height": i.height}
+            for i in images
+        ]
         out.write('\n], "images": ' + json.dumps(entries))
         names = categories or {DEFAULT_CATEGORY: 1}
         out.write(', "categories": ' + json.dumps([{"id": n, "name": name} for name, n in names.items()]) + "}\n")
@@ -229,7 +281,16 @@ def write_coco(
 
 
 def amg_columns(names: list[str]) -> list[str]:
-    return ["image_id", "area", "bbox", "point_coords", "predicted_iou", "stability_score", "crop_box", *pixel_columns(names)]
+    return [
+        "image_id",
+        "area",
+        "bbox",
+        "point_coords",
+        "predicted_iou",
+        "stability_score",
+        "crop_box",
+        *pixel_columns(names),
+    ]
 
 
 def folder_names(images: list[ImageInfo]) -> dict[str, str]:
@@ -246,8 +307,15 @@ def folder_names(images: list[ImageInfo]) -> dict[str, str]:
 
 def amg_metadata_line(index: int, row: dict) -> str:
     """One line of amg.py's metadata.csv: its columns, its number spellings (integer boxes)."""
-    values = [index, row["area"], *(_number(v) for v in row["bbox"]), *row["point_coords"][0],
-              row["predicted_iou"], row["stability_score"], *row["crop_box"]]
+    values = [
+        index,
+        row["area"],
+        *(_number(v) for v in row["bbox"]),
+        *row["point_coords"][0],
+        row["predicted_iou"],
+        row["stability_score"],
+        *row["crop_box"],
+    ]
     return ",".join(str(v) for v in values)
 
 
@@ -255,7 +323,9 @@ def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
 
 
-def write_amg_folders(path: str, batches: Iterable[pa.RecordBatch], images: list[ImageInfo], counts: ExportCounts) -> None:
+def write_amg_folders(
+    path: str, batches: Iterable[pa.RecordBatch], images: list[ImageInfo], counts: ExportCounts
+) -> None:
     """A folder per `ok` image holding `<i>.png` (0/255 grayscale, full image size) for its
     i-th exported mask and `metadata.csv` (amg.py's header, one line per mask)."""
     from PIL import Image
@@ -280,7 +350,9 @@ def write_amg_folders(path: str, batches: Iterable[pa.RecordBatch], images: list
                 os.makedirs(os.path.join(path, names[image_id]))
                 lines[image_id] = []
             index = len(lines[image_id])
-            Image.fromarray(full_mask(row).astype(np.uint8) * 255).save(os.path.join(path, names[image_id], f"{index}.png"))
+            Image.fromarray(full_mask(row).astype(np.uint8) * 255).save(
+                os.path.join(path, names[image_id], f"{index}.png")
+            )
             lines[image_id].append(amg_metadata_line(index, row))
             counts.written += 1
     for image_id in list(lines):

@@ -107,10 +107,16 @@ class CommittedMasks:
             image_rows = self._read(images)
             with self.dataset.fs.open(masks, "rb") as f:
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS):
-                    result = self._filter(pa.Table.from_batches([batch]), image_rows, columns, where, min_area, max_area)
+                    result = self._filter(
+                        pa.Table.from_batches([batch]), image_rows, columns, where, min_area, max_area
+                    )
                     selected = result.to_arrow_table().combine_chunks()
                     on_read(batch.num_rows)
-                    yield selected.to_batches()[0] if selected.num_rows else pa.RecordBatch.from_pylist([], schema=selected.schema)
+                    yield (
+                        selected.to_batches()[0]
+                        if selected.num_rows
+                        else pa.RecordBatch.from_pylist([], schema=selected.schema)
+                    )
 
     def _filter(self, masks: pa.Table, images: pa.Table, columns: list[str], where, min_area, max_area):
         """A DuckDB relation: `masks` joined to `images`, filtered, its `columns`, in `masks` order."""

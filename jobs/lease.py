@@ -59,8 +59,14 @@ class Holder:
         """A holder from a lease file's bytes, unknown keys left out; `ValueError` if it is not one."""
         fields = json.loads(data)
         try:
-            return cls(str(fields["run_id"]), str(fields["host"]), fields.get("machine"), int(fields["pid"]),
-                       fields.get("process_start"), float(fields["renewed"]))
+            return cls(
+                str(fields["run_id"]),
+                str(fields["host"]),
+                fields.get("machine"),
+                int(fields["pid"]),
+                fields.get("process_start"),
+                float(fields["renewed"]),
+            )
         except (KeyError, TypeError) as error:
             raise ValueError(f"not a lease ({error})") from None
 
@@ -80,7 +86,9 @@ class OutputLease:
         self.dataset = dataset
         self.force = force
         self.path = dataset.path(BOOKKEEPING, LEASE_FILE)
-        self.me = Holder(uuid.uuid4().hex, socket.gethostname(), _machine(), os.getpid(), _process_start(os.getpid()), 0.0)
+        self.me = Holder(
+            uuid.uuid4().hex, socket.gethostname(), _machine(), os.getpid(), _process_start(os.getpid()), 0.0
+        )
         self.lost = False  # set when another run took the lease while this one held it
         self._written: Holder | None = None  # the lease as this run last wrote it
         self._stop = threading.Event()
@@ -142,8 +150,11 @@ class OutputLease:
             if holder is not None and holder.run_id == self.me.run_id:
                 self._remove()
         except Exception as error:  # noqa: BLE001
-            log.warning("%s: the lease could not be removed (%s); the next run takes it over",
-                        self.dataset.uri, type(error).__name__)
+            log.warning(
+                "%s: the lease could not be removed (%s); the next run takes it over",
+                self.dataset.uri,
+                type(error).__name__,
+            )
 
     def _renew_until_released(self) -> None:
         while not self._stop.wait(LEASE_RENEW_S):

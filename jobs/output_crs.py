@@ -37,12 +37,19 @@ def choose_output_crs(job: JobSpec, uris: list[str]) -> str:
     found = _header_crss(uris, job.input.storage_options, job.run.read_timeout_s)
     crss = sorted({crs for crs in found.values() if crs is not None})
     if len(crss) == 1:
-        log.info("output.crs auto: %s, the CRS of every georeferenced scene (%d)", crs_name(crss[0]),
-                 sum(crs is not None for crs in found.values()))
+        log.info(
+            "output.crs auto: %s, the CRS of every georeferenced scene (%d)",
+            crs_name(crss[0]),
+            sum(crs is not None for crs in found.values()),
+        )
         return crss[0]
     if crss:
-        log.info("output.crs auto: the scenes are in %d CRSs (%s); geometries are written in %s",
-                 len(crss), ", ".join(map(crs_name, crss)), FALLBACK_CRS)
+        log.info(
+            "output.crs auto: the scenes are in %d CRSs (%s); geometries are written in %s",
+            len(crss),
+            ", ".join(map(crs_name, crss)),
+            FALLBACK_CRS,
+        )
     else:
         log.info("output.crs auto: no input has a CRS; any geometry is written in %s", FALLBACK_CRS)
     return FALLBACK_CRS
@@ -51,6 +58,7 @@ def choose_output_crs(job: JobSpec, uris: list[str]) -> str:
 def _header_crss(uris: Iterable[str], storage_options: dict, timeout_s: float) -> dict[str, str | None]:
     """uri → the CRS in its TIFF header (None: a photo, a TIFF without one), for the inputs
     whose header could be read; those that could not are left out, with one warning."""
+
     def read(uri: str) -> tuple[str, str | None, str | None]:
         try:
             return uri, read_bounded(timeout_s, scene_crs, uri, storage_options), None
@@ -61,8 +69,11 @@ def _header_crss(uris: Iterable[str], storage_options: dict, timeout_s: float) -
         results = list(pool.map(read, uris))
     failed = [(uri, reason) for uri, _, reason in results if reason is not None]
     if failed:
-        log.warning("output.crs auto: %d input header(s) could not be read and do not count in the choice, "
-                    "first %s (%s)", len(failed), *failed[0])
+        log.warning(
+            "output.crs auto: %d input header(s) could not be read and do not count in the choice, first %s (%s)",
+            len(failed),
+            *failed[0],
+        )
     return {uri: crs for uri, crs, reason in results if reason is None}
 
 
@@ -77,4 +88,3 @@ def scene_crs(uri: str, storage_options: dict) -> str | None:
     opener = None if isinstance(fs, LocalFileSystem) else BlockReads(fs)
     with rasterio.Env(), rasterio.open(path, opener=opener) as src:
         return crs_label(src.crs)
-

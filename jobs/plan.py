@@ -93,8 +93,12 @@ def list_inputs(job: JobSpec) -> list[str]:
     output = _real(normalise_uri(job.output.uri)).rstrip("/") + "/"
     inside = {uri for uri in uris if _real(uri).startswith(output)}
     if inside:
-        log.warning("input: %d listed file(s) lie under output.uri %s and are left out, first %s",
-                    len(inside), job.output.uri, sorted(inside)[0])
+        log.warning(
+            "input: %d listed file(s) lie under output.uri %s and are left out, first %s",
+            len(inside),
+            job.output.uri,
+            sorted(inside)[0],
+        )
         uris -= inside
     if not uris:
         manifest = f" and manifest {job.input.manifest!r}" if job.input.manifest else ""
@@ -141,13 +145,18 @@ def _local_glob(pattern: str) -> list[str]:
     already passed through (a cycle) is not entered, with a warning."""
     first_magic = min(i for i in (pattern.find(c) for c in GLOB_CHARS) if i >= 0)
     root = pattern[: pattern.rfind("/", 0, first_magic) + 1]
-    depth = None if "**" in pattern else pattern[len(root):].count("/") + 1
+    depth = None if "**" in pattern else pattern[len(root) :].count("/") + 1
     matches = re.compile(glob_translate(pattern)).match
     cycles: list[str] = []
     files = sorted(path for path in _walk_files(root, depth, frozenset(), cycles) if matches(path))
     if cycles:
-        log.warning("input.uris: %s: %d linked folder(s) lead back to a folder on their own path (a cycle) "
-                    "and were not entered, first %s", pattern, len(cycles), cycles[0])
+        log.warning(
+            "input.uris: %s: %d linked folder(s) lead back to a folder on their own path (a cycle) "
+            "and were not entered, first %s",
+            pattern,
+            len(cycles),
+            cycles[0],
+        )
     return files
 
 

@@ -71,8 +71,6 @@ class JobFailure(RuntimeError):
     """The job cannot go on (e.g. no segmenting actor can load the model)."""
 
 
-
-
 def amounts(resources: dict) -> str:
     """`{"num_gpus": 1, "num_cpus": 1}` as "1 GPU and 1 CPU"."""
     return " and ".join(f"{amount:g} {RAY_RESOURCE_NAMES[option]}" for option, amount in resources.items())
@@ -89,8 +87,6 @@ def shortfall(resources: dict, total: dict[str, float], free: dict[str, float]) 
         elif free.get(name, 0) < amount:
             lacking.append(f"{total[name]:g} {name}, {free.get(name, 0):g} free")
     return " and ".join(lacking)
-
-
 
 
 @dataclass(eq=False)
@@ -251,7 +247,9 @@ class RayPipeline:
         try:
             opened: Opened = self.ray.get(ref)
         except self.ray.exceptions.RayError as error:
-            yield self._fail(image, f"read: the open task was lost {MAX_ATTEMPTS} times ({type(error).__name__})", ledger)
+            yield self._fail(
+                image, f"read: the open task was lost {MAX_ATTEMPTS} times ({type(error).__name__})", ledger
+            )
             return
         image.opened = opened
         image.seconds["read"] += opened.seconds
@@ -272,8 +270,9 @@ class RayPipeline:
             status: TileRead = self.ray.get(ref)
         except self.ray.exceptions.RayError as error:
             if not image.done:
-                yield self._fail(image, f"read: a tile's read task was lost {MAX_ATTEMPTS} times "
-                                        f"({type(error).__name__})", ledger)
+                yield self._fail(
+                    image, f"read: a tile's read task was lost {MAX_ATTEMPTS} times ({type(error).__name__})", ledger
+                )
             return
         if image.done:
             return
@@ -295,11 +294,18 @@ class RayPipeline:
             return
         if isinstance(outcome, Exception):  # its worker, node or pixels were lost
             unit.attempts += 1
-            log.warning("worker lost while segmenting tile %d of %s (%s); attempt %d of %d", unit.index, image.uri,
-                        type(outcome).__name__, unit.attempts, MAX_ATTEMPTS)
+            log.warning(
+                "worker lost while segmenting tile %d of %s (%s); attempt %d of %d",
+                unit.index,
+                image.uri,
+                type(outcome).__name__,
+                unit.attempts,
+                MAX_ATTEMPTS,
+            )
             if unit.attempts >= MAX_ATTEMPTS:
-                yield self._fail(image, f"segment: the worker died on this image {MAX_ATTEMPTS} times "
-                                        "(out of memory?)", ledger)
+                yield self._fail(
+                    image, f"segment: the worker died on this image {MAX_ATTEMPTS} times (out of memory?)", ledger
+                )
                 return
             unit.pixels = unit.valid = None
             image.redone += 1
@@ -322,8 +328,13 @@ class RayPipeline:
             return
         opened = image.opened
         summary, result = self.finish_task.remote(
-            image.uri, opened.plan, self.job.amg.crop_nms_thresh, opened.started, image.seconds,
-            tuple(sorted(image.workers)), *image.tiles
+            image.uri,
+            opened.plan,
+            self.job.amg.crop_nms_thresh,
+            opened.started,
+            image.seconds,
+            tuple(sorted(image.workers)),
+            *image.tiles,
         )
         self.finishing[summary] = (image, result)
         image.tiles, image.photo = [], None
@@ -333,8 +344,9 @@ class RayPipeline:
         try:
             done: ImageDone = self.ray.get(ref)
         except self.ray.exceptions.RayError as error:
-            return self._fail(image, f"encode: the finish task was lost {MAX_ATTEMPTS} times "
-                                     f"({type(error).__name__})", ledger)
+            return self._fail(
+                image, f"encode: the finish task was lost {MAX_ATTEMPTS} times ({type(error).__name__})", ledger
+            )
         image.done = True
         self._add(image.uri, result, ledger)
         return replace(done, tiles_redone=image.redone)
@@ -345,8 +357,15 @@ class RayPipeline:
         if image.opened is not None and image.opened.plan is not None:
             size = image.opened.plan.image_hw
         started = image.opened.started if image.opened is not None else time.time()
-        result = image_result(image.uri, [], size=size, seconds=time.time() - started, stage_seconds=image.seconds,
-                              workers=tuple(sorted(image.workers)), error=error)
+        result = image_result(
+            image.uri,
+            [],
+            size=size,
+            seconds=time.time() - started,
+            stage_seconds=image.seconds,
+            workers=tuple(sorted(image.workers)),
+            error=error,
+        )
         image.done = True
         image.tiles, image.photo = [], None
         self._add(image.uri, result, ledger)
@@ -372,8 +391,15 @@ def _finish(
     try:
         result = finish_image(uri, finish_scene(plan, list(tiles), iou_threshold), started, seconds, workers)
     except Exception as error:  # noqa: BLE001 - one image's failure must not end the job
-        result = image_result(uri, [], size=plan.image_hw, seconds=time.time() - started, stage_seconds=seconds,
-                              workers=workers, error=f"encode: {one_line_reason(error, typed=True)}")
+        result = image_result(
+            uri,
+            [],
+            size=plan.image_hw,
+            seconds=time.time() - started,
+            stage_seconds=seconds,
+            workers=workers,
+            error=f"encode: {one_line_reason(error, typed=True)}",
+        )
     return result.done(), result
 
 
@@ -462,8 +488,9 @@ class SegmenterActor:
         except (ImageError, OverBudget) as error:
             return _TileDone(str(error), 0, time.perf_counter() - started, name), None
         except Exception as error:  # noqa: BLE001 - one image's failure must not end the job
-            return _TileDone(f"segment: {one_line_reason(error, typed=True)}", 0, time.perf_counter() - started,
-                             name), None
+            return _TileDone(
+                f"segment: {one_line_reason(error, typed=True)}", 0, time.perf_counter() - started, name
+            ), None
         return _TileDone(None, len(masks), time.perf_counter() - started, name), masks
 
 
@@ -521,8 +548,12 @@ class ActorPool:
     def start(self) -> None:
         for _ in range(self.n_actors):
             self._start_actor()
-        log.info("starting %d segmenting actor%s, each asking for %s", self.n_actors, "s" * (self.n_actors > 1),
-                 amounts(self.resources))
+        log.info(
+            "starting %d segmenting actor%s, each asking for %s",
+            self.n_actors,
+            "s" * (self.n_actors > 1),
+            amounts(self.resources),
+        )
 
     def stop(self) -> None:
         for actor in [*self.placing.values(), *self.starting.values(), *self.loaded]:
@@ -594,8 +625,12 @@ class ActorPool:
             if ref not in self.busy:
                 continue
             actor, unit, _ = self.busy[ref]
-            log.warning("%s: tile %d not back %.0f s past run.image_timeout_s; replacing its segmenting actor",
-                        unit.image.uri, unit.index, SEGMENT_GRACE_S)
+            log.warning(
+                "%s: tile %d not back %.0f s past run.image_timeout_s; replacing its segmenting actor",
+                unit.image.uri,
+                unit.index,
+                SEGMENT_GRACE_S,
+            )
             self._replace(actor)
             for other in [r for r, (a, _, _) in self.busy.items() if a is actor]:
                 self.busy.pop(other)

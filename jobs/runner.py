@@ -85,8 +85,12 @@ def prepare_plan(job: JobSpec, dataset: OutputDataset, overwrite: bool) -> Plan:
             raise
         existing, readable = None, False
     if existing is not None and existing.fingerprint == job.fingerprint():
-        log.info("resuming: the plan of this job's first run stands (%d images in %d shards; "
-                 "`sam-batch validate` lists inputs added or removed since)", len(existing.uris), len(existing.shards))
+        log.info(
+            "resuming: the plan of this job's first run stands (%d images in %d shards; "
+            "`sam-batch validate` lists inputs added or removed since)",
+            len(existing.uris),
+            len(existing.shards),
+        )
         return existing
     if existing is not None and not overwrite:
         raise JobRefused(
@@ -140,8 +144,10 @@ def _run_holding_the_lease(
     try:
         for event in executor.run(todo, dataset):
             if lease.lost:
-                raise LeaseHeld(f"{job.output.uri}: another run took this output's lease; this run stops "
-                                "(its committed shards stay)")
+                raise LeaseHeld(
+                    f"{job.output.uri}: another run took this output's lease; this run stops "
+                    "(its committed shards stay)"
+                )
             if isinstance(event, ShardCommit):
                 summary.stage_seconds["write"] += event.stats["write_seconds"]
                 summary.shards_committed += int(event.stats["committed"])
@@ -162,8 +168,12 @@ def _remove_unfinished(dataset: OutputDataset) -> None:
     """Take back what a run killed in the middle of a commit published without its marker."""
     removed = dataset.remove_unfinished()
     if removed:
-        log.warning("removed %d data file(s) of shards published by a killed run but never committed, "
-                    "first %s; their shards are done again", len(removed), removed[0])
+        log.warning(
+            "removed %d data file(s) of shards published by a killed run but never committed, "
+            "first %s; their shards are done again",
+            len(removed),
+            removed[0],
+        )
 
 
 def _count(summary: RunSummary, done: ImageDone) -> None:

@@ -435,8 +435,7 @@ class RasterSpec(_Section):
         if 2 * self.tile_overlap >= self.tile_size:
             raise _err(
                 "raster.tile_overlap",
-                f"must be less than half of raster.tile_size ({self.tile_size}), "
-                f"got {self.tile_overlap}",
+                f"must be less than half of raster.tile_size ({self.tile_size}), got {self.tile_overlap}",
             )
 
 
@@ -569,7 +568,7 @@ def normalise_uri(uri: str) -> str:
     absolute and normalised, so ids depend neither on the working directory nor on how a path
     was written; other URLs as given."""
     if uri.startswith("file://"):
-        uri = urllib.parse.unquote(uri[len("file://"):])  # a URL's %20 is a space in the path
+        uri = urllib.parse.unquote(uri[len("file://") :])  # a URL's %20 is a space in the path
     return uri if "://" in uri else os.path.abspath(uri)
 
 
@@ -658,7 +657,8 @@ class _StrictLoader(yaml.SafeLoader):
                 known = id(target) in self.aliased  # checked at its first use already
                 if self.alias_uses > MAX_YAML_ALIASES or (not known and self._holds_alias(target)):
                     raise yaml.composer.ComposerError(
-                        None, None,
+                        None,
+                        None,
                         f"alias *{event.anchor}: a job file may use aliases up to {MAX_YAML_ALIASES} times, "
                         "none of a node holding an alias",
                         event.start_mark,
@@ -756,9 +756,7 @@ def _allowed(section: str, known: Sequence[str]) -> str:
     return f" ({section or 'the job file'} has: {', '.join(known)})"
 
 
-def _apply_overrides(
-    data: Mapping[str, Any], overrides: Sequence[str]
-) -> tuple[dict[str, Any], list[str]]:
+def _apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     """Return a copy of ``data`` with ``key=value`` overrides applied, and the keys set."""
     result = copy.deepcopy(dict(data))
     keys = []
@@ -810,8 +808,4 @@ def _check_override_key(key: str, parts: list[str]) -> None:
 
 def _related(path: str, key: str) -> bool:
     """Whether an error at ``path`` concerns the field set by override ``key``."""
-    return (
-        path == key
-        or path.startswith((f"{key}.", f"{key}["))
-        or key.startswith(f"{path}.")
-    )
+    return path == key or path.startswith((f"{key}.", f"{key}[")) or key.startswith(f"{path}.")

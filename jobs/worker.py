@@ -73,8 +73,14 @@ class ImageResult:
 
     def done(self) -> ImageDone:
         """The runner's summary of this result."""
-        return ImageDone(self.uri, self.image_row["error"], len(self.mask_rows), self.stage_seconds, self.workers,
-                         self.tiles_segmented)
+        return ImageDone(
+            self.uri,
+            self.image_row["error"],
+            len(self.mask_rows),
+            self.stage_seconds,
+            self.workers,
+            self.tiles_segmented,
+        )
 
 
 @dataclass(frozen=True)
@@ -142,8 +148,9 @@ class ImageSegmenter:
 
                 tiles = segment_tiles(scene, plan, segment, budget.check)
                 seconds["segment"] = time.perf_counter() - t
-            return finish_image(uri, finish_scene(plan, tiles, self.params.crop_nms_thresh), started, seconds,
-                                (self.worker_name,))
+            return finish_image(
+                uri, finish_scene(plan, tiles, self.params.crop_nms_thresh), started, seconds, (self.worker_name,)
+            )
         except (ImageError, OverBudget) as error:
             return self._result(uri, size, started, seconds, str(error))
         except Exception as error:  # noqa: BLE001 - one image's failure must not end the job
@@ -196,14 +203,25 @@ class ImageSegmenter:
                 raise DecoderOutOfMemory(failed)
             self.params = dataclasses.replace(self.params, points_per_batch=failed // 2)
             self.engine.min_prompt_batch = failed // 2
-            log.warning("%s: out of GPU memory at %d prompts per decode call; segmenting it again at %d",
-                        uri, failed, failed // 2)
+            log.warning(
+                "%s: out of GPU memory at %d prompts per decode call; segmenting it again at %d",
+                uri,
+                failed,
+                failed // 2,
+            )
 
     def _result(
         self, uri: str, size: tuple[int, int] | None, started: float, seconds: dict[str, float], error: str
     ) -> ImageResult:
-        return image_result(uri, [], size=size, seconds=time.time() - started, stage_seconds=seconds,
-                            workers=(self.worker_name,), error=error)
+        return image_result(
+            uri,
+            [],
+            size=size,
+            seconds=time.time() - started,
+            stage_seconds=seconds,
+            workers=(self.worker_name,),
+            error=error,
+        )
 
 
 def finish_image(
@@ -217,8 +235,16 @@ def finish_image(
     t = time.perf_counter()
     rows = mask_rows(uri, result.records())
     seconds = {**seconds, "encode": seconds.get("encode", 0.0) + time.perf_counter() - t}
-    done = image_result(uri, rows, size=(result.height, result.width), seconds=time.time() - started,
-                        stage_seconds=seconds, workers=workers, crs=result.crs, transform=result.transform)
+    done = image_result(
+        uri,
+        rows,
+        size=(result.height, result.width),
+        seconds=time.time() - started,
+        stage_seconds=seconds,
+        workers=workers,
+        crs=result.crs,
+        transform=result.transform,
+    )
     return dataclasses.replace(done, tiles_segmented=result.tiles - result.tiles_skipped)
 
 

@@ -111,7 +111,9 @@ class CropMasks:
         )
 
     def cpu(self) -> CropMasks:
-        return CropMasks(self.masks.cpu(), self.boxes.cpu(), self.iou.cpu(), self.stability.cpu(), self.points, self.crop_box)
+        return CropMasks(
+            self.masks.cpu(), self.boxes.cpu(), self.iou.cpu(), self.stability.cpu(), self.points, self.crop_box
+        )
 
 
 @dataclass(frozen=True)
@@ -138,9 +140,7 @@ def generate_masks(engine: Engine, image: np.ndarray, params: AmgParams, check: 
     """
     height, width = image.shape[:2]
     boxes, layers = crop_boxes(height, width, params.crop_n_layers, params.crop_overlap_ratio)
-    grids = point_grids_per_layer(
-        params.points_per_side, params.crop_n_layers, params.crop_n_points_downscale_factor
-    )
+    grids = point_grids_per_layer(params.points_per_side, params.crop_n_layers, params.crop_n_points_downscale_factor)
     crops = []
     for index, (box, layer) in enumerate(zip(boxes, layers)):
         if index:
@@ -261,7 +261,9 @@ def _stable_masks(
     device, so full-size float masks never pile up, kept dense there.
     """
     if engine.windowed_upscale:
-        return _stable_masks_windowed(MaskUpsampler(crop.input_hw, crop.crop_hw), low_res, engine.mask_threshold, params)
+        return _stable_masks_windowed(
+            MaskUpsampler(crop.input_hw, crop.crop_hw), low_res, engine.mask_threshold, params
+        )
     return _stable_masks_batched(engine, crop, low_res, params)
 
 

@@ -26,9 +26,7 @@ def point_grid(n_per_side: int) -> np.ndarray:
     return np.stack([xs.ravel(), ys.ravel()], axis=1)
 
 
-def point_grids_per_layer(
-    points_per_side: int, n_layers: int, downscale_factor: int
-) -> list[np.ndarray]:
+def point_grids_per_layer(points_per_side: int, n_layers: int, downscale_factor: int) -> list[np.ndarray]:
     """Point grids for crop layers 0..n_layers.
 
     Layer ``i`` uses ``int(points_per_side / downscale_factor**i)`` points per side.
@@ -36,14 +34,10 @@ def point_grids_per_layer(
     Returns:
         ``n_layers + 1`` arrays, each (n_i**2, 2) normalised (x, y) as from :func:`point_grid`.
     """
-    return [
-        point_grid(int(points_per_side / downscale_factor**i)) for i in range(n_layers + 1)
-    ]
+    return [point_grid(int(points_per_side / downscale_factor**i)) for i in range(n_layers + 1)]
 
 
-def crop_boxes(
-    height: int, width: int, n_layers: int, overlap_ratio: float
-) -> tuple[list[list[int]], list[int]]:
+def crop_boxes(height: int, width: int, n_layers: int, overlap_ratio: float) -> tuple[list[list[int]], list[int]]:
     """Crop boxes of every layer, in the order the reference generator visits them.
 
     Layer 0 is the whole image. Layer ``i >= 1`` tiles the image with ``2**i`` x ``2**i``

@@ -98,7 +98,9 @@ class BoxedMasks:
 
     @classmethod
     def concat(cls, stacks: list[BoxedMasks]) -> BoxedMasks:
-        return cls(stacks[0].hw, torch.cat([stack.boxes for stack in stacks]), [b for stack in stacks for b in stack.bits])
+        return cls(
+            stacks[0].hw, torch.cat([stack.boxes for stack in stacks]), [b for stack in stacks for b in stack.bits]
+        )
 
 
 def _tight(window: tuple[int, int, np.ndarray] | None) -> tuple[list[int], np.ndarray]:

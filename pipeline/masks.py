@@ -73,9 +73,7 @@ def uncrop_points(points: Tensor, crop_box: list[int]) -> Tensor:
     return points + offset
 
 
-def box_near_crop_edge(
-    boxes: Tensor, crop_box: list[int], orig_box: list[int], atol: float = 20.0
-) -> Tensor:
+def box_near_crop_edge(boxes: Tensor, crop_box: list[int], orig_box: list[int], atol: float = 20.0) -> Tensor:
     """Which boxes touch a crop edge that is not also an edge of the image.
 
     Args:

@@ -32,11 +32,25 @@ MAX_SCENE_PIXELS = 200_000 * 200_000  # a header beyond this is not a scene but 
 MAX_PIXELS_PER_FILE_BYTE = 10_000
 STRETCH_SAMPLE_SIDE = 1024  # the decimated read for stretch limits is at most this a side
 # s3fs storage options and the argument of rasterio's AWSSession each is (`gdal_s3_session`)
-S3FS_TO_SESSION = {"key": "aws_access_key_id", "secret": "aws_secret_access_key", "token": "aws_session_token",
-                   "profile": "profile_name", "anon": "aws_unsigned"}
+S3FS_TO_SESSION = {
+    "key": "aws_access_key_id",
+    "secret": "aws_secret_access_key",
+    "token": "aws_session_token",
+    "profile": "profile_name",
+    "anon": "aws_unsigned",
+}
 # storage options that only tune fsspec's own caching, nothing GDAL would read differently
-FSSPEC_ONLY_OPTIONS = frozenset({"skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths",
-                                 "default_block_size", "default_fill_cache", "default_cache_type"})
+FSSPEC_ONLY_OPTIONS = frozenset(
+    {
+        "skip_instance_cache",
+        "use_listings_cache",
+        "listings_expiry_time",
+        "max_paths",
+        "default_block_size",
+        "default_fill_cache",
+        "default_cache_type",
+    }
+)
 REMOTE_BLOCK_BYTES = 2 * 2**20  # one range request of a remote raster (docs/benchmarks.md, "Rasters on S3")
 
 
@@ -197,9 +211,12 @@ class RasterScene:
         if self.width * self.height > MAX_SCENE_PIXELS:
             raise ImageError("decode", f"header claims {self.width}x{self.height} pixels, over {MAX_SCENE_PIXELS}")
         if self._file_bytes and self.width * self.height > MAX_PIXELS_PER_FILE_BYTE * self._file_bytes:
-            raise ImageError("decode", f"header claims {self.width}x{self.height} pixels in a file of "
-                                       f"{self._file_bytes} bytes, over {MAX_PIXELS_PER_FILE_BYTE} pixels a byte: "
-                                       "a sparse or broken raster")
+            raise ImageError(
+                "decode",
+                f"header claims {self.width}x{self.height} pixels in a file of "
+                f"{self._file_bytes} bytes, over {MAX_PIXELS_PER_FILE_BYTE} pixels a byte: "
+                "a sparse or broken raster",
+            )
         self.bands = rgb_bands(src, bands)
         self.palette = palette_colours(src, self.bands)
         self.crs = src.crs

@@ -40,7 +40,9 @@ def overlay(image: np.ndarray, masks: list[BoxMask], alpha: float = 0.45, seed: 
     for mask in sorted(masks, key=lambda m: -int(m.pixels.sum())):
         h, w = mask.pixels.shape
         if mask.x0 < 0 or mask.y0 < 0 or mask.x0 + w > width or mask.y0 + h > height:
-            raise ValueError(f"mask of size {(h, w)} at {(mask.x0, mask.y0)} does not fit image of size {(height, width)}")
+            raise ValueError(
+                f"mask of size {(h, w)} at {(mask.x0, mask.y0)} does not fit image of size {(height, width)}"
+            )
         colour = rng.integers(40, 256, size=3).astype(np.float32)
         box = canvas[mask.y0 : mask.y0 + h, mask.x0 : mask.x0 + w]  # a view: drawing on it draws on the canvas
         box[mask.pixels] = (1 - alpha) * box[mask.pixels] + alpha * colour

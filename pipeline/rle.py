@@ -32,10 +32,7 @@ def encode_rle_batch(masks: np.ndarray) -> list[dict]:
         N dicts as from :func:`encode_rle`, in order.
     """
     stack = np.asfortranarray(masks.transpose(1, 2, 0).view(np.uint8))
-    return [
-        {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
-        for rle in coco_mask.encode(stack)
-    ]
+    return [{"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")} for rle in coco_mask.encode(stack)]
 
 
 def decode_rle(rle: dict) -> np.ndarray:
@@ -92,4 +89,3 @@ def mask_rle_columns(pixels: np.ndarray, x0: int, y0: int, image_hw: tuple[int, 
     height, width = image_hw
     full = encode_rle_placed(pixels, x0, y0, image_hw) if height * width <= MAX_FULL_RLE_PIXELS else None
     return {"segmentation": full, "box_segmentation": encode_rle(pixels), "box_origin": [int(x0), int(y0)]}
-

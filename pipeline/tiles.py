@@ -177,7 +177,9 @@ def _priority_order(
     """Mask indexes, most preferred first: uncut, box centre in its tile's core, higher IoU, input order."""
     cores = np.array([t.core for t in tiles], dtype=np.int64)[tile_of]
     centre_x, centre_y = (boxes[:, 0] + boxes[:, 2] + 1) / 2, (boxes[:, 1] + boxes[:, 3] + 1) / 2
-    in_core = (cores[:, 0] <= centre_x) & (centre_x < cores[:, 2]) & (cores[:, 1] <= centre_y) & (centre_y < cores[:, 3])
+    in_core = (
+        (cores[:, 0] <= centre_x) & (centre_x < cores[:, 2]) & (cores[:, 1] <= centre_y) & (centre_y < cores[:, 3])
+    )
     iou = np.array([m.iou for m in masks], dtype=np.float64)
     return np.lexsort((np.arange(len(masks)), -iou, ~in_core, cut))
 

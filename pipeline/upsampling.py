@@ -111,7 +111,9 @@ class _AxisMap:
         for block in range(start, end, BLOCK):
             stop = min(block + BLOCK, end)
             lo, hi = int(self.first[block]), int(self.last[stop - 1]) + 1
-            torch.mm(self.matrix[block:stop, lo:hi], values[lo - first : hi - first], out=out[block - start : stop - start])
+            torch.mm(
+                self.matrix[block:stop, lo:hi], values[lo - first : hi - first], out=out[block - start : stop - start]
+            )
         return out
 
 

@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("job", help="the job file (YAML)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--overwrite", action="store_true", help="replace an output made by a different job")
-    run.add_argument("--force", action="store_true", help="take the output from another run that holds it (one known to be dead)")
+    run.add_argument(
+        "--force", action="store_true", help="take the output from another run that holds it (one known to be dead)"
+    )
     run.set_defaults(handler=_run)
 
     validate = commands.add_parser("validate", help="validate a job file and print the plan")
@@ -56,28 +58,54 @@ def _parser() -> argparse.ArgumentParser:
     render = commands.add_parser("render", help="draw the masks of one image over it")
     render.add_argument("output_uri")
     render.add_argument("image_uri")
-    render.add_argument("-o", "--out", required=True, help="the picture to write, in the format its extension names (.png, .jpg, ...)")
+    render.add_argument(
+        "-o", "--out", required=True, help="the picture to write, in the format its extension names (.png, .jpg, ...)"
+    )
     render.set_defaults(handler=_render)
 
     exporting = commands.add_parser(
-        "export", help="write an output's masks as GeoPackage, FlatGeobuf, GeoJSON, GeoParquet, COCO JSON or amg.py's folders",
+        "export",
+        help="write an output's masks as GeoPackage, FlatGeobuf, GeoJSON, GeoParquet, COCO JSON or amg.py's folders",
         description="Write the committed masks of an output to one file (or amg.py's folder layout), streamed.",
     )
     exporting.add_argument("output_uri", help="the output of a sam-batch run")
-    exporting.add_argument("--to", dest="destination", required=True, metavar="FILE_OR_URI",
-                           help=".gpkg .fgb .geojson .geojsons/.geojsonl .parquet (GeoParquet) .json (COCO); "
-                                "no extension: amg.py's layout, a folder per image")
-    exporting.add_argument("--format", help="gpkg, fgb, geojson, geojsonseq, geoparquet, coco or amg, whatever the extension")
-    exporting.add_argument("--where", metavar="SQL", help="DuckDB condition over the masks and images columns, "
-                                                          "e.g. \"predicted_iou > 0.9 AND image_uri LIKE '%%.tif'\"")
+    exporting.add_argument(
+        "--to",
+        dest="destination",
+        required=True,
+        metavar="FILE_OR_URI",
+        help=".gpkg .fgb .geojson .geojsons/.geojsonl .parquet (GeoParquet) .json (COCO); "
+        "no extension: amg.py's layout, a folder per image",
+    )
+    exporting.add_argument(
+        "--format", help="gpkg, fgb, geojson, geojsonseq, geoparquet, coco or amg, whatever the extension"
+    )
+    exporting.add_argument(
+        "--where",
+        metavar="SQL",
+        help="DuckDB condition over the masks and images columns, "
+        "e.g. \"predicted_iou > 0.9 AND image_uri LIKE '%%.tif'\"",
+    )
     for bound in ("min", "max"):
-        exporting.add_argument(f"--{bound}-area", type=float, metavar="A",
-                               help=f"{bound}imum area (inclusive): pixels for coco and amg; map units squared of "
-                                    "the output CRS for GIS formats, before simplifying")
-    exporting.add_argument("--simplify", type=float, metavar="TOLERANCE",
-                           help="GIS formats: simplify polygons within TOLERANCE map units, each keeping its topology")
-    exporting.add_argument("--crs", metavar="EPSG:CODE", help="GIS formats: reproject to this CRS (default: the scenes' own)")
-    exporting.add_argument("--coco-polygons", action="store_true", help="coco: polygons instead of RLE (holes are filled)")
+        exporting.add_argument(
+            f"--{bound}-area",
+            type=float,
+            metavar="A",
+            help=f"{bound}imum area (inclusive): pixels for coco and amg; map units squared of "
+            "the output CRS for GIS formats, before simplifying",
+        )
+    exporting.add_argument(
+        "--simplify",
+        type=float,
+        metavar="TOLERANCE",
+        help="GIS formats: simplify polygons within TOLERANCE map units, each keeping its topology",
+    )
+    exporting.add_argument(
+        "--crs", metavar="EPSG:CODE", help="GIS formats: reproject to this CRS (default: the scenes' own)"
+    )
+    exporting.add_argument(
+        "--coco-polygons", action="store_true", help="coco: polygons instead of RLE (holes are filled)"
+    )
     exporting.add_argument("--overwrite", action="store_true", help="replace the destination if it exists")
     exporting.set_defaults(handler=_export)
 
@@ -138,8 +166,10 @@ def _validate(args: argparse.Namespace) -> int:
     elif resumes:
         print(f"output: {job.output.uri} (holds this job: a run resumes it)")
         added, gone = sorted(set(listed) - set(plan.uris)), sorted(set(plan.uris) - set(listed))
-        for what, uris in (("listed now, not in the frozen plan (a run skips them)", added),
-                           ("in the frozen plan, no longer listed (a run still does them)", gone)):
+        for what, uris in (
+            ("listed now, not in the frozen plan (a run skips them)", added),
+            ("in the frozen plan, no longer listed (a run still does them)", gone),
+        ):
             if uris:
                 print(f"  {len(uris)} {what}: first {uris[0]}")
     else:
@@ -160,7 +190,9 @@ def _render(args: argparse.Namespace) -> int:
     try:
         plan = output.read_plan()
     except Exception as error:  # noqa: BLE001 - a missing bucket, a file, an unreadable plan: one line
-        raise LookupError(f"{args.output_uri}: cannot be read as a sam-batch output ({one_line_reason(error)})") from None
+        raise LookupError(
+            f"{args.output_uri}: cannot be read as a sam-batch output ({one_line_reason(error)})"
+        ) from None
     if plan is None:
         raise LookupError(f"{args.output_uri}: no sam-batch output there (no _sam_batch/plan.json)")
     candidates = _string_array({args.image_uri, normalise_uri(args.image_uri)})
@@ -173,8 +205,10 @@ def _render(args: argparse.Namespace) -> int:
     image = load_image(args.image_uri)
     segmented = (listed[0]["height"], listed[0]["width"])
     if rows and image.shape[:2] != segmented:
-        raise ValueError(f"{args.image_uri}: reads as {image.shape[1]}x{image.shape[0]} pixels, "
-                         f"segmented as {segmented[1]}x{segmented[0]}")
+        raise ValueError(
+            f"{args.image_uri}: reads as {image.shape[1]}x{image.shape[0]} pixels, "
+            f"segmented as {segmented[1]}x{segmented[0]}"
+        )
     picture = overlay(image, [box_mask(row) for row in rows])
     try:
         picture.save(args.out)  # the format its extension names
@@ -189,8 +223,16 @@ def _export(args: argparse.Namespace) -> int:
     from sam_batch.jobs.export_source import ExportError
 
     request = ExportRequest(
-        args.output_uri, args.destination, args.format, args.where, args.min_area, args.max_area,
-        args.simplify, args.crs, args.coco_polygons, args.overwrite,
+        args.output_uri,
+        args.destination,
+        args.format,
+        args.where,
+        args.min_area,
+        args.max_area,
+        args.simplify,
+        args.crs,
+        args.coco_polygons,
+        args.overwrite,
     )
     try:
         format_, counts = export(request)
@@ -213,7 +255,9 @@ def _weights_fetch(args: argparse.Namespace) -> int:
 def _export_onnx(args: argparse.Namespace) -> int:
     from sam_batch.engines.onnx_export import DEFAULT_OPSET, export_onnx
 
-    files = export_onnx(args.model_type, args.checkpoint, args.out, sha256=args.sha256, opset=args.opset or DEFAULT_OPSET)
+    files = export_onnx(
+        args.model_type, args.checkpoint, args.out, sha256=args.sha256, opset=args.opset or DEFAULT_OPSET
+    )
     print(f"{files.encoder}\n{files.decoder}")
     return EXIT_OK
 

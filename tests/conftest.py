@@ -13,8 +13,10 @@ import pytest
 from shared_data import HAS_SHARED_DATA, IMAGES, MOBILE_SAM, PARITY_LINES, SHARED
 
 INTEGRATION = Path(__file__).resolve().parent / "integration"
-MISSING_DATA = (f"needs the test data in {SHARED} (../shared beside the checkout: the checkpoint, "
-                "photos and golden files), which is not there")
+MISSING_DATA = (
+    f"needs the test data in {SHARED} (../shared beside the checkout: the checkpoint, "
+    "photos and golden files), which is not there"
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -77,6 +79,10 @@ def s3_endpoint():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     try:
-        yield {"key": "testing-key", "secret": "testing-secret", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+        yield {
+            "key": "testing-key",
+            "secret": "testing-secret",
+            "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
+        }
     finally:
         server.stop()

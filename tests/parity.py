@@ -26,7 +26,9 @@ def decode(segmentation: dict) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
-def strict_differences(ours: list[dict], reference: list[dict], known: dict[int, tuple[int, str]] | None = None) -> list[str]:
+def strict_differences(
+    ours: list[dict], reference: list[dict], known: dict[int, tuple[int, str]] | None = None
+) -> list[str]:
     """One line per difference, naming the mask index and the field; empty when strict-equal.
 
     known: mask index -> (pixels it may differ by, why), for masks the README lists.

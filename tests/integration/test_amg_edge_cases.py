@@ -144,8 +144,14 @@ def test_the_check_runs_between_tiles_crops_and_batches_only() -> None:
     generate_masks(HandMadeEngine(True), image, AmgParams(points_per_side=2, crop_n_layers=1), crops)
     assert crops.calls == 4  # five crops, one batch each
     tiles = Steps()
-    scene = segment_scene(HandMadeEngine(True), ArrayScene(np.zeros((SIDE, 2 * SIDE, 3), np.uint8)),
-                          AmgParams(points_per_side=2), 96, 16, tiles)
+    scene = segment_scene(
+        HandMadeEngine(True),
+        ArrayScene(np.zeros((SIDE, 2 * SIDE, 3), np.uint8)),
+        AmgParams(points_per_side=2),
+        96,
+        16,
+        tiles,
+    )
     assert (scene.tiles, tiles.calls) == (2, 1)
 
 

@@ -98,9 +98,16 @@ def test_an_address_where_no_cluster_listens_fails_the_job_at_once(tmp_path: Pat
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # free once closed: nothing listens there
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({"name": "nowhere", "input": {"uris": [str(IMAGES / "dog.jpg")]},
-                                   "output": {"uri": str(tmp_path / "out")},
-                                   "run": {"ray_address": f"127.0.0.1:{port}"}}))
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "name": "nowhere",
+                "input": {"uris": [str(IMAGES / "dog.jpg")]},
+                "output": {"uri": str(tmp_path / "out")},
+                "run": {"ray_address": f"127.0.0.1:{port}"},
+            }
+        )
+    )
     result = subprocess.run([SAM_BATCH, "run", str(job)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"run.ray_address 127.0.0.1:{port}: no Ray cluster reachable there (Connection refused" in result.stderr

@@ -23,7 +23,10 @@ def bench_gpu(out: Path, *options: str) -> list[dict]:
     """Run `python -m benchmarks.gpu_check` as a process on the CPU; its results, in order."""
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--out", str(out), *options],
-        capture_output=True, text=True, timeout=900, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -33,14 +36,30 @@ def bench_gpu(out: Path, *options: str) -> list[dict]:
 def test_every_phase_runs_and_reports_on_the_cpu(tmp_path: Path, shared_images: Path) -> None:
     rows = bench_gpu(
         tmp_path / "out",
-        "--images", str(shared_images / "dog.jpg"),
-        "--models", "vit_t", "vit_t:random",
-        "--precisions", "fp32", "fp16",
-        "--points-per-side", "4", "--repeats", "1",
-        "--run-images", "3", "--run-precision", "fp32",
-        "--encoder-batches", "2",
-        "--profile", "fp32",
-        "--compile", "fp32", "--compile-backend", "eager",
+        "--images",
+        str(shared_images / "dog.jpg"),
+        "--models",
+        "vit_t",
+        "vit_t:random",
+        "--precisions",
+        "fp32",
+        "fp16",
+        "--points-per-side",
+        "4",
+        "--repeats",
+        "1",
+        "--run-images",
+        "3",
+        "--run-precision",
+        "fp32",
+        "--encoder-batches",
+        "2",
+        "--profile",
+        "fp32",
+        "--compile",
+        "fp32",
+        "--compile-backend",
+        "eager",
     )
     by_phase: dict[str, list[dict]] = {}
     for row in rows:
@@ -53,8 +72,9 @@ def test_every_phase_runs_and_reports_on_the_cpu(tmp_path: Path, shared_images: 
     assert generated["vit_t", "fp32"]["images_per_second"] > 0
     # fp16 needs a GPU: each fp16 phase fails on its own, in one line, and the rest go on
     failed = {row["what"]: row["error"] for row in by_phase["failed"]}
-    assert set(failed) == {f"{phase} {model} fp16" for phase in ("generate", "encoder")
-                           for model in ("vit_t", "vit_t (random weights)")}
+    assert set(failed) == {
+        f"{phase} {model} fp16" for phase in ("generate", "encoder") for model in ("vit_t", "vit_t (random weights)")
+    }
     assert all("fp16 needs a GPU" in error for error in failed.values())
 
     run = by_phase["run"][0]
@@ -62,7 +82,9 @@ def test_every_phase_runs_and_reports_on_the_cpu(tmp_path: Path, shared_images: 
     assert run["masks"] == 3 * generated["vit_t", "fp32"]["images"]["dog.jpg"]["masks"]
 
     assert [(row["model"], row["images_per_call"]) for row in by_phase["encoder"]] == [
-        ("vit_t", 2), ("vit_t (random weights)", 2)]
+        ("vit_t", 2),
+        ("vit_t (random weights)", 2),
+    ]
     assert all(row["ms_per_image"] > 0 for row in by_phase["encoder"])
 
     profile = {row["model"]: row for row in by_phase["profile"]}
@@ -85,13 +107,32 @@ def test_every_phase_runs_and_reports_on_the_cpu(tmp_path: Path, shared_images: 
 
 
 def test_no_phase_starts_once_the_budget_is_spent(tmp_path: Path, shared_images: Path) -> None:
-    rows = bench_gpu(tmp_path / "out", "--images", str(shared_images / "dog.jpg"), "--budget-s", "0",
-                     "--run-images", "2", "--profile", "fp16", "--compile", "fp16")
+    rows = bench_gpu(
+        tmp_path / "out",
+        "--images",
+        str(shared_images / "dog.jpg"),
+        "--budget-s",
+        "0",
+        "--run-images",
+        "2",
+        "--profile",
+        "fp16",
+        "--compile",
+        "fp16",
+    )
     skipped = [row["what"] for row in rows if row["phase"] == "skipped"]
     assert [row["phase"] for row in rows] == ["environment"] + ["skipped"] * len(skipped)
-    assert skipped == ["generate vit_t fp32", "generate vit_t fp16", "generate vit_t bf16", "run",
-                       "profile vit_t fp16", "encoder vit_t fp32", "encoder vit_t fp16", "encoder vit_t bf16",
-                       "compile vit_t fp16"]
+    assert skipped == [
+        "generate vit_t fp32",
+        "generate vit_t fp16",
+        "generate vit_t bf16",
+        "run",
+        "profile vit_t fp16",
+        "encoder vit_t fp32",
+        "encoder vit_t fp16",
+        "encoder vit_t bf16",
+        "compile vit_t fp16",
+    ]
     assert "skipped" in (tmp_path / "out" / "report.md").read_text()
 
 
@@ -99,9 +140,22 @@ def test_no_phase_starts_once_the_budget_is_spent(tmp_path: Path, shared_images:
 @pytest.mark.skipif(not REFERENCE_PYTHON.exists(), reason="needs the reference environment (make bench-env)")
 def test_the_reference_phase_times_mobile_sam_beside_ours(tmp_path: Path, shared_images: Path) -> None:
     rows = bench_gpu(
-        tmp_path / "out", "--images", str(shared_images / "dog.jpg"), str(shared_images / "groceries.jpg"),
-        "--precisions", "fp32", "--points-per-side", "4", "--repeats", "1", "--run-images", "0",
-        "--encoder-batches", "--reference", "--reference-python", str(REFERENCE_PYTHON),
+        tmp_path / "out",
+        "--images",
+        str(shared_images / "dog.jpg"),
+        str(shared_images / "groceries.jpg"),
+        "--precisions",
+        "fp32",
+        "--points-per-side",
+        "4",
+        "--repeats",
+        "1",
+        "--run-images",
+        "0",
+        "--encoder-batches",
+        "--reference",
+        "--reference-python",
+        str(REFERENCE_PYTHON),
     )
     reference = next(row for row in rows if row["phase"] == "reference")
     assert set(reference["images"]) == {"dog.jpg", "groceries.jpg"}

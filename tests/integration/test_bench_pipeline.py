@@ -67,10 +67,25 @@ def test_stand_in_masks_lie_in_their_tile_and_some_are_cut(bench):
 def test_smallest_run_segments_every_tile_and_commits_its_masks(bench, tmp_path):
     """One 2048² scene (9 tiles), one actor: what the report is made of, and the output it wrote."""
     uris = bench.write_scenes(tmp_path / "scenes", 1, 2048, georeferenced=True)
-    config = bench.RunConfig("smallest", str(tmp_path), uris, actors=1, cpus=4, tile_seconds=0.01,
-                             masks_per_tile=20, latency_s=0.01, shard_size=64, tuning={"READ_AHEAD": 3})
-    done = subprocess.run([sys.executable, str(SCRIPT), "--one", json.dumps(asdict(config))],
-                          capture_output=True, text=True, timeout=600, check=False)
+    config = bench.RunConfig(
+        "smallest",
+        str(tmp_path),
+        uris,
+        actors=1,
+        cpus=4,
+        tile_seconds=0.01,
+        masks_per_tile=20,
+        latency_s=0.01,
+        shard_size=64,
+        tuning={"READ_AHEAD": 3},
+    )
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--one", json.dumps(asdict(config))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert (result["images"], result["errors"]) == (1, [])

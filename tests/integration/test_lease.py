@@ -42,16 +42,27 @@ def test_a_lease_not_renewed_in_time_or_of_a_dead_process_is_taken_over(tmp_path
     path.parent.mkdir(parents=True)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    holder = {"run_id": "r", "host": "elsewhere", "machine": "m", "pid": 1, "process_start": "x",
-              "renewed": time.time(), "from_a_newer_version": True}  # unknown keys are left out
+    holder = {
+        "run_id": "r",
+        "host": "elsewhere",
+        "machine": "m",
+        "pid": 1,
+        "process_start": "x",
+        "renewed": time.time(),
+        "from_a_newer_version": True,
+    }  # unknown keys are left out
     here = {**holder, "host": socket.gethostname(), "machine": lease_module._machine(), "pid": dead.pid}
-    for stale in ({**holder, "renewed": time.time() - lease_module.LEASE_TTL_S - 1},  # another host, silent
-                  here):  # this machine, process gone
+    for stale in (
+        {**holder, "renewed": time.time() - lease_module.LEASE_TTL_S - 1},  # another host, silent
+        here,
+    ):  # this machine, process gone
         path.write_text(json.dumps(stale))
         with OutputLease(dataset):
             assert json.loads(path.read_text())["pid"] == os.getpid()
-    for held in (holder,  # another host, renewed just now
-                 {**here, "machine": "another container with the same host name"}):
+    for held in (
+        holder,  # another host, renewed just now
+        {**here, "machine": "another container with the same host name"},
+    ):
         path.write_text(json.dumps(held))
         with pytest.raises(LeaseHeld, match=f"process {held['pid']} on {held['host']}"):
             OutputLease(dataset).acquire()
@@ -101,7 +112,9 @@ def committing_for(out: Path, pid: int, job_name: str) -> bool:
     try:
         holder = json.loads((out / "_sam_batch" / "lease.json").read_text())
         plan = json.loads((out / "_sam_batch" / "plan.json").read_text())
-        return holder["pid"] == pid and plan["job"]["name"] == job_name and any((out / "_sam_batch" / "commits").iterdir())
+        return (
+            holder["pid"] == pid and plan["job"]["name"] == job_name and any((out / "_sam_batch" / "commits").iterdir())
+        )
     except (OSError, ValueError, KeyError):
         return False
 
@@ -114,8 +127,12 @@ def test_two_runs_on_one_output_one_is_refused_and_nothing_is_lost(tmp_path) -> 
     gone) and finishes the job."""
     out = tmp_path / "out"
     uris = [str(IMAGES / n) for n in NAMES]
-    job = write_job(tmp_path, "first", uris, out, amg={"points_per_side": 4}, run={"executor": "local", "shard_size": 1})
-    other = write_job(tmp_path, "other", uris, out, amg={"points_per_side": 2}, run={"executor": "local", "shard_size": 1})
+    job = write_job(
+        tmp_path, "first", uris, out, amg={"points_per_side": 4}, run={"executor": "local", "shard_size": 1}
+    )
+    other = write_job(
+        tmp_path, "other", uris, out, amg={"points_per_side": 2}, run={"executor": "local", "shard_size": 1}
+    )
     first = subprocess.Popen([SAM_BATCH, "run", str(job)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lease_file = out / "_sam_batch" / "lease.json"
     deadline = time.time() + 120
@@ -135,8 +152,9 @@ def test_two_runs_on_one_output_one_is_refused_and_nothing_is_lost(tmp_path) -> 
     assert len(keys) == len(set(keys)) == sum(r["n_masks"] for r in rows)
     assert not lease_file.exists()
 
-    killed = subprocess.Popen([SAM_BATCH, "run", str(other), "--overwrite"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen(
+        [SAM_BATCH, "run", str(other), "--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while not committing_for(out, killed.pid, "other"):
         assert killed.poll() is None and time.time() < deadline

@@ -26,7 +26,9 @@ SAM_BATCH = str(Path(sys.executable).parent / "sam-batch")
 FAST_AMG = {"points_per_side": 2}
 
 
-def job_for(manifest: str, out: str = "/tmp/unused", uris: list[str] | None = None, options: dict | None = None) -> dict:
+def job_for(
+    manifest: str, out: str = "/tmp/unused", uris: list[str] | None = None, options: dict | None = None
+) -> dict:
     """A job whose inputs come from `manifest` (plus `uris`), run in process on a tiny grid."""
     return {
         "name": "manifest",
@@ -61,7 +63,9 @@ def run(job: dict, tmp_path: Path) -> subprocess.CompletedProcess:
 
 def test_text_manifest_skips_blank_lines_and_comments(tmp_path, photos) -> None:
     manifest = tmp_path / "list.txt"
-    manifest.write_text(f"# photos to segment\n\n  {photos[1]}  \r\n{photos[0]}\n   \n  # indented comment\n{photos[1]}\n")
+    manifest.write_text(
+        f"# photos to segment\n\n  {photos[1]}  \r\n{photos[0]}\n   \n  # indented comment\n{photos[1]}\n"
+    )
     assert listed(job_for(str(manifest))) == sorted(str(p) for p in photos)
 
 
@@ -77,7 +81,12 @@ def test_parquet_manifest_gives_its_uri_column(tmp_path, photos) -> None:
 def test_manifest_and_uris_are_united_without_duplicates(tmp_path, photos) -> None:
     manifest = tmp_path / "list.txt"
     manifest.write_text(f"{photos[0]}\n{IMAGES / 'groceries.jpg'}\nfile://{photos[1]}\n")
-    inputs = listed(job_for(str(manifest), uris=[f"file://{photos[0].parent}/*.jpg", str(photos[0].parent / ".." / photos[0].parent.name / "dog.jpg")]))
+    inputs = listed(
+        job_for(
+            str(manifest),
+            uris=[f"file://{photos[0].parent}/*.jpg", str(photos[0].parent / ".." / photos[0].parent.name / "dog.jpg")],
+        )
+    )
     assert inputs == sorted({str(photos[0]), str(photos[1]), str(IMAGES / "groceries.jpg")})
 
 
@@ -86,6 +95,7 @@ def test_a_listed_file_with_glob_characters_in_its_name_is_that_file(tmp_path, p
     bracketed = tmp_path / "scan[1].jpg"
     bracketed.write_bytes(photos[0].read_bytes())
     (tmp_path / "scan1.jpg").write_bytes(photos[1].read_bytes())
+
     def of(*uris: Path) -> dict:
         return {**job_for("unused"), "input": {"uris": [str(u) for u in uris]}}
 
@@ -134,8 +144,11 @@ def test_a_glob_enters_linked_folders_once_on_a_path_and_never_lists_the_output(
     def of(pattern: str) -> list[str]:
         return listed({**job_for("unused", out=str(out)), "input": {"uris": [f"{inputs}/{pattern}"]}})
 
-    assert of("**/*.jpg") == [str(inputs / "link.jpg"), str(inputs / "linked" / "b.jpg"),
-                              str(inputs / "linked" / "deeper" / "c.jpg")]
+    assert of("**/*.jpg") == [
+        str(inputs / "link.jpg"),
+        str(inputs / "linked" / "b.jpg"),
+        str(inputs / "linked" / "deeper" / "c.jpg"),
+    ]
     cycle = "1 linked folder(s) lead back to a folder on their own path (a cycle) and were not entered"
     assert f"{cycle}, first {inputs}/linked/deeper/back" in caplog.text
     assert "1 listed file(s) lie under output.uri" in caplog.text

@@ -127,8 +127,12 @@ def test_reprojection_is_gdals_of_every_vertex() -> None:
         for ring, want in zip(rings, want_rings):
             np.testing.assert_allclose(ring, np.asarray(want), rtol=0, atol=1e-9)
     points = np.concatenate([ring for rings in got for ring in rings])
-    assert bounds == {"xmin": points[:, 0].min(), "ymin": points[:, 1].min(),
-                      "xmax": points[:, 0].max(), "ymax": points[:, 1].max()}
+    assert bounds == {
+        "xmin": points[:, 0].min(),
+        "ymin": points[:, 1].min(),
+        "xmax": points[:, 0].max(),
+        "ymax": points[:, 1].max(),
+    }
     assert west < bounds["xmin"] < bounds["xmax"] < east and south < bounds["ymin"] < bounds["ymax"] < north
 
 
@@ -154,17 +158,21 @@ def _check_bounds(out: Path, crs: str) -> None:
     images = f"read_parquet('{out}/images/*.parquet')"
     scenes = duckdb.sql(f"SELECT image_id, image_uri, crs, transform, width, height FROM {images}").fetchall()
     assert scenes
-    for image_id, uri, scene_crs, transform, width, height in scenes:
+    for image_id, uri, crs_in_table, transform, _width, _height in scenes:
         with rasterio.open(uri) as src:
-            assert scene_crs == f"EPSG:{src.crs.to_epsg()}" and transform == list(src.transform)[:6]
+            assert crs_in_table == f"EPSG:{src.crs.to_epsg()}" and transform == list(src.transform)[:6]
             west, south, east, north = transform_bounds(src.crs, crs, *src.bounds, densify_pts=101)
         rows = duckdb.sql(f"SELECT geometry, geometry_bbox FROM {masks} WHERE image_id = '{image_id}'").fetchall()
         assert rows
         margin = 1e-6 * max(abs(east - west), abs(north - south))
         for geometry, box in rows:
             points = np.concatenate([ring for rings in parse_wkb(geometry) for ring in rings])
-            assert box == {"xmin": points[:, 0].min(), "ymin": points[:, 1].min(),
-                           "xmax": points[:, 0].max(), "ymax": points[:, 1].max()}
+            assert box == {
+                "xmin": points[:, 0].min(),
+                "ymin": points[:, 1].min(),
+                "xmax": points[:, 0].max(),
+                "ymax": points[:, 1].max(),
+            }
             assert west - margin <= box["xmin"] <= box["xmax"] <= east + margin
             assert south - margin <= box["ymin"] <= box["ymax"] <= north + margin
         spread_x = max(b["xmax"] for _, b in rows) - min(b["xmin"] for _, b in rows)
@@ -192,8 +200,12 @@ def test_a_resumed_run_writes_in_the_frozen_crs(two_zones: Path, tmp_path: Path)
     subprocess.run(["cp", "-r", str(two_zones), str(out)], check=True)
     plan = out / "_sam_batch" / "plan.json"
     plan.write_text(plan.read_text().replace('"output_crs": "EPSG:4326"', '"output_crs": "EPSG:3857"'))
-    for path in (out / "masks" / "shard-00001.parquet", out / "images" / "shard-00001.parquet",
-                 out / "_sam_batch" / "commits" / "shard-00001.json", out / "_sam_batch" / "claims" / "shard-00001.json"):
+    for path in (
+        out / "masks" / "shard-00001.parquet",
+        out / "images" / "shard-00001.parquet",
+        out / "_sam_batch" / "commits" / "shard-00001.json",
+        out / "_sam_batch" / "claims" / "shard-00001.json",
+    ):
         path.unlink()
     summary = run_job(parse_job(_job(tmp_path, [LANDSAT, UINT16])))
     assert (summary.shards_skipped, summary.shards_committed) == (1, 1)
@@ -201,8 +213,9 @@ def test_a_resumed_run_writes_in_the_frozen_crs(two_zones: Path, tmp_path: Path)
     with rasterio.open(UINT16) as src:
         west, south, east, north = transform_bounds(src.crs, "EPSG:3857", *src.bounds, densify_pts=101)
     redone = pq.read_table(out / "masks" / "shard-00001.parquet").column("geometry_bbox").to_pylist()
-    assert redone and all(west <= b["xmin"] <= b["xmax"] <= east and south <= b["ymin"] <= b["ymax"] <= north
-                          for b in redone)
+    assert redone and all(
+        west <= b["xmin"] <= b["xmax"] <= east and south <= b["ymin"] <= b["ymax"] <= north for b in redone
+    )
 
 
 def test_an_explicit_crs_is_honoured(tmp_path: Path) -> None:

@@ -25,8 +25,11 @@ from shared_data import IMAGES, PARITY_LINES, golden_files, load_golden
 # golden file -> {mask index: (pixels it may differ by, why)}
 KNOWN_PIXEL_DIFFERENCES: dict[str, dict[int, tuple[int, str]]] = {
     "extra/groceries.jpg.pps8.iou0.stab0.json": {
-        41: (1, "pixel (row 239, col 1): the reference's logit there is +3.9e-6, ours is on the other side of 0 "
-                "within fp32 rounding"),
+        41: (
+            1,
+            "pixel (row 239, col 1): the reference's logit there is +3.9e-6, ours is on the other side of 0 "
+            "within fp32 rounding",
+        ),
     },
 }
 
@@ -119,7 +122,11 @@ def test_batches_decoded_at_once_change_no_mask(engine) -> None:
     assert {torch_threads for _, torch_threads in concurrent.calls} == {1}
     assert one_by_one and len(at_once) == len(one_by_one)
     for got, want in zip(at_once, one_by_one):
-        assert (got["segmentation"], got["bbox"], got["point_coords"]) == (want["segmentation"], want["bbox"], want["point_coords"])
+        assert (got["segmentation"], got["bbox"], got["point_coords"]) == (
+            want["segmentation"],
+            want["bbox"],
+            want["point_coords"],
+        )
         assert got["predicted_iou"] == pytest.approx(want["predicted_iou"], abs=1e-5)
         assert got["stability_score"] == pytest.approx(want["stability_score"], abs=1e-5)
 

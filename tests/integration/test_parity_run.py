@@ -24,7 +24,10 @@ from parity import strict_differences
 from shared_data import IMAGES, PARITY_LINES, TEST_DATA, load_golden
 
 HELD_OUT = TEST_DATA / "held_out"
-LARGE_PHOTOS = {"truck.jpg": "truck.jpg.pps32.crop0.minarea0.json", "app_assets_picture4.jpg": "app_assets_picture4.jpg.pps32.crop0.minarea0.json"}
+LARGE_PHOTOS = {
+    "truck.jpg": "truck.jpg.pps32.crop0.minarea0.json",
+    "app_assets_picture4.jpg": "app_assets_picture4.jpg.pps32.crop0.minarea0.json",
+}
 MIN_HELD_OUT_AGREEMENT = 0.99
 
 pytestmark = pytest.mark.slow
@@ -36,14 +39,19 @@ def records_by_image(out: Path) -> dict[str, list[dict]]:
     found: dict[str, list[dict]] = {}
     for row in rows:
         found.setdefault(Path(row["image_uri"]).name, []).append(
-            {**row, "segmentation": {"size": list(row["segmentation"]["size"]), "counts": row["segmentation"]["counts"]}}
+            {
+                **row,
+                "segmentation": {"size": list(row["segmentation"]["size"]), "counts": row["segmentation"]["counts"]},
+            }
         )
     return found
 
 
 def test_large_photos_are_segmented_whole_as_the_reference_does(tmp_path) -> None:
     out = tmp_path / "out"
-    job = write_job(tmp_path, "large-photos", [str(IMAGES / name) for name in LARGE_PHOTOS], out, run={"executor": "ray"})
+    job = write_job(
+        tmp_path, "large-photos", [str(IMAGES / name) for name in LARGE_PHOTOS], out, run={"executor": "ray"}
+    )
     sam_batch("run", str(job))
     images = {Path(r["image_uri"]).name: r for r in pq.read_table(out / "images").to_pylist()}
     assert (images["truck.jpg"]["width"], images["truck.jpg"]["height"]) == (1800, 1200)
@@ -51,14 +59,18 @@ def test_large_photos_are_segmented_whole_as_the_reference_does(tmp_path) -> Non
     for name, golden_name in LARGE_PHOTOS.items():
         reference = load_golden(golden_name)["masks"]
         differences = strict_differences(ours[name], reference)
-        PARITY_LINES.append(f"sam-batch run {golden_name}: ours {len(ours[name])} reference {len(reference)}, "
-                            f"{'strict-equal' if not differences else differences[:3]}")
+        PARITY_LINES.append(
+            f"sam-batch run {golden_name}: ours {len(ours[name])} reference {len(reference)}, "
+            f"{'strict-equal' if not differences else differences[:3]}"
+        )
         assert not differences, (name, differences[:10])
         assert all(r["crop_box"] == [0, 0, images[name]["width"], images[name]["height"]] for r in ours[name])
 
 
 def test_held_out_photos_agree_with_the_reference(tmp_path) -> None:
-    references = {path.name.removesuffix(".json"): json.loads(path.read_text()) for path in sorted(HELD_OUT.glob("*.png.json"))}
+    references = {
+        path.name.removesuffix(".json"): json.loads(path.read_text()) for path in sorted(HELD_OUT.glob("*.png.json"))
+    }
     assert len(references) >= 4 and any(max(r["shape"][:2]) > 1024 for r in references.values())
     params = next(iter(references.values()))["params"]
     assert all(r["params"] == params for r in references.values())

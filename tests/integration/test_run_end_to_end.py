@@ -88,7 +88,9 @@ def test_every_mask_decodes_to_its_area_and_box(ray_run) -> None:
 def test_schema_is_the_spec(ray_run) -> None:
     _, out, _ = ray_run
     masks = pq.read_schema(next((out / "masks").glob("*.parquet")))
-    as_written = [(f.name, str(f.type).replace("element:", "item:")) for f in masks]  # Parquet names list items "element"
+    as_written = [
+        (f.name, str(f.type).replace("element:", "item:")) for f in masks
+    ]  # Parquet names list items "element"
     assert as_written == [
         ("image_uri", "string"),
         ("image_id", "string"),
@@ -107,14 +109,25 @@ def test_schema_is_the_spec(ray_run) -> None:
     ]
     images = pq.read_schema(next((out / "images").glob("*.parquet")))
     assert images.names == [
-        "image_uri", "image_id", "status", "error", "width", "height", "n_masks", "seconds", "crs", "transform"
+        "image_uri",
+        "image_id",
+        "status",
+        "error",
+        "width",
+        "height",
+        "n_masks",
+        "seconds",
+        "crs",
+        "transform",
     ]
 
 
 def test_duckdb_reads_the_output(ray_run) -> None:
     _, out, _ = ray_run
     masks, images = f"read_parquet('{out}/masks/*.parquet')", f"read_parquet('{out}/images/*.parquet')"
-    duplicates = duckdb.sql(f"SELECT count(*) FROM (SELECT image_id, mask_id FROM {masks} GROUP BY ALL HAVING count(*) > 1)")
+    duplicates = duckdb.sql(
+        f"SELECT count(*) FROM (SELECT image_id, mask_id FROM {masks} GROUP BY ALL HAVING count(*) > 1)"
+    )
     assert duplicates.fetchall()[0][0] == 0
     per_image = duckdb.sql(
         f"SELECT i.image_id, i.n_masks, count(m.mask_id) AS n, coalesce(max(m.mask_id), -1) AS last "
@@ -200,10 +213,16 @@ def test_torch_loads_in_the_segmenting_actors_only(tmp_path) -> None:
     """A Ray job's driver, and the read and commit tasks (functions of modules the driver
     imports), never import torch: it is the segmenting actors' alone."""
     out = tmp_path / "out"
-    job = write_job(tmp_path, "light-driver", [str(IMAGES / "dog.jpg")], out, amg={"points_per_side": 2},
-                    run={"executor": "ray"})
-    driver = "import sys; from sam_batch.cli import main; rc = main(sys.argv[1:]); print('torch' in sys.modules); sys.exit(rc)"
-    result = subprocess.run([sys.executable, "-c", driver, "run", str(job)], capture_output=True, text=True, timeout=600)
+    job = write_job(
+        tmp_path, "light-driver", [str(IMAGES / "dog.jpg")], out, amg={"points_per_side": 2}, run={"executor": "ray"}
+    )
+    driver = (
+        "import sys; from sam_batch.cli import main; rc = main(sys.argv[1:]); "
+        "print('torch' in sys.modules); sys.exit(rc)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", driver, "run", str(job)], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "False"
     assert pq.read_table(out / "images").column("status").to_pylist() == ["ok"]
@@ -226,9 +245,13 @@ def test_photos_run_in_process_without_ray_or_rasterio(tmp_path) -> None:
     """The in-process executor on photos needs neither Ray nor rasterio (a GPU box without them,
     as deploy/gpu-check.sh finds one, runs jobs)."""
     out = tmp_path / "out"
-    job = write_job(tmp_path, "bare", [str(IMAGES / "dog.jpg")], out, amg={"points_per_side": 2}, run={"executor": "local"})
+    job = write_job(
+        tmp_path, "bare", [str(IMAGES / "dog.jpg")], out, amg={"points_per_side": 2}, run={"executor": "local"}
+    )
     driver = BLOCK_IMPORTS.format(blocked=("ray", "rasterio"))
-    result = subprocess.run([sys.executable, "-c", driver, "run", str(job)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", driver, "run", str(job)], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr
     assert pq.read_table(out / "images").select(["status", "error"]).to_pylist() == [{"status": "ok", "error": None}]
     assert pq.read_table(out / "masks").num_rows > 0
@@ -255,10 +278,12 @@ def test_the_default_executor_runs_a_small_job_in_process_and_resumes_it(tmp_pat
     after its first shard's commit is resumed by the same command, every image once."""
     out = tmp_path / "out"
     names = ["dog.jpg", "groceries.jpg"]
-    job = write_job(tmp_path, "default", [str(IMAGES / n) for n in names], out, amg={"points_per_side": 2},
-                    run={"shard_size": 1})
-    stopped = subprocess.run([sys.executable, "-c", STOP_AFTER_FIRST_COMMIT, "run", str(job)],
-                             capture_output=True, text=True, timeout=600)
+    job = write_job(
+        tmp_path, "default", [str(IMAGES / n) for n in names], out, amg={"points_per_side": 2}, run={"shard_size": 1}
+    )
+    stopped = subprocess.run(
+        [sys.executable, "-c", STOP_AFTER_FIRST_COMMIT, "run", str(job)], capture_output=True, text=True, timeout=600
+    )
     assert stopped.returncode == 1 and "run the same command again to resume" in stopped.stderr
     assert "executor: local (auto: 2 images to do" in stopped.stderr
     assert len(list((out / "_sam_batch" / "commits").iterdir())) == 1
@@ -287,8 +312,14 @@ def test_a_resumed_job_keeps_its_frozen_plan_and_overwrite_keeps_the_output_unti
     for name in ("a.jpg", "b.jpg"):
         Image.open(IMAGES / "dog.jpg").resize((96, 64)).save(folder / name)
     out = tmp_path / "out"
-    job = write_job(tmp_path, "frozen", [str(folder / "*.jpg")], out, amg={"points_per_side": 2},
-                    run={"executor": "local", "shard_size": 1})
+    job = write_job(
+        tmp_path,
+        "frozen",
+        [str(folder / "*.jpg")],
+        out,
+        amg={"points_per_side": 2},
+        run={"executor": "local", "shard_size": 1},
+    )
     sam_batch("run", str(job))
     Image.open(IMAGES / "dog.jpg").resize((96, 64)).save(folder / "c.jpg")
 
@@ -301,7 +332,10 @@ def test_a_resumed_job_keeps_its_frozen_plan_and_overwrite_keeps_the_output_unti
 
     nothing = sam_batch("run", str(job), "--set", f"input.uris=[{folder}/*.png]", "--overwrite", check=False)
     assert nothing.returncode == 1 and "no images found" in nothing.stderr and "removing" not in nothing.stderr
-    assert sorted(Path(u).name for u in pq.read_table(out / "images").column("image_uri").to_pylist()) == ["a.jpg", "b.jpg"]
+    assert sorted(Path(u).name for u in pq.read_table(out / "images").column("image_uri").to_pylist()) == [
+        "a.jpg",
+        "b.jpg",
+    ]
     assert "holds this job" in sam_batch("validate", str(job)).stdout
 
 
@@ -351,8 +385,10 @@ def test_a_read_only_output_is_one_line_for_validate_and_run_before_any_work(tmp
     """A write probe in the output's root, or while it does not exist in the nearest folder
     above it: `validate` and `run` say the same line, exit 2, and `run` starts nothing."""
     reason = "Read-only file system" if os.geteuid() == 0 else "Permission denied"
-    for out, probed in ((read_only_folder / "existing", read_only_folder / "existing"),
-                        (read_only_folder / "new" / "out", read_only_folder)):
+    for out, probed in (
+        (read_only_folder / "existing", read_only_folder / "existing"),
+        (read_only_folder / "new" / "out", read_only_folder),
+    ):
         job = write_job(tmp_path, "read-only", [str(IMAGES / "dog.jpg")], out, run={"executor": "local"})
         line = f"sam-batch: invalid job: output.uri '{out}' cannot be written ({probed}: {reason})"
         for command in ("validate", "run"):
@@ -373,7 +409,9 @@ def test_an_unreadable_plan_is_one_line_and_overwrite_starts_again(tmp_path) -> 
     out = tmp_path / "out"
     (out / "_sam_batch").mkdir(parents=True)
     (out / "_sam_batch" / "plan.json").write_text('{"fingerprint": "3f2a')
-    job = write_job(tmp_path, "cut", [str(IMAGES / "dog.jpg")], out, amg={"points_per_side": 4}, run={"executor": "local"})
+    job = write_job(
+        tmp_path, "cut", [str(IMAGES / "dog.jpg")], out, amg={"points_per_side": 4}, run={"executor": "local"}
+    )
     refused = sam_batch("run", str(job), check=False)
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
     assert "plan.json cannot be read" in refused.stderr and "--overwrite" in refused.stderr
@@ -445,12 +483,22 @@ def test_local_executor_reads_ahead_and_bad_files_are_rows(tmp_path) -> None:
     (folder / "c-text.png").write_text("not an image")
     (folder / "d-truck.jpg").write_bytes((IMAGES / "truck.jpg").read_bytes())
     out = tmp_path / "out"
-    job = write_job(tmp_path, "local-bad", [str(folder / "*")], out, amg={"points_per_side": 2},
-                    run={"executor": "local", "shard_size": 3})
+    job = write_job(
+        tmp_path,
+        "local-bad",
+        [str(folder / "*")],
+        out,
+        amg={"points_per_side": 2},
+        run={"executor": "local", "shard_size": 3},
+    )
     sam_batch("run", str(job))
     rows = sorted(pq.read_table(out / "images").to_pylist(), key=lambda r: r["image_uri"])
     assert [(Path(r["image_uri"]).name, r["status"]) for r in rows] == [
-        ("a-empty.jpg", "error"), ("b-dog.jpg", "ok"), ("c-text.png", "error"), ("d-truck.jpg", "ok")]
+        ("a-empty.jpg", "error"),
+        ("b-dog.jpg", "ok"),
+        ("c-text.png", "error"),
+        ("d-truck.jpg", "ok"),
+    ]
     assert rows[0]["error"].startswith("read:") and rows[2]["error"].startswith("decode:")
     assert all("\n" not in r["error"] for r in rows if r["error"])
     assert rows[1]["n_masks"] > 0 and rows[1]["seconds"] > 0
@@ -464,8 +512,14 @@ def test_a_fifo_named_like_a_photo_is_an_error_row_not_a_hang(tmp_path, executor
     fifo = tmp_path / "x.jpg"
     os.mkfifo(fifo)
     out = tmp_path / "out"
-    job = write_job(tmp_path, "fifo", [str(fifo), str(IMAGES / "dog.jpg")], out,
-                    amg={"points_per_side": 2}, run={"executor": executor})
+    job = write_job(
+        tmp_path,
+        "fifo",
+        [str(fifo), str(IMAGES / "dog.jpg")],
+        out,
+        amg={"points_per_side": 2},
+        run={"executor": executor},
+    )
     sam_batch("run", str(job))
     rows = {Path(r["image_uri"]).name: r for r in pq.read_table(out / "images").to_pylist()}
     assert rows["x.jpg"]["status"] == "error" and rows["x.jpg"]["error"] == "read: a FIFO, not a regular file"
@@ -484,8 +538,14 @@ def test_a_full_disk_names_the_output_and_a_rerun_resumes(tmp_path) -> None:
     try:
         out = disk / "out"
         names = ["dog.jpg", "groceries.jpg", "picture1.jpg"]
-        job = write_job(tmp_path, "full-disk", [str(IMAGES / n) for n in names], out,
-                        amg={"points_per_side": 2}, run={"executor": "local", "shard_size": 1})
+        job = write_job(
+            tmp_path,
+            "full-disk",
+            [str(IMAGES / n) for n in names],
+            out,
+            amg={"points_per_side": 2},
+            run={"executor": "local", "shard_size": 1},
+        )
         full = sam_batch("run", str(job), check=False)
         assert full.returncode == 1
         assert f"{out}: no space left on its device while committing shard-0000" in full.stderr
@@ -510,6 +570,7 @@ def test_a_commit_out_of_space_or_quota_is_one_line_naming_the_output(tmp_path, 
 
     dataset = OutputDataset(str(tmp_path / "out"))
     for code, what in ((errno.ENOSPC, "no space left on its device"), (errno.EDQUOT, "over its disk quota")):
+
         def full(path: str, data: bytes, code: int = code) -> None:
             raise OSError(code, os.strerror(code))
 

@@ -137,8 +137,15 @@ def scenes_behind_a_counter(s3, tmp_path_factory):
     fs, options = s3
     tmp = tmp_path_factory.mktemp("scenes")
     pixels = np.random.default_rng(0).integers(0, 256, (3, SIDE, SIDE), dtype=np.uint8)
-    profile = {"driver": "GTiff", "width": SIDE, "height": SIDE, "count": 3, "dtype": "uint8", "crs": "EPSG:32618",
-               "transform": rasterio.transform.from_origin(300_000, 4_000_000, 1, 1)}
+    profile = {
+        "driver": "GTiff",
+        "width": SIDE,
+        "height": SIDE,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:32618",
+        "transform": rasterio.transform.from_origin(300_000, 4_000_000, 1, 1),
+    }
     with rasterio.open(tmp / "strip.tif", "w", **profile) as out:
         out.write(pixels)
     with rasterio.open(tmp / "tiled.tif", "w", tiled=True, blockxsize=256, blockysize=256, **profile) as out:
@@ -149,8 +156,11 @@ def scenes_behind_a_counter(s3, tmp_path_factory):
         fs.put_file(str(tmp / name), f"photos/scenes/{name}")
     moto_port = int(options["client_kwargs"]["endpoint_url"].rsplit(":", 1)[1])
     with CountingProxy(moto_port) as proxy:
-        through = {**options, "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{proxy.port}"},
-                   "skip_instance_cache": True}
+        through = {
+            **options,
+            "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{proxy.port}"},
+            "skip_instance_cache": True,
+        }
         yield fs, through, proxy
 
 
@@ -199,16 +209,25 @@ def test_a_run_on_an_s3_output_another_process_holds_is_refused(s3, tmp_path) ->
 
     fs, options = s3
     names = ["dog.jpg", "groceries.jpg"]
-    job = {"name": "s3-lease", "input": {"uris": [str(IMAGES / n) for n in names]},
-           "output": {"uri": "s3://photos/leased", "storage_options": options},
-           "amg": {"points_per_side": 4}, "run": {"executor": "local", "shard_size": 1}}
+    job = {
+        "name": "s3-lease",
+        "input": {"uris": [str(IMAGES / n) for n in names]},
+        "output": {"uri": "s3://photos/leased", "storage_options": options},
+        "amg": {"points_per_side": 4},
+        "run": {"executor": "local", "shard_size": 1},
+    }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     with OutputLease(OutputDataset("s3://photos/leased", options)):
         refused = subprocess.run([SAM_BATCH, "run", str(path)], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1 and CANARY not in refused.stdout + refused.stderr
-    assert refused.stderr.strip().splitlines()[-1].startswith(
-        f"sam-batch: LeaseHeld: s3://photos/leased is being written by another run (process {os.getpid()} on ")
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"sam-batch: LeaseHeld: s3://photos/leased is being written by another run (process {os.getpid()} on "
+        )
+    )
     fs.invalidate_cache()
     assert not fs.exists("photos/leased/_sam_batch/plan.json")  # refused before it planned
     result = subprocess.run([SAM_BATCH, "run", str(path)], capture_output=True, text=True, timeout=600)
@@ -224,18 +243,32 @@ def test_gdal_reads_s3_only_with_what_s3fs_would_use() -> None:
     the same way sends the scene through fsspec instead."""
     from sam_batch.pipeline.rasters import gdal_s3_session
 
-    session, settings = gdal_s3_session({"key": "id", "secret": CANARY, "token": "t", "skip_instance_cache": True,
-                                         "client_kwargs": {"endpoint_url": "https://s3.example.org:9000",
-                                                           "region_name": "eu-west-1"}})
+    session, settings = gdal_s3_session(
+        {
+            "key": "id",
+            "secret": CANARY,
+            "token": "t",
+            "skip_instance_cache": True,
+            "client_kwargs": {"endpoint_url": "https://s3.example.org:9000", "region_name": "eu-west-1"},
+        }
+    )
     assert session.get_credential_options() == {
-        "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": CANARY, "AWS_SESSION_TOKEN": "t",
-        "AWS_REGION": "eu-west-1", "AWS_S3_ENDPOINT": "s3.example.org:9000"}
+        "AWS_ACCESS_KEY_ID": "id",
+        "AWS_SECRET_ACCESS_KEY": CANARY,
+        "AWS_SESSION_TOKEN": "t",
+        "AWS_REGION": "eu-west-1",
+        "AWS_S3_ENDPOINT": "s3.example.org:9000",
+    }
     assert settings == {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "AWS_HTTPS": "YES", "AWS_VIRTUAL_HOSTING": "FALSE"}
     assert CANARY not in repr(session)
     assert gdal_s3_session({"anon": True})[0].get_credential_options() == {"AWS_NO_SIGN_REQUEST": "YES"}
-    for other in ({"requester_pays": True}, {"config_kwargs": {"signature_version": "s3v4"}},
-                  {"client_kwargs": {"verify": False}}, {"endpoint_url": "http://host:9000/prefix"},
-                  {"endpoint_url": "ftp://host"}):
+    for other in (
+        {"requester_pays": True},
+        {"config_kwargs": {"signature_version": "s3v4"}},
+        {"client_kwargs": {"verify": False}},
+        {"endpoint_url": "http://host:9000/prefix"},
+        {"endpoint_url": "ftp://host"},
+    ):
         assert gdal_s3_session(other) is None, other
 
 
@@ -273,9 +306,15 @@ def test_racing_commits_of_one_shard_on_s3_have_one_winner_whose_files_stay(s3) 
     fs, options = s3
     round_s = 0.5  # s between rounds: a commit on moto takes well under it
     start = time.time() + 5.0  # both processes are up by then
-    racers = [subprocess.Popen([sys.executable, "-c", RACER, json.dumps(options), run_id, str(start),
-                                str(RACE_ROUNDS), str(round_s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-              for run_id in ("run-a", "run-b")]
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, json.dumps(options), run_id, str(start), str(RACE_ROUNDS), str(round_s)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for run_id in ("run-a", "run-b")
+    ]
     outcomes = {}
     for run_id, racer in zip(("run-a", "run-b"), racers):
         stdout, stderr = racer.communicate(timeout=300)

@@ -75,7 +75,11 @@ def test_normalisation_softmax_reductions_and_point_encoding_stay_fp32() -> None
 def test_pinning_sets_precision_and_output_types_on_float_layers_only() -> None:
     def layer(type_name: str, name: str, dtype: str):
         return SimpleNamespace(
-            type=SimpleNamespace(name=type_name), name=name, num_outputs=1, precision=None, output_types={},
+            type=SimpleNamespace(name=type_name),
+            name=name,
+            num_outputs=1,
+            precision=None,
+            output_types={},
             get_output=lambda j: SimpleNamespace(dtype=dtype),
         )
 
@@ -118,12 +122,23 @@ def test_low_precision_needs_tensorrt_10() -> None:
 
 
 def test_plan_cache_key_names_precision_gpu_capability_version_and_profile() -> None:
-    args = dict(graph="decoder", precision="fp16", gpu_name="NVIDIA H100 80GB HBM3", capability=(9, 0),
-                trt_version="10.13.0.35", profile=DecoderProfile())
+    args = dict(
+        graph="decoder",
+        precision="fp16",
+        gpu_name="NVIDIA H100 80GB HBM3",
+        capability=(9, 0),
+        trt_version="10.13.0.35",
+        profile=DecoderProfile(),
+    )
     name = plan_name(**args)
     assert name.startswith("decoder-fp16-nvidia-h100-80gb-hbm3-sm90-trt10.13.0.35-") and name.endswith(".plan")
-    for change in ({"precision": "fp32"}, {"gpu_name": "NVIDIA A10G"}, {"capability": (8, 6)},
-                   {"trt_version": "10.12.0.36"}, {"profile": DecoderProfile(max_prompts=512)}):
+    for change in (
+        {"precision": "fp32"},
+        {"gpu_name": "NVIDIA A10G"},
+        {"capability": (8, 6)},
+        {"trt_version": "10.12.0.36"},
+        {"profile": DecoderProfile(max_prompts=512)},
+    ):
         assert plan_name(**{**args, **change}) != name, change
     assert plan_name(**{**args, "graph": "encoder", "profile": None}).endswith("-static.plan")
 
@@ -134,7 +149,9 @@ def test_missing_package_and_gpu_are_named(monkeypatch) -> None:
     with pytest.raises(EngineError) as error:
         require_tensorrt("auto")
     message = str(error.value)
-    assert message.startswith("engine.backend tensorrt needs the `tensorrt` package (pip install tensorrt-cu12) and a CUDA GPU")
+    assert message.startswith(
+        "engine.backend tensorrt needs the `tensorrt` package (pip install tensorrt-cu12) and a CUDA GPU"
+    )
     assert "no `tensorrt` package" in message and "no CUDA GPU visible" in message
     with pytest.raises(EngineError, match="engine.device is cpu"):
         require_tensorrt("cpu")
@@ -159,7 +176,10 @@ def test_sam_batch_run_names_what_tensorrt_lacks(tmp_path: Path) -> None:
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     result = subprocess.run([SAM_BATCH, "run", str(tmp_path / "job.yaml")], capture_output=True, text=True, timeout=600)
     assert result.returncode == 1
-    assert "engine.backend tensorrt needs the `tensorrt` package (pip install tensorrt-cu12) and a CUDA GPU" in result.stderr
+    assert (
+        "engine.backend tensorrt needs the `tensorrt` package (pip install tensorrt-cu12) and a CUDA GPU"
+        in result.stderr
+    )
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,13 @@ from shared_data import IMAGES, MOBILE_SAM, REPO
 
 @pytest.mark.parametrize(
     ("width", "height", "tile_size", "overlap"),
-    [(800, 534, 1024, 128), (1800, 1200, 1024, 128), (5000, 3001, 1024, 128), (791, 718, 512, 100), (1025, 64, 1024, 0)],
+    [
+        (800, 534, 1024, 128),
+        (1800, 1200, 1024, 128),
+        (5000, 3001, 1024, 128),
+        (791, 718, 512, 100),
+        (1025, 64, 1024, 0),
+    ],
 )
 def test_tiles_cover_the_image_and_cores_partition_it(width: int, height: int, tile_size: int, overlap: int) -> None:
     tiles = plan_tiles(width, height, tile_size, overlap)
@@ -167,7 +173,10 @@ def test_scene_masks_hold_their_pixels_packed() -> None:
         assert mask.bits.shape == (height, (width + 7) // 8) and mask.bits.dtype == np.uint8
         assert np.array_equal(mask.pixels, pixels) and mask.pixels.dtype == bool
         assert mask.area == pixels.sum() and mask.box == (7, 3, 7 + width - 1, 3 + height - 1)
-        window = sorted(int(v) for v in rng.integers(7, 8 + width, 2)), sorted(int(v) for v in rng.integers(3, 4 + height, 2))
+        window = (
+            sorted(int(v) for v in rng.integers(7, 8 + width, 2)),
+            sorted(int(v) for v in rng.integers(3, 4 + height, 2)),
+        )
         (x0, x1), (y0, y1) = window
         assert np.array_equal(tiles_module._view(mask, x0, y0, x1, y1), pixels[y0 - 3 : y1 - 3, x0 - 7 : x1 - 7])
 
@@ -274,7 +283,12 @@ def _brute_force_merge(
 
 
 def _windows_overlap(a: Tile, b: Tile) -> bool:
-    return a.window[0] < b.window[2] and b.window[0] < a.window[2] and a.window[1] < b.window[3] and b.window[1] < a.window[3]
+    return (
+        a.window[0] < b.window[2]
+        and b.window[0] < a.window[2]
+        and a.window[1] < b.window[3]
+        and b.window[1] < a.window[3]
+    )
 
 
 def _box_iou(a: tuple[int, ...], b: tuple[int, ...]) -> float:
@@ -329,7 +343,12 @@ def _union_of(members: list[SceneMask], tiles: list[Tile]) -> SceneMask:
         iou=largest.iou,
         stability=largest.stability,
         point=largest.point,
-        crop_box=[min(w[0] for w in windows), min(w[1] for w in windows), max(w[2] for w in windows), max(w[3] for w in windows)],
+        crop_box=[
+            min(w[0] for w in windows),
+            min(w[1] for w in windows),
+            max(w[2] for w in windows),
+            max(w[3] for w in windows),
+        ],
         tile=first.tile,
         cut=largest.cut,
         parts=sorted(i for m in members for i in m.parts),

@@ -192,8 +192,14 @@ def test_an_actor_stuck_past_the_budget_is_killed_and_replaced(monkeypatch) -> N
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests
     monkeypatch.setattr(ray_pipeline, "SegmenterActor", HangingActor)
     monkeypatch.setattr(ray_pipeline, "SEGMENT_GRACE_S", 0.0)
-    job = parse_job({"name": "stuck", "input": {"uris": ["x.jpg"]}, "output": {"uri": "out"},
-                     "run": {"image_timeout_s": IMAGE_TIMEOUT_S}})
+    job = parse_job(
+        {
+            "name": "stuck",
+            "input": {"uris": ["x.jpg"]},
+            "output": {"uri": "out"},
+            "run": {"image_timeout_s": IMAGE_TIMEOUT_S},
+        }
+    )
     executor = executors.RayExecutor(job)
     assert executor._init_ray(ray), "a Ray was already running in this process"
     pool = ray_pipeline.ActorPool(ray, job, {"num_cpus": 0.5}, 1)

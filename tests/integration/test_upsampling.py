@@ -106,7 +106,10 @@ def test_windowed_stability_filter_equals_the_full_size_one(dog_logits) -> None:
     assert torch.equal(masks.tight_boxes(), masks_to_boxes(dense))  # each box is its mask's
 
 
-@pytest.mark.parametrize(("input_hw", "crop_hw"), [((1024, 1024), (1024, 1024)), ((683, 1024), (1200, 1800)), ((1024, 576), (1024, 576)), ((1024, 683), (150, 100))])
+@pytest.mark.parametrize(
+    ("input_hw", "crop_hw"),
+    [((1024, 1024), (1024, 1024)), ((683, 1024), (1200, 1800)), ((1024, 576), (1024, 576)), ((1024, 683), (150, 100))],
+)
 def test_window_logits_are_the_interpolated_ones_on_large_crops(input_hw, crop_hw) -> None:
     """Over windows of many blocks (1024-pixel axes and more), logits equal SAM's interpolation."""
     generator = torch.Generator().manual_seed(0)

@@ -97,17 +97,33 @@ def example_result(
         Round(Side(140.0, masks), Side(50.0, masks[:1]), reference_first=True, max_load=1.0),
         Round(Side(160.0, masks), Side(70.0, masks[:1]), reference_first=False, max_load=max_load),
     )
-    return ImageTiming("dog.jpg", 20, 30, rounds, threads=2,
-                       reference_baseline=reference_baseline, ours_baseline=ours_baseline)
+    return ImageTiming(
+        "dog.jpg", 20, 30, rounds, threads=2, reference_baseline=reference_baseline, ours_baseline=ours_baseline
+    )
 
 
 def test_table_reports_medians_ratio_load_drift_counts_and_agreement() -> None:
     lines = format_table([example_result(reference_baseline=145.0)]).splitlines()
-    assert lines[0].startswith("| image | size | reference s | sam-batch s | speed-up | max load | reference vs baseline")
+    assert lines[0].startswith(
+        "| image | size | reference s | sam-batch s | speed-up | max load | reference vs baseline"
+    )
     assert len(lines) == 3
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert cells == ["dog.jpg", "30×20", "150.0", "60.0", "2.50×", "1.50", "+3.4%", "no baseline",
-                     "2", "1", "0.500", "1.000", "0.5000"]
+    assert cells == [
+        "dog.jpg",
+        "30×20",
+        "150.0",
+        "60.0",
+        "2.50×",
+        "1.50",
+        "+3.4%",
+        "no baseline",
+        "2",
+        "1",
+        "0.500",
+        "1.000",
+        "0.5000",
+    ]
 
 
 class FakeLoad:
@@ -128,6 +144,7 @@ def test_rounds_alternate_the_order_and_report_the_medians() -> None:
         def run() -> Side:
             calls.append(name)
             return Side(next(seconds[name]), [])
+
         return run
 
     rounds = alternate_rounds(4, side("reference"), side("ours"), LoadSampler(FakeLoad(0.5)))
@@ -137,7 +154,14 @@ def test_rounds_alternate_the_order_and_report_the_medians() -> None:
     assert (result.reference_seconds, result.ours_seconds) == (155.0, 15.5)  # of 4: mean of the middle two
     assert result.speedup == 10.0
     rows = format_rounds([result]).splitlines()[2:]
-    assert [c.strip() for c in rows[1].strip("|").split("|")] == ["x.png", "2", "sam-batch, reference", "300.0", "30.0", "0.50"]
+    assert [c.strip() for c in rows[1].strip("|").split("|")] == [
+        "x.png",
+        "2",
+        "sam-batch, reference",
+        "300.0",
+        "30.0",
+        "0.50",
+    ]
 
 
 def test_fewer_than_two_rounds_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -243,16 +267,22 @@ def test_baselines_parse_from_their_block_only() -> None:
 def test_the_projects_doc_carries_the_rules_and_the_seeded_baselines() -> None:
     text = (REPO / "docs" / "benchmarks.md").read_text()
     assert text.startswith(DOC_HEADER.split("## Quiet baselines")[0])
-    references = {b.image: b.seconds for b in parse_baselines(text)
-                  if (b.points_per_side, b.threads, b.side) == (32, 2, "reference")}
+    references = {
+        b.image: b.seconds
+        for b in parse_baselines(text)
+        if (b.points_per_side, b.threads, b.side) == (32, 2, "reference")
+    }
     assert references == {"dog.jpg": 166.0, "groceries.jpg": 162.2}
 
 
-@pytest.mark.parametrize("bad", [
-    "| dog.jpg | 32 | 2 | reference | fast | AMD EPYC | x |",
-    "| dog.jpg | 32 | 2 | theirs | 166.0 | AMD EPYC | x |",
-    "| dog.jpg | 32 | 2 | reference | 166.0 | AMD EPYC |",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "| dog.jpg | 32 | 2 | reference | fast | AMD EPYC | x |",
+        "| dog.jpg | 32 | 2 | theirs | 166.0 | AMD EPYC | x |",
+        "| dog.jpg | 32 | 2 | reference | 166.0 | AMD EPYC |",
+    ],
+)
 def test_a_baseline_row_that_does_not_parse_is_an_error(bad: str) -> None:
     lines = BASELINES_DOC.splitlines()
     lines[9] = bad
@@ -266,11 +296,13 @@ def test_baselines_with_other_columns_are_an_error() -> None:
 
 
 def test_a_valid_run_offers_rows_for_sides_without_a_baseline() -> None:
-    seeds = missing_baselines([example_result(reference_baseline=150.0)], points_per_side=32, cpu="AMD EPYC",
-                              measured="today")
+    seeds = missing_baselines(
+        [example_result(reference_baseline=150.0)], points_per_side=32, cpu="AMD EPYC", measured="today"
+    )
     assert seeds == [Baseline("dog.jpg", 32, 2, "sam-batch", 60.0, "AMD EPYC", "today")]
-    assert missing_baselines([example_result(reference_baseline=100.0)], points_per_side=32, cpu="c",
-                             measured="t") == []  # the reference drifted: nothing to seed from
+    assert (
+        missing_baselines([example_result(reference_baseline=100.0)], points_per_side=32, cpu="c", measured="t") == []
+    )  # the reference drifted: nothing to seed from
     assert missing_baselines([example_result(max_load=3.0)], points_per_side=32, cpu="c", measured="t") == []
 
 
@@ -283,25 +315,52 @@ def test_default_images_add_two_held_out_photos() -> None:
 
 def test_doc_section_names_machine_versions_command_date_and_verdict(tmp_path: Path) -> None:
     machine = Machine(
-        cores=2, cpu_model="AMD EPYC", threads=2, torch_ours="2.13.0+cpu", torch_reference="2.14.1",
-        mobile_sam="1.0.0", load_before=1.5, load_max=2.75, load_after=3.25,
+        cores=2,
+        cpu_model="AMD EPYC",
+        threads=2,
+        torch_ours="2.13.0+cpu",
+        torch_reference="2.14.1",
+        mobile_sam="1.0.0",
+        load_before=1.5,
+        load_max=2.75,
+        load_after=3.25,
     )
     whole = WholeProcess(320.0, 80.0, [Agreement(1.0, 0.99, 0.98)], max_load=1.5, cores=2)
     section = format_section(
-        [example_result(max_load=2.75)], whole, machine, model_type="vit_t", points_per_side=32,
-        command="python -m benchmarks.reference --write-doc", when=datetime.datetime(2025, 1, 2, 3, 4),
+        [example_result(max_load=2.75)],
+        whole,
+        machine,
+        model_type="vit_t",
+        points_per_side=32,
+        command="python -m benchmarks.reference --write-doc",
+        when=datetime.datetime(2025, 1, 2, 3, 4),
         note="other work ran meanwhile",
     )
     assert section.startswith("## 2025-01-02 03:04 UTC — vit_t, 32×32 points, 2 threads\n")
-    for expected in ("2 cores (`nproc`), AMD EPYC", "torch 2.14.1", "mobilesam-mirror 1.0.0",
-                     "torch 2.13.0+cpu", "`python -m benchmarks.reference --write-doc`", "1.50 / 2.75 / 3.25",
-                     "note: other work ran meanwhile", "| dog.jpg |", "2.50× NOT VALID",
-                     "- NOT VALID: dog.jpg: 1-minute load reached 2.75 above 2 threads",
-                     "| dog.jpg | 2 | sam-batch, reference | 160.0 | 70.0 | 2.75 |",
-                     "| start to exit | 1 | 320.0 | 80.0 | 4.00× | 1.50 |"):
+    for expected in (
+        "2 cores (`nproc`), AMD EPYC",
+        "torch 2.14.1",
+        "mobilesam-mirror 1.0.0",
+        "torch 2.13.0+cpu",
+        "`python -m benchmarks.reference --write-doc`",
+        "1.50 / 2.75 / 3.25",
+        "note: other work ran meanwhile",
+        "| dog.jpg |",
+        "2.50× NOT VALID",
+        "- NOT VALID: dog.jpg: 1-minute load reached 2.75 above 2 threads",
+        "| dog.jpg | 2 | sam-batch, reference | 160.0 | 70.0 | 2.75 |",
+        "| start to exit | 1 | 320.0 | 80.0 | 4.00× | 1.50 |",
+    ):
         assert expected in section
-    quiet = format_section([example_result()], None, machine, model_type="vit_t", points_per_side=32,
-                           command="c", when=datetime.datetime(2025, 1, 2, 3, 4))
+    quiet = format_section(
+        [example_result()],
+        None,
+        machine,
+        model_type="vit_t",
+        points_per_side=32,
+        command="c",
+        when=datetime.datetime(2025, 1, 2, 3, 4),
+    )
     assert "- every ratio valid, no side drifted" in quiet
     doc = tmp_path / "docs" / "benchmarks.md"
     append_section(doc, section)
@@ -322,7 +381,10 @@ def test_missing_reference_env_is_one_line_and_exit_1(tmp_path: Path, capsys: py
 def test_cli_missing_reference_env(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.reference", "--", "--ref-venv", str(tmp_path / "nowhere")],
-        capture_output=True, text=True, check=False, cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
@@ -336,4 +398,3 @@ def test_whole_process_row_reports_the_worst_image() -> None:
     assert len(lines) == 3 and lines[0].startswith("| whole process | images | reference s | `sam-batch run` s")
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     assert cells == ["start to exit", "2", "300.0", "60.0", "5.00×", "1.25", "0.970", "0.980"]
-

@@ -46,7 +46,7 @@ def test_engines_imports_have_no_circle() -> None:
     done: set[str] = set()
 
     def visit(module: str, path: list[str]) -> None:
-        assert module not in path, f"import circle: {' -> '.join(path[path.index(module):] + [module])}"
+        assert module not in path, f"import circle: {' -> '.join(path[path.index(module) :] + [module])}"
         if module not in done:
             for imported in sorted(graph[module]):
                 visit(imported, path + [module])

@@ -52,15 +52,21 @@ def test_a_store_that_creates_exclusively_passes_and_keeps_nothing(tmp_path: Pat
 
 
 def test_a_store_that_overwrites_is_refused_by_name() -> None:
-    with pytest.raises(DatasetError, match=r"^overwriting://out: this store replaced a file it was asked to "
-                                           r"create only if absent.*its fsspec back-end is OverwritingFileSystem of "):
+    with pytest.raises(
+        DatasetError,
+        match=r"^overwriting://out: this store replaced a file it was asked to "
+        r"create only if absent.*its fsspec back-end is OverwritingFileSystem of ",
+    ):
         OutputDataset("overwriting://out").check_exclusive_create("out")
     assert not OverwritingFileSystem.store  # the probe is gone
 
 
 def test_a_store_without_exclusive_create_is_refused_with_its_reason() -> None:
-    with pytest.raises(DatasetError, match=r"cannot create a file only if it is absent here "
-                                           r"\(NotImplementedError: mode 'xb' is not supported\)"):
+    with pytest.raises(
+        DatasetError,
+        match=r"cannot create a file only if it is absent here "
+        r"\(NotImplementedError: mode 'xb' is not supported\)",
+    ):
         OutputDataset("refusing://out").check_exclusive_create("out")
 
 
@@ -68,8 +74,16 @@ def test_a_store_without_exclusive_create_is_refused_with_its_reason() -> None:
 def test_run_and_validate_refuse_such_a_store_before_touching_it(tmp_path: Path, capsys, command) -> None:
     (tmp_path / "in.jpg").write_bytes(b"")
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({"name": "lossy", "input": {"uris": [str(tmp_path / "in.jpg")]},
-                                   "output": {"uri": "overwriting://out"}, "run": {"executor": "local"}}))
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "name": "lossy",
+                "input": {"uris": [str(tmp_path / "in.jpg")]},
+                "output": {"uri": "overwriting://out"},
+                "run": {"executor": "local"},
+            }
+        )
+    )
     assert main([command, str(job)]) == EXIT_JOB_FAILED
     [line] = capsys.readouterr().err.strip().splitlines()[-1:]
     assert line.startswith("sam-batch: DatasetError: overwriting://out: this store replaced a file")

@@ -25,10 +25,27 @@ def test_the_wheel_holds_the_product_and_no_benchmark(tmp_path: Path) -> None:
     source.mkdir()
     for name in SOURCES:
         copy = shutil.copytree if (REPO / name).is_dir() else shutil.copyfile
-        copy(REPO / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+        copy(
+            REPO / name,
+            source / name,
+            **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}),
+        )
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
-        check=True, capture_output=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
     )
     (wheel,) = (tmp_path / "dist").glob("sam_batch-*.whl")
     modules = [n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")]
@@ -40,7 +57,9 @@ def test_the_wheel_holds_the_product_and_no_benchmark(tmp_path: Path) -> None:
 def test_help_lists_only_the_product_commands() -> None:
     commands = _parser()._subparsers._group_actions[0].choices
     assert set(commands) == PRODUCT_COMMANDS
-    usage = subprocess.run([sys.executable, "-m", "sam_batch.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    usage = subprocess.run(
+        [sys.executable, "-m", "sam_batch.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "bench" not in usage
 
 
@@ -53,8 +72,21 @@ def test_without_the_shared_data_unit_tests_run_and_the_rest_say_why(tmp_path: P
     and the run says so in its header and summary."""
     env = {**os.environ, "SAM_BATCH_SHARED": str(tmp_path / "no-shared")}
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/unit/test_nms_reference.py", "tests/integration"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/unit/test_nms_reference.py",
+            "tests/integration",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout[-2000:]
     assert "integration tests not run" in done.stdout and "no-shared" in done.stdout

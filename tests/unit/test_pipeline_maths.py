@@ -1,7 +1,6 @@
 """The AMG maths (grids, masks, RLE, NMS, cleanup) against hand-built cases; against the golden
 files in tests/integration/test_golden_maths.py."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -22,8 +21,9 @@ DEFAULT_CROP_OVERLAP = 512 / 1500
 def test_point_grid_order_and_offset():
     grid = grids.point_grid(4)
     assert grid.shape == (16, 2)
-    np.testing.assert_allclose(grid[:5], [[0.125, 0.125], [0.375, 0.125], [0.625, 0.125],
-                                          [0.875, 0.125], [0.125, 0.375]])
+    np.testing.assert_allclose(
+        grid[:5], [[0.125, 0.125], [0.375, 0.125], [0.625, 0.125], [0.875, 0.125], [0.125, 0.375]]
+    )
     np.testing.assert_allclose(grid[-1], [0.875, 0.875])
 
 
@@ -36,8 +36,13 @@ def test_point_grids_per_layer_downscale():
 def test_crop_boxes_truck_layer1():
     boxes, layers = grids.crop_boxes(1200, 1800, 1, DEFAULT_CROP_OVERLAP)
     # overlap = int(0.3413 * 1200) = 409; crop 1105 x 805; ordered by x0, then y0.
-    assert boxes == [[0, 0, 1800, 1200], [0, 0, 1105, 805], [0, 396, 1105, 1200],
-                     [696, 0, 1800, 805], [696, 396, 1800, 1200]]
+    assert boxes == [
+        [0, 0, 1800, 1200],
+        [0, 0, 1105, 805],
+        [0, 396, 1105, 1200],
+        [696, 0, 1800, 805],
+        [696, 396, 1800, 1200],
+    ]
     assert layers == [0, 1, 1, 1, 1]
 
 
@@ -71,8 +76,9 @@ def test_encode_rle_batch_matches_single():
 
 
 def test_stability_score_hand_built():
-    logits = torch.tensor([[[2.0, 1.5, 0.5, -0.5], [-2.0, -2.0, 1.0, 0.0]],
-                           [[3.0, 3.0, 3.0, 3.0], [3.0, 3.0, 3.0, 3.0]]])
+    logits = torch.tensor(
+        [[[2.0, 1.5, 0.5, -0.5], [-2.0, -2.0, 1.0, 0.0]], [[3.0, 3.0, 3.0, 3.0], [3.0, 3.0, 3.0, 3.0]]]
+    )
     # mask 0: > 1 -> {2.0, 1.5} = 2; > -1 -> {2, 1.5, 0.5, -0.5, 1.0, 0.0} = 6
     scores = masks.stability_score(logits, 0.0, 1.0)
     assert scores.dtype == torch.float32
@@ -97,8 +103,7 @@ def test_masks_to_boxes_inclusive_and_empty():
 
 def test_uncrop_boxes_and_points():
     crop = [696, 396, 1800, 1200]
-    assert masks.uncrop_boxes(torch.tensor([[1, 2, 3, 4]]), crop).tolist() == [
-        [697, 398, 699, 400]]
+    assert masks.uncrop_boxes(torch.tensor([[1, 2, 3, 4]]), crop).tolist() == [[697, 398, 699, 400]]
     points = masks.uncrop_points(torch.tensor([[0.5, 1.5]], dtype=torch.float64), crop)
     assert points.dtype == torch.float64 and points.tolist() == [[696.5, 397.5]]
 
@@ -106,12 +111,15 @@ def test_uncrop_boxes_and_points():
 def test_box_near_crop_edge():
     image = [0, 0, 1800, 1200]
     top_left = [0, 0, 1105, 805]
-    boxes = torch.tensor([[5, 5, 100, 100],  # on image edges only
-                          [500, 300, 1090, 400],  # right crop edge, inside the image
-                          [500, 300, 1080, 780],  # 25 px from both crop edges
-                          [500, 300, 1085, 400]])  # exactly atol from the crop edge
-    assert masks.box_near_crop_edge(boxes, top_left, image).tolist() == [
-        False, True, False, True]
+    boxes = torch.tensor(
+        [
+            [5, 5, 100, 100],  # on image edges only
+            [500, 300, 1090, 400],  # right crop edge, inside the image
+            [500, 300, 1080, 780],  # 25 px from both crop edges
+            [500, 300, 1085, 400],
+        ]
+    )  # exactly atol from the crop edge
+    assert masks.box_near_crop_edge(boxes, top_left, image).tolist() == [False, True, False, True]
     bottom_right = [696, 396, 1800, 1200]
     boxes = torch.tensor([[2, 100, 50, 150], [100, 100, 1103, 803]])
     assert masks.box_near_crop_edge(boxes, bottom_right, image).tolist() == [True, False]
@@ -135,7 +143,7 @@ def brute_force_nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> 
         if i in suppressed:
             continue
         keep.append(i)
-        for j in order[pos + 1:]:
+        for j in order[pos + 1 :]:
             w = max(0, min(boxes[i][2], boxes[j][2]) - max(boxes[i][0], boxes[j][0]))
             h = max(0, min(boxes[i][3], boxes[j][3]) - max(boxes[i][1], boxes[j][1]))
             iou = np.float32(w * h) / np.float32(areas[i] + areas[j] - w * h)
@@ -151,8 +159,7 @@ def test_box_nms_matches_brute_force(seed):
     boxes = np.concatenate([corners, corners + rng.integers(1, 80, (300, 2))], axis=1)
     scores = rng.integers(0, 20, 300).astype(np.float32)  # many ties
     for threshold in (0.3, 0.7, 0.86):
-        keep = masks.box_nms(torch.from_numpy(boxes).float(), torch.from_numpy(scores),
-                             threshold)
+        keep = masks.box_nms(torch.from_numpy(boxes).float(), torch.from_numpy(scores), threshold)
         assert keep.dtype == torch.int64
         assert keep.tolist() == brute_force_nms(boxes, scores, threshold)
 
@@ -223,4 +230,3 @@ def test_remove_small_regions_breaks_ties_like_opencv():
     expected = np.zeros_like(mask)
     expected[1, 3] = True
     assert changed and (cleaned == expected).all()
-

@@ -125,8 +125,13 @@ def test_minimal_job_gets_spec_defaults(tmp_path: Path) -> None:
     assert job.raster == RasterSpec(tiling="auto", tile_size=1024, tile_overlap=128, bands=None, nodata=None)
     assert job.output == OutputSpec(uri="./out/demo", storage_options={})
     assert job.run == RunSpec(
-        ray_address=None, shard_size=64, executor="auto", max_actors=None, actor_start_timeout_s=600.0,
-        read_timeout_s=300.0, image_timeout_s=None,
+        ray_address=None,
+        shard_size=64,
+        executor="auto",
+        max_actors=None,
+        actor_start_timeout_s=600.0,
+        read_timeout_s=300.0,
+        image_timeout_s=None,
     )
 
 
@@ -226,9 +231,7 @@ def test_job_error_pickles_with_its_attributes() -> None:
     ],
 )
 @pytest.mark.parametrize("bad", ["tensorflow", 3, None])
-def test_enum_errors_name_field_and_allowed_values(
-    section: str, key: str, allowed: list[str], bad: Any
-) -> None:
+def test_enum_errors_name_field_and_allowed_values(section: str, key: str, allowed: list[str], bad: Any) -> None:
     error = error_of(minimal(**{section: {key: bad}}))
     message = str(error)
     assert message.startswith(f"<job>: {section}.{key}: ")
@@ -258,7 +261,10 @@ def test_unknown_keys_top_level_and_without_suggestion() -> None:
     raster_keys = "tiling, tile_size, tile_overlap, bands, nodata"
     assert error_of(minimal(raster={"zzz": 1})).message == f"unknown key 'raster.zzz' (raster has: {raster_keys})"
     assert error_of(minimal(run={True: 1})).message.startswith("unknown key 'run.True' (run has: ray_address, ")
-    assert error_of(minimal(zzz={})).message == "unknown key 'zzz' (the job file has: name, input, model, engine, amg, raster, output, run)"
+    assert (
+        error_of(minimal(zzz={})).message
+        == "unknown key 'zzz' (the job file has: name, input, model, engine, amg, raster, output, run)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -378,8 +384,7 @@ def test_python_tags_are_rejected(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = write(
         tmp_path,
-        f"name: !!python/object/apply:os.system ['touch {marker}']\n"
-        "input: {uris: a}\noutput: {uri: o}\n",
+        f"name: !!python/object/apply:os.system ['touch {marker}']\ninput: {{uris: a}}\noutput: {{uri: o}}\n",
     )
     with pytest.raises(JobError, match=r"invalid YAML at line 1.*could not determine a construct"):
         load_job(path)
@@ -410,16 +415,24 @@ def test_nested_and_numerous_aliases_are_refused(tmp_path: Path) -> None:
     levels = ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
     levels += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)]
     bomb = "name: x\ninput: {uris: a, storage_options: {" + ", ".join(levels) + "}}\noutput: {uri: o}\n"
-    with pytest.raises(JobError, match=r"invalid YAML at line 2, .*alias \*l1: a job file may use aliases up to 16 times"):
+    with pytest.raises(
+        JobError, match=r"invalid YAML at line 2, .*alias \*l1: a job file may use aliases up to 16 times"
+    ):
         load_job(write(tmp_path, bomb))
-    for anchors in (", ".join(f"k{i}: &k{i} v" for i in range(17)) + ", " + ", ".join(f"c{i}: *k{i}" for i in range(17)),
-                    "k: &k [1, 2, 3], " + ", ".join(f"c{i}: *k" for i in range(17))):
+    for anchors in (
+        ", ".join(f"k{i}: &k{i} v" for i in range(17)) + ", " + ", ".join(f"c{i}: *k{i}" for i in range(17)),
+        "k: &k [1, 2, 3], " + ", ".join(f"c{i}: *k" for i in range(17)),
+    ):
         many = "name: x\ninput: {uris: a, storage_options: {" + anchors + "}}\noutput: {uri: o}\n"
         with pytest.raises(JobError, match=r"alias \*k1?6?: a job file may use aliases up to 16 times"):
             load_job(write(tmp_path, many))
     shared = {"key": "k", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
-    dumped = yaml.safe_dump(minimal(input={"uris": "s3://b/*.jpg", "storage_options": shared},
-                                    output={"uri": "s3://b/out", "storage_options": shared}))
+    dumped = yaml.safe_dump(
+        minimal(
+            input={"uris": "s3://b/*.jpg", "storage_options": shared},
+            output={"uri": "s3://b/out", "storage_options": shared},
+        )
+    )
     assert "*id001" in dumped
     assert load_job(write(tmp_path, dumped)).output.storage_options == shared
 
@@ -502,9 +515,7 @@ def test_file_error_is_not_blamed_on_overrides(tmp_path: Path) -> None:
 
 
 def test_to_dict_is_plain_and_round_trips() -> None:
-    job = parse_job(
-        minimal(raster={"bands": [3, 2, 1]}, input={"uris": "a", "storage_options": {"k": [1]}})
-    )
+    job = parse_job(minimal(raster={"bands": [3, 2, 1]}, input={"uris": "a", "storage_options": {"k": [1]}}))
     data = job.to_dict()
     assert json.loads(json.dumps(data)) == data
     assert data["raster"]["bands"] == [3, 2, 1]
