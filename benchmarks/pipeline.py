@@ -75,8 +75,9 @@ import rasterio
 from sam_batch.jobs import ray_pipeline
 from sam_batch.jobs.dataset import OutputDataset
 from sam_batch.jobs.executors import RayExecutor
+from sam_batch.jobs.job_file import parse_job
 from sam_batch.jobs.plan import make_plan
-from sam_batch.jobs.schema import JobSpec, parse_job
+from sam_batch.jobs.schema import JobSpec
 from sam_batch.jobs.stages import open_image, read_tile
 from sam_batch.jobs.worker import ImageDone, finish_image, write_shard
 from sam_batch.pipeline.scenes import finish_scene

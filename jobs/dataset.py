@@ -35,8 +35,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sam_batch.jobs.job_rules import JobError
 from sam_batch.jobs.plan import Plan, Shard
-from sam_batch.jobs.schema import JobError
 
 BOOKKEEPING = "_sam_batch"
 LEASE_FILE = "lease.json"  # under BOOKKEEPING: the lease of the run writing the output (`jobs.lease`)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sam_batch.jobs.bounded import read_bounded
-from sam_batch.jobs.schema import RasterSpec
+from sam_batch.jobs.job_sections import RasterSpec
 from sam_batch.pipeline.errors import ImageError, one_line_reason
 from sam_batch.pipeline.images import decode_image
 from sam_batch.pipeline.inputs import TIFF_MAGIC_BYTES, open_input, read_bytes, starts_like_tiff

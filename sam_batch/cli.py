@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     for noisy in ("ray", "fsspec", "s3fs", "botocore", "urllib3", "rasterio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from sam_batch.jobs.schema import JobError
+    from sam_batch.jobs.job_rules import JobError
 
     try:
         return args.handler(args)
@@ -127,8 +127,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from sam_batch.jobs.job_file import load_job
     from sam_batch.jobs.runner import run_job
-    from sam_batch.jobs.schema import load_job
 
     job = load_job(args.job, args.overrides)
     summary = run_job(job, overwrite=args.overwrite, force=args.force)
@@ -145,8 +145,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from sam_batch.jobs.dataset import OutputDataset
+    from sam_batch.jobs.job_file import load_job
     from sam_batch.jobs.plan import list_inputs, make_plan
-    from sam_batch.jobs.schema import load_job
 
     job = load_job(args.job, args.overrides)
     listed = list_inputs(job)

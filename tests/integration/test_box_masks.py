@@ -14,8 +14,8 @@ from pycocotools import mask as coco_mask
 
 from sam_batch.cli import main as cli_main
 from sam_batch.engines.factory import build_engine
+from sam_batch.jobs.job_file import parse_job
 from sam_batch.jobs.runner import run_job
-from sam_batch.jobs.schema import parse_job
 from sam_batch.pipeline import rle
 from sam_batch.pipeline.images import load_image
 from sam_batch.pipeline.params import AmgParams

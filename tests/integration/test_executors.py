@@ -12,8 +12,8 @@ import ray
 
 from sam_batch.jobs import executors, ray_pipeline
 from sam_batch.jobs.executors import AUTO_RAY_MIN_IMAGES, RayExecutor, choose_executor, visible_gpus
+from sam_batch.jobs.job_file import parse_job
 from sam_batch.jobs.ray_pipeline import STAGE_TASK_CPUS
-from sam_batch.jobs.schema import parse_job
 
 
 def executor(device: str = "auto", max_actors: int | None = None, **amg) -> RayExecutor:

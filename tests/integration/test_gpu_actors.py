@@ -27,8 +27,8 @@ from ray.cluster_utils import Cluster
 
 from sam_batch.jobs import runner
 from sam_batch.jobs.executors import RayExecutor
+from sam_batch.jobs.job_file import parse_job
 from sam_batch.jobs.runner import RunSummary, run_job
-from sam_batch.jobs.schema import parse_job
 from shared_data import IMAGES
 
 pytestmark = pytest.mark.slow

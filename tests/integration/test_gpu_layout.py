@@ -151,7 +151,7 @@ class RunsOutOfMemory:
 
 
 def test_out_of_memory_halves_the_decode_batch_and_segments_the_image_again(tmp_path, caplog) -> None:
-    from sam_batch.jobs.schema import parse_job
+    from sam_batch.jobs.job_file import parse_job
     from sam_batch.jobs.worker import ImageSegmenter
 
     job = parse_job(
@@ -184,7 +184,7 @@ def test_out_of_memory_halves_the_decode_batch_and_segments_the_image_again(tmp_
 
 
 def test_out_of_memory_outside_the_decoder_is_the_images_error(tmp_path) -> None:
-    from sam_batch.jobs.schema import parse_job
+    from sam_batch.jobs.job_file import parse_job
     from sam_batch.jobs.worker import ImageSegmenter
 
     job = parse_job(

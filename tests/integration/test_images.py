@@ -133,7 +133,7 @@ def test_missing_file_fails_at_read(tmp_path) -> None:
 def test_a_failure_while_segmenting_is_one_stable_line(monkeypatch) -> None:
     """An unexpected exception in the model becomes the row's `segment:` error, on one line and
     without object addresses, and the segmenter goes on with the next image."""
-    from sam_batch.jobs.schema import parse_job
+    from sam_batch.jobs.job_file import parse_job
     from sam_batch.jobs.worker import ImageSegmenter
 
     job = parse_job(

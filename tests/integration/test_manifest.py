@@ -18,8 +18,8 @@ import s3fs
 import yaml
 from PIL import Image
 
+from sam_batch.jobs.job_file import parse_job
 from sam_batch.jobs.plan import PlanError, list_inputs
-from sam_batch.jobs.schema import parse_job
 from shared_data import IMAGES
 
 SAM_BATCH = str(Path(sys.executable).parent / "sam-batch")

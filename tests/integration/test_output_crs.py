@@ -20,9 +20,10 @@ from rasterio.transform import Affine
 from rasterio.warp import transform_bounds, transform_geom
 from test_geo import parse_wkb
 
+from sam_batch.jobs.job_file import parse_job
+from sam_batch.jobs.job_rules import JobError
 from sam_batch.jobs.output_crs import FALLBACK_CRS, choose_output_crs, scene_crs
 from sam_batch.jobs.runner import run_job
-from sam_batch.jobs.schema import JobError, parse_job
 from sam_batch.pipeline.geometry import mask_geometry, reproject_geometries
 from shared_data import IMAGES
 

@@ -15,7 +15,7 @@ import pytest
 import rasterio
 import yaml
 
-from sam_batch.jobs.schema import RasterSpec
+from sam_batch.jobs.job_sections import RasterSpec
 from sam_batch.jobs.stages import open_image, read_tile
 from sam_batch.pipeline.rasters import MAX_PIXELS_PER_FILE_BYTE
 from sam_batch.pipeline.tile_masks import pack

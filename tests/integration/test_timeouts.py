@@ -25,7 +25,7 @@ import yaml
 
 from sam_batch.jobs import executors, ray_pipeline
 from sam_batch.jobs.bounded import BoundedScene, ReadThread, ReadTimedOut
-from sam_batch.jobs.schema import parse_job
+from sam_batch.jobs.job_file import parse_job
 from sam_batch.jobs.stages import Opened
 from sam_batch.pipeline.rasters import ArrayScene
 from sam_batch.pipeline.scenes import plan_scene

@@ -25,7 +25,7 @@ import tomllib
 import yaml
 
 from sam_batch.cli import _parser
-from sam_batch.jobs.schema import parse_job
+from sam_batch.jobs.job_file import parse_job
 from shared_data import REPO
 
 DEPLOY = REPO / "deploy"

@@ -11,20 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from sam_batch.jobs.schema import (
-    AmgSpec,
-    EngineSpec,
-    InputSpec,
-    JobError,
-    JobSpec,
-    ModelSpec,
-    OutputSpec,
-    RasterSpec,
-    RunSpec,
-    load_job,
-    normalise_uri,
-    parse_job,
-)
+from sam_batch.jobs.job_file import load_job, parse_job
+from sam_batch.jobs.job_rules import JobError
+from sam_batch.jobs.job_sections import AmgSpec, EngineSpec, InputSpec, ModelSpec, OutputSpec, RasterSpec, RunSpec
+from sam_batch.jobs.schema import JobSpec, normalise_uri
 
 CANARY = "CANARY-s3cr3t-4f9a1c"
 
