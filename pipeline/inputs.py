@@ -38,11 +38,12 @@ def open_input(uri: str, storage_options: dict | None = None):
     return fsspec.open(uri, "rb", **(storage_options or {}))
 
 
-def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
-    """The whole file behind a local path or fsspec URL."""
+def read_bytes(uri: str, storage_options: dict | None = None, limit: int | None = None) -> bytes:
+    """The file behind a local path or fsspec URL: whole, or its first `limit` bytes.
+    `ImageError` ("read: ...") when it cannot be read or is empty."""
     try:
         with open_input(uri, storage_options) as f:
-            data = f.read()
+            data = f.read() if limit is None else f.read(limit)
     except ImageError:
         raise
     except FileNotFoundError:

@@ -20,8 +20,8 @@ from typing import Protocol
 import fsspec
 import numpy as np
 
-from sam_batch.pipeline.errors import ImageError, one_line_reason, raster_error_reason
-from sam_batch.pipeline.inputs import TIFF_MAGIC_BYTES, check_size, open_input, starts_like_tiff
+from sam_batch.pipeline.errors import ImageError, raster_error_reason
+from sam_batch.pipeline.inputs import TIFF_MAGIC_BYTES, check_size, read_bytes, starts_like_tiff
 
 Window = tuple[int, int, int, int]  # XYXY in scene pixels, end exclusive
 MAX_RASTER_PIXELS = 30_000 * 30_000  # a TIFF read whole (`decode_raster`) is refused beyond this
@@ -86,18 +86,7 @@ def is_raster(uri: str, storage_options: dict | None = None) -> bool:
 
     Raises `ImageError` ("read: ...") when the file cannot be read or is empty.
     """
-    try:
-        with open_input(uri, storage_options) as f:
-            head = f.read(TIFF_MAGIC_BYTES)
-    except ImageError:
-        raise
-    except FileNotFoundError:
-        raise ImageError("read", "file not found") from None
-    except Exception as error:  # noqa: BLE001 - any storage failure becomes an error row
-        raise ImageError("read", one_line_reason(error)) from None
-    if not head:
-        raise ImageError("read", "file is empty (0 bytes)")
-    return starts_like_tiff(head)
+    return starts_like_tiff(read_bytes(uri, storage_options, limit=TIFF_MAGIC_BYTES))
 
 
 def gdal_s3_session(storage_options: dict):
