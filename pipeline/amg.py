@@ -43,7 +43,7 @@ Check = Callable[[], None]  # called between steps of an image's work; raises to
 
 
 class Engine(Protocol):
-    """What `segment_crop` needs of an engine (see `sam_batch.engines.backend`).
+    """What `segment_crop` needs of an engine (`sam_batch.engines.torch_backend.TorchEngine` and the other back-ends).
 
     min_prompt_batch: the fewest prompts a decode call should carry to keep the engine's
     device busy (a GPU wants hundreds); batches are `max(points_per_batch, min_prompt_batch)`,

@@ -13,7 +13,16 @@ import yaml
 
 from sam_batch.jobs.job_file import load_job, parse_job
 from sam_batch.jobs.job_rules import JobError
-from sam_batch.jobs.job_sections import AmgSpec, EngineSpec, InputSpec, ModelSpec, OutputSpec, RasterSpec, RunSpec
+from sam_batch.jobs.job_sections import (
+    SECTIONS,
+    AmgSpec,
+    EngineSpec,
+    InputSpec,
+    ModelSpec,
+    OutputSpec,
+    RasterSpec,
+    RunSpec,
+)
 from sam_batch.jobs.schema import JobSpec, normalise_uri
 
 CANARY = "CANARY-s3cr3t-4f9a1c"
@@ -646,3 +655,10 @@ def test_secret_never_in_yaml_errors(tmp_path: Path) -> None:
         load_job(path)
     assert "invalid YAML" in str(info.value)
     assert CANARY not in str(info.value)
+
+
+def test_every_section_field_has_exactly_one_rule() -> None:
+    """A field added to a section (or to AmgParams, which `amg` extends) without a rule, or a
+    rule left for a field that is gone, fails here rather than passing unchecked."""
+    for key, section in SECTIONS.items():
+        assert set(section._RULES) == {f.name for f in dataclasses.fields(section)}, key
