@@ -7,7 +7,6 @@ EPSG:32618), rewritten here as 16-bit, padded with nodata or stripped of its nod
 from __future__ import annotations
 
 import json
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import rasterio
+import shapely
 from PIL import Image
 from rasterio.transform import Affine
 
@@ -57,29 +57,12 @@ def _landsat() -> np.ndarray:
 
 
 def parse_wkb(wkb: bytes) -> list[list[np.ndarray]]:
-    """Little-endian WKB Polygon/MultiPolygon -> polygons, each a list of (N, 2) rings."""
-
-    def polygon(offset: int) -> tuple[list[np.ndarray], int]:
-        _, kind, n_rings = struct.unpack_from("<BII", wkb, offset)
-        assert kind == 3
-        offset += 9
-        rings = []
-        for _ in range(n_rings):
-            (n_points,) = struct.unpack_from("<I", wkb, offset)
-            rings.append(np.frombuffer(wkb, "<f8", 2 * n_points, offset + 4).reshape(-1, 2))
-            offset += 4 + 16 * n_points
-        return rings, offset
-
-    _, kind = struct.unpack_from("<BI", wkb, 0)
-    if kind == 3:
-        return [polygon(0)[0]]
-    (count,) = struct.unpack_from("<I", wkb, 5)
-    offset, polygons = 9, []
-    for _ in range(count):
-        rings, offset = polygon(offset)
-        polygons.append(rings)
-    assert offset == len(wkb)
-    return polygons
+    """WKB Polygon/MultiPolygon, read by shapely (not our own reader) -> polygons, each a list of
+    (N, 2) rings, the exterior first."""
+    geometry = shapely.from_wkb(wkb)
+    assert geometry.geom_type in ("Polygon", "MultiPolygon"), geometry.geom_type
+    polygons = geometry.geoms if geometry.geom_type == "MultiPolygon" else [geometry]
+    return [[np.asarray(p.exterior.coords), *(np.asarray(r.coords) for r in p.interiors)] for p in polygons]
 
 
 # --- reading ---------------------------------------------------------------------------------
