@@ -716,7 +716,7 @@ def run_pipeline(
     """
     import pyarrow.parquet as pq
 
-    from sam_batch.jobs.schema import normalise_uri
+    from sam_batch.jobs.job_rules import normalise_uri
 
     job_file = write_run_job(
         workdir, "bench", uris, model_type=model_type, checkpoint=str(checkpoint), points_per_side=points_per_side

@@ -8,7 +8,9 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import os
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -176,6 +178,25 @@ def uri_rule(value: Any, path: str) -> str:
         if protocol is not None and protocol not in known_implementations and protocol not in registry:
             raise field_error(path, f"unknown storage protocol {protocol!r} (fsspec has no such filesystem)")
     return uri
+
+
+def normalise_uri(uri: str) -> str:
+    """One spelling per file: local paths (and `file://` URLs, their percent-escapes decoded)
+    absolute and normalised, so ids depend neither on the working directory nor on how a path
+    was written; other URLs as given."""
+    if uri.startswith("file://"):
+        uri = urllib.parse.unquote(uri[len("file://") :])  # a URL's %20 is a space in the path
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def normalised_uri_rule(value: Any, path: str) -> str:
+    """`uri_rule`, then `normalise_uri`: how the job's inputs and output are held once loaded."""
+    return normalise_uri(uri_rule(value, path))
+
+
+def normalised_uris_rule(value: Any, path: str) -> tuple[str, ...]:
+    """`uris_rule`, each URI as `normalise_uri` spells it."""
+    return tuple(normalise_uri(uri) for uri in uris_rule(value, path))
 
 
 def uris_rule(value: Any, path: str) -> tuple[str, ...]:

@@ -18,6 +18,8 @@ from sam_batch.jobs.job_rules import (
     field_error,
     integer_rule,
     nodata_rule,
+    normalised_uri_rule,
+    normalised_uris_rule,
     number_rule,
     optional_rule,
     output_crs_rule,
@@ -25,7 +27,6 @@ from sam_batch.jobs.job_rules import (
     storage_options_rule,
     string_rule,
     uri_rule,
-    uris_rule,
 )
 from sam_batch.pipeline.params import AmgParams
 
@@ -79,8 +80,8 @@ class InputSpec(Section):
 
     _SECTION: ClassVar[str] = "input"
     _RULES: ClassVar[Mapping[str, Rule]] = {
-        "uris": uris_rule,
-        "manifest": optional_rule(uri_rule),
+        "uris": normalised_uris_rule,
+        "manifest": optional_rule(normalised_uri_rule),
         "storage_options": storage_options_rule,
     }
 
@@ -188,7 +189,7 @@ class OutputSpec(Section):
 
     _SECTION: ClassVar[str] = "output"
     _RULES: ClassVar[Mapping[str, Rule]] = {
-        "uri": uri_rule,
+        "uri": normalised_uri_rule,
         "storage_options": storage_options_rule,
         "crs": output_crs_rule,
     }

@@ -23,8 +23,9 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import glob_translate
 
+from sam_batch.jobs.job_rules import normalise_uri
 from sam_batch.jobs.output_crs import choose_output_crs
-from sam_batch.jobs.schema import JobSpec, normalise_uri
+from sam_batch.jobs.schema import JobSpec
 from sam_batch.pipeline.errors import one_line_reason
 
 GLOB_CHARS = "*?["
@@ -90,7 +91,7 @@ def list_inputs(job: JobSpec) -> list[str]:
         uris.update(_expand(pattern, options))
     if job.input.manifest:
         uris.update(_read_manifest(job.input.manifest, options))
-    output = _real(normalise_uri(job.output.uri)).rstrip("/") + "/"
+    output = _real(job.output.uri).rstrip("/") + "/"
     inside = {uri for uri in uris if _real(uri).startswith(output)}
     if inside:
         log.warning(
@@ -120,13 +121,11 @@ def _expand(pattern: str, options: dict) -> list[str]:
     A URI with glob characters that names an existing file (`scan[1].png`) is that file.
     """
     if not any(c in pattern for c in GLOB_CHARS):
-        return [normalise_uri(pattern)]
-    if pattern.startswith("file://"):
-        pattern = normalise_uri(pattern)  # a plain path, percent-escapes decoded
+        return [pattern]
     fs, path = fsspec.core.url_to_fs(pattern, **options)
     try:
         if fs.isfile(path):
-            return [normalise_uri(pattern)]
+            return [pattern]
         files = _local_glob(path) if isinstance(fs, LocalFileSystem) else _glob(fs, path)
     except Exception as error:  # noqa: BLE001 - storage errors name the pattern, never options
         raise PlanError(f"input.uris: cannot list {pattern!r}: {type(error).__name__}") from None

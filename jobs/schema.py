@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,27 +71,16 @@ class JobSpec:
         Excludes ``run.*``, every ``storage_options`` (credentials, no effect on results) and
         ``output.uri`` (the plan holding the fingerprint sits there); ``output.crs`` counts as
         written (``auto`` resolves in the plan, frozen with it); input URIs count as
-        `normalise_uri` spells them, as a set. Independent of key order in the job file.
+        `normalise_uri` spells them (as the job was loaded), as a set. Independent of key order in the job file.
         """
         data = self.to_dict()
         del data["run"]
         for section in ("input", "output"):
             del data[section]["storage_options"]
         del data["output"]["uri"]
-        data["input"]["uris"] = sorted({normalise_uri(uri) for uri in self.input.uris})
-        if self.input.manifest is not None:
-            data["input"]["manifest"] = normalise_uri(self.input.manifest)
+        data["input"]["uris"] = sorted(set(self.input.uris))
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def normalise_uri(uri: str) -> str:
-    """One spelling per file: local paths (and `file://` URLs, their percent-escapes decoded)
-    absolute and normalised, so ids depend neither on the working directory nor on how a path
-    was written; other URLs as given."""
-    if uri.startswith("file://"):
-        uri = urllib.parse.unquote(uri[len("file://") :])  # a URL's %20 is a space in the path
-    return uri if "://" in uri else os.path.abspath(uri)
 
 
 def _plain(value: Any) -> Any:

@@ -181,7 +181,7 @@ def _render(args: argparse.Namespace) -> int:
     import pyarrow.compute as pc
 
     from sam_batch.jobs.dataset import OutputDataset
-    from sam_batch.jobs.schema import normalise_uri
+    from sam_batch.jobs.job_rules import normalise_uri
     from sam_batch.pipeline.errors import one_line_reason
     from sam_batch.pipeline.images import load_image
     from sam_batch.pipeline.render import box_mask, overlay

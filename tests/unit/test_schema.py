@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 import yaml
 
 from sam_batch.jobs.job_file import load_job, parse_job
-from sam_batch.jobs.job_rules import JobError
+from sam_batch.jobs.job_rules import JobError, normalise_uri
 from sam_batch.jobs.job_sections import (
     SECTIONS,
     AmgSpec,
@@ -23,7 +24,7 @@ from sam_batch.jobs.job_sections import (
     RasterSpec,
     RunSpec,
 )
-from sam_batch.jobs.schema import JobSpec, normalise_uri
+from sam_batch.jobs.schema import JobSpec
 
 CANARY = "CANARY-s3cr3t-4f9a1c"
 
@@ -191,7 +192,7 @@ def test_direct_construction_is_validated() -> None:
         JobSpec(name="", input=InputSpec(uris=("a",)), output=OutputSpec(uri="o"))
     uris: Any = "a.tif"  # one string is accepted in code as in the file
     job = JobSpec(name="x", input=InputSpec(uris=uris), output=OutputSpec(uri="o"))
-    assert job.input.uris == ("a.tif",)
+    assert job.input.uris == (os.path.abspath("a.tif"),)
     assert dataclasses.replace(job.amg, points_per_side=8).points_per_side == 8
     with pytest.raises(JobError):
         dataclasses.replace(job.amg, points_per_side=-8)
@@ -457,7 +458,7 @@ def test_overrides_of_each_yaml_type(tmp_path: Path) -> None:
     assert job.amg.points_per_side == 16
     assert job.amg.pred_iou_thresh == 0.5
     assert job.input.storage_options == {"anon": True}
-    assert job.input.uris == ("b.tif", "c.tif")
+    assert job.input.uris == (os.path.abspath("b.tif"), os.path.abspath("c.tif"))
     assert job.raster.bands is None
     assert job.model.checkpoint == "/w/sam.pt"
     assert job.name == "other"
@@ -662,3 +663,21 @@ def test_every_section_field_has_exactly_one_rule() -> None:
     rule left for a field that is gone, fails here rather than passing unchecked."""
     for key, section in SECTIONS.items():
         assert set(section._RULES) == {f.name for f in dataclasses.fields(section)}, key
+
+
+def test_the_jobs_uris_are_spelled_once_when_it_is_loaded(tmp_path: Path, monkeypatch) -> None:
+    """Input URIs, the manifest and output.uri are held as `normalise_uri` spells them: local
+    paths absolute (relative to the directory the job is loaded from), `file://` URLs decoded,
+    other URLs as given; the fingerprint does not depend on how a path was written."""
+    monkeypatch.chdir(tmp_path)
+    job = parse_job(
+        minimal(
+            input={"uris": ["photos/*.jpg", "file:///data/a%20b.tif", "s3://bucket/x.tif"], "manifest": "list.txt"},
+            output={"uri": "out"},
+        )
+    )
+    assert job.input.uris == (str(tmp_path / "photos" / "*.jpg"), "/data/a b.tif", "s3://bucket/x.tif")
+    assert job.input.manifest == str(tmp_path / "list.txt") and job.output.uri == str(tmp_path / "out")
+    same = parse_job(minimal(input={"uris": [str(tmp_path / "photos/./*.jpg")]}, output={"uri": "out"}))
+    assert same.input.uris == (str(tmp_path / "photos" / "*.jpg"),)
+    assert parse_job(job.to_dict()) == job
