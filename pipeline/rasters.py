@@ -9,6 +9,10 @@ nodata rule and, for data that is not uint8, the stretch limits (2nd and 98th pe
 decimated read, which GDAL serves from overviews where the file has them): every tile is then
 stretched alike and seams do not change colour. An `ArrayScene` gives the same view of a
 photo already decoded in memory.
+
+The band, palette and stretch rules that every raster read follows live here too
+(`rgb_bands`, `palette_colours`, `stretch_limits`, `apply_stretch`), as does `decode_raster`,
+a TIFF's bytes read whole (`images.decode_image` hands TIFFs to it).
 """
 
 from __future__ import annotations
