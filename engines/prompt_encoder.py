@@ -1,4 +1,4 @@
-"""SAM's prompt encoder: point prompts (and optionally a mask) -> sparse and dense embeddings.
+"""SAM's prompt encoder: point and box prompts (and optionally a mask) -> sparse and dense embeddings.
 
 Frames and shapes: prompts are points in the 1024x1024 model-input frame; the dense embedding
 and positional encoding cover the (64, 64) image-embedding grid. Parameter names follow the
@@ -46,7 +46,7 @@ class PromptEncoder(nn.Module):
     """Points (and optionally a mask) -> sparse and dense prompt embeddings.
 
     ``point_embeddings`` holds four learned vectors: negative point, positive point, and the two
-    box corners (boxes are not used by this project but their weights are part of the checkpoint).
+    box corners (a box prompt's top-left and bottom-right).
     """
 
     def __init__(
@@ -90,6 +90,26 @@ class PromptEncoder(nn.Module):
         points = torch.where(ignored, 0.0, pe) + by_label[labels.long() + 1]
         padding = self.not_a_point_embed.weight.expand(coords.shape[0], 1, -1)
         return torch.cat([points, padding], dim=1)
+
+    def embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Sparse embeddings of box prompts: (B, 4) XYXY in input-frame pixels -> (B, 2, embed_dim),
+        the two corners' positions plus the learned top-left and bottom-right vectors."""
+        corners = self.pe_layer.points(boxes.reshape(-1, 2, 2) + 0.5, self.input_image_size)
+        return corners + torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight])
+
+    def embed_prompts(
+        self, coords: torch.Tensor | None, labels: torch.Tensor | None, boxes: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Sparse embeddings of B prompts of the same shape, as SAM's predictor makes them:
+        points (B, N, 2) with labels (B, N), then the box's corners (B, 4); the padding "not a
+        point" token only when there is no box. Returns (B, N' , embed_dim)."""
+        parts = []
+        if coords is not None:
+            points = self.embed_points(coords, labels)
+            parts.append(points if boxes is None else points[:, :-1])
+        if boxes is not None:
+            parts.append(self.embed_boxes(boxes))
+        return torch.cat(parts, dim=1)
 
     def embed_mask(self, masks: torch.Tensor | None) -> torch.Tensor:
         """Dense embedding of mask prompts (B, 1, 256, 256) logits -> (B, embed_dim, 64, 64).

@@ -1,7 +1,8 @@
 """`engine.backend: torch` — SAM in PyTorch (eager), the default engine.
 
 The engine interface the pipeline talks to (see `backend`): encode a crop, decode prompt
-batches, upscale the logits it keeps. In the cpu layout prompts go through
+batches (the generator's single points, `decode`; the predictor's boxes and points,
+`predict`), upscale the logits it keeps. In the cpu layout prompts go through
 `engines.point_decoder`; in the gpu layout through the model's batched decoder.
 """
 
@@ -92,6 +93,35 @@ class TorchEngine:
             return self.point_decoder.decode(crop.image_side, coords_t, labels, min_iou)
         with self.autocast():
             logits, iou = self.model.decode(crop.embedding, coords_t, labels)
+        return logits.float(), iou.float()
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        crop: CropEmbedding,
+        points: np.ndarray | None,
+        labels: np.ndarray | None,
+        boxes: np.ndarray | None,
+        multimask: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode B prompts of one shape as SAM's predictor does (`SamPredictor.predict`).
+
+        points: (B, N, 2) xy in crop pixels with labels (B, N) 1 or 0, or None; boxes: (B, 4)
+        XYXY in crop pixels, or None. Coordinates go to the input frame in float64 and to the
+        model in float32, as the predictor passes them. Returns low-resolution logits (B, M,
+        256, 256) and predicted IoUs (B, M), fp32 on the device: M = 3 with `multimask`, else 1.
+        """
+        coords_t = labels_t = boxes_t = None
+        if points is not None:
+            coords_t = torch.as_tensor(scale_coords(points, crop.crop_hw), dtype=torch.float32, device=self.device)
+            labels_t = torch.as_tensor(labels, dtype=torch.int64, device=self.device)
+        if boxes is not None:
+            corners = scale_coords(boxes.reshape(-1, 2, 2), crop.crop_hw).reshape(-1, 4)
+            boxes_t = torch.as_tensor(corners, dtype=torch.float32, device=self.device)
+        encoder, decoder = self.model.prompt_encoder, self.model.mask_decoder
+        with self.autocast():
+            sparse = encoder.embed_prompts(coords_t, labels_t, boxes_t)
+            logits, iou = decoder(crop.embedding, encoder.dense_pe(), sparse, encoder.embed_mask(None), multimask)
         return logits.float(), iou.float()
 
     def upscale(self, crop: CropEmbedding, low_res: torch.Tensor) -> torch.Tensor:

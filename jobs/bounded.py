@@ -96,6 +96,10 @@ class BoundedScene:
         """The scene's `read` of `window` on the thread; `ReadTimedOut` past the timeout."""
         return self.reads.call(self.scene.read, window)
 
+    def read_decimated(self, window: Window, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The scene's `read_decimated` on the thread, bounded alike."""
+        return self.reads.call(self.scene.read_decimated, window, shape)
+
 
 def read_bounded(timeout_s: float, function: Callable[..., Result], *args: Any) -> Result:
     """`function(*args)` on a `ReadThread` of its own, waited for at most `timeout_s` s."""

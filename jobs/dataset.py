@@ -6,6 +6,7 @@ Layout under the output root:
     images/shard-00000.parquet
     run.json                       the run record of the latest run (summary, per-stage times)
     _sam_batch/plan.json           the frozen plan: job fingerprint, redacted job, shards
+    _sam_batch/prompts.parquet     a prompt job's prompts, frozen with the plan
     _sam_batch/commits/shard-00000.json   commit markers: a shard is done iff its marker exists
     _sam_batch/claims/shard-00000.json    which run publishes the shard (its run id)
     _sam_batch/attempts/<run_id>/<shard>-<uuid>/   where a run's attempts write before they publish
@@ -39,6 +40,7 @@ from sam_batch.jobs.job_rules import JobError
 from sam_batch.jobs.plan import Plan, Shard
 
 BOOKKEEPING = "_sam_batch"
+PROMPTS_FILE = "prompts.parquet"  # under BOOKKEEPING: a prompt job's prompts, frozen with its plan
 LEASE_FILE = "lease.json"  # under BOOKKEEPING: the lease of the run writing the output (`jobs.lease`)
 EXCLUSIVE_PROBE = ".sam-batch-exclusive-probe-"  # + a uuid: the file `check_exclusive_create` makes twice
 ATTEMPTS = "attempts"  # under BOOKKEEPING: one folder per run, named by its run id
@@ -132,6 +134,17 @@ class OutputDataset:
 
     def write_plan(self, plan: Plan) -> None:
         self._publish(self.path(BOOKKEEPING, "plan.json"), plan.to_json().encode("utf-8"))
+
+    def write_prompts(self, prompts: pa.Table) -> None:
+        """Freeze a prompt job's prompts beside the plan (written before it)."""
+        self._publish(self.path(BOOKKEEPING, PROMPTS_FILE), _parquet_bytes(prompts))
+
+    def read_prompts(self) -> pa.Table:
+        """The prompts frozen with the plan (`DatasetError` when they are missing)."""
+        path = self.path(BOOKKEEPING, PROMPTS_FILE)
+        if not self.fs.exists(path):
+            raise DatasetError(f"{self.uri}: {BOOKKEEPING}/{PROMPTS_FILE} is missing; pass --overwrite to start again")
+        return pq.read_table(io.BytesIO(self.fs.cat_file(path)))
 
     def clear(self) -> None:
         """Remove everything sam-batch wrote here (for --overwrite), but the lease of the run

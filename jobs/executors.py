@@ -26,12 +26,16 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from itertools import takewhile
 
+import pyarrow as pa
+
 from sam_batch.jobs.dataset import OutputDataset
 from sam_batch.jobs.plan import Shard
+from sam_batch.jobs.prompt_table import frozen_prompts
 from sam_batch.jobs.ray_pipeline import STAGE_TASK_CPUS, ActorPool, JobFailure, RayPipeline, amounts, shortfall
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.jobs.stages import read_photo
-from sam_batch.jobs.worker import Event, ImageSegmenter, ShardCommit, image_result, write_shard
+from sam_batch.jobs.worker import Event, ImageSegmenter, ShardCommit, image_result, with_prompts, write_shard
+from sam_batch.pipeline.tables import prompt_schemas
 
 log = logging.getLogger("sam_batch")
 
@@ -63,12 +67,17 @@ class LocalExecutor:
         segmenter = ImageSegmenter(self.job, "local")
         options, bands = self.job.input.storage_options, self.job.raster.bands
         timeout_s = self.job.run.read_timeout_s
+        prompts, schemas = self._prompts(dataset)
         unread = (uri for shard in shards for uri in shard.uris)
         with ThreadPoolExecutor(max_workers=1) as reader:
             ahead: deque = deque()
 
             def read_next() -> None:
-                if (uri := next(unread, None)) is not None:
+                if (uri := next(unread, None)) is None:
+                    return
+                if prompts is not None and all(p.error is not None for p in prompts[uri]):
+                    ahead.append((uri, None))  # never read: no prompt of it can be segmented
+                else:
                     ahead.append((uri, reader.submit(read_photo, uri, options, bands, timeout_s)))
 
             read_next()
@@ -77,15 +86,25 @@ class LocalExecutor:
                 for _ in shard.uris:
                     uri, read = ahead.popleft()
                     read_next()
-                    error, photo, seconds = read.result()
+                    error, photo, seconds = read.result() if read is not None else (None, None, 0.0)
                     if error:
-                        results.append(
-                            image_result(uri, [], seconds=seconds, stage_seconds={"read": seconds}, error=error)
-                        )
+                        result = image_result(uri, [], seconds=seconds, stage_seconds={"read": seconds}, error=error)
+                        results.append(result if prompts is None else with_prompts(result, prompts[uri]))
+                    elif prompts is not None:
+                        results.append(segmenter.segment_prompted(uri, prompts[uri], photo, seconds))
                     else:
                         results.append(segmenter.segment(uri, photo, seconds))
                     yield results[-1].done()
-                yield ShardCommit(shard, write_shard(dataset, shard, results))
+                yield ShardCommit(shard, write_shard(dataset, shard, results, schemas))
+
+    def _prompts(self, dataset: OutputDataset) -> tuple[dict | None, tuple | None]:
+        """A prompt job's prompts by image, as frozen with its plan, and its tables' schemas."""
+        if self.job.prompts.uri is None:
+            return None, None
+        frozen = dataset.read_prompts()
+        carry = self.job.prompts.carry
+        carried = pa.schema([frozen.schema.field(name) for name in carry])
+        return frozen_prompts(frozen, carry), prompt_schemas(carried)
 
 
 class RayExecutor:
@@ -352,6 +371,8 @@ def choose_executor(job: JobSpec, n_images: int) -> tuple[str, str]:
     else this process, which saves Ray's start and stop (docs/benchmarks.md).
     """
     run = job.run
+    if job.prompts.uri is not None:
+        return "local", "prompts: a prompt job runs in this process"
     if run.executor != "auto":
         return run.executor, "run.executor"
     if run.ray_address or os.environ.get("RAY_ADDRESS"):

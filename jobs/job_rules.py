@@ -154,6 +154,23 @@ def string_rule(value: Any, path: str) -> str:
     return value
 
 
+def boolean_rule(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise field_error(path, f"expected true or false, got {shown(value)}")
+    return value
+
+
+def names_rule(value: Any, path: str) -> tuple[str, ...]:
+    """A list of distinct, non-empty column names (a single name becomes a list of one)."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise field_error(path, f"expected a list of column names, got {shown(value)}")
+    if len(set(value)) != len(value):
+        raise field_error(path, f"names a column twice: {shown(list(value))}")
+    return tuple(value)
+
+
 def optional_rule(rule: Rule) -> Rule:
     def optional_rule(value: Any, path: str) -> Any:
         return None if value is None else rule(value, path)

@@ -1,4 +1,4 @@
-"""The job file's sections (`input`, `model`, `engine`, `amg`, `raster`, `output`, `run`) as
+"""The job file's sections (`input`, `prompts`, `model`, `engine`, `amg`, `raster`, `output`, `run`) as
 frozen dataclasses that validate themselves on construction, each field by its rule
 (`jobs.job_rules`), so a section built in code is checked exactly like one read from a file."""
 
@@ -13,10 +13,12 @@ from sam_batch.engines.registry import Backend, ModelType, Precision
 from sam_batch.jobs.job_rules import (
     Rule,
     bands_rule,
+    boolean_rule,
     choice_rule,
     device_rule,
     field_error,
     integer_rule,
+    names_rule,
     nodata_rule,
     normalised_uri_rule,
     normalised_uris_rule,
@@ -88,6 +90,47 @@ class InputSpec(Section):
     def _check(self) -> None:
         if not self.uris and self.manifest is None:
             raise field_error("input.uris", "required unless input.manifest is given (give at least one)")
+
+
+# columns of a prompts table that sam-batch reads itself, so `prompts.carry` cannot name them
+PROMPT_COLUMNS = ("image_uri", "prompt_id", "box", "points", "point_labels", "multimask_output", "geometry")
+# the masks table's own columns, which a carried column may not shadow
+MASK_COLUMNS = (
+    "image_uri", "image_id", "mask_id", "segmentation", "box_segmentation", "box_origin", "bbox", "area",
+    "predicted_iou", "stability_score", "point_coords", "crop_box", "geometry", "geometry_bbox", "prompt_id",
+    "mask_index",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PromptsSpec(Section):
+    """``prompts``: segment the boxes and points of a table (SAM's predictor) instead of the
+    automatic grid. ``uri``: the table (Parquet, CSV, GeoParquet or GeoJSON; null: no prompts,
+    the automatic generator runs); ``multimask_output``: three masks a prompt rather than one,
+    for rows whose table has no ``multimask_output`` column (or null there); ``best_only``: of
+    the three, keep the one with the highest predicted IoU; ``carry``: columns of the table
+    copied to each of the prompt's masks; ``margin``: pixels around a prompt that its window
+    holds in a tiled scene (`pipeline.prompts`)."""
+
+    uri: str | None = None
+    multimask_output: bool = False
+    best_only: bool = False
+    carry: tuple[str, ...] = ()
+    margin: int = 64
+
+    _SECTION: ClassVar[str] = "prompts"
+    _RULES: ClassVar[Mapping[str, Rule]] = {
+        "uri": optional_rule(normalised_uri_rule),
+        "multimask_output": boolean_rule,
+        "best_only": boolean_rule,
+        "carry": names_rule,
+        "margin": integer_rule(0),
+    }
+
+    def _check(self) -> None:
+        for name in self.carry:
+            if name in PROMPT_COLUMNS or name in MASK_COLUMNS:
+                raise field_error("prompts.carry", f"{name!r} is a column sam-batch writes or reads itself")
 
 
 @dataclass(frozen=True)
@@ -234,6 +277,7 @@ class RunSpec(Section):
 
 SECTIONS: dict[str, type[Any]] = {
     "input": InputSpec,
+    "prompts": PromptsSpec,
     "model": ModelSpec,
     "engine": EngineSpec,
     "amg": AmgSpec,

@@ -107,12 +107,13 @@ def list_inputs(job: JobSpec) -> list[str]:
     return sorted(uris)
 
 
-def make_plan(job: JobSpec, uris: list[str]) -> Plan:
+def make_plan(job: JobSpec, uris: list[str], fingerprint: str | None = None) -> Plan:
     """Cut sorted URIs into shards of `run.shard_size`; the output's CRS chosen from their
-    headers (`output_crs.choose_output_crs`)."""
+    headers (`output_crs.choose_output_crs`). fingerprint: the job's unless given (a prompt
+    job's includes its table: `prompt_table.plan_fingerprint`)."""
     size = job.run.shard_size
     shards = tuple(Shard(i, tuple(uris[start : start + size])) for i, start in enumerate(range(0, len(uris), size)))
-    return Plan(job.fingerprint(), job.redacted_dict(), shards, choose_output_crs(job, uris))
+    return Plan(fingerprint or job.fingerprint(), job.redacted_dict(), shards, choose_output_crs(job, uris))
 
 
 def _expand(pattern: str, options: dict) -> list[str]:

@@ -18,6 +18,7 @@ from sam_batch.jobs.dataset import DatasetError, OutputDataset
 from sam_batch.jobs.executors import make_executor
 from sam_batch.jobs.lease import LeaseHeld, OutputLease
 from sam_batch.jobs.plan import Plan, list_inputs, make_plan
+from sam_batch.jobs.prompt_table import plan_fingerprint, planned_images, read_prompt_table
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.jobs.worker import STAGES, ImageDone, ShardCommit
 
@@ -84,7 +85,9 @@ def prepare_plan(job: JobSpec, dataset: OutputDataset, overwrite: bool) -> Plan:
         if not overwrite:
             raise
         existing, readable = None, False
-    if existing is not None and existing.fingerprint == job.fingerprint():
+    table = read_prompt_table(job) if job.prompts.uri else None
+    fingerprint = plan_fingerprint(job, table)
+    if existing is not None and existing.fingerprint == fingerprint:
         log.info(
             "resuming: the plan of this job's first run stands (%d images in %d shards; "
             "`sam-batch validate` lists inputs added or removed since)",
@@ -97,11 +100,14 @@ def prepare_plan(job: JobSpec, dataset: OutputDataset, overwrite: bool) -> Plan:
             f"output.uri {job.output.uri!r} holds the output of a different job "
             f"({existing.job.get('name')!r}); use another output.uri or pass --overwrite to replace it"
         )
-    plan = make_plan(job, list_inputs(job))
+    listed = list_inputs(job)
+    plan = make_plan(job, planned_images(table, listed) if table else listed, fingerprint)
     if existing is not None or not readable:
         why = "" if readable else " (its plan cannot be read)"
         log.warning("--overwrite: removing the previous output at %s%s", job.output.uri, why)
         dataset.clear()
+    if table is not None:
+        dataset.write_prompts(table.to_arrow())
     dataset.write_plan(plan)
     return plan
 

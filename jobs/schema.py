@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sam_batch.jobs.job_rules import name_rule
+from sam_batch.jobs.job_rules import field_error, name_rule
 from sam_batch.jobs.job_sections import (
     SECTIONS,
     AmgSpec,
@@ -23,6 +23,7 @@ from sam_batch.jobs.job_sections import (
     InputSpec,
     ModelSpec,
     OutputSpec,
+    PromptsSpec,
     RasterSpec,
     RunSpec,
 )
@@ -36,6 +37,7 @@ class JobSpec:
 
     name: str
     input: InputSpec
+    prompts: PromptsSpec = field(default_factory=PromptsSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     engine: EngineSpec = field(default_factory=EngineSpec)
     amg: AmgSpec = field(default_factory=AmgSpec)
@@ -48,6 +50,13 @@ class JobSpec:
         for key, cls in SECTIONS.items():
             if not isinstance(getattr(self, key), cls):
                 raise TypeError(f"JobSpec.{key} must be a {cls.__name__}")
+        if self.prompts.uri is not None:
+            if self.run.executor == "ray":
+                raise field_error("run.executor", "ray does not run prompt jobs yet (prompts.uri); use auto or local")
+            if self.engine.backend != "torch":
+                raise field_error(
+                    "engine.backend", f"prompt jobs (prompts.uri) run on torch only, not {self.engine.backend}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """The job as plain dicts, lists and scalars, with the job file's keys (JSON-able).
@@ -71,7 +80,9 @@ class JobSpec:
         Excludes ``run.*``, every ``storage_options`` (credentials, no effect on results) and
         ``output.uri`` (the plan holding the fingerprint sits there); ``output.crs`` counts as
         written (``auto`` resolves in the plan, frozen with it); input URIs count as
-        `normalise_uri` spells them (as the job was loaded), as a set. Independent of key order in the job file.
+        `normalise_uri` spells them (as the job was loaded), as a set; ``prompts`` only when it
+        names a table (whose content the plan adds: `jobs.prompt_table`). Independent of key
+        order in the job file.
         """
         data = self.to_dict()
         del data["run"]
@@ -79,6 +90,8 @@ class JobSpec:
             del data[section]["storage_options"]
         del data["output"]["uri"]
         data["input"]["uris"] = sorted(set(self.input.uris))
+        if self.prompts.uri is None:  # jobs without prompts keep the fingerprints they had
+            del data["prompts"]
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
 
 from sam_batch.jobs.bounded import BoundedScene, Budget, OverBudget, ReadThread
 from sam_batch.jobs.dataset import OutputDataset
@@ -31,9 +32,17 @@ from sam_batch.pipeline.errors import ImageError, one_line_reason
 from sam_batch.pipeline.images import decode_image
 from sam_batch.pipeline.inputs import read_bytes
 from sam_batch.pipeline.rasters import ArrayScene, RasterScene, Scene, is_raster
-from sam_batch.pipeline.tables import image_row, images_table, mask_rows, masks_table
+from sam_batch.pipeline.tables import (
+    IMAGES_SCHEMA,
+    MASKS_SCHEMA,
+    image_row,
+    images_table,
+    mask_rows,
+    masks_table,
+)
 
 if TYPE_CHECKING:
+    from sam_batch.pipeline.prompts import Prompt
     from sam_batch.pipeline.scenes import ScenePlan, SceneResult
     from sam_batch.pipeline.tile_masks import TileMasks
 
@@ -156,6 +165,50 @@ class ImageSegmenter:
         except Exception as error:  # noqa: BLE001 - one image's failure must not end the job
             return self._result(uri, size, started, seconds, f"segment: {one_line_reason(error, typed=True)}")
 
+    def segment_prompted(
+        self, uri: str, prompts: list[Prompt], image: np.ndarray | None = None, read_seconds: float = 0.0
+    ) -> ImageResult:
+        """Rows of one input of a prompt job: the masks of its `prompts` (`pipeline.prompts`),
+        read, bounded and failing as `segment` does. An image none of whose prompts can be
+        segmented is never read: its row is an error naming the first prompt's reason."""
+        from sam_batch.pipeline.prompts import in_image_pixels, segment_prompts
+        from sam_batch.pipeline.scenes import SceneResult, plan_scene, tile_size_for
+
+        seconds = {**dict.fromkeys(STAGES, 0.0), "read": read_seconds}
+        started = time.time() - read_seconds
+        if all(p.error is not None for p in prompts):
+            first = prompts[0]
+            error = f"prompts: none can be segmented ({len(prompts)}); {first.prompt_id!r} {first.error}"
+            return with_prompts(self._result(uri, None, started, seconds, error), prompts)
+        budget = Budget(self.job.run.image_timeout_s)
+        size: tuple[int, int] | None = None
+        raster, options = self.job.raster, self.job.prompts
+        try:
+            with ReadThread(self.job.run.read_timeout_s) as reads, ExitStack() as stack:
+                scene = self._open_scene(uri, image, reads, stack)
+                size = (scene.height, scene.width)
+                seconds["read"] = time.time() - started
+                t = time.perf_counter()
+                placed = [in_image_pixels(p, scene.width, scene.height, scene.crs, scene.transform) for p in prompts]
+                usable = [p for p in placed if p.error is None]
+                tile_size = tile_size_for(scene, raster.tiling, raster.tile_size)
+                args = (tile_size, raster.tile_overlap, options.margin, options.best_only, budget.check)
+                masks = segment_prompts(self.engine, scene, usable, *args) if usable else []
+                plan = plan_scene(scene, tile_size, raster.tile_overlap)
+                seconds["segment"] = time.perf_counter() - t
+            result = SceneResult(scene.width, scene.height, [m.mask for m in masks], plan.crs, plan.transform, 0, 0)
+            done = finish_image(uri, result, started, seconds, (self.worker_name,))
+            for row, mask in zip(done.mask_rows, masks):
+                prompt = usable[mask.prompt]
+                row.update(prompt_id=prompt.prompt_id, mask_index=mask.mask_index)
+                row.update(point_coords=[list(p) for p in prompt.points], **dict(zip(options.carry, prompt.carried)))
+            return with_prompts(done, placed)
+        except (ImageError, OverBudget) as error:
+            return with_prompts(self._result(uri, size, started, seconds, str(error)), prompts)
+        except Exception as error:  # noqa: BLE001 - one image's failure must not end the job
+            reason = f"segment: {one_line_reason(error, typed=True)}"
+            return with_prompts(self._result(uri, size, started, seconds, reason), prompts)
+
     def _open_scene(self, uri: str, image: np.ndarray | None, reads: ReadThread, stack: ExitStack) -> Scene:
         """`image` (H, W, 3) uint8 as a scene when a read stage decoded it; else the file at
         `uri`: a raster opened, read window by window and closed on `reads` (`stack` queues the
@@ -248,8 +301,12 @@ def finish_image(
     return dataclasses.replace(done, tiles_segmented=result.tiles - result.tiles_skipped)
 
 
-def write_shard(dataset: OutputDataset, shard: Shard, results: list[ImageResult]) -> dict:
-    """Write a shard's tables in plan order and create its marker; returns the shard's stats."""
+def write_shard(
+    dataset: OutputDataset, shard: Shard, results: list[ImageResult], schemas: tuple[pa.Schema, pa.Schema] | None = None
+) -> dict:
+    """Write a shard's tables in plan order and create its marker; returns the shard's stats.
+    schemas: the masks and images schemas (a prompt job's: `tables.prompt_schemas`)."""
+    masks_schema, images_schema = schemas or (MASKS_SCHEMA, IMAGES_SCHEMA)
     by_uri = {r.uri: r for r in results}
     ordered = [by_uri[uri] for uri in shard.uris]
     started = time.perf_counter()
@@ -261,11 +318,21 @@ def write_shard(dataset: OutputDataset, shard: Shard, results: list[ImageResult]
     }
     committed = dataset.commit_shard(
         shard,
-        masks_table([row for r in ordered for row in r.mask_rows], [r.image_row for r in ordered], dataset.crs),
-        images_table([r.image_row for r in ordered]),
+        masks_table(
+            [row for r in ordered for row in r.mask_rows], [r.image_row for r in ordered], dataset.crs, masks_schema
+        ),
+        images_table([r.image_row for r in ordered], images_schema),
         stats,
     )
     return {**stats, "committed": committed, "write_seconds": time.perf_counter() - started}
+
+
+def with_prompts(result: ImageResult, prompts: list[Prompt]) -> ImageResult:
+    """`result` with its images row's prompt columns: how many prompts the image had, and the
+    id and reason of each that could not be segmented."""
+    errors = [{"prompt_id": p.prompt_id, "error": p.error} for p in prompts if p.error is not None]
+    result.image_row.update(n_prompts=len(prompts), prompt_errors=errors)
+    return result
 
 
 def image_result(

@@ -69,6 +69,9 @@ class Scene(Protocol):
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray | None]:
         """RGB uint8 (h, w, 3) of the window and its valid pixels, bool (h, w) or None if all are."""
 
+    def read_decimated(self, window: Window, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """`read` of the window brought to `shape` (h, w) pixels, fewer than the window's."""
+
 
 class ArrayScene:
     """An RGB uint8 (H, W, 3) photo in memory, with no nodata and no georeferencing."""
@@ -83,6 +86,13 @@ class ArrayScene:
     def read(self, window: Window) -> tuple[np.ndarray, None]:
         x0, y0, x1, y1 = window
         return np.ascontiguousarray(self.image[y0:y1, x0:x1]), None
+
+    def read_decimated(self, window: Window, shape: tuple[int, int]) -> tuple[np.ndarray, None]:
+        """The window averaged down to `shape` (h, w) (PIL's box filter)."""
+        from PIL import Image
+
+        rgb, _ = self.read(window)
+        return np.asarray(Image.fromarray(rgb).resize(shape[::-1], Image.Resampling.BOX)), None
 
 
 def is_raster(uri: str, storage_options: dict | None = None) -> bool:
@@ -237,10 +247,20 @@ class RasterScene:
         return stretch_limits(sample)
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray | None]:
+        return self._read(window, None)
+
+    def read_decimated(self, window: Window, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The window read at `shape` (h, w): from the file's overviews where it has them,
+        averaged (GDAL's `average` resampling)."""
+        return self._read(window, shape)
+
+    def _read(self, window: Window, shape: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray | None]:
         x0, y0, x1, y1 = window
         rio_window = self._rasterio.windows.Window(x0, y0, x1 - x0, y1 - y0)
-        pixels = self._guarded(lambda: self._src.read(self.bands, window=rio_window))
-        valid = self._valid(pixels, lambda: self._src.dataset_mask(window=rio_window))
+        sized = {} if shape is None else {"resampling": self._rasterio.enums.Resampling.average}
+        out_shape = None if shape is None else (len(self.bands), *shape)
+        pixels = self._guarded(lambda: self._src.read(self.bands, window=rio_window, out_shape=out_shape, **sized))
+        valid = self._valid(pixels, lambda: self._src.dataset_mask(window=rio_window, out_shape=shape))
         if self.palette is not None:
             rgb = apply_palette(pixels, self.palette)
         else:

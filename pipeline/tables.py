@@ -53,6 +53,22 @@ IMAGES_SCHEMA = pa.schema(
 )
 
 
+# a prompt job's extra columns (`prompts.uri`): the masks table's, then the carried ones
+PROMPT_MASK_FIELDS = [
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("mask_index", pa.int32(), nullable=False),
+]
+PROMPT_ERROR_TYPE = pa.struct([pa.field("prompt_id", pa.string()), pa.field("error", pa.string())])
+PROMPT_IMAGE_FIELDS = [pa.field("n_prompts", pa.int32()), pa.field("prompt_errors", pa.list_(PROMPT_ERROR_TYPE))]
+
+
+def prompt_schemas(carried: pa.Schema) -> tuple[pa.Schema, pa.Schema]:
+    """A prompt job's masks and images schemas: the automatic job's, its prompt columns
+    (`prompt_id`, `mask_index`; `n_prompts`, `prompt_errors`) and the carried columns."""
+    masks = pa.schema([*MASKS_SCHEMA, *PROMPT_MASK_FIELDS, *carried])
+    return masks, pa.schema([*IMAGES_SCHEMA, *PROMPT_IMAGE_FIELDS])
+
+
 def image_id_for(uri: str) -> str:
     """Stable id of an input: the first 20 hex digits of sha256 over its URI as listed."""
     return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:20]
@@ -94,7 +110,7 @@ def image_row(
     }
 
 
-def masks_table(rows: list[dict], image_rows: list[dict], crs: str) -> pa.Table:
+def masks_table(rows: list[dict], image_rows: list[dict], crs: str, schema: pa.Schema = MASKS_SCHEMA) -> pa.Table:
     """The masks of a file, their geometries in `crs` (the output's: 'EPSG:code' or WKT); with
     GeoParquet metadata when any row has a geometry.
 
@@ -102,7 +118,7 @@ def masks_table(rows: list[dict], image_rows: list[dict], crs: str) -> pa.Table:
     """
     scene_crs = {row["image_id"]: row["crs"] for row in image_rows}
     rows = _reprojected(rows, scene_crs, crs)
-    table = pa.Table.from_pylist(rows, schema=MASKS_SCHEMA)
+    table = pa.Table.from_pylist(rows, schema=schema)
     boxes = [row["geometry_bbox"] for row in rows if row.get("geometry") is not None]
     if not boxes:
         return table
@@ -134,5 +150,5 @@ def _reprojected(rows: list[dict], scene_crs: dict[str, str | None], crs: str) -
     return rows
 
 
-def images_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA)
+def images_table(rows: list[dict], schema: pa.Schema = IMAGES_SCHEMA) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)

@@ -147,15 +147,24 @@ def _validate(args: argparse.Namespace) -> int:
     from sam_batch.jobs.dataset import OutputDataset
     from sam_batch.jobs.job_file import load_job
     from sam_batch.jobs.plan import list_inputs, make_plan
+    from sam_batch.jobs.prompt_table import plan_fingerprint, planned_images, read_prompt_table
 
     job = load_job(args.job, args.overrides)
+    table = read_prompt_table(job) if job.prompts.uri else None
     listed = list_inputs(job)
     output = OutputDataset(job.output.uri, job.output.storage_options)
     output.check_root()  # the lines `run` stops with, before any work
     output.check_exclusive_create(output.check_writable())
     existing = output.read_plan()
-    resumes = existing is not None and existing.fingerprint == job.fingerprint()
-    plan = existing if resumes else make_plan(job, listed)
+    fingerprint = plan_fingerprint(job, table)
+    resumes = existing is not None and existing.fingerprint == fingerprint
+    if table is not None:
+        listed = planned_images(table, listed)
+        n_bad = sum(p.error is not None for prompts in table.prompts.values() for p in prompts)
+        print(
+            f"prompts: {sum(map(len, table.prompts.values()))} in {job.prompts.uri}, {n_bad} with a reason not to run"
+        )
+    plan = existing if resumes else make_plan(job, listed, fingerprint)
     print(f"job {job.name!r}: valid ({job.model.type}, backend {job.engine.backend}, executor {job.run.executor})")
     frozen = " (frozen by the job's first run)" if resumes else f" of up to {job.run.shard_size}"
     print(f"inputs: {len(plan.uris)} images in {len(plan.shards)} shards{frozen}")

@@ -263,7 +263,7 @@ def test_unknown_keys_top_level_and_without_suggestion() -> None:
     assert error_of(minimal(run={True: 1})).message.startswith("unknown key 'run.True' (run has: ray_address, ")
     assert (
         error_of(minimal(zzz={})).message
-        == "unknown key 'zzz' (the job file has: name, input, model, engine, amg, raster, output, run)"
+        == "unknown key 'zzz' (the job file has: name, input, prompts, model, engine, amg, raster, output, run)"
     )
 
 
@@ -681,3 +681,13 @@ def test_the_jobs_uris_are_spelled_once_when_it_is_loaded(tmp_path: Path, monkey
     same = parse_job(minimal(input={"uris": [str(tmp_path / "photos/./*.jpg")]}, output={"uri": "out"}))
     assert same.input.uris == (str(tmp_path / "photos" / "*.jpg"),)
     assert parse_job(job.to_dict()) == job
+
+
+def test_prompts_section_rules() -> None:
+    job = parse_job(minimal(prompts={"uri": "boxes.parquet", "carry": "label", "best_only": True}))
+    assert job.prompts.carry == ("label",) and job.prompts.uri.endswith("/boxes.parquet")
+    assert job.fingerprint() != parse_job(minimal()).fingerprint()
+    assert error_of(minimal(prompts={"uri": "b.parquet", "best_only": "yes"})).field == "prompts.best_only"
+    assert "writes or reads itself" in error_of(minimal(prompts={"uri": "b.parquet", "carry": ["area"]})).message
+    assert error_of(minimal(prompts={"uri": "b.parquet"}, run={"executor": "ray"})).field == "run.executor"
+    assert error_of(minimal(prompts={"uri": "b.parquet"}, engine={"backend": "onnx"})).field == "engine.backend"
