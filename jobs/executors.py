@@ -26,16 +26,13 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from itertools import takewhile
 
-import pyarrow as pa
-
 from sam_batch.jobs.dataset import OutputDataset
 from sam_batch.jobs.plan import Shard
-from sam_batch.jobs.prompt_table import frozen_prompts
+from sam_batch.jobs.prompt_table import prompt_book
 from sam_batch.jobs.ray_pipeline import STAGE_TASK_CPUS, ActorPool, JobFailure, RayPipeline, amounts, shortfall
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.jobs.stages import read_photo
 from sam_batch.jobs.worker import Event, ImageSegmenter, ShardCommit, image_result, with_prompts, write_shard
-from sam_batch.pipeline.tables import prompt_schemas
 
 log = logging.getLogger("sam_batch")
 
@@ -67,7 +64,7 @@ class LocalExecutor:
         segmenter = ImageSegmenter(self.job, "local")
         options, bands = self.job.input.storage_options, self.job.raster.bands
         timeout_s = self.job.run.read_timeout_s
-        prompts, schemas = self._prompts(dataset)
+        prompts, schemas = prompt_book(self.job, dataset)
         unread = (uri for shard in shards for uri in shard.uris)
         with ThreadPoolExecutor(max_workers=1) as reader:
             ahead: deque = deque()
@@ -96,15 +93,6 @@ class LocalExecutor:
                         results.append(segmenter.segment(uri, photo, seconds))
                     yield results[-1].done()
                 yield ShardCommit(shard, write_shard(dataset, shard, results, schemas))
-
-    def _prompts(self, dataset: OutputDataset) -> tuple[dict | None, tuple | None]:
-        """A prompt job's prompts by image, as frozen with its plan, and its tables' schemas."""
-        if self.job.prompts.uri is None:
-            return None, None
-        frozen = dataset.read_prompts()
-        carry = self.job.prompts.carry
-        carried = pa.schema([frozen.schema.field(name) for name in carry])
-        return frozen_prompts(frozen, carry), prompt_schemas(carried)
 
 
 class RayExecutor:
@@ -371,8 +359,6 @@ def choose_executor(job: JobSpec, n_images: int) -> tuple[str, str]:
     else this process, which saves Ray's start and stop (docs/benchmarks.md).
     """
     run = job.run
-    if job.prompts.uri is not None:
-        return "local", "prompts: a prompt job runs in this process"
     if run.executor != "auto":
         return run.executor, "run.executor"
     if run.ray_address or os.environ.get("RAY_ADDRESS"):

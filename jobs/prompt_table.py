@@ -34,10 +34,12 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sam_batch.jobs.dataset import OutputDataset
 from sam_batch.jobs.job_rules import JobError, normalise_uri
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.pipeline.errors import one_line_reason
 from sam_batch.pipeline.prompts import Prompt, check_prompt
+from sam_batch.pipeline.tables import prompt_schemas
 
 log = logging.getLogger("sam_batch")
 WGS84 = "OGC:CRS84"  # GeoJSON's and GeoParquet's CRS when none is named (x = longitude)
@@ -111,6 +113,16 @@ def plan_fingerprint(job: JobSpec, table: PromptTable | None) -> str:
     if table is None:
         return job.fingerprint()
     return hashlib.sha256(f"{job.fingerprint()}:{table.digest}".encode()).hexdigest()
+
+
+def prompt_book(job: JobSpec, dataset: OutputDataset) -> tuple[dict[str, list[Prompt]] | None, tuple | None]:
+    """A prompt job's prompts by image, as frozen with its plan, and its tables' schemas
+    (`tables.prompt_schemas`); (None, None) for an automatic job."""
+    if job.prompts.uri is None:
+        return None, None
+    frozen = dataset.read_prompts()
+    carried = pa.schema([frozen.schema.field(name) for name in job.prompts.carry])
+    return frozen_prompts(frozen, job.prompts.carry), prompt_schemas(carried)
 
 
 def frozen_prompts(table: pa.Table, carry: tuple[str, ...]) -> dict[str, list[Prompt]]:

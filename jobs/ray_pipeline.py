@@ -34,6 +34,7 @@ import numpy as np
 from sam_batch.jobs.bounded import Budget, OverBudget
 from sam_batch.jobs.dataset import OutputDataset
 from sam_batch.jobs.plan import Shard
+from sam_batch.jobs.prompt_table import prompt_book
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.jobs.stages import Opened, TileRead, open_image, read_tile
 from sam_batch.jobs.worker import (
@@ -45,9 +46,13 @@ from sam_batch.jobs.worker import (
     ShardCommit,
     finish_image,
     image_result,
+    prompted_result,
+    with_prompts,
     write_shard,
 )
 from sam_batch.pipeline.errors import ImageError, one_line_reason
+from sam_batch.pipeline.prompts import PromptMask, PromptPlan
+from sam_batch.pipeline.rasters import ArrayScene
 from sam_batch.pipeline.scenes import ScenePlan, finish_scene
 from sam_batch.pipeline.tile_masks import TileMasks
 
@@ -157,7 +162,8 @@ class RayPipeline:
         self.open_task = ray.remote(open_image).options(num_returns=2, **cpu_task)
         self.read_task = ray.remote(read_tile).options(num_returns=3, **cpu_task)
         self.finish_task = ray.remote(_finish).options(num_returns=2, **cpu_task)
-        self.commits = _CommitStage(ray, dataset)
+        self.prompts, schemas = prompt_book(job, dataset)
+        self.commits = _CommitStage(ray, dataset, schemas)
         self.opening: dict = {}  # open status ref -> _Image
         self.reading: dict = {}  # read status ref -> _Unit
         self.finishing: dict = {}  # finish summary ref -> (_Image, result ref)
@@ -198,17 +204,19 @@ class RayPipeline:
             if not unit.image.opened.raster:
                 self.ready.append(unit)  # a photo's tile: its pixels are the decoded photo's
                 continue
-            options, raster = self.job.input.storage_options, self.job.raster
+            options, raster, opened = self.job.input.storage_options, self.job.raster, unit.image.opened
+            shape = opened.prompts.read_shape(unit.index) if opened.prompts is not None else None
             status, unit.pixels, unit.valid = self.read_task.remote(
-                unit.image.uri, options, raster, unit.image.opened.stretch, unit.window, self.job.run.read_timeout_s
+                unit.image.uri, options, raster, opened.stretch, unit.window, self.job.run.read_timeout_s, shape
             )
             self.reading[status] = unit
         while len(self.opening) < OPENS_AHEAD and len(self.queued) < self.capacity:
             uri = ledger.next_uri()
             if uri is None:
                 return
+            prompts = (self.prompts[uri], self.job.prompts.margin) if self.prompts is not None else ()
             status, photo = self.open_task.remote(
-                uri, self.job.input.storage_options, self.job.raster, self.job.run.read_timeout_s
+                uri, self.job.input.storage_options, self.job.raster, self.job.run.read_timeout_s, *prompts
             )
             self.opening[status] = _Image(uri, photo=photo)
 
@@ -334,6 +342,7 @@ class RayPipeline:
             opened.started,
             image.seconds,
             tuple(sorted(image.workers)),
+            (opened.prompts, self.job.prompts.carry) if opened.prompts is not None else None,
             *image.tiles,
         )
         self.finishing[summary] = (image, result)
@@ -366,6 +375,9 @@ class RayPipeline:
             workers=tuple(sorted(image.workers)),
             error=error,
         )
+        if self.prompts is not None:
+            planned = image.opened.prompts if image.opened is not None else None
+            result = with_prompts(result, list(planned.prompts) if planned is not None else self.prompts[image.uri])
         image.done = True
         image.tiles, image.photo = [], None
         self._add(image.uri, result, ledger)
@@ -384,12 +396,19 @@ def _finish(
     started: float,
     seconds: dict[str, float],
     workers: tuple[str, ...],
-    *tiles: TileMasks,
+    prompted: tuple[PromptPlan, tuple[str, ...]] | None,
+    *tiles: TileMasks | list[PromptMask],
 ) -> tuple[ImageDone, ImageResult]:
     """A finish task: one image's rows from its tiles' masks (the seam merge, RLE, polygons),
-    and the summary the driver counts. Never raises: a failure is the image's error row."""
+    and the summary the driver counts; in a prompt job (`prompted`: the image's prompt plan
+    and `prompts.carry`) from its windows' masks. Never raises: a failure is the image's error row."""
     try:
-        result = finish_image(uri, finish_scene(plan, list(tiles), iou_threshold), started, seconds, workers)
+        if prompted is not None:
+            prompt_plan, carry = prompted
+            masks = [mask for window in tiles for mask in window]
+            result = prompted_result(uri, plan, prompt_plan, masks, carry, started, seconds, workers)
+        else:
+            result = finish_image(uri, finish_scene(plan, list(tiles), iou_threshold), started, seconds, workers)
     except Exception as error:  # noqa: BLE001 - one image's failure must not end the job
         result = image_result(
             uri,
@@ -400,6 +419,8 @@ def _finish(
             workers=workers,
             error=f"encode: {one_line_reason(error, typed=True)}",
         )
+        if prompted is not None:
+            result = with_prompts(result, list(prompted[0].prompts))
     return result.done(), result
 
 
@@ -471,20 +492,29 @@ class SegmenterActor:
         pixels: np.ndarray,
         valid: np.ndarray | None,
         deadline: float | None,
-    ) -> tuple[_TileDone, TileMasks | None]:
+        prompts: PromptPlan | None = None,
+    ) -> tuple[_TileDone, TileMasks | list[PromptMask] | None]:
         """The masks of tile `index` of `uri`'s `plan`: `pixels` (h, w, 3) uint8 are the tile's
         (a raster's read) or the whole photo's, which the tile is cut from; `valid` (h, w) bool
         or None. deadline: `time.time()` past which the image's budget is spent (None: none).
-        Never raises for a bad tile: the failure is the status's `error`."""
+        prompts: a prompt job's plan of the image, whose window `index` this tile is (read
+        decimated where it says so). Never raises for a bad tile: the failure is the status's `error`."""
         assert self.segmenter is not None
         started = time.perf_counter()
         x0, y0, x1, y1 = plan.tiles[index].window
-        if pixels.shape[:2] != (y1 - y0, x1 - x0):
-            pixels = np.ascontiguousarray(pixels[y0:y1, x0:x1])
+        shape = prompts.read_shape(index) if prompts is not None else None
+        if pixels.shape[:2] not in ((y1 - y0, x1 - x0), shape):  # a photo's: cut (and decimated) here
+            photo = ArrayScene(pixels)
+            pixels = photo.read((x0, y0, x1, y1)) if shape is None else photo.read_decimated((x0, y0, x1, y1), shape)
+            pixels = pixels[0]
         check = Budget.until(deadline, self.job.run.image_timeout_s).check
         name = self.segmenter.worker_name
         try:
-            masks = self.segmenter.segment_tile(uri, pixels, valid, plan, index, check)
+            if prompts is not None:
+                check()
+                masks = self.segmenter.segment_window(pixels, prompts, index)
+            else:
+                masks = self.segmenter.segment_tile(uri, pixels, valid, plan, index, check)
         except (ImageError, OverBudget) as error:
             return _TileDone(str(error), 0, time.perf_counter() - started, name), None
         except Exception as error:  # noqa: BLE001 - one image's failure must not end the job
@@ -596,7 +626,7 @@ class ActorPool:
             pixels = image.photo if unit.pixels is None else unit.pixels
             deadline = None if image.deadline is None else time.time() + image.deadline - time.monotonic()
             status, masks = actor.segment_tile.options(num_returns=2).remote(
-                image.uri, image.opened.plan, unit.index, pixels, unit.valid, deadline
+                image.uri, image.opened.plan, unit.index, pixels, unit.valid, deadline, image.opened.prompts
             )
             self.busy[status] = (actor, unit, masks)
             load[id(actor)] += 1
@@ -687,10 +717,10 @@ class ActorPool:
         self.loaded.append(actor)
 
 
-def _commit(dataset: OutputDataset, shard: Shard, *results: ImageResult) -> dict:
+def _commit(dataset: OutputDataset, schemas: tuple | None, shard: Shard, *results: ImageResult) -> dict:
     """A commit task: `write_shard` with the shard's results, which Ray fetches from the
     object store (the finish tasks' results) before the task starts."""
-    return write_shard(dataset, shard, list(results))
+    return write_shard(dataset, shard, list(results), schemas)
 
 
 class _CommitStage:
@@ -701,14 +731,16 @@ class _CommitStage:
     fails anyway ends the job: its shard stays uncommitted and a re-run does it again.
     """
 
-    def __init__(self, ray, dataset: OutputDataset) -> None:
+    def __init__(self, ray, dataset: OutputDataset, schemas: tuple | None) -> None:
+        """schemas: a prompt job's tables' schemas (`tables.prompt_schemas`), else None."""
         self.ray = ray
         self.task = ray.remote(_commit).options(num_cpus=STAGE_TASK_CPUS, max_retries=MAX_ATTEMPTS - 1)
         self.dataset = ray.put(dataset)
+        self.schemas = schemas
         self.running: dict = {}  # commit ref -> shard
 
     def submit(self, shard: Shard, results: list) -> None:
-        self.running[self.task.remote(self.dataset, shard, *results)] = shard
+        self.running[self.task.remote(self.dataset, self.schemas, shard, *results)] = shard
 
     def take(self, ref) -> ShardCommit:
         shard = self.running.pop(ref)

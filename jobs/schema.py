@@ -51,8 +51,6 @@ class JobSpec:
             if not isinstance(getattr(self, key), cls):
                 raise TypeError(f"JobSpec.{key} must be a {cls.__name__}")
         if self.prompts.uri is not None:
-            if self.run.executor == "ray":
-                raise field_error("run.executor", "ray does not run prompt jobs yet (prompts.uri); use auto or local")
             if self.engine.backend != "torch":
                 raise field_error(
                     "engine.backend", f"prompt jobs (prompts.uri) run on torch only, not {self.engine.backend}"

@@ -24,7 +24,8 @@ from sam_batch.jobs.job_sections import RasterSpec
 from sam_batch.pipeline.errors import ImageError, one_line_reason
 from sam_batch.pipeline.images import decode_image
 from sam_batch.pipeline.inputs import TIFF_MAGIC_BYTES, open_input, read_bytes, starts_like_tiff
-from sam_batch.pipeline.rasters import ArrayScene, RasterScene, Window
+from sam_batch.pipeline.prompts import Prompt, PromptPlan, plan_prompted_scene, unusable_prompts
+from sam_batch.pipeline.rasters import ArrayScene, RasterScene, Scene, Window
 from sam_batch.pipeline.scenes import ScenePlan, has_valid_pixels, plan_scene, tile_size_for
 
 
@@ -34,7 +35,8 @@ class Opened:
 
     raster: its tiles are read from the file (`read_tile`), else cut from the decoded photo;
     stretch: a raster's stretch limits for every tile read (None: its pixels need none);
-    seconds: the opening's, in s; started: `time.time()` when it began.
+    seconds: the opening's, in s; started: `time.time()` when it began; prompts: a prompt
+    job's plan of the image's prompts, whose windows are `plan`'s tiles (None otherwise).
     """
 
     error: str | None
@@ -43,6 +45,7 @@ class Opened:
     stretch: tuple[float, float] | None
     seconds: float
     started: float
+    prompts: PromptPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -56,24 +59,35 @@ class TileRead:
 
 
 def open_image(
-    uri: str, storage_options: dict, raster: RasterSpec, timeout_s: float
+    uri: str,
+    storage_options: dict,
+    raster: RasterSpec,
+    timeout_s: float,
+    prompts: list[Prompt] | None = None,
+    margin: int = 0,
 ) -> tuple[Opened, np.ndarray | None]:
     """(opened, photo): a photo read and decoded to (H, W, 3) uint8, a raster's header only
-    (photo None). The read is waited for at most `timeout_s` s (`run.read_timeout_s`)."""
+    (photo None). The read is waited for at most `timeout_s` s (`run.read_timeout_s`).
+    prompts: a prompt job's prompts of the image (margin: `prompts.margin`), planned here; an
+    image none of whose prompts can be segmented is not read (its `error` says why)."""
     started, clock = time.time(), time.perf_counter()
+    if prompts is not None and (unusable := unusable_prompts(prompts)) is not None:
+        return Opened(unusable, None, False, None, 0.0, started), None
     try:
         data = read_bounded(timeout_s, _photo_bytes, uri, storage_options)
         if data is None:
-            plan, stretch = read_bounded(timeout_s, _raster_plan, uri, storage_options, raster)
-            return Opened(None, plan, True, stretch, time.perf_counter() - clock, started), None
+            plan, stretch, planned = read_bounded(
+                timeout_s, _raster_plan, uri, storage_options, raster, prompts, margin
+            )
+            return Opened(None, plan, True, stretch, time.perf_counter() - clock, started, planned), None
         photo = ArrayScene(decode_image(data, raster.bands))
     except ImageError as error:
         return Opened(str(error), None, False, None, time.perf_counter() - clock, started), None
     except Exception as error:  # noqa: BLE001 - one image's failure must not end the job
         reason = f"decode: {one_line_reason(error, typed=True)}"
         return Opened(reason, None, False, None, time.perf_counter() - clock, started), None
-    plan = plan_scene(photo, tile_size_for(photo, raster.tiling, raster.tile_size), raster.tile_overlap)
-    return Opened(None, plan, False, None, time.perf_counter() - clock, started), photo.image
+    plan, planned = _plans(photo, raster, prompts, margin)
+    return Opened(None, plan, False, None, time.perf_counter() - clock, started, planned), photo.image
 
 
 def read_photo(
@@ -108,10 +122,21 @@ def _photo_bytes(uri: str, storage_options: dict) -> bytes | None:
     return None if starts_like_tiff(data) else data
 
 
-def _raster_plan(uri: str, storage_options: dict, raster: RasterSpec) -> tuple[ScenePlan, tuple[float, float] | None]:
+def _raster_plan(
+    uri: str, storage_options: dict, raster: RasterSpec, prompts: list[Prompt] | None, margin: int
+) -> tuple[ScenePlan, tuple[float, float] | None, PromptPlan | None]:
     with RasterScene(uri, storage_options, raster.bands, raster.nodata) as scene:
-        tile_size = tile_size_for(scene, raster.tiling, raster.tile_size)
-        return plan_scene(scene, tile_size, raster.tile_overlap), scene.stretch
+        plan, planned = _plans(scene, raster, prompts, margin)
+        return plan, scene.stretch, planned
+
+
+def _plans(
+    scene: Scene, raster: RasterSpec, prompts: list[Prompt] | None, margin: int
+) -> tuple[ScenePlan, PromptPlan | None]:
+    """A scene's plan: its tiles, or, in a prompt job, its prompts' windows and their plan."""
+    if prompts is not None:
+        return plan_prompted_scene(scene, prompts, raster.tiling, raster.tile_size, raster.tile_overlap, margin)
+    return plan_scene(scene, tile_size_for(scene, raster.tiling, raster.tile_size), raster.tile_overlap), None
 
 
 def read_tile(
@@ -121,13 +146,15 @@ def read_tile(
     stretch: tuple[float, float] | None,
     window: Window,
     timeout_s: float,
+    shape: tuple[int, int] | None = None,
 ) -> tuple[TileRead, np.ndarray | None, np.ndarray | None]:
     """(status, rgb, valid): one window of a raster as RGB uint8 (h, w, 3) and its valid pixels
     (h, w) bool, or None when all are; both None on an error or when no pixel is valid. The
-    read (opening included) is waited for at most `timeout_s` s."""
+    read (opening included) is waited for at most `timeout_s` s. shape: (h, w) to read the
+    window decimated to (a prompt window larger than a tile); None: full resolution."""
     clock = time.perf_counter()
     try:
-        rgb, valid = read_bounded(timeout_s, _read_window, uri, storage_options, raster, stretch, window)
+        rgb, valid = read_bounded(timeout_s, _read_window, uri, storage_options, raster, stretch, window, shape)
     except ImageError as error:
         return TileRead(str(error), False, time.perf_counter() - clock), None, None
     except Exception as error:  # noqa: BLE001 - one image's failure must not end the job
@@ -138,7 +165,12 @@ def read_tile(
 
 
 def _read_window(
-    uri: str, storage_options: dict, raster: RasterSpec, stretch: tuple[float, float] | None, window: Window
+    uri: str,
+    storage_options: dict,
+    raster: RasterSpec,
+    stretch: tuple[float, float] | None,
+    window: Window,
+    shape: tuple[int, int] | None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     with RasterScene(uri, storage_options, raster.bands, raster.nodata, stretch) as scene:
-        return scene.read(window)
+        return scene.read(window) if shape is None else scene.read_decimated(window, shape)

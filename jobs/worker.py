@@ -42,7 +42,7 @@ from sam_batch.pipeline.tables import (
 )
 
 if TYPE_CHECKING:
-    from sam_batch.pipeline.prompts import Prompt
+    from sam_batch.pipeline.prompts import Prompt, PromptMask, PromptPlan
     from sam_batch.pipeline.scenes import ScenePlan, SceneResult
     from sam_batch.pipeline.tile_masks import TileMasks
 
@@ -171,43 +171,40 @@ class ImageSegmenter:
         """Rows of one input of a prompt job: the masks of its `prompts` (`pipeline.prompts`),
         read, bounded and failing as `segment` does. An image none of whose prompts can be
         segmented is never read: its row is an error naming the first prompt's reason."""
-        from sam_batch.pipeline.prompts import in_image_pixels, segment_prompts
-        from sam_batch.pipeline.scenes import SceneResult, plan_scene, tile_size_for
+        from sam_batch.pipeline.prompts import plan_prompted_scene, segment_prompts, unusable_prompts
 
         seconds = {**dict.fromkeys(STAGES, 0.0), "read": read_seconds}
         started = time.time() - read_seconds
-        if all(p.error is not None for p in prompts):
-            first = prompts[0]
-            error = f"prompts: none can be segmented ({len(prompts)}); {first.prompt_id!r} {first.error}"
+        if (error := unusable_prompts(prompts)) is not None:
             return with_prompts(self._result(uri, None, started, seconds, error), prompts)
         budget = Budget(self.job.run.image_timeout_s)
         size: tuple[int, int] | None = None
-        raster, options = self.job.raster, self.job.prompts
         try:
             with ReadThread(self.job.run.read_timeout_s) as reads, ExitStack() as stack:
                 scene = self._open_scene(uri, image, reads, stack)
                 size = (scene.height, scene.width)
                 seconds["read"] = time.time() - started
                 t = time.perf_counter()
-                placed = [in_image_pixels(p, scene.width, scene.height, scene.crs, scene.transform) for p in prompts]
-                usable = [p for p in placed if p.error is None]
-                tile_size = tile_size_for(scene, raster.tiling, raster.tile_size)
-                args = (tile_size, raster.tile_overlap, options.margin, options.best_only, budget.check)
-                masks = segment_prompts(self.engine, scene, usable, *args) if usable else []
-                plan = plan_scene(scene, tile_size, raster.tile_overlap)
+                raster = self.job.raster
+                args = (raster.tiling, raster.tile_size, raster.tile_overlap, self.job.prompts.margin)
+                scene_plan, prompt_plan = plan_prompted_scene(scene, prompts, *args)
+                masks = segment_prompts(self.engine, scene, prompt_plan, self.job.prompts.best_only, budget.check)
                 seconds["segment"] = time.perf_counter() - t
-            result = SceneResult(scene.width, scene.height, [m.mask for m in masks], plan.crs, plan.transform, 0, 0)
-            done = finish_image(uri, result, started, seconds, (self.worker_name,))
-            for row, mask in zip(done.mask_rows, masks):
-                prompt = usable[mask.prompt]
-                row.update(prompt_id=prompt.prompt_id, mask_index=mask.mask_index)
-                row.update(point_coords=[list(p) for p in prompt.points], **dict(zip(options.carry, prompt.carried)))
-            return with_prompts(done, placed)
+            return prompted_result(
+                uri, scene_plan, prompt_plan, masks, self.job.prompts.carry, started, seconds, (self.worker_name,)
+            )
         except (ImageError, OverBudget) as error:
             return with_prompts(self._result(uri, size, started, seconds, str(error)), prompts)
         except Exception as error:  # noqa: BLE001 - one image's failure must not end the job
             reason = f"segment: {one_line_reason(error, typed=True)}"
             return with_prompts(self._result(uri, size, started, seconds, reason), prompts)
+
+    def segment_window(self, rgb: np.ndarray, prompt_plan: PromptPlan, index: int) -> list[PromptMask]:
+        """`pipeline.prompts.segment_window` on window `index` of `prompt_plan`, whose pixels
+        as read are `rgb` (h, w, 3) uint8."""
+        from sam_batch.pipeline.prompts import segment_window
+
+        return segment_window(self.engine, rgb, prompt_plan, index, self.job.prompts.best_only)
 
     def _open_scene(self, uri: str, image: np.ndarray | None, reads: ReadThread, stack: ExitStack) -> Scene:
         """`image` (H, W, 3) uint8 as a scene when a read stage decoded it; else the file at
@@ -325,6 +322,32 @@ def write_shard(
         stats,
     )
     return {**stats, "committed": committed, "write_seconds": time.perf_counter() - started}
+
+
+def prompted_result(
+    uri: str,
+    scene_plan: ScenePlan,
+    prompt_plan: PromptPlan,
+    masks: list[PromptMask],
+    carry: tuple[str, ...],
+    started: float,
+    seconds: dict[str, float],
+    workers: tuple[str, ...],
+) -> ImageResult:
+    """The rows of a prompted image: its masks (in prompt, then output order) with their
+    prompt's id, output index, points and carried values; the images row with its prompts."""
+    from sam_batch.pipeline.scenes import SceneResult
+
+    masks = sorted(masks, key=lambda m: (m.prompt, m.mask_index))
+    plan = scene_plan
+    result = SceneResult(plan.width, plan.height, [m.mask for m in masks], plan.crs, plan.transform, 0, 0)
+    done = finish_image(uri, result, started, seconds, workers)
+    for row, mask in zip(done.mask_rows, masks):
+        prompt = prompt_plan.usable_prompt(mask.prompt)
+        row.update(prompt_id=prompt.prompt_id, mask_index=mask.mask_index)
+        row.update(point_coords=[list(p) for p in prompt.points], **dict(zip(carry, prompt.carried)))
+    done = dataclasses.replace(done, tiles_segmented=len(prompt_plan.windows))
+    return with_prompts(done, list(prompt_plan.prompts))
 
 
 def with_prompts(result: ImageResult, prompts: list[Prompt]) -> ImageResult:

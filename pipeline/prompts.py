@@ -15,9 +15,12 @@ pixels, then inside the image). `plan_windows` decides where each prompt is segm
    around it read decimated by the smallest whole factor that makes it fit (`step`); its
    logits are brought back to the window's full resolution.
 
-`segment_prompts` runs the model on each window once and decodes its prompts in batches of
-the same shape (points count, box or not), since SAM's predictor pads a prompt without a box
-with one "not a point" token and a batch must share its token count. Each prompt gives one
+`plan_prompts` does this from the image's header (`plan_prompted_scene` also gives the scene
+plan whose tiles are the windows, which the executors read as tiles); `segment_window` runs
+the model on one window once and decodes its prompts in batches of the same shape (points
+count, box or not, multimask), since SAM's predictor pads a prompt without a box with one
+"not a point" token and a batch must share its token count; `segment_prompts` does every
+window of an image in this process. Each prompt gives one
 mask (`multimask` off) or three, and with `best_only` the one of the three with the highest
 predicted IoU. No threshold, stability filter or NMS applies: each mask is what was asked for.
 """
@@ -32,10 +35,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sam_batch.pipeline.rasters import Scene, Window
-from sam_batch.pipeline.tiles import SceneMask, plan_tiles
+from sam_batch.pipeline.tiles import SceneMask, Tile, plan_tiles
 
 if TYPE_CHECKING:
     from sam_batch.pipeline.amg import Check, Engine
+    from sam_batch.pipeline.scenes import ScenePlan
 
 # prompts decoded in one call of the predictor's decoder (memory: about 24 MiB each at fp32)
 PROMPTS_PER_CALL = 64
@@ -87,6 +91,14 @@ def check_prompt(prompt: Prompt) -> str | None:
     if any(label not in (0, 1) for label in prompt.labels):
         return f"point_labels {list(prompt.labels)} hold a value other than 1 (foreground) or 0 (background)"
     return None
+
+
+def unusable_prompts(prompts: list[Prompt]) -> str | None:
+    """The images row's error of an image none of whose prompts can be segmented (it is then
+    never read); None when one can."""
+    if any(p.error is None for p in prompts):
+        return None
+    return f"prompts: none can be segmented ({len(prompts)}); {prompts[0].prompt_id!r} {prompts[0].error}"
 
 
 def in_image_pixels(prompt: Prompt, width: int, height: int, crs, transform) -> Prompt:
@@ -203,52 +215,91 @@ def _span(centre: float, side: int, length: int) -> tuple[int, int]:
 @dataclass
 class PromptMask:
     """One mask of a prompt: `mask` in scene pixels, its predicted IoU and stability score,
-    which prompt (index into the image's prompts) and which of its outputs (0 for a single
-    mask, 0-2 among the three)."""
+    which prompt (index into the image's usable prompts, `PromptPlan.usable`) and which of its
+    outputs (0 for a single mask, 0-2 among the three)."""
 
     mask: SceneMask
     prompt: int
     mask_index: int
 
 
-def segment_prompts(
-    engine: Engine,
-    scene: Scene,
-    prompts: list[Prompt],
-    tile_size: int,
-    overlap: int,
-    margin: int,
-    best_only: bool,
-    check: Check,
-) -> list[PromptMask]:
-    """The masks of `prompts` (in image pixels, none with an error) on `scene`, in prompt order,
-    then output order. `check` runs before each window but the first (raises to stop)."""
-    windows = plan_windows([p.extent() for p in prompts], scene.width, scene.height, tile_size, overlap, margin)
+@dataclass(frozen=True)
+class PromptPlan:
+    """How one image's prompts are segmented, known from its header before any pixel.
+
+    prompts: all of its prompts in image pixels, with their reasons (`in_image_pixels`);
+    usable: indexes into `prompts` of those without a reason; windows: `plan_windows` over the
+    usable ones (their `prompts` index `usable`).
+    """
+
+    prompts: tuple[Prompt, ...]
+    usable: tuple[int, ...]
+    windows: tuple[PromptWindow, ...]
+
+    def read_shape(self, index: int) -> tuple[int, int] | None:
+        """(h, w) that window `index` is read at when decimated; None: at full resolution."""
+        window = self.windows[index]
+        if window.step == 1:
+            return None
+        x0, y0, x1, y1 = window.window
+        return math.ceil((y1 - y0) / window.step), math.ceil((x1 - x0) / window.step)
+
+    def usable_prompt(self, index: int) -> Prompt:
+        return self.prompts[self.usable[index]]
+
+
+def plan_prompts(
+    prompts: list[Prompt], width: int, height: int, crs, transform, tile_size: int, overlap: int, margin: int
+) -> PromptPlan:
+    """The `PromptPlan` of a (height, width) image georeferenced by `crs` and `transform`
+    (rasterio's; None for neither) cut into tiles of `tile_size` sharing `overlap` pixels."""
+    placed = tuple(in_image_pixels(p, width, height, crs, transform) for p in prompts)
+    usable = tuple(i for i, p in enumerate(placed) if p.error is None)
+    extents = [placed[i].extent() for i in usable]
+    windows = plan_windows(extents, width, height, tile_size, overlap, margin) if usable else []
+    return PromptPlan(placed, usable, tuple(windows))
+
+
+def plan_prompted_scene(
+    scene: Scene, prompts: list[Prompt], tiling: str, tile_size: int, overlap: int, margin: int
+) -> tuple[ScenePlan, PromptPlan]:
+    """A prompt job's plans of a scene, from its header: the scene's (`scenes.plan_scene`, with
+    the prompt windows as its tiles, so that the executors read them as they read tiles) and
+    the prompts' (`plan_prompts`). tiling, tile_size, overlap: `raster.*`; margin: `prompts.margin`."""
+    from sam_batch.pipeline.scenes import plan_scene, tile_size_for
+
+    size = tile_size_for(scene, tiling, tile_size)
+    prompt_plan = plan_prompts(prompts, scene.width, scene.height, scene.crs, scene.transform, size, overlap, margin)
+    windows = tuple(Tile(w.window, w.window) for w in prompt_plan.windows)
+    return dataclasses.replace(plan_scene(scene, size, overlap), tiles=windows), prompt_plan
+
+
+def segment_prompts(engine: Engine, scene: Scene, plan: PromptPlan, best_only: bool, check: Check) -> list[PromptMask]:
+    """The masks of `plan`'s usable prompts on `scene`, in prompt order, then output order.
+    `check` runs before each window but the first (raises to stop)."""
     found: list[PromptMask] = []
-    for number, window in enumerate(windows):
-        if number:
+    for index, window in enumerate(plan.windows):
+        if index:
             check()
-        found.extend(_segment_window(engine, scene, prompts, window, best_only))
+        shape = plan.read_shape(index)
+        rgb, _ = scene.read(window.window) if shape is None else scene.read_decimated(window.window, shape)
+        found.extend(segment_window(engine, rgb, plan, index, best_only))
     return sorted(found, key=lambda m: (m.prompt, m.mask_index))
 
 
-def _segment_window(
-    engine: Engine, scene: Scene, prompts: list[Prompt], window: PromptWindow, best_only: bool
-) -> list[PromptMask]:
-    """The masks of the prompts of one window: encoded once, decoded in batches of one shape."""
+def segment_window(engine: Engine, rgb: np.ndarray, plan: PromptPlan, index: int, best_only: bool) -> list[PromptMask]:
+    """The masks of the prompts of window `index` of `plan`, whose pixels as read are `rgb`
+    (h, w, 3) uint8 (decimated where the window's step says): encoded once, decoded in batches
+    of one shape, each mask brought to the window's full resolution and placed in the scene."""
     import torch
 
     from sam_batch.pipeline.masks import stability_score
 
+    window = plan.windows[index]
     x0, y0, x1, y1 = window.window
     full_hw = (y1 - y0, x1 - x0)
-    if window.step == 1:
-        rgb, _ = scene.read(window.window)
-    else:
-        rgb, _ = scene.read_decimated(
-            window.window, (math.ceil(full_hw[0] / window.step), math.ceil(full_hw[1] / window.step))
-        )
     scale = (rgb.shape[1] / full_hw[1], rgb.shape[0] / full_hw[0])  # window pixels → read pixels
+    prompts = [plan.usable_prompt(i) for i in range(len(plan.usable))]
     crop = engine.encode(rgb)
     full = dataclasses.replace(crop, crop_hw=full_hw)  # logits come back at full resolution
     masks = []
@@ -258,19 +309,15 @@ def _segment_window(
             points, labels, boxes = _batch([prompts[i] for i in indexes], (x0, y0), scale)
             multimask = prompts[indexes[0]].multimask
             low_res, iou = engine.predict(crop, points, labels, boxes, multimask)
-            for row, index in enumerate(indexes):
-                outputs = range(iou.shape[1])
-                if best_only and multimask:
-                    outputs = [int(torch.argmax(iou[row]))]
-                logits = engine.upscale(full, low_res[row, list(outputs)])
+            for row, prompt in enumerate(indexes):
+                outputs = [int(torch.argmax(iou[row]))] if best_only and multimask else list(range(iou.shape[1]))
+                logits = engine.upscale(full, low_res[row, outputs])
                 stability = stability_score(logits, engine.mask_threshold, 1.0)
                 for k, output in enumerate(outputs):
                     pixels = (logits[k] > engine.mask_threshold).cpu().numpy()
-                    mask_index = output if multimask else 0
                     scores = (float(iou[row, output]), float(stability[k]))
-                    masks.append(
-                        PromptMask(_placed(pixels, (x0, y0), scores, prompts[index], window), index, mask_index)
-                    )
+                    placed = _placed(pixels, (x0, y0), scores, prompts[prompt], window)
+                    masks.append(PromptMask(placed, prompt, output if multimask else 0))
     return masks
 
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from test_run_end_to_end import sam_batch
 
-from sam_batch.pipeline.prompts import Prompt, in_image_pixels, plan_windows, segment_prompts
+from sam_batch.pipeline.prompts import Prompt, in_image_pixels, plan_prompts, plan_windows, segment_prompts
 from sam_batch.pipeline.rasters import ArrayScene, RasterScene
 from sam_batch.pipeline.rle import decode_rle
 from shared_data import GOLDEN, IMAGES, MOBILE_SAM
@@ -206,6 +206,12 @@ def test_window_rule_in_a_tiled_scene() -> None:
     assert windows[2].step == 3 and windows[2].window[2] - windows[2].window[0] >= 600 - 50 + 32
 
 
+def segmented(engine, scene, box: tuple[float, ...], tile_size: int) -> list:
+    """The masks of one box prompt on `scene` cut into tiles of `tile_size` (32 shared, margin 16)."""
+    plan = plan_prompts([Prompt("b", box, (), (), False)], scene.width, scene.height, None, None, tile_size, 32, 16)
+    return segment_prompts(engine, scene, plan, False, lambda: None)
+
+
 @pytest.mark.slow
 def test_a_box_across_tiles_equals_the_box_in_a_window_centred_on_it() -> None:
     from sam_batch.engines.factory import build_engine
@@ -213,15 +219,51 @@ def test_a_box_across_tiles_equals_the_box_in_a_window_centred_on_it() -> None:
     engine = build_engine("vit_t", str(MOBILE_SAM), device="cpu")
     box = (150.0, 100.0, 300.0, 160.0)  # in no 256-px tile with its 16-px margin
     with RasterScene(str(LANDSAT)) as scene:
-        tiled = segment_prompts(engine, scene, [Prompt("b", box, (), (), False)], 256, 32, 16, False, lambda: None)
+        tiled = segmented(engine, scene, box, 256)
         rgb, _ = scene.read((98, 2, 354, 258))  # 256 px centred on the box and its margin
-    shifted = (box[0] - 98, box[1] - 2, box[2] - 98, box[3] - 2)
-    alone = segment_prompts(
-        engine, ArrayScene(rgb), [Prompt("b", shifted, (), (), False)], 256, 32, 16, False, lambda: None
-    )
+    alone = segmented(engine, ArrayScene(rgb), (box[0] - 98, box[1] - 2, box[2] - 98, box[3] - 2), 256)
     a, b = tiled[0].mask, alone[0].mask
     assert (a.x0 - 98, a.y0 - 2) == (b.x0, b.y0) and np.array_equal(a.pixels, b.pixels) and a.iou == b.iou
-    large = (50.0, 50.0, 600.0, 500.0)  # larger than a tile: read decimated, mask at full resolution
-    with RasterScene(str(LANDSAT)) as scene:
-        (mask,) = segment_prompts(engine, scene, [Prompt("l", large, (), (), False)], 256, 32, 16, False, lambda: None)
-    assert mask.mask.area > 10_000 and 0 <= mask.mask.x0 and mask.mask.x0 + mask.mask.pixels.shape[1] <= 791
+    with RasterScene(str(LANDSAT)) as scene:  # larger than a tile: read decimated, mask at full resolution
+        (large,) = segmented(engine, scene, (50.0, 50.0, 600.0, 500.0), 256)
+    assert large.mask.area > 10_000 and 0 <= large.mask.x0 and large.mask.x0 + large.mask.pixels.shape[1] <= 791
+
+
+@pytest.mark.slow
+def test_ray_gives_the_rows_of_the_local_executor(tmp_path: Path) -> None:
+    """A photo and a tiled scene (a prompt in a tile, one across tiles, one decimated), with a
+    bad prompt and an image with none usable, through the embedded Ray and in process."""
+    landsat, dog, truck = str(LANDSAT), str(IMAGES / "dog.jpg"), str(IMAGES / "truck.jpg")
+    rows = [
+        {"image_uri": landsat, "box": [40, 40, 120, 120], "label": "in-tile"},
+        {"image_uri": landsat, "box": [150, 100, 300, 160], "label": "across"},
+        {"image_uri": landsat, "box": [50, 50, 600, 500], "label": "large"},
+        {"image_uri": landsat, "box": [900, 900, 950, 950], "label": "outside"},
+        {"image_uri": dog, "box": [3, 225, 420, 531], "label": "dog"},
+        {"image_uri": truck, "box": [20, 20, 10, 10], "label": "flipped"},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "prompts.parquet")
+    tables = {}
+    for executor in ("local", "ray"):
+        folder = tmp_path / executor
+        folder.mkdir()
+        job = yaml.safe_load(
+            write_prompt_job(
+                folder,
+                [LANDSAT, IMAGES / "dog.jpg", IMAGES / "truck.jpg"],
+                tmp_path / "prompts.parquet",
+                carry=["label"],
+            ).read_text()
+        )
+        job["raster"], job["run"] = {"tile_size": 256, "tile_overlap": 32}, {"executor": executor}
+        (folder / "job.yaml").write_text(yaml.safe_dump(job))
+        sam_batch("run", str(folder / "job.yaml"))
+        tables[executor] = [pq.read_table(folder / "out" / name) for name in ("masks", "images")]
+    keep = ["image_uri", "prompt_id", "mask_index", "label", "segmentation", "bbox", "predicted_iou", "crop_box"]
+    local, ray = (tables[e][0].select(keep).to_pylist() for e in ("local", "ray"))
+    assert local == ray and [m["label"] for m in local] == ["in-tile", "across", "large", "dog"]
+    images = {e: {r["image_uri"].rsplit("/", 1)[-1]: r for r in tables[e][1].to_pylist()} for e in tables}
+    for executor in ("local", "ray"):
+        assert images[executor]["truck.jpg"]["status"] == "error"
+        errors = images[executor]["RGB.byte.tif"]["prompt_errors"]
+        assert len(errors) == 1 and "outside the 791x718 image" in errors[0]["error"]
