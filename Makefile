@@ -82,6 +82,7 @@ gpu-kit: install
 	SAM_BATCH_CACHE=$(abspath $(KIT))/weights $(VENV)/bin/sam-batch weights fetch vit_t
 	cp $(SHARED)/data/images/*.jpg $(KIT)/images/
 	cp $(SHARED)/golden/*.json $(KIT)/golden/
+	cp -r $(SHARED)/golden/prompts $(KIT)/golden/
 	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version $(KIT_PYTHON) --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		-d $(KIT)/wheels pycocotools==2.0.11 mobilesam-mirror==1.0.0

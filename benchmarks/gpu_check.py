@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -380,6 +381,8 @@ class Session:
         for spec in args.models:
             for precision in args.compile:
                 self._phase(f"compile {spec.label} {precision}", self.compiled, spec, precision)
+        for precision in args.precisions if args.prompts else []:
+            self._phase(f"prompts vit_t {precision}", self.prompts, precision)
 
     def _phase(self, name: str, step: Callable[..., None], *step_args) -> None:
         if self.budget.spent():
@@ -497,8 +500,107 @@ class Session:
         if not spec.random_weights and (spec, precision) in self.eager:
             self._agreement(f"compiled vs eager {precision}", spec, records, self.eager[spec, precision].records)
 
+    def prompts(self, precision: str) -> None:
+        """The predictor's path (`pipeline.prompts`) on the reference predictor's prompt files
+        whose image is among --images: its masks against the reference's (min IoU, max
+        |Δ score|) and prompts/s (best of --repeats after a warm-up), then --prompt-boxes
+        seeded random boxes on the largest of those images, one encoding for all."""
+        engine = self.engines.engine(MeasuredModel("vit_t", False), precision)
+        files = sorted(self.args.prompts.glob("*.prompts.json"))
+        cases = [
+            (self.images[f.name.removesuffix(".prompts.json")], f)
+            for f in files
+            if f.name.removesuffix(".prompts.json") in self.images
+        ]
+        if not cases:
+            raise ValueError(f"no prompt file in {self.args.prompts} is for one of --images")
+        worst_iou, worst_score, seconds, n_prompts = 1.0, 0.0, 0.0, 0
+        for image, path in cases:
+            reference = json.loads(path.read_text())["prompts"]
+            prompts = [_prompt(p) for p in reference]
+            masks, took = time_prompts(engine, image, prompts, self.args.repeats, self.args.device)
+            seconds, n_prompts = seconds + took, n_prompts + len(prompts)
+            for index, p in enumerate(reference):
+                mine = sorted((m for m in masks if m.prompt == index), key=lambda m: m.mask_index)
+                for mask, rle, score in zip(mine, p["masks"], p["scores"], strict=True):
+                    worst_iou = min(worst_iou, _iou(mask.mask, rle))
+                    worst_score = max(worst_score, abs(mask.mask.iou - score))
+        image = max((image for image, _ in cases), key=lambda i: i.shape[0] * i.shape[1])
+        boxes = _random_boxes(image.shape[:2], self.args.prompt_boxes)
+        _, boxes_seconds = time_prompts(engine, image, boxes, self.args.repeats, self.args.device)
+        self.results.add(
+            {
+                "phase": "prompts",
+                "model": "vit_t",
+                "precision": precision,
+                "prompts": n_prompts,
+                "min_iou": round(worst_iou, 5),
+                "max_score_delta": float(f"{worst_score:.3g}"),
+                "prompts_per_second": round(n_prompts / seconds, 1),
+                "boxes": len(boxes),
+                "boxes_per_second": round(len(boxes) / boxes_seconds, 1),
+            }
+        )
+
     def _agreement(self, compared: str, spec: MeasuredModel, ours: dict, theirs: dict) -> None:
         self.results.add(agreement_row(compared, spec.label, ours, theirs))
+
+
+def time_prompts(engine, image: np.ndarray, prompts: list, repeats: int, device: str) -> tuple[list, float]:
+    """The masks of `prompts` on `image` (one window: the photo whole) and the best of
+    `repeats` seconds, after one warm-up, the device synchronised."""
+    from sam_batch.pipeline.prompts import plan_prompts, segment_prompts
+    from sam_batch.pipeline.rasters import ArrayScene
+
+    height, width = image.shape[:2]
+    plan = plan_prompts(prompts, width, height, None, None, max(height, width), 0, 0)
+    scene = ArrayScene(image)
+    segment_prompts(engine, scene, plan, False, lambda: None)
+    best = math.inf
+    for _ in range(repeats):
+        _synchronize(device)
+        started = time.perf_counter()
+        masks = segment_prompts(engine, scene, plan, False, lambda: None)
+        _synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return masks, best
+
+
+def _prompt(reference: dict):
+    """A reference prompt file's prompt as a `pipeline.prompts.Prompt`."""
+    from sam_batch.pipeline.prompts import Prompt
+
+    box = tuple(reference["box"]) if reference["box"] is not None else None
+    points = tuple(tuple(p) for p in reference["points"] or [])
+    return Prompt(
+        reference["prompt_id"], box, points, tuple(reference["point_labels"] or []), reference["multimask_output"]
+    )
+
+
+def _random_boxes(image_hw: tuple[int, int], count: int) -> list:
+    """`count` box prompts of seeded random place and size (8 to a third of the image a side)."""
+    from sam_batch.pipeline.prompts import Prompt
+
+    height, width = image_hw
+    rng = np.random.default_rng(0)
+    sides = rng.uniform(8, [width / 3, height / 3], size=(count, 2))
+    corners = rng.uniform(0, 1, size=(count, 2)) * ([width, height] - sides)
+    return [
+        Prompt(f"r{i}", (x, y, x + w, y + h), (), (), False)
+        for i, ((x, y), (w, h)) in enumerate(zip(corners.tolist(), sides.tolist()))
+    ]
+
+
+def _iou(mask, rle: dict) -> float:
+    """IoU of a placed `SceneMask` with a full-image COCO RLE mask."""
+    from sam_batch.pipeline.rle import decode_rle
+
+    reference = decode_rle(rle).astype(bool)
+    placed = np.zeros_like(reference)
+    height, width = mask.pixels.shape
+    placed[mask.y0 : mask.y0 + height, mask.x0 : mask.x0 + width] = mask.pixels
+    union = (placed | reference).sum()
+    return float((placed & reference).sum() / union) if union else 1.0
 
 
 def run_reference_on(images: dict[str, np.ndarray], args: argparse.Namespace) -> Measured:
@@ -575,6 +677,12 @@ def format_report(rows: list[dict]) -> str:
                 f"{row['masks']} masks, "
                 f"{row['process_seconds']} s |"
             )
+        elif phase == "prompts":
+            lines.append(
+                f"| prompts | {row['model']} | {row['precision']} | | | {row['prompts']} reference prompts: "
+                f"min IoU {row['min_iou']}, max |Δ score| {row['max_score_delta']}, {row['prompts_per_second']} "
+                f"prompts/s; {row['boxes']} random boxes on one image: {row['boxes_per_second']} boxes/s |"
+            )
         elif phase in ("skipped", "failed"):
             lines.append(f"| {phase} | | | | | {row.get('what', '')} {row.get('error', row.get('reason', ''))} |")
     return "\n".join(lines) + "\n"
@@ -629,6 +737,10 @@ def _parser() -> argparse.ArgumentParser:
         help="also measure under torch.compile at these precisions",
     )
     parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument(
+        "--prompts", type=Path, help="a folder of the reference predictor's prompt files (*.prompts.json) to check"
+    )
+    parser.add_argument("--prompt-boxes", type=int, default=1000, help="random boxes timed in the prompts phase")
     parser.add_argument("--budget-s", type=float, default=420.0, help="no phase starts after this many seconds")
     return parser
 

@@ -22,4 +22,5 @@ cp -r sam_batch/. "$site/sam_batch/" && cp -r engines pipeline jobs "$site/sam_b
 export PYTHONPATH="$site" PYTHONSAFEPATH=1 SAM_BATCH_CACHE="$kit/weights" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >"$out/nvidia-smi.csv" 2>&1 || true
 "$python" -m benchmarks.gpu_check --images "$kit"/images/*.jpg --golden "$kit/golden" --out "$out" \
-    --models vit_t vit_h:random --reference --profile fp16 --compile fp16 --budget-s "${BUDGET_S:-360}" "$@" 2>&1 | tee "$out/log.txt"
+    --models vit_t vit_h:random --reference --profile fp16 --compile fp16 --prompts "$kit/golden/prompts" \
+    --budget-s "${BUDGET_S:-360}" "$@" 2>&1 | tee "$out/log.txt"

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 # prompts decoded in one call of the predictor's decoder (memory: about 24 MiB each at fp32)
 PROMPTS_PER_CALL = 64
+STABILITY_OFFSET = 1.0  # the reference generator's default: the score is written, never filtered on
 
 
 @dataclass(frozen=True)
@@ -291,10 +292,6 @@ def segment_window(engine: Engine, rgb: np.ndarray, plan: PromptPlan, index: int
     """The masks of the prompts of window `index` of `plan`, whose pixels as read are `rgb`
     (h, w, 3) uint8 (decimated where the window's step says): encoded once, decoded in batches
     of one shape, each mask brought to the window's full resolution and placed in the scene."""
-    import torch
-
-    from sam_batch.pipeline.masks import stability_score
-
     window = plan.windows[index]
     x0, y0, x1, y1 = window.window
     full_hw = (y1 - y0, x1 - x0)
@@ -310,15 +307,41 @@ def segment_window(engine: Engine, rgb: np.ndarray, plan: PromptPlan, index: int
             multimask = prompts[indexes[0]].multimask
             low_res, iou = engine.predict(crop, points, labels, boxes, multimask)
             for row, prompt in enumerate(indexes):
-                outputs = [int(torch.argmax(iou[row]))] if best_only and multimask else list(range(iou.shape[1]))
-                logits = engine.upscale(full, low_res[row, outputs])
-                stability = stability_score(logits, engine.mask_threshold, 1.0)
-                for k, output in enumerate(outputs):
-                    pixels = (logits[k] > engine.mask_threshold).cpu().numpy()
-                    scores = (float(iou[row, output]), float(stability[k]))
-                    placed = _placed(pixels, (x0, y0), scores, prompts[prompt], window)
+                outputs = [int(iou[row].argmax())] if best_only and multimask else list(range(iou.shape[1]))
+                for output, (pixels, origin, stability) in zip(
+                    outputs, _full_masks(engine, full, low_res[row, outputs])
+                ):
+                    scores = (float(iou[row, output]), stability)
+                    placed = _placed(pixels, (x0 + origin[0], y0 + origin[1]), scores, prompts[prompt], window)
                     masks.append(PromptMask(placed, prompt, output if multimask else 0))
     return masks
+
+
+def _full_masks(engine: Engine, crop, low_res) -> list[tuple[np.ndarray, tuple[int, int], float]]:
+    """Each of `low_res` (K, 256, 256) logits at the crop's full size, thresholded: (pixels,
+    (x, y) of pixels[0, 0] in the crop, stability score at offset `STABILITY_OFFSET`). On the
+    host (`engine.windowed_upscale`) only over the window where a pixel can pass the lower
+    threshold (`upsampling.MaskUpsampler`); else whole, on the engine's device."""
+    from sam_batch.pipeline.masks import stability_score
+    from sam_batch.pipeline.upsampling import MaskUpsampler
+
+    threshold = engine.mask_threshold
+    if not engine.windowed_upscale:
+        logits = engine.upscale(crop, low_res)
+        stability = stability_score(logits, threshold, STABILITY_OFFSET).tolist()
+        return [((m > threshold).cpu().numpy(), (0, 0), s) for m, s in zip(logits, stability)]
+    upsampler = MaskUpsampler(crop.input_hw, crop.crop_hw)
+    found = []
+    for logits in low_res:
+        window = upsampler.logits_above(logits, threshold - STABILITY_OFFSET)
+        if window is None:  # no pixel above the lower threshold: an empty mask, 0 / 0
+            found.append((np.zeros((1, 1), dtype=bool), (0, 0), float("nan")))
+            continue
+        rows_cols, values = window
+        values = values[None]
+        stability = float(stability_score(values, threshold, STABILITY_OFFSET)[0])
+        found.append(((values[0] > threshold).numpy(), (rows_cols.cols[0], rows_cols.rows[0]), stability))
+    return found
 
 
 def _same_shape(prompts: list[Prompt], indexes: tuple[int, ...]) -> list[list[int]]:
@@ -352,14 +375,14 @@ def _batch(
 def _placed(
     pixels: np.ndarray, origin: tuple[int, int], scores: tuple[float, float], prompt: Prompt, window: PromptWindow
 ) -> SceneMask:
-    """A window's full mask (h, w) bool as the pixels of its box in scene pixels; an empty mask
-    as one unset pixel at the window's origin."""
+    """A mask's pixels (h, w) bool whose [0, 0] is scene pixel `origin`, as the pixels of its box;
+    an empty mask as one unset pixel at the window's origin."""
     ys, xs = np.nonzero(pixels)
     if len(xs):
         bx0, by0, bx1, by1 = xs.min(), ys.min(), xs.max(), ys.max()
         box_pixels = pixels[by0 : by1 + 1, bx0 : bx1 + 1].copy()
     else:
-        bx0 = by0 = 0
+        origin, bx0, by0 = window.window[:2], 0, 0
         box_pixels = np.zeros((1, 1), dtype=bool)
     point = (
         list(prompt.points[0])

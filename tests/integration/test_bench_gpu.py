@@ -60,6 +60,12 @@ def test_every_phase_runs_and_reports_on_the_cpu(tmp_path: Path, shared_images: 
         "fp32",
         "--compile-backend",
         "eager",
+        "--prompts",
+        str(GOLDEN / "prompts"),
+        "--prompt-boxes",
+        "4",
+        "--budget-s",  # every phase starts even on a loaded machine
+        "800",
     )
     by_phase: dict[str, list[dict]] = {}
     for row in rows:
@@ -74,7 +80,7 @@ def test_every_phase_runs_and_reports_on_the_cpu(tmp_path: Path, shared_images: 
     failed = {row["what"]: row["error"] for row in by_phase["failed"]}
     assert set(failed) == {
         f"{phase} {model} fp16" for phase in ("generate", "encoder") for model in ("vit_t", "vit_t (random weights)")
-    }
+    } | {"prompts vit_t fp16"}
     assert all("fp16 needs a GPU" in error for error in failed.values())
 
     run = by_phase["run"][0]
@@ -99,11 +105,15 @@ def test_every_phase_runs_and_reports_on_the_cpu(tmp_path: Path, shared_images: 
     assert agreements["compiled vs eager fp32"]["min_recall"] == 1.0
     assert agreements["compiled vs eager fp32"]["min_precision"] == 1.0
     assert "skipped" not in by_phase
+    (prompts,) = by_phase["prompts"]  # dog.jpg's 36 reference prompts, then 4 random boxes
+    assert (prompts["prompts"], prompts["boxes"]) == (36, 4)
+    assert prompts["min_iou"] >= 0.99 and prompts["max_score_delta"] <= 1e-4
 
     report = (tmp_path / "out" / "report.md").read_text()
     assert report.count("| generate |") == 2 and report.count("| encoder |") == 2
     assert report.count("| profile |") == 2
     assert "| run | vit_t | fp32 |" in report and "| compile | vit_t | fp32 |" in report
+    assert "| prompts | vit_t | fp32 |" in report
 
 
 def test_no_phase_starts_once_the_budget_is_spent(tmp_path: Path, shared_images: Path) -> None:
