@@ -5,7 +5,7 @@ Formats, by the file's extension:
 - Parquet (`.parquet`, `.geoparquet`): `box` a list of 4 numbers, `points` a list of [x, y],
   `point_labels` a list of 0/1, in image pixels; or, in a GeoParquet file, a `geometry`
   column in its `geo` metadata's CRS: a Point is a foreground point, any other geometry a box
-  (its bounds).
+  (its bounds); a `geometry` column in a Parquet file without `geo` metadata is in pixels.
 - CSV (`.csv`): the same columns, lists written as JSON (`"[10, 20, 110, 220]"`).
 - GeoJSON (`.geojson`, `.json`): a FeatureCollection whose properties are the columns and whose
   geometries are prompts as in GeoParquet, in WGS 84 (or the legacy `crs` member's).
@@ -81,6 +81,8 @@ def read_prompt_table(job: JobSpec) -> PromptTable:
     except Exception as error:  # noqa: BLE001 - any store's failure is this one line
         raise PromptTableError(f"prompts.uri {uri}: cannot be read: {one_line_reason(error)}") from None
     table, crs = _parse(uri, data)
+    if not table.num_rows:
+        raise PromptTableError(f"prompts.uri {uri}: has no rows")
     missing = [name for name in ("image_uri", *job.prompts.carry) if name not in table.column_names]
     if missing:
         raise PromptTableError(f"prompts.uri {uri}: has no column {missing[0]!r} (columns: {table.column_names})")

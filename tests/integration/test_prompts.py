@@ -190,6 +190,32 @@ def test_map_coordinate_boxes_give_the_pixel_boxes_masks(tmp_path: Path) -> None
         assert (ours & theirs).sum() / (ours | theirs).sum() >= 0.99
 
 
+def test_a_geojson_point_in_wgs84_is_the_scenes_pixel(tmp_path: Path) -> None:
+    from rasterio.warp import transform as reproject
+
+    with RasterScene(str(LANDSAT)) as scene:
+        x, y = scene.transform @ (300, 200)
+        (lon,), (lat,) = reproject(scene.crs, "EPSG:4326", [x], [y])
+    feature = {
+        "type": "Feature",
+        "properties": {"image_uri": str(LANDSAT)},
+        "geometry": {"type": "Point", "coordinates": [lon, lat]},
+    }
+    (tmp_path / "points.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    sam_batch("run", str(write_prompt_job(tmp_path, [LANDSAT], tmp_path / "points.geojson")))
+    (mask,) = pq.read_table(tmp_path / "out" / "masks").to_pylist()
+    assert np.allclose(mask["point_coords"], [[300, 200]], atol=1e-6) and mask["area"] > 0
+    assert mask["prompt_id"].startswith("p-") and mask["geometry"] is not None
+
+
+def test_a_table_without_rows_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"image_uri": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    result = sam_batch(
+        "run", str(write_prompt_job(tmp_path, [IMAGES / "dog.jpg"], tmp_path / "empty.parquet")), check=False
+    )
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].endswith("empty.parquet: has no rows")
+
+
 def test_map_coordinates_on_an_image_without_georeferencing_are_a_reason() -> None:
     prompt = Prompt("p", (1.0, 2.0, 3.0, 4.0), (), (), False, crs="EPSG:4326")
     assert "not georeferenced" in in_image_pixels(prompt, 100, 100, None, None).error
