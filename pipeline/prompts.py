@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 # prompts decoded in one call of the predictor's decoder (memory: about 24 MiB each at fp32)
 PROMPTS_PER_CALL = 64
 STABILITY_OFFSET = 1.0  # the reference generator's default: the score is written, never filtered on
+UPSCALE_CHUNK = 16  # masks brought to full size at once on a device: bounds memory, not results
 
 
 @dataclass(frozen=True)
@@ -306,14 +307,19 @@ def segment_window(engine: Engine, rgb: np.ndarray, plan: PromptPlan, index: int
             points, labels, boxes = _batch([prompts[i] for i in indexes], (x0, y0), scale)
             multimask = prompts[indexes[0]].multimask
             low_res, iou = engine.predict(crop, points, labels, boxes, multimask)
-            for row, prompt in enumerate(indexes):
-                outputs = [int(iou[row].argmax())] if best_only and multimask else list(range(iou.shape[1]))
-                for output, (pixels, origin, stability) in zip(
-                    outputs, _full_masks(engine, full, low_res[row, outputs])
-                ):
-                    scores = (float(iou[row, output]), stability)
-                    placed = _placed(pixels, (x0 + origin[0], y0 + origin[1]), scores, prompts[prompt], window)
-                    masks.append(PromptMask(placed, prompt, output if multimask else 0))
+            best = iou.argmax(dim=1).tolist()
+            kept = [
+                (row, output)
+                for row in range(len(indexes))
+                for output in ([best[row]] if best_only and multimask else range(iou.shape[1]))
+            ]
+            rows, outputs = [r for r, _ in kept], [o for _, o in kept]
+            scores = iou[rows, outputs].tolist()
+            found = _full_masks(engine, full, low_res[rows, outputs])
+            for (row, output), score, (pixels, origin, stability) in zip(kept, scores, found):
+                prompt = indexes[row]
+                placed = _placed(pixels, (x0 + origin[0], y0 + origin[1]), (score, stability), prompts[prompt], window)
+                masks.append(PromptMask(placed, prompt, output if multimask else 0))
     return masks
 
 
@@ -327,9 +333,8 @@ def _full_masks(engine: Engine, crop, low_res) -> list[tuple[np.ndarray, tuple[i
 
     threshold = engine.mask_threshold
     if not engine.windowed_upscale:
-        logits = engine.upscale(crop, low_res)
-        stability = stability_score(logits, threshold, STABILITY_OFFSET).tolist()
-        return [((m > threshold).cpu().numpy(), (0, 0), s) for m, s in zip(logits, stability)]
+        chunks = range(0, len(low_res), UPSCALE_CHUNK)
+        return [m for start in chunks for m in _boxed_on_device(engine, crop, low_res[start : start + UPSCALE_CHUNK])]
     upsampler = MaskUpsampler(crop.input_hw, crop.crop_hw)
     found = []
     for logits in low_res:
@@ -341,6 +346,30 @@ def _full_masks(engine: Engine, crop, low_res) -> list[tuple[np.ndarray, tuple[i
         values = values[None]
         stability = float(stability_score(values, threshold, STABILITY_OFFSET)[0])
         found.append(((values[0] > threshold).numpy(), (rows_cols.cols[0], rows_cols.rows[0]), stability))
+    return found
+
+
+def _boxed_on_device(engine: Engine, crop, low_res) -> list[tuple[np.ndarray, tuple[int, int], float]]:
+    """`_full_masks` of a chunk on the engine's device: upscaled together, scored and bounded
+    there; only each mask's box of pixels comes to the host."""
+    import torch
+
+    from sam_batch.pipeline.masks import stability_score
+
+    logits = engine.upscale(crop, low_res)
+    stability = stability_score(logits, engine.mask_threshold, STABILITY_OFFSET).tolist()
+    binary = logits > engine.mask_threshold
+    rows, cols = binary.any(dim=2), binary.any(dim=1)  # (K, h), (K, w)
+    first_row, first_col = rows.int().argmax(dim=1), cols.int().argmax(dim=1)
+    last_row = rows.shape[1] - 1 - rows.flip(1).int().argmax(dim=1)
+    last_col = cols.shape[1] - 1 - cols.flip(1).int().argmax(dim=1)
+    bounds = torch.stack([rows.any(dim=1).int(), first_col, first_row, last_col, last_row], dim=1).tolist()
+    found = []
+    for k, (nonempty, x0, y0, x1, y1) in enumerate(bounds):
+        if not nonempty:
+            found.append((np.zeros((1, 1), dtype=bool), (0, 0), stability[k]))
+            continue
+        found.append((binary[k, y0 : y1 + 1, x0 : x1 + 1].cpu().numpy(), (x0, y0), stability[k]))
     return found
 
 
