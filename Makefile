@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 # The CPU build of torch from this machine's disk; an unpinned torch would pull a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo lint test test-unit test-fast bench bench-env bench-memory bench-export bench-pipeline gpu-kit
+.PHONY: install demo lint test test-unit test-fast bench bench-env bench-prompts bench-memory bench-export bench-pipeline gpu-kit
 
 install: $(VENV)/.installed
 
@@ -51,6 +51,14 @@ $(REF_VENV)/.installed:
 # side drifted more than 15% from its quiet baseline: the report and doc section are still written.
 bench: install bench-env
 	$(VENV)/bin/python -m benchmarks.reference --ref-venv $(REF_VENV) --write-doc
+
+# prompts/s of prompt jobs against the reference SamPredictor looping over the same boxes: 1,000 on
+# one image, 10 on each of 100 images (the photos cycled), in process and through `sam-batch run`
+# (benchmarks/prompts.py; sizes: --boxes, --n-images, --per-image through PROMPTS_ARGS). Exit 3
+# when a case is NOT VALID (load above the threads); the doc section is still written.
+PROMPTS_ARGS ?=
+bench-prompts: install bench-env
+	$(VENV)/bin/python -m benchmarks.prompts --ref-venv $(REF_VENV) --write-doc $(PROMPTS_ARGS)
 
 # Peak memory of the driver and every Ray worker over 100 and then 1,000 small images
 # (benchmarks/ray_memory.py); about 10-20 minutes on 2 cores.
