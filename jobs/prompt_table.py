@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import posixpath
-from collections import Counter
 from dataclasses import dataclass
 
 import fsspec
@@ -224,7 +223,7 @@ def _prompt(row: dict, job: JobSpec, crs: str | None, folder: str) -> tuple[str,
     )
     try:
         prompt = _shape(prompt, row, crs)
-    except (TypeError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - any bad cell (a number as a box, an empty or broken geometry)
         prompt = _with_error(prompt, f"cannot be read: {one_line_reason(error)}")
     given = row.get("prompt_id")
     prompt_id = str(given) if given is not None else _derived_id(image_uri, prompt)
@@ -287,14 +286,20 @@ def _derived_id(image_uri: str, prompt: Prompt) -> str:
 
 
 def _number_repeats(prompts: list[Prompt]) -> None:
-    """Make an image's prompt ids distinct: the second `x` becomes `x-2`, and so on."""
+    """Make an image's prompt ids distinct: a repeat of `x` becomes `x-2` (or `x-3`, … where
+    that is taken, by the table or an earlier repeat)."""
     from dataclasses import replace
 
-    seen: Counter[str] = Counter()
+    taken = {p.prompt_id for p in prompts}
+    seen: set[str] = set()
     for i, prompt in enumerate(prompts):
-        seen[prompt.prompt_id] += 1
-        if seen[prompt.prompt_id] > 1:
-            prompts[i] = replace(prompt, prompt_id=f"{prompt.prompt_id}-{seen[prompt.prompt_id]}")
+        if prompt.prompt_id in seen:
+            n = 2
+            while f"{prompt.prompt_id}-{n}" in taken:
+                n += 1
+            prompts[i] = replace(prompt, prompt_id=f"{prompt.prompt_id}-{n}")
+            taken.add(prompts[i].prompt_id)
+        seen.add(prompts[i].prompt_id)
 
 
 def _frozen_schema(carried: pa.Schema) -> pa.Schema:

@@ -188,6 +188,8 @@ class ImageSegmenter:
                 raster = self.job.raster
                 args = (raster.tiling, raster.tile_size, raster.tile_overlap, self.job.prompts.margin)
                 scene_plan, prompt_plan = plan_prompted_scene(scene, prompts, *args)
+                if (error := unusable_prompts(list(prompt_plan.prompts))) is not None:
+                    return with_prompts(self._result(uri, size, started, seconds, error), list(prompt_plan.prompts))
                 masks = segment_prompts(self.engine, scene, prompt_plan, self.job.prompts.best_only, budget.check)
                 seconds["segment"] = time.perf_counter() - t
             return prompted_result(

@@ -123,10 +123,13 @@ def test_bad_prompts_are_reasons_and_the_job_goes_on(tmp_path: Path) -> None:
         {"image_uri": dog, "prompt_id": "label2", "points": "[[100, 100]]", "point_labels": "[2]"},
         {"image_uri": dog, "prompt_id": "nan", "points": "[[NaN, 100]]", "point_labels": "[1]"},
         {"image_uri": str(IMAGES / "truck.jpg"), "prompt_id": "not-input", "box": "[1, 1, 50, 50]"},
+        {"image_uri": str(IMAGES / "dogs.jpg"), "prompt_id": "only-outside", "box": "[5000, 5000, 5100, 5100]"},
     ]
     columns = ("image_uri", "prompt_id", "box", "points", "point_labels")
     pa.csv.write_csv(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]), tmp_path / "prompts.csv")
-    sam_batch("run", str(write_prompt_job(tmp_path, [IMAGES / "dog.jpg"], tmp_path / "prompts.csv")))
+    sam_batch(
+        "run", str(write_prompt_job(tmp_path, [IMAGES / "dog.jpg", IMAGES / "dogs.jpg"], tmp_path / "prompts.csv"))
+    )
     images = {r["image_uri"].rsplit("/", 1)[-1]: r for r in pq.read_table(tmp_path / "out" / "images").to_pylist()}
     errors = {e["prompt_id"]: e["error"] for e in images["dog.jpg"]["prompt_errors"]}
     assert images["dog.jpg"]["status"] == "ok" and images["dog.jpg"]["n_masks"] == 1
@@ -136,6 +139,8 @@ def test_bad_prompts_are_reasons_and_the_job_goes_on(tmp_path: Path) -> None:
     assert "not finite" in errors["nan"]
     truck = images["truck.jpg"]
     assert truck["status"] == "error" and "not one of the job's inputs" in truck["error"] and truck["width"] is None
+    dogs = images["dogs.jpg"]  # read (its size decides), then an error: no prompt of it can run
+    assert dogs["status"] == "error" and "'only-outside' box" in dogs["error"] and dogs["n_prompts"] == 1
     masks = pq.read_table(tmp_path / "out" / "masks").to_pylist()
     assert [m["prompt_id"] for m in masks] == ["good"]
 
@@ -214,6 +219,26 @@ def test_a_table_without_rows_is_one_line_and_exit_2(tmp_path: Path) -> None:
         "run", str(write_prompt_job(tmp_path, [IMAGES / "dog.jpg"], tmp_path / "empty.parquet")), check=False
     )
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].endswith("empty.parquet: has no rows")
+
+
+def test_unreadable_cells_are_reasons_and_repeated_ids_become_distinct(tmp_path: Path) -> None:
+    from sam_batch.jobs.job_file import parse_job
+    from sam_batch.jobs.prompt_table import read_prompt_table
+
+    features = [
+        {"type": "Feature", "properties": {"image_uri": "a.jpg", "prompt_id": pid}, "geometry": geometry}
+        for pid, geometry in (
+            ("a", {"type": "Point", "coordinates": []}),
+            ("a", {"type": "Point", "coordinates": [1, 2]}),
+            ("a-2", {"type": "Point", "coordinates": [3, 4]}),
+        )
+    ]
+    (tmp_path / "p.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    job = {"name": "t", "input": {"uris": ["a.jpg"]}, "prompts": {"uri": str(tmp_path / "p.geojson")}}
+    table = read_prompt_table(parse_job({**job, "output": {"uri": str(tmp_path / "out")}}))
+    (prompts,) = table.prompts.values()
+    assert [p.prompt_id for p in prompts] == ["a", "a-3", "a-2"]
+    assert prompts[0].error.startswith("cannot be read") and prompts[1].error is None
 
 
 def test_map_coordinates_on_an_image_without_georeferencing_are_a_reason() -> None:
