@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -145,10 +145,8 @@ class ImageSegmenter:
         size: tuple[int, int] | None = None
         raster = self.job.raster
         try:
-            with ReadThread(self.job.run.read_timeout_s) as reads, ExitStack() as stack:
-                scene = self._open_scene(uri, image, reads, stack)
+            with self._scene(uri, image, started, seconds) as scene:
                 size = (scene.height, scene.width)
-                seconds["read"] = time.time() - started
                 t = time.perf_counter()
                 plan = plan_scene(scene, tile_size_for(scene, raster.tiling, raster.tile_size), raster.tile_overlap)
 
@@ -180,10 +178,8 @@ class ImageSegmenter:
         budget = Budget(self.job.run.image_timeout_s)
         size: tuple[int, int] | None = None
         try:
-            with ReadThread(self.job.run.read_timeout_s) as reads, ExitStack() as stack:
-                scene = self._open_scene(uri, image, reads, stack)
+            with self._scene(uri, image, started, seconds) as scene:
                 size = (scene.height, scene.width)
-                seconds["read"] = time.time() - started
                 t = time.perf_counter()
                 raster = self.job.raster
                 args = (raster.tiling, raster.tile_size, raster.tile_overlap, self.job.prompts.margin)
@@ -207,6 +203,15 @@ class ImageSegmenter:
         from sam_batch.pipeline.prompts import segment_window
 
         return segment_window(self.engine, rgb, prompt_plan, index, self.job.prompts.best_only)
+
+    @contextmanager
+    def _scene(self, uri: str, image: np.ndarray | None, started: float, seconds: dict[str, float]) -> Iterator[Scene]:
+        """The scene of `uri` (`_open_scene`) on a read thread of its own, closed on exit; the
+        time since `started` (`time.time()`) is its `read` seconds."""
+        with ReadThread(self.job.run.read_timeout_s) as reads, ExitStack() as stack:
+            scene = self._open_scene(uri, image, reads, stack)
+            seconds["read"] = time.time() - started
+            yield scene
 
     def _open_scene(self, uri: str, image: np.ndarray | None, reads: ReadThread, stack: ExitStack) -> Scene:
         """`image` (H, W, 3) uint8 as a scene when a read stage decoded it; else the file at
