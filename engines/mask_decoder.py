@@ -71,13 +71,14 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_embeddings: torch.Tensor,
         dense_embeddings: torch.Tensor,
-        multimask_output: bool = True,
+        multimask_output: bool | None = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode B prompts against one image.
 
         image_embedding (1, C, h, w); image_pe (1, C, h, w); sparse_embeddings (B, N, C);
         dense_embeddings broadcastable to (B, C, h, w). Returns mask logits (B, M, 4h, 4w) and
-        predicted IoU (B, M), with M = 3 (tokens 1-3) if ``multimask_output`` else 1 (token 0).
+        predicted IoU (B, M), with M = 3 (tokens 1-3) if ``multimask_output`` is True, 1 (token 0)
+        if False, and all 4 (tokens 0-3) if None (the predictor's ONNX graph, which picks later).
         """
         batch = sparse_embeddings.shape[0]
         height, width = image_embedding.shape[2:]
@@ -86,7 +87,9 @@ class MaskDecoder(nn.Module):
         image_tokens = _to_tokens(image_embedding + dense_embeddings)
         hs, image_tokens = self.transformer(image_tokens, _to_tokens(image_pe), tokens)
 
-        first, stop = (1, self.num_mask_tokens) if multimask_output else (0, 1)
+        first, stop = {True: (1, self.num_mask_tokens), False: (0, 1), None: (0, self.num_mask_tokens)}[
+            multimask_output
+        ]
         iou_pred = self.iou_prediction_head(hs[:, 0])[:, first:stop]
         hyper_in = torch.stack([self.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in range(first, stop)], dim=1)
         return self._mask_logits(hyper_in, image_tokens, height, width), iou_pred

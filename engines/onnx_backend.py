@@ -16,8 +16,22 @@ import numpy as np
 import torch
 
 from sam_batch.engines.backend import CropEmbedding, EngineError, LoadedModel, prompt_batch, upscale_logits
-from sam_batch.engines.onnx_export import DEFAULT_OPSET, EMBEDDING_SHAPE, OnnxFiles, cached_onnx, decoder_output_shapes
-from sam_batch.engines.transforms import PIXEL_MEAN, PIXEL_STD, image_to_input, resize_longest_side, scale_coords
+from sam_batch.engines.onnx_export import (
+    DEFAULT_OPSET,
+    EMBEDDING_SHAPE,
+    OnnxFiles,
+    cached_onnx,
+    decoder_output_shapes,
+    predictor_output_shapes,
+)
+from sam_batch.engines.transforms import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    image_to_input,
+    labelled_points,
+    resize_longest_side,
+    scale_coords,
+)
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
@@ -92,6 +106,7 @@ class OnnxEngine:
         self.files = files
         self.encoder = OnnxSession(str(files.encoder), device, threads)
         self.decoder = OnnxSession(str(files.decoder), device, threads)
+        self.predictor = OnnxSession(str(files.predictor), device, threads)
         self.pixel_mean = torch.tensor(PIXEL_MEAN).reshape(3, 1, 1)
         self.pixel_std = torch.tensor(PIXEL_STD).reshape(3, 1, 1)
         self.mask_threshold = 0.0
@@ -135,6 +150,26 @@ class OnnxEngine:
             point_labels=labels,
         )
         return out["low_res_logits"], out["iou_predictions"]
+
+    def predict(
+        self,
+        crop: CropEmbedding,
+        points: np.ndarray | None,
+        labels: np.ndarray | None,
+        boxes: np.ndarray | None,
+        multimask: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`TorchEngine.predict` through the predictor graph: prompts as labelled points in the
+        input frame; of its four outputs a prompt keeps token 0, or tokens 1-3 with `multimask`."""
+        coords, tags = labelled_points(points, labels, boxes)
+        out = self.predictor(
+            predictor_output_shapes(len(coords)),
+            image_embeddings=crop.embedding,
+            point_coords=torch.from_numpy(scale_coords(coords, crop.crop_hw)),
+            point_labels=torch.from_numpy(tags),
+        )
+        kept = slice(1, 4) if multimask else slice(0, 1)
+        return out["low_res_logits"][:, kept], out["iou_predictions"][:, kept]
 
     def upscale(self, crop: CropEmbedding, low_res: torch.Tensor) -> torch.Tensor:
         """Logits (K, 256, 256) → logits (K, h, w) at the crop's original size."""

@@ -1,6 +1,7 @@
-"""Export SAM's image encoder and prompt decoder to ONNX (`encoder.onnx`, `decoder.onnx`).
+"""Export SAM's image encoder and prompt decoders to ONNX (`encoder.onnx`, `decoder.onnx`,
+`predictor.onnx`).
 
-The two graphs, float32 in and out:
+The graphs, float32 in and out:
 
 - encoder: `images` (1, 3, 1024, 1024), normalised and padded as `transforms.image_to_input` makes
   it -> `image_embeddings` (1, 256, 64, 64).
@@ -9,6 +10,9 @@ The two graphs, float32 in and out:
   `low_res_logits` (B, 3, 256, 256), `iou_predictions` (B, 3). B (`prompts`) and N
   (`points`) are dynamic; the image embedding stays batch-1 and is shared by every prompt,
   as in `SamModel.decode`.
+- predictor: the decoder's inputs with prompts as labelled points (1/0 points, 2/3 a box's
+  corners, -1 a closing "not a point", nothing added) -> `low_res_logits` (B, 4, 256, 256),
+  `iou_predictions` (B, 4): every mask token, for prompt jobs (`OnnxEngine.predict`).
 
 The TorchScript exporter (`dynamo=False`) is used: it needs no `onnxscript`, and tracing keeps
 the decoder's shared-embedding path with the prompt batch read from the inputs' shapes.
@@ -46,12 +50,14 @@ GRAPH_MODULES = (
     "mask_decoder",
     "onnx_export",
 )
-ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
+ENCODER_FILE, DECODER_FILE, PREDICTOR_FILE = "encoder.onnx", "decoder.onnx", "predictor.onnx"
 EMBEDDING_SHAPE = (1, 256, 64, 64)
 ENCODER_INPUTS, ENCODER_OUTPUTS = ("images",), ("image_embeddings",)
 DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels")
 DECODER_OUTPUTS = ("low_res_logits", "iou_predictions")
 MASKS_PER_PROMPT, LOW_RES_SIZE = 3, 256
+PREDICTOR_OUTPUTS = ("low_res_logits", "iou_predictions")
+ALL_MASKS = 4  # the predictor graph's masks per prompt: token 0 (single), then tokens 1-3 (multimask)
 DECODER_DYNAMIC_AXES = {
     "point_coords": {0: "prompts", 1: "points"},
     "point_labels": {0: "prompts", 1: "points"},
@@ -70,19 +76,25 @@ def decoder_output_shapes(prompts: int) -> dict[str, tuple[int, ...]]:
     }
 
 
+def predictor_output_shapes(prompts: int) -> dict[str, tuple[int, ...]]:
+    """The predictor graph's output shapes for a batch of `prompts`."""
+    return {"low_res_logits": (prompts, ALL_MASKS, LOW_RES_SIZE, LOW_RES_SIZE), "iou_predictions": (prompts, ALL_MASKS)}
+
+
 @dataclass(frozen=True)
 class OnnxFiles:
-    """The exported pair, in one folder."""
+    """The exported graphs, in one folder."""
 
     encoder: Path
     decoder: Path
+    predictor: Path
 
     @classmethod
     def in_folder(cls, folder: Path) -> OnnxFiles:
-        return cls(folder / ENCODER_FILE, folder / DECODER_FILE)
+        return cls(folder / ENCODER_FILE, folder / DECODER_FILE, folder / PREDICTOR_FILE)
 
     def exist(self) -> bool:
-        return self.encoder.is_file() and self.decoder.is_file()
+        return self.encoder.is_file() and self.decoder.is_file() and self.predictor.is_file()
 
 
 class EncoderGraph(nn.Module):
@@ -114,6 +126,26 @@ class DecoderGraph(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         sparse, dense = self.prompt_encoder(point_coords, point_labels)
         return self.mask_decoder(image_embeddings, self.dense_pe, sparse, dense, multimask_output=True)
+
+
+class PredictorGraph(nn.Module):
+    """Image embedding (1, 256, 64, 64), labelled points (B, N, 2) and labels (B, N) -> logits
+    (B, 4, 256, 256), IoU (B, 4): SAM's predictor for prompts written as labelled points
+    (`transforms.labelled_points`: 1/0 points, 2/3 a box's corners, -1 the closing "not a
+    point"), every mask token's output, the caller keeping token 0 or tokens 1-3."""
+
+    def __init__(self, model: SamModel) -> None:
+        super().__init__()
+        self.prompt_encoder = model.prompt_encoder
+        self.mask_decoder = model.mask_decoder
+        self.register_buffer("dense_pe", model.prompt_encoder.dense_pe().detach().clone())
+
+    def forward(
+        self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sparse = self.prompt_encoder.embed_labelled_points(point_coords, point_labels)
+        dense = self.prompt_encoder.embed_mask(None)
+        return self.mask_decoder(image_embeddings, self.dense_pe, sparse, dense, multimask_output=None)
 
 
 def export_onnx(
@@ -171,7 +203,8 @@ def cached_onnx(loaded: LoadedModel, opset: int = DEFAULT_OPSET) -> OnnxFiles:
 
 
 def export_model(model: SamModel, out_dir: str | os.PathLike[str], opset: int = DEFAULT_OPSET) -> OnnxFiles:
-    """Write `encoder.onnx` and `decoder.onnx` for a loaded fp32 CPU `model` into `out_dir`; check both.
+    """Write `encoder.onnx`, `decoder.onnx` and `predictor.onnx` for a loaded fp32 CPU `model`
+    into `out_dir`; check each.
 
     Each file is written beside its final name and renamed into place once `onnx.checker`
     accepts it, so a reader never sees a half-written graph. Graphs over protobuf's 2 GB
@@ -194,6 +227,14 @@ def export_model(model: SamModel, out_dir: str | os.PathLike[str], opset: int = 
             (embedding, coords, labels),
             DECODER_INPUTS,
             DECODER_OUTPUTS,
+            DECODER_DYNAMIC_AXES,
+        ),
+        (
+            files.predictor,
+            PredictorGraph(model),
+            (embedding, coords, labels),
+            DECODER_INPUTS,
+            PREDICTOR_OUTPUTS,
             DECODER_DYNAMIC_AXES,
         ),
     ]

@@ -91,25 +91,16 @@ class PromptEncoder(nn.Module):
         padding = self.not_a_point_embed.weight.expand(coords.shape[0], 1, -1)
         return torch.cat([points, padding], dim=1)
 
-    def embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
-        """Sparse embeddings of box prompts: (B, 4) XYXY in input-frame pixels -> (B, 2, embed_dim),
-        the two corners' positions plus the learned top-left and bottom-right vectors."""
-        corners = self.pe_layer.points(boxes.reshape(-1, 2, 2) + 0.5, self.input_image_size)
-        return corners + torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight])
-
-    def embed_prompts(
-        self, coords: torch.Tensor | None, labels: torch.Tensor | None, boxes: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Sparse embeddings of B prompts of the same shape, as SAM's predictor makes them:
-        points (B, N, 2) with labels (B, N), then the box's corners (B, 4); the padding "not a
-        point" token only when there is no box. Returns (B, N' , embed_dim)."""
-        parts = []
-        if coords is not None:
-            points = self.embed_points(coords, labels)
-            parts.append(points if boxes is None else points[:, :-1])
-        if boxes is not None:
-            parts.append(self.embed_boxes(boxes))
-        return torch.cat(parts, dim=1)
+    def embed_labelled_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sparse embeddings of prompts written as labelled points, as SAM's predictor (and its
+        ONNX model) makes them: coords (B, N, 2) xy in input-frame pixels; labels (B, N): 1
+        foreground, 0 background, 2 and 3 a box's top-left and bottom-right corners, -1 the
+        "not a point" token a prompt without a box ends with. No padding is added. Returns
+        (B, N, embed_dim)."""
+        pe = self.pe_layer.points(coords + 0.5, self.input_image_size)  # sample at pixel centres
+        by_label = torch.cat([self.not_a_point_embed.weight, *(e.weight for e in self.point_embeddings)])
+        ignored = (labels == -1).unsqueeze(-1)
+        return torch.where(ignored, 0.0, pe) + by_label[labels.long() + 1]  # rows for labels -1, 0, 1, 2, 3
 
     def embed_mask(self, masks: torch.Tensor | None) -> torch.Tensor:
         """Dense embedding of mask prompts (B, 1, 256, 256) logits -> (B, embed_dim, 64, 64).

@@ -21,7 +21,7 @@ from sam_batch.engines.backend import (
 )
 from sam_batch.engines.point_decoder import PointDecoder
 from sam_batch.engines.sam import SamModel
-from sam_batch.engines.transforms import image_to_input, resize_longest_side, scale_coords
+from sam_batch.engines.transforms import image_to_input, labelled_points, resize_longest_side, scale_coords
 
 LAYOUTS = ("cpu", "gpu")  # how a TorchEngine lays out the work (see TorchEngine)
 # batches decoded at once on the CPU: each holds the GIL for its Python between operators
@@ -111,16 +111,12 @@ class TorchEngine:
         model in float32, as the predictor passes them. Returns low-resolution logits (B, M,
         256, 256) and predicted IoUs (B, M), fp32 on the device: M = 3 with `multimask`, else 1.
         """
-        coords_t = labels_t = boxes_t = None
-        if points is not None:
-            coords_t = torch.as_tensor(scale_coords(points, crop.crop_hw), dtype=torch.float32, device=self.device)
-            labels_t = torch.as_tensor(labels, dtype=torch.int64, device=self.device)
-        if boxes is not None:
-            corners = scale_coords(boxes.reshape(-1, 2, 2), crop.crop_hw).reshape(-1, 4)
-            boxes_t = torch.as_tensor(corners, dtype=torch.float32, device=self.device)
+        coords, labels = labelled_points(points, labels, boxes)
+        coords_t = torch.as_tensor(scale_coords(coords, crop.crop_hw), dtype=torch.float32, device=self.device)
+        labels_t = torch.as_tensor(labels, device=self.device)
         encoder, decoder = self.model.prompt_encoder, self.model.mask_decoder
         with self.autocast():
-            sparse = encoder.embed_prompts(coords_t, labels_t, boxes_t)
+            sparse = encoder.embed_labelled_points(coords_t, labels_t)
             logits, iou = decoder(crop.embedding, encoder.dense_pe(), sparse, encoder.embed_mask(None), multimask)
         return logits.float(), iou.float()
 

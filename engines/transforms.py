@@ -54,3 +54,23 @@ def scale_coords(coords: np.ndarray, original_hw: tuple[int, int], long_side: in
     scaled[..., 0] *= new_w / old_w
     scaled[..., 1] *= new_h / old_h
     return scaled
+
+
+def labelled_points(
+    points: np.ndarray | None, labels: np.ndarray | None, boxes: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """B prompts of one shape as the predictor's labelled points: points (B, N, 2) with labels
+    (B, N) 1/0, then a box (B, 4) XYXY as two points labelled 2 and 3; a prompt without a box
+    ends with one point (0, 0) labelled -1. Returns coords (B, N', 2) float64 and labels (B, N')."""
+    parts, tags = [], []
+    if points is not None:
+        parts.append(np.asarray(points, dtype=np.float64))
+        tags.append(np.asarray(labels, dtype=np.int64))
+    batch = len(points) if points is not None else len(boxes)
+    if boxes is not None:
+        parts.append(np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2))
+        tags.append(np.tile(np.array([2, 3], dtype=np.int64), (batch, 1)))
+    else:
+        parts.append(np.zeros((batch, 1, 2)))
+        tags.append(np.full((batch, 1), -1, dtype=np.int64))
+    return np.concatenate(parts, axis=1), np.concatenate(tags, axis=1)

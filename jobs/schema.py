@@ -51,10 +51,8 @@ class JobSpec:
             if not isinstance(getattr(self, key), cls):
                 raise TypeError(f"JobSpec.{key} must be a {cls.__name__}")
         if self.prompts.uri is not None:
-            if self.engine.backend != "torch":
-                raise field_error(
-                    "engine.backend", f"prompt jobs (prompts.uri) run on torch only, not {self.engine.backend}"
-                )
+            if self.engine.backend == "tensorrt":
+                raise field_error("engine.backend", "prompt jobs (prompts.uri) run on torch or onnx, not tensorrt yet")
 
     def to_dict(self) -> dict[str, Any]:
         """The job as plain dicts, lists and scalars, with the job file's keys (JSON-able).

@@ -116,9 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true", help="download again even if cached")
     fetch.set_defaults(handler=_weights_fetch)
 
-    export = commands.add_parser("export-onnx", help="export a model's image encoder and prompt decoder to ONNX")
+    export = commands.add_parser("export-onnx", help="export a model's image encoder and prompt decoders to ONNX")
     export.add_argument("model_type", choices=MODEL_TYPES)
-    export.add_argument("-o", "--out", required=True, help="folder for encoder.onnx and decoder.onnx")
+    export.add_argument("-o", "--out", required=True, help="folder for encoder.onnx, decoder.onnx and predictor.onnx")
     export.add_argument("--checkpoint", help="path or fsspec URL (default: the cached default weights)")
     export.add_argument("--sha256", help="verify the checkpoint against this sha256")
     export.add_argument("--opset", type=int, help="ONNX opset (default 17)")
@@ -267,7 +267,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
     files = export_onnx(
         args.model_type, args.checkpoint, args.out, sha256=args.sha256, opset=args.opset or DEFAULT_OPSET
     )
-    print(f"{files.encoder}\n{files.decoder}")
+    print(f"{files.encoder}\n{files.decoder}\n{files.predictor}")
     return EXIT_OK
 
 

@@ -72,6 +72,13 @@ def test_graphs_pass_the_checker_with_dynamic_prompt_axes(engines) -> None:
         "low_res_logits": ["prompts", 3, 256, 256],
         "iou_predictions": ["prompts", 3],
     }
+    onnx.checker.check_model(str(files.predictor), full_check=True)
+    predictor = onnx.load(str(files.predictor)).graph
+    assert {i.name: dims(i) for i in predictor.input} == {i.name: dims(i) for i in decoder.input}
+    assert {o.name: dims(o) for o in predictor.output} == {
+        "low_res_logits": ["prompts", 4, 256, 256],
+        "iou_predictions": ["prompts", 4],
+    }
 
 
 def test_a_change_to_the_model_code_is_a_new_export(tmp_path, monkeypatch) -> None:
@@ -170,7 +177,7 @@ def test_golden_parity_with_onnx(engines) -> None:
 def test_export_onnx_command(tmp_path: Path, capsys) -> None:
     assert cli_main(["export-onnx", "vit_t", "-o", str(tmp_path)]) == 0
     printed = capsys.readouterr().out.split()
-    assert printed == [str(tmp_path / "encoder.onnx"), str(tmp_path / "decoder.onnx")]
+    assert printed == [str(tmp_path / name) for name in ("encoder.onnx", "decoder.onnx", "predictor.onnx")]
     for path in printed:
         onnx.checker.check_model(path, full_check=True)
 

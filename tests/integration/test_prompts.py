@@ -84,6 +84,29 @@ def test_masks_are_the_reference_predictors_through_run(golden_run: Path) -> Non
     assert worst_iou >= 0.99 and worst_score <= 1e-4, (worst_iou, worst_score)
 
 
+def test_the_onnx_backend_gives_the_reference_predictors_masks(tmp_path: Path) -> None:
+    """dog.jpg's golden prompts (boxes, points with three masks, boxes with points) through
+    `sam-batch run` on `engine.backend: onnx` (the predictor graph)."""
+    rows = [
+        {"image_uri": str(IMAGES / "dog.jpg"), **{k: p[k] for k in ("prompt_id", "box", "points", "point_labels")}}
+        | {"multimask_output": p["multimask_output"]}
+        for p in golden_prompts("dog.jpg")
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "prompts.parquet")
+    job = yaml.safe_load(write_prompt_job(tmp_path, [IMAGES / "dog.jpg"], tmp_path / "prompts.parquet").read_text())
+    job["engine"] = {"backend": "onnx", "device": "cpu"}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    sam_batch("run", str(tmp_path / "job.yaml"))
+    masks = pq.read_table(tmp_path / "out" / "masks").to_pylist()
+    assert len(masks) == sum(len(p["masks"]) for p in golden_prompts("dog.jpg"))
+    for prompt in golden_prompts("dog.jpg"):
+        rows = sorted((m for m in masks if m["prompt_id"] == prompt["prompt_id"]), key=lambda m: m["mask_index"])
+        for row, reference, score in zip(rows, prompt["masks"], prompt["scores"], strict=True):
+            ours, theirs = decode_rle(row["segmentation"]).astype(bool), decode_rle(reference).astype(bool)
+            assert (ours & theirs).sum() / (ours | theirs).sum() >= 0.99
+            assert abs(row["predicted_iou"] - score) <= 1e-4
+
+
 def test_images_count_prompts_and_inputs_without_prompts_are_never_read(golden_run: Path) -> None:
     images = {r["image_uri"].rsplit("/", 1)[-1]: r for r in pq.read_table(golden_run / "out" / "images").to_pylist()}
     assert set(images) == set(GOLDEN_PROMPTS)  # dogs.jpg has no prompt
