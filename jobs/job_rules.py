@@ -154,6 +154,12 @@ def string_rule(value: Any, path: str) -> str:
     return value
 
 
+def bool_rule(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise field_error(path, f"expected true or false, got {shown(value)}")
+    return value
+
+
 def optional_rule(rule: Rule) -> Rule:
     def optional_rule(value: Any, path: str) -> Any:
         return None if value is None else rule(value, path)

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sam_batch.jobs.job_rules import name_rule
+from sam_batch.jobs.job_rules import field_error, name_rule
 from sam_batch.jobs.job_sections import (
     SECTIONS,
     AmgSpec,
@@ -26,6 +26,7 @@ from sam_batch.jobs.job_sections import (
     RasterSpec,
     RunSpec,
 )
+from sam_batch.pipeline.params import below_floor
 
 REDACTED = "***"
 
@@ -48,6 +49,12 @@ class JobSpec:
         for key, cls in SECTIONS.items():
             if not isinstance(getattr(self, key), cls):
                 raise TypeError(f"JobSpec.{key} must be a {cls.__name__}")
+        low = below_floor(self.amg) if self.output.candidates else []
+        if low:
+            raise field_error(
+                "output.candidates",
+                f"keeps candidates above a floor the job's thresholds must not be under ({'; '.join(low)})",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The job as plain dicts, lists and scalars, with the job file's keys (JSON-able).
