@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from itertools import takewhile
+from typing import Protocol
 
 from sam_batch.jobs.dataset import OutputDataset
 from sam_batch.jobs.plan import Shard
@@ -46,6 +47,14 @@ REAPER_EXIT_TIMEOUT_S = 30.0  # seconds a run waits, after Ray's shutdown, for `
 # `run.executor: auto` starts Ray for this many images to do or more, in process below
 AUTO_RAY_MIN_IMAGES = 16
 NVIDIA_GPUS_DIR = "/proc/driver/nvidia/gpus"  # one entry per GPU the NVIDIA driver sees
+
+
+class Executor(Protocol):
+    """What the runner needs of an executor (`name` goes into `run.json`)."""
+
+    name: str
+
+    def run(self, shards: list[Shard], dataset: OutputDataset) -> Iterator[Event]: ...
 
 
 class LocalExecutor:

@@ -9,7 +9,7 @@ Coordinates are the tile's pixels, which are the image's for an image segmented 
 crop's row is there even with no candidate, so every segmented tile and crop is accounted for.
 
 `crop_row` and `crops_from_rows` are exact inverses, so the masks made from rows read back
-are those the run made.
+are those the run made; `refilter_photo` makes them at other model-free parameters.
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sam_batch.pipeline.amg import CropMasks
+from sam_batch.pipeline.amg import CropMasks, masks_from_candidates
 from sam_batch.pipeline.held_masks import BoxedMasks
+from sam_batch.pipeline.params import AmgParams
 from sam_batch.pipeline.rle import decode_rle, encode_rle
+from sam_batch.pipeline.scenes import ScenePlan, SceneResult, finish_scene, place_tile_masks
+from sam_batch.pipeline.tiles import plan_tiles
 
 
 def crop_row(crop: CropMasks, crop_index: int, tile: int, n_tiles: int, nodata: bool) -> dict:
@@ -72,3 +75,15 @@ def crops_from_rows(rows: list[dict]) -> list[CropMasks]:
             )
         )
     return crops
+
+
+def refilter_photo(
+    rows: list[dict], width: int, height: int, crs: str | None, transform: list[float] | None, params: AmgParams
+) -> SceneResult:
+    """The objects of an image segmented whole (one tile, no nodata) made again from its
+    candidates' rows at `params` (`amg.masks_from_candidates`), exactly as `scenes.segment_tile`
+    and `scenes.finish_scene` made them in the run: the rows' candidates must have been kept at
+    thresholds at or below `params`'. width, height: pixels; crs, transform: the images row's."""
+    plan = ScenePlan(width, height, crs, transform, tuple(plan_tiles(width, height, max(width, height), 0)))
+    masks = masks_from_candidates(crops_from_rows(rows), plan.image_hw, params)
+    return finish_scene(plan, [place_tile_masks(masks, None, plan, 0)], params.crop_nms_thresh)
