@@ -78,7 +78,9 @@ def refilter_job(plan: Plan, overrides: Sequence[str], dest_uri: str) -> JobSpec
     for override in overrides:
         key, equals, text = override.partition("=")
         key = key.strip()
-        if not equals or key not in CHANGEABLE:
+        if not equals:
+            raise RefilterError(f"--set {key}: expects KEY=VALUE (amg.pred_iou_thresh=0.9, say)")
+        if key not in CHANGEABLE:
             why = "needs the model" if key in FIELD_KEYS else "unknown key"
             raise RefilterError(f"--set {override}: {why}; refilter changes only {', '.join(CHANGEABLE)}")
         try:
