@@ -16,22 +16,25 @@ import copy
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from functools import partial
 
 import pyarrow.parquet as pq
 import yaml
 
 from sam_batch.jobs.dataset import DatasetError, OutputDataset
+from sam_batch.jobs.executors import REFILTER_AUTO_RAY_MIN_IMAGES, ShardTaskExecutor, choose_executor
 from sam_batch.jobs.job_file import parse_job
 from sam_batch.jobs.job_rules import normalise_uri
 from sam_batch.jobs.job_sections import FIELD_KEYS
 from sam_batch.jobs.plan import Plan, Shard
 from sam_batch.jobs.runner import RunSummary, Work, run_job
 from sam_batch.jobs.schema import JobSpec
-from sam_batch.jobs.worker import STAGES, Event, ImageResult, ShardCommit, finish_image, write_shard
+from sam_batch.jobs.worker import STAGES, Event, ImageDone, ImageResult, ShardCommit, finish_image, write_shard
 from sam_batch.pipeline.params import MODEL_FREE_PARAMS, below_floor
 
 log = logging.getLogger("sam_batch")
-CHANGEABLE = tuple(f"amg.{name}" for name in MODEL_FREE_PARAMS)
+# what `--set` may change: the model-free parameters, and where the refilter runs
+CHANGEABLE = (*(f"amg.{name}" for name in MODEL_FREE_PARAMS), "run.executor", "run.ray_address")
 
 
 class RefilterError(ValueError):
@@ -47,7 +50,7 @@ def refilter(
     plan = _source_plan(source)
     job = refilter_job(plan, overrides, dest_uri)
     _check_whole_images(source)
-    work = Work(new_plan=lambda job: _same_shards(job, plan), executor=lambda job, _: RefilterExecutor(job, source))
+    work = Work(new_plan=lambda job: _same_shards(job, plan), executor=partial(RefilterExecutor, source=source))
     return run_job(job, overwrite=overwrite, force=force, work=work)
 
 
@@ -68,8 +71,10 @@ def _source_plan(source: OutputDataset) -> Plan:
 
 def refilter_job(plan: Plan, overrides: Sequence[str], dest_uri: str) -> JobSpec:
     """The source's job (`plan.job`) with `overrides` applied, writing `dest_uri`, without
-    candidates: the job `sam-batch run` would run for the same output."""
+    candidates: the job `sam-batch run` would run for the same output. Its `run` section is the
+    default's but for what `overrides` set (the source's was for the model)."""
     data = copy.deepcopy(plan.job)
+    data["run"] = {}
     for section in ("input", "output"):
         data[section]["storage_options"] = {}  # redacted in the plan; refilter reads no input
     if normalise_uri(dest_uri) == data["output"]["uri"]:
@@ -83,8 +88,9 @@ def refilter_job(plan: Plan, overrides: Sequence[str], dest_uri: str) -> JobSpec
         if key not in CHANGEABLE:
             why = "needs the model" if key in FIELD_KEYS else "unknown key"
             raise RefilterError(f"--set {override}: {why}; refilter changes only {', '.join(CHANGEABLE)}")
+        section, name = key.split(".", 1)
         try:
-            data["amg"][key.split(".", 1)[1]] = yaml.safe_load(text)
+            data[section][name] = yaml.safe_load(text)
         except yaml.YAMLError:
             raise RefilterError(f"--set {key}: not a YAML value") from None
     job = parse_job(data, "refilter")
@@ -112,14 +118,16 @@ def _same_shards(job: JobSpec, source: Plan) -> Plan:
 
 
 class RefilterExecutor:
-    """Refilters the shards still to do that the source has committed, one image at a time in
-    this process; the source's shards not yet committed are left for a later refilter."""
+    """Refilters the shards still to do that the source has committed (the source's shards not
+    yet committed are left for a later refilter), each read, refiltered and committed in one
+    go (`refilter_and_commit`): in this process, or as Ray tasks (`executors.ShardTaskExecutor`)
+    as `run.executor` says (`auto`: Ray for a cluster or `REFILTER_AUTO_RAY_MIN_IMAGES`)."""
 
-    name = "refilter"
-
-    def __init__(self, job: JobSpec, source: OutputDataset) -> None:
+    def __init__(self, job: JobSpec, n_images: int, source: OutputDataset) -> None:
         self.job = job
         self.source = source
+        self.name, why = choose_executor(job, n_images, REFILTER_AUTO_RAY_MIN_IMAGES, uses_gpus=False)
+        log.info("executor: %s (%s)", self.name, why)
 
     def run(self, shards: list[Shard], dataset: OutputDataset) -> Iterator[Event]:
         committed = self.source.committed_shards()
@@ -131,11 +139,23 @@ class RefilterExecutor:
                 self.source.uri,
                 left[0],
             )
+        shards = [shard for shard in shards if shard.shard_id in committed]
+        work = partial(refilter_and_commit, source=self.source)
+        if self.name == "ray":
+            yield from ShardTaskExecutor(self.job, work).run(shards, dataset)
+            return
         for shard in shards:
-            if shard.shard_id in committed:
-                results = refilter_shard(self.job, self.source, shard)
-                yield from (result.done() for result in results)
-                yield ShardCommit(shard, write_shard(dataset, shard, results))
+            images, stats = work(self.job, shard, dataset)
+            yield from images
+            yield ShardCommit(shard, stats)
+
+
+def refilter_and_commit(
+    job: JobSpec, shard: Shard, dataset: OutputDataset, source: OutputDataset
+) -> tuple[list[ImageDone], dict]:
+    """Refilter one committed shard of `source` (`refilter_shard`) and commit it to `dataset`."""
+    results = refilter_shard(job, source, shard)
+    return [result.done() for result in results], write_shard(dataset, shard, results)
 
 
 def refilter_shard(job: JobSpec, source: OutputDataset, shard: Shard) -> list[ImageResult]:
@@ -164,6 +184,11 @@ def refilter_shard(job: JobSpec, source: OutputDataset, shard: Shard) -> list[Im
         seconds = {**dict.fromkeys(STAGES, 0.0), "segment": time.perf_counter() - t}
         results.append(finish_image(image["image_uri"], scene, started, seconds, ("refilter",)))
     return results
+
+
+def _first(names: list[str], source: OutputDataset) -> tuple[int, str, str]:
+    """How many shards are not committed in `source`, where, the first of them (for a warning)."""
+    return len(names), source.uri, names[0]
 
 
 def _read(source: OutputDataset, table_name: str, shard: Shard) -> list[dict]:

@@ -1,13 +1,16 @@
 """`sam-batch refilter` against `sam-batch run`, both through the command line, on real photos.
 
 One run keeps the candidates of dog.jpg and groceries.jpg (8x8 points, one crop layer: five
-crops, so NMS across crops counts too); each of three settings is then refiltered from them and
-run afresh with the model, and the two outputs' tables must be equal: every column of `masks`,
-every column of `images` but `seconds`. Bad arguments are one line, exit 2, and leave nothing.
+crops, so NMS across crops counts too; a shard each); each of three settings is then refiltered
+from them and run afresh with the model, and the two outputs' tables must be equal: every column
+of `masks`, every column of `images` but `seconds`. Refilter reads committed shards only and
+resumes; on Ray it writes what it writes in process. Bad arguments are one line, exit 2, and
+leave nothing.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -32,7 +35,8 @@ def source(tmp_path_factory) -> Path:
     """The photos' output with their candidates kept, at the job's default thresholds."""
     tmp = tmp_path_factory.mktemp("source")
     out = tmp / "out"
-    sam_batch("run", str(write_job(tmp, "source", PHOTOS, out, amg=AMG, output={"uri": str(out), "candidates": True})))
+    job = write_job(tmp, "source", PHOTOS, out, amg=AMG, output={"uri": str(out), "candidates": True})
+    sam_batch("run", str(job), "--set", "run.shard_size=1")
     return out
 
 
@@ -51,19 +55,38 @@ def test_refilter_writes_what_a_run_writes(source, tmp_path, name) -> None:
     refiltered = tmp_path / "refiltered"
     sets = [arg for key, value in settings.items() for arg in ("--set", f"amg.{key}={value}")]
     result = sam_batch("refilter", str(source), *sets, "-o", str(refiltered))
-    assert "shards: 1 committed" in result.stdout
+    assert "shards: 2 committed" in result.stdout
     ours, theirs = tables(refiltered), tables(fresh)
     assert len(ours[0]) > 0 and {Path(r["image_uri"]).name for r in ours[0]} == {"dog.jpg", "groceries.jpg"}
     assert ours == theirs
     assert not (refiltered / "candidates").exists()
     again = sam_batch("refilter", str(source), *sets, "-o", str(refiltered))
-    assert "shards: 0 committed, 1 already done" in again.stdout
+    assert "shards: 0 committed, 2 already done" in again.stdout
 
 
 def test_refilter_at_the_runs_own_thresholds_gives_its_masks(source, tmp_path) -> None:
     sam_batch("refilter", str(source), "-o", str(tmp_path / "same"))
     assert tables(tmp_path / "same") == tables(source)
-    assert (source / "candidates" / "shard-00000.parquet").exists()
+    assert (source / "candidates" / "shard-00001.parquet").exists()
+
+
+def test_only_committed_shards_are_read_and_a_later_refilter_resumes(source, tmp_path) -> None:
+    partial = tmp_path / "partial"
+    shutil.copytree(source, partial)
+    marker = partial / "_sam_batch" / "commits" / "shard-00001.json"
+    kept = marker.read_bytes()
+    marker.unlink()
+    first = sam_batch("refilter", str(partial), "--set", "amg.box_nms_thresh=0.6", "-o", str(tmp_path / "new"))
+    assert "shards: 1 committed, 0 already done" in first.stdout
+    assert "1 shard(s) not committed" in first.stderr
+    marker.write_bytes(kept)
+    second = sam_batch("refilter", str(partial), "--set", "amg.box_nms_thresh=0.6", "-o", str(tmp_path / "new"))
+    assert "shards: 1 committed, 1 already done" in second.stdout
+    on_ray = tmp_path / "on-ray"
+    sets = ["--set", "amg.box_nms_thresh=0.6", "--set", "run.executor=ray"]
+    sam_batch("refilter", str(source), *sets, "-o", str(on_ray))
+    assert tables(on_ray) == tables(tmp_path / "new")
+    assert '"executor": "ray"' in (on_ray / "run.json").read_text()
 
 
 @pytest.mark.parametrize(
