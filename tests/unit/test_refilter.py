@@ -65,6 +65,7 @@ def source_plan(tmp_path, **amg) -> Plan:
             "input": {"uris": [str(tmp_path / "a.jpg")]},
             "amg": {"points_per_side": 8, **amg},
             "output": {"uri": str(tmp_path / "out"), "candidates": True},
+            "run": {"executor": "local", "shard_size": 7},
         }
     )
     return Plan(job.fingerprint(), job.redacted_dict(), (Shard(0, (str(tmp_path / "a.jpg"),)),), "EPSG:4326")
@@ -82,7 +83,8 @@ def test_the_refilter_job_is_the_run_job_at_the_new_settings(tmp_path) -> None:
         }
     )
     assert job.fingerprint() == run.fingerprint() and job.output.uri == str(tmp_path / "new")
-    assert not job.output.candidates
+    assert not job.output.candidates and job.run.executor == "auto"
+    assert refilter_job(plan, ["run.executor=ray"], str(tmp_path / "new")).run.executor == "ray"
 
 
 @pytest.mark.parametrize(
