@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-SAM_BATCH = str(Path(sys.executable).parent / "sam-batch")
+SAM_BATCH = [sys.executable, "-m", "sam_batch.cli"]  # as installed, or from a PYTHONPATH (a lent GPU machine)
 SIDES = ("plain", "candidates", "refilter", "re-run")
 DEFAULT_SETTINGS = ("pred_iou_thresh=0.8", "stability_score_thresh=0.9", "min_mask_region_area=100")
 
@@ -45,7 +45,7 @@ def run_round(images: list[str], points_per_side: int, settings: list[str], fold
     found = {}
     for side, args in commands.items():
         started = time.perf_counter()
-        subprocess.run([SAM_BATCH, *args], check=True, capture_output=True, text=True)
+        subprocess.run([*SAM_BATCH, *args], check=True, capture_output=True, text=True)
         images_table = pq.read_table(outs[side] / "images")
         found[side] = {
             "wall_s": time.perf_counter() - started,
@@ -115,13 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     images = [str(Path(p).resolve()) for p in args.images]
     settings = args.settings or list(DEFAULT_SETTINGS)
     load_start = os.getloadavg()[0]
+    command = shlex.join(["python", "-m", "benchmarks.candidates", *(argv if argv is not None else sys.argv[1:])])
     rounds = []
     for number in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="bench-candidates-") as folder:
             rounds.append(run_round(images, args.points_per_side, settings, Path(folder)))
-        print(f"round {number + 1}: " + ", ".join(f"{s} {rounds[-1][s]['wall_s']:.1f}s" for s in SIDES), flush=True)
-    command = shlex.join(["python", "-m", "benchmarks.candidates", *(argv if argv is not None else sys.argv[1:])])
-    print(report(rounds, len(images), command, (load_start, os.getloadavg()[0])))
+        print(f"after round {number + 1}:", flush=True)  # the report so far, should a later round not end
+        print(report(rounds, len(images), command, (load_start, os.getloadavg()[0])), flush=True)
     return 0
 
 

@@ -32,15 +32,15 @@ def crop_row(crop: CropMasks, crop_index: int, tile: int, n_tiles: int, nodata: 
     the scene's plan of `n_tiles`; nodata: whether the tile had pixels marked invalid.
     box: XYXY, last pixel inclusive, in tile pixels; crop_box: XYXY, exclusive, in tile pixels.
     """
-    crop = crop.cpu()
+    iou, stability = crop.iou.cpu(), crop.stability.cpu()
     candidates = []
-    for i, box in enumerate(crop.boxes.tolist()):
+    for i, box in enumerate(crop.boxes.cpu().tolist()):
         candidates.append(
             {
                 "box": [int(v) for v in box],
-                "box_segmentation": encode_rle(crop.masks.box_pixels(i)),
-                "predicted_iou": float(crop.iou[i]),
-                "stability_score": float(crop.stability[i]),
+                "box_segmentation": encode_rle(crop.masks.box_pixels(i)),  # only the box leaves the device
+                "predicted_iou": float(iou[i]),
+                "stability_score": float(stability[i]),
                 "point": [float(v) for v in crop.points[i].tolist()],
             }
         )
