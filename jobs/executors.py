@@ -56,9 +56,8 @@ REAPER_EXIT_TIMEOUT_S = 30.0  # seconds a run waits, after Ray's shutdown, for `
 # `run.executor: auto` starts Ray for this many images to do or more, in process below
 AUTO_RAY_MIN_IMAGES = 16
 NVIDIA_GPUS_DIR = "/proc/driver/nvidia/gpus"  # one entry per GPU the NVIDIA driver sees
-# `sam-batch refilter` with `run.executor: auto` runs on Ray from this many images to do: in
-# process it refilters an image in about 0.1 s (docs/benchmarks.md, "candidates"), so Ray's
-# start and stop (about 10 s on this machine) pay off only over some hundreds of images
+# `sam-batch refilter` with `run.executor: auto` runs on Ray from this many images to do: an image
+# refilters in far less time than Ray takes to start and stop (docs/benchmarks.md, "candidates")
 REFILTER_AUTO_RAY_MIN_IMAGES = 1000
 # one shard's work, done and committed where it runs: (job, shard, output) -> (its images, `write_shard`'s stats)
 ShardWork = Callable[[JobSpec, Shard, OutputDataset], tuple[list[ImageDone], dict]]
