@@ -132,3 +132,9 @@ def test_tiled_scenes_are_refused_before_anything_is_written(tmp_path) -> None:
     with pytest.raises(RefilterError, match="segmented in 4 tile"):
         refilter(str(tmp_path / "out"), [], str(tmp_path / "new"))
     assert not (tmp_path / "new").exists()
+
+
+def test_output_candidates_is_true_or_false(tmp_path) -> None:
+    job = {"name": "photos", "input": {"uris": ["a.jpg"]}, "output": {"uri": str(tmp_path), "candidates": "yes"}}
+    with pytest.raises(JobError, match="output.candidates: expected true or false"):
+        parse_job(job)
