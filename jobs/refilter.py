@@ -13,6 +13,7 @@ which reads only the source's committed shards, in this process.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -30,7 +31,8 @@ from sam_batch.jobs.plan import Plan, Shard
 from sam_batch.jobs.runner import RunSummary, Work, run_job
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.jobs.worker import STAGES, Event, ImageDone, ImageResult, ShardCommit, finish_image, write_shard
-from sam_batch.pipeline.params import MODEL_FREE_PARAMS, below_floor
+from sam_batch.pipeline.params import CANDIDATE_MIN_IOU, CANDIDATE_MIN_STABILITY, MODEL_FREE_PARAMS, below_floor
+from sam_batch.pipeline.tables import FLOOR_KEY
 
 log = logging.getLogger("sam_batch")
 # what `--set` may change: the model-free parameters, and where the refilter runs
@@ -48,7 +50,7 @@ def refilter(
     (`amg.KEY=VALUE` strings as `--set` gives them); re-running the same command resumes."""
     source = OutputDataset(source_uri)
     plan = _source_plan(source)
-    job = refilter_job(plan, overrides, dest_uri)
+    job = refilter_job(plan, overrides, dest_uri, _stored_floor(source))
     _check_whole_images(source)
     work = Work(new_plan=lambda job: _same_shards(job, plan), executor=partial(RefilterExecutor, source=source))
     return run_job(job, overwrite=overwrite, force=force, work=work)
@@ -69,9 +71,26 @@ def _source_plan(source: OutputDataset) -> Plan:
     return plan
 
 
-def refilter_job(plan: Plan, overrides: Sequence[str], dest_uri: str) -> JobSpec:
+def _stored_floor(source: OutputDataset) -> tuple[float, float]:
+    """The (IoU, stability) floor the source kept its candidates at, from its first committed
+    candidates file's metadata (`tables.FLOOR_KEY`)."""
+    files = source.data_files("candidates")
+    metadata = (pq.read_schema(files[0], filesystem=source.fs).metadata or {}) if files else {}
+    if FLOOR_KEY not in metadata:
+        raise RefilterError(f"{source.uri} holds no candidates file that names its floor")
+    floor = json.loads(metadata[FLOOR_KEY])
+    return floor["pred_iou_thresh"], floor["stability_score_thresh"]
+
+
+def refilter_job(
+    plan: Plan,
+    overrides: Sequence[str],
+    dest_uri: str,
+    floor: tuple[float, float] = (CANDIDATE_MIN_IOU, CANDIDATE_MIN_STABILITY),
+) -> JobSpec:
     """The source's job (`plan.job`) with `overrides` applied, writing `dest_uri`, without
-    candidates: the job `sam-batch run` would run for the same output. Its `run` section is the
+    candidates: the job `sam-batch run` would run for the same output; `floor`: the (IoU,
+    stability) thresholds the source's candidates were kept at. Its `run` section is the
     default's but for what `overrides` set (the source's was for the model)."""
     data = copy.deepcopy(plan.job)
     data["run"] = {}
@@ -94,7 +113,7 @@ def refilter_job(plan: Plan, overrides: Sequence[str], dest_uri: str) -> JobSpec
         except yaml.YAMLError:
             raise RefilterError(f"--set {key}: not a YAML value") from None
     job = parse_job(data, "refilter")
-    low = below_floor(job.amg)
+    low = below_floor(job.amg, *floor)
     if low:
         raise RefilterError(f"below the floor the candidates were kept at: {'; '.join(low)}")
     return job

@@ -44,11 +44,14 @@ def candidate_floor(params: AmgParams) -> AmgParams:
     return replace(params, pred_iou_thresh=CANDIDATE_MIN_IOU, stability_score_thresh=CANDIDATE_MIN_STABILITY)
 
 
-def below_floor(params: AmgParams) -> list[str]:
-    """The thresholds of `params` below the candidates' floor, as 'name value < floor'."""
+def below_floor(
+    params: AmgParams, min_iou: float = CANDIDATE_MIN_IOU, min_stability: float = CANDIDATE_MIN_STABILITY
+) -> list[str]:
+    """The thresholds of `params` below a floor (by default this version's; an output's own is
+    in its candidates files, `tables.FLOOR_KEY`), as 'name value < floor'."""
     found = []
-    if params.pred_iou_thresh < CANDIDATE_MIN_IOU:
-        found.append(f"amg.pred_iou_thresh {params.pred_iou_thresh} < {CANDIDATE_MIN_IOU}")
-    if params.stability_score_thresh < CANDIDATE_MIN_STABILITY:
-        found.append(f"amg.stability_score_thresh {params.stability_score_thresh} < {CANDIDATE_MIN_STABILITY}")
+    if params.pred_iou_thresh < min_iou:
+        found.append(f"amg.pred_iou_thresh {params.pred_iou_thresh} < {min_iou}")
+    if params.stability_score_thresh < min_stability:
+        found.append(f"amg.stability_score_thresh {params.stability_score_thresh} < {min_stability}")
     return found

@@ -13,10 +13,12 @@ scene's own `crs` and affine `transform`.
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pyarrow as pa
 
 from sam_batch.pipeline.geometry import geometry_type, geoparquet_metadata, reproject_geometries, same_crs
+from sam_batch.pipeline.params import CANDIDATE_MIN_IOU, CANDIDATE_MIN_STABILITY
 
 RLE_TYPE = pa.struct([pa.field("size", pa.list_(pa.int32())), pa.field("counts", pa.string())])
 MASKS_SCHEMA = pa.schema(
@@ -64,6 +66,7 @@ CANDIDATE_TYPE = pa.struct(
         pa.field("point", pa.list_(pa.float64()), nullable=False),
     ]
 )
+FLOOR_KEY = b"sam_batch_candidate_floor"  # a candidates file's metadata: JSON of the two thresholds' floor
 CANDIDATES_SCHEMA = pa.schema(
     [
         pa.field("image_uri", pa.string(), nullable=False),
@@ -170,4 +173,7 @@ def candidate_rows(image_uri: str, rows: list[dict]) -> list[dict]:
 
 
 def candidates_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA)
+    """The candidates of a file, with the floor they were kept at in its metadata (`FLOOR_KEY`)."""
+    floor = {"pred_iou_thresh": CANDIDATE_MIN_IOU, "stability_score_thresh": CANDIDATE_MIN_STABILITY}
+    table = pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA)
+    return table.replace_schema_metadata({FLOOR_KEY: json.dumps(floor).encode()})

@@ -16,7 +16,14 @@ from sam_batch.pipeline.amg import CropMasks, masks_from_candidates
 from sam_batch.pipeline.candidates import crop_row, crops_from_rows
 from sam_batch.pipeline.held_masks import BoxedMasks
 from sam_batch.pipeline.params import AmgParams
-from sam_batch.pipeline.tables import candidate_rows, candidates_table, image_row, images_table, masks_table
+from sam_batch.pipeline.tables import (
+    FLOOR_KEY,
+    candidate_rows,
+    candidates_table,
+    image_row,
+    images_table,
+    masks_table,
+)
 
 
 def random_crop(seed: int, crop_box: list[int], n: int = 12) -> CropMasks:
@@ -115,22 +122,33 @@ def test_a_job_keeping_candidates_may_not_threshold_below_the_floor(tmp_path) ->
         source_plan(tmp_path, pred_iou_thresh=0.3)
 
 
-def test_tiled_scenes_are_refused_before_anything_is_written(tmp_path) -> None:
+def committed_source(tmp_path, tile_row: dict, floor: bytes | None = None) -> str:
+    """A sam-batch output of one photo whose one shard holds `tile_row` as its candidates (and,
+    given, `floor` as their files' floor metadata)."""
     plan = source_plan(tmp_path)
     source = OutputDataset(str(tmp_path / "out"), candidates=True)
     source.write_plan(plan)
     uri = plan.shards[0].uris[0]
     images = [image_row(uri, status="ok", error=None, width=40, height=30, n_masks=0, seconds=1.0)]
-    tile = crop_row(random_crop(4, [0, 0, 40, 30]), 0, 2, 4, False)
-    source.commit_shard(
-        plan.shards[0],
-        masks_table([], images, "EPSG:4326"),
-        images_table(images),
-        {},
-        candidates_table(candidate_rows(uri, [tile])),
-    )
+    candidates = candidates_table(candidate_rows(uri, [tile_row]))
+    if floor is not None:
+        candidates = candidates.replace_schema_metadata({FLOOR_KEY: floor})
+    source.commit_shard(plan.shards[0], masks_table([], images, "EPSG:4326"), images_table(images), {}, candidates)
+    return str(tmp_path / "out")
+
+
+def test_tiled_scenes_are_refused_before_anything_is_written(tmp_path) -> None:
+    source = committed_source(tmp_path, crop_row(random_crop(4, [0, 0, 40, 30]), 0, 2, 4, False))
     with pytest.raises(RefilterError, match="segmented in 4 tile"):
-        refilter(str(tmp_path / "out"), [], str(tmp_path / "new"))
+        refilter(source, [], str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_floor_is_the_one_the_output_stored(tmp_path) -> None:
+    floor = b'{"pred_iou_thresh": 0.7, "stability_score_thresh": 0.5}'
+    source = committed_source(tmp_path, crop_row(random_crop(5, [0, 0, 40, 30]), 0, 0, 1, False), floor)
+    with pytest.raises(RefilterError, match=r"amg.pred_iou_thresh 0.6 < 0.7"):
+        refilter(source, ["amg.pred_iou_thresh=0.6"], str(tmp_path / "new"))
     assert not (tmp_path / "new").exists()
 
 
