@@ -7,7 +7,7 @@ other): `refilter_job` builds that job, refusing a parameter the model sees, a t
 the candidates' floor, an output that kept no candidates or a tiled scene (one line each,
 `RefilterError`). `refilter` runs it through the runner (`jobs.runner`: lease, plan, resume,
 exactly-once commits, `run.json`) with the source's shards as the plan and `RefilterExecutor`,
-which reads only the source's committed shards, in this process.
+which reads only the source's committed shards, in this process or as Ray tasks.
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ def refilter_job(
         if not equals:
             raise RefilterError(f"--set {key}: expects KEY=VALUE (amg.pred_iou_thresh=0.9, say)")
         if key not in CHANGEABLE:
-            why = "needs the model" if key in FIELD_KEYS else "unknown key"
+            why = "unknown key" if key not in FIELD_KEYS else "not one refilter may change"
+            why = "needs the model" if key.startswith(("amg.", "model.", "engine.")) else why
             raise RefilterError(f"--set {override}: {why}; refilter changes only {', '.join(CHANGEABLE)}")
         section, name = key.split(".", 1)
         try:
