@@ -105,8 +105,8 @@ def refilter_job(
         if not equals:
             raise RefilterError(f"--set {key}: expects KEY=VALUE (amg.pred_iou_thresh=0.9, say)")
         if key not in CHANGEABLE:
-            why = "unknown key" if key not in FIELD_KEYS else "not one refilter may change"
-            why = "needs the model" if key.startswith(("amg.", "model.", "engine.")) else why
+            why = "needs the model" if key.startswith(("amg.", "model.", "engine.")) else "not one refilter may change"
+            why = why if key in FIELD_KEYS else "unknown key"
             raise RefilterError(f"--set {override}: {why}; refilter changes only {', '.join(CHANGEABLE)}")
         section, name = key.split(".", 1)
         try:
