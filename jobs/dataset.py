@@ -4,6 +4,7 @@ Layout under the output root:
 
     masks/shard-00000.parquet      finished data only, one file per committed shard
     images/shard-00000.parquet
+    candidates/shard-00000.parquet only where the job keeps candidates (`output.candidates`)
     run.json                       the run record of the latest run (summary, per-stage times)
     _sam_batch/plan.json           the frozen plan: job fingerprint, redacted job, shards
     _sam_batch/prompts.parquet     a prompt job's prompts, frozen with the plan
@@ -11,7 +12,7 @@ Layout under the output root:
     _sam_batch/claims/shard-00000.json    which run publishes the shard (its run id)
     _sam_batch/attempts/<run_id>/<shard>-<uuid>/   where a run's attempts write before they publish
 
-A shard is published by writing its two files under a fresh attempt folder, claiming the shard
+A shard is published by writing its two (or three) files under a fresh attempt folder, claiming the shard
 (its claim created only if absent: the first run to claim it publishes it; another run's
 attempt then touches nothing, an attempt of the claiming run, retried after its worker died,
 carries on), moving the files to their deterministic names, and then creating the marker only
@@ -45,7 +46,8 @@ LEASE_FILE = "lease.json"  # under BOOKKEEPING: the lease of the run writing the
 EXCLUSIVE_PROBE = ".sam-batch-exclusive-probe-"  # + a uuid: the file `check_exclusive_create` makes twice
 ATTEMPTS = "attempts"  # under BOOKKEEPING: one folder per run, named by its run id
 CLAIMS = "claims"  # under BOOKKEEPING: `shard-NNNNN.json`, the run id of the run publishing the shard
-TABLES = ("masks", "images")  # the data folders, in the order a commit moves their files into place
+# the data folders, in the order a commit moves their files into place (candidates: only where kept)
+TABLES = ("candidates", "masks", "images")
 WRITE_PROBE = ".sam-batch-write-probe-"  # + a uuid: the empty file `check_writable` creates and removes
 SHARD_FILE = re.compile(r"shard-(\d+)(\.\w+)")  # a shard's data file or marker: number, suffix
 
@@ -62,25 +64,34 @@ class OutputDataset:
     """One output root, as written by one run: its attempts go under `attempts/<run_id>/`
     (a fresh id unless given: the run id of the run's lease). All paths are built from shard
     numbers and run ids, never from input names. `crs`: the CRS its geometries are written in,
-    the plan's `output_crs` (None until the plan is known)."""
+    the plan's `output_crs` (None until the plan is known); `candidates`: whether its shards
+    have a candidates table (the plan's `output.candidates`)."""
 
     def __init__(
-        self, uri: str, storage_options: dict | None = None, run_id: str | None = None, crs: str | None = None
+        self,
+        uri: str,
+        storage_options: dict | None = None,
+        run_id: str | None = None,
+        crs: str | None = None,
+        candidates: bool = False,
     ) -> None:
         self.uri = uri
         self.storage_options = storage_options or {}
         self.run_id = run_id or uuid.uuid4().hex
         self.crs = crs
+        self.candidates = candidates
         self.fs, root = fsspec.core.url_to_fs(uri, **self.storage_options)
         self.root = root.rstrip("/")
 
     def for_run(self, run_id: str) -> OutputDataset:
         """The same output, written by the run `run_id`."""
-        return OutputDataset(self.uri, self.storage_options, run_id, self.crs)
+        return OutputDataset(self.uri, self.storage_options, run_id, self.crs, self.candidates)
 
     def for_plan(self, plan: Plan) -> OutputDataset:
-        """The same output, its geometries written in the CRS `plan` froze."""
-        return OutputDataset(self.uri, self.storage_options, self.run_id, plan.output_crs)
+        """The same output, its geometries written in the CRS `plan` froze, its tables those of
+        the plan's job."""
+        candidates = bool(plan.job["output"].get("candidates", False))
+        return OutputDataset(self.uri, self.storage_options, self.run_id, plan.output_crs, candidates)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -149,7 +160,7 @@ class OutputDataset:
     def clear(self) -> None:
         """Remove everything sam-batch wrote here (for --overwrite), but the lease of the run
         doing it (`jobs.lease`)."""
-        for part in ("masks", "images", "run.json"):
+        for part in (*TABLES, "run.json"):
             self._remove(self.path(part))
         bookkeeping = self.path(BOOKKEEPING)
         if self.fs.exists(bookkeeping):
@@ -194,22 +205,26 @@ class OutputDataset:
                 found[int(match.group(1))] = path
         return found
 
-    def commit_shard(self, shard: Shard, masks: pa.Table, images: pa.Table, stats: dict) -> bool:
-        """Publish a shard's two tables and create its marker; False if it was already committed
-        or another run claimed it (`_claim`), in which case nothing of this attempt is published.
+    def commit_shard(
+        self, shard: Shard, masks: pa.Table, images: pa.Table, stats: dict, candidates: pa.Table | None = None
+    ) -> bool:
+        """Publish a shard's tables (`candidates` too, unless None) and create its marker; False
+        if it was already committed or another run claimed it (`_claim`), in which case nothing
+        of this attempt is published.
 
-        Both files are written in full before the claim and either move, masks first, then the
-        marker: a process killed between the first move and the marker leaves the shard's
-        masks file (and perhaps its images file) published without a marker, never an image
-        row without its masks. The next run removes them at its start (`remove_unfinished`)
-        and writes the same rows again under the same names.
+        Every file is written in full before the claim and any move, in `TABLES` order
+        (candidates, masks, images), then the marker: a process killed between the first move and
+        the marker leaves some of the shard's files published without a marker, never an image
+        row without its masks, nor masks without their candidates. The next run removes them at
+        its start (`remove_unfinished`) and writes the same rows again under the same names.
         """
         if self.fs.exists(self._marker(shard)):
             return False
         attempt = self._attempt(f"{shard.name}-{uuid.uuid4().hex}")
         try:
             self.fs.makedirs(attempt, exist_ok=True)
-            tables = dict(zip(TABLES, (masks, images)))
+            tables = {"candidates": candidates, "masks": masks, "images": images}
+            tables = {name: table for name, table in tables.items() if table is not None}
             for table_name, table in tables.items():
                 self._write_bytes(f"{attempt}/{table_name}.parquet", _parquet_bytes(table))
             if not self._claim(shard):
@@ -230,15 +245,15 @@ class OutputDataset:
             ) from None
 
     def data_files(self, table_name: str) -> list[str]:
-        """The committed data files of `masks` or `images`, as paths on `self.fs`."""
+        """The committed data files of `masks`, `images` or `candidates`, as paths on `self.fs`."""
         committed = self.committed_shards()
         return [self.path(table_name, f"shard-{i:05d}.parquet") for i in sorted(committed)]
 
     def read_table(self, table_name: str, filters=None) -> pa.Table:
         """A committed table, read with pyarrow (empty with the right schema if nothing is committed)."""
-        from sam_batch.pipeline.tables import IMAGES_SCHEMA, MASKS_SCHEMA
+        from sam_batch.pipeline.tables import CANDIDATES_SCHEMA, IMAGES_SCHEMA, MASKS_SCHEMA
 
-        schema = MASKS_SCHEMA if table_name == "masks" else IMAGES_SCHEMA
+        schema = {"masks": MASKS_SCHEMA, "images": IMAGES_SCHEMA, "candidates": CANDIDATES_SCHEMA}[table_name]
         files = self.data_files(table_name)
         if not files:
             return schema.empty_table()

@@ -20,19 +20,37 @@ import subprocess
 import sys
 import urllib.parse
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from itertools import takewhile
+from typing import Protocol
 
 from sam_batch.jobs.dataset import OutputDataset
 from sam_batch.jobs.plan import Shard
 from sam_batch.jobs.prompt_table import prompt_book
-from sam_batch.jobs.ray_pipeline import STAGE_TASK_CPUS, ActorPool, JobFailure, RayPipeline, amounts, shortfall
+from sam_batch.jobs.ray_pipeline import (
+    MAX_ATTEMPTS,
+    STAGE_TASK_CPUS,
+    ActorPool,
+    JobFailure,
+    RayPipeline,
+    amounts,
+    shortfall,
+)
 from sam_batch.jobs.schema import JobSpec
 from sam_batch.jobs.stages import read_photo
-from sam_batch.jobs.worker import Event, ImageSegmenter, ShardCommit, image_result, with_prompts, write_shard
+from sam_batch.jobs.worker import (
+    Event,
+    ImageDone,
+    ImageSegmenter,
+    ShardCommit,
+    image_result,
+    with_prompts,
+    write_shard,
+)
+from sam_batch.pipeline.errors import one_line_reason
 
 log = logging.getLogger("sam_batch")
 
@@ -47,6 +65,19 @@ REAPER_EXIT_TIMEOUT_S = 30.0  # seconds a run waits, after Ray's shutdown, for `
 # `run.executor: auto` starts Ray for this many images to do or more, in process below
 AUTO_RAY_MIN_IMAGES = 16
 NVIDIA_GPUS_DIR = "/proc/driver/nvidia/gpus"  # one entry per GPU the NVIDIA driver sees
+# `sam-batch refilter` with `run.executor: auto` runs on Ray from this many images to do: an image
+# refilters in far less time than Ray takes to start and stop (docs/benchmarks.md, "candidates")
+REFILTER_AUTO_RAY_MIN_IMAGES = 1000
+# one shard's work, done and committed where it runs: (job, shard, output) -> (its images, `write_shard`'s stats)
+ShardWork = Callable[[JobSpec, Shard, OutputDataset], tuple[list[ImageDone], dict]]
+
+
+class Executor(Protocol):
+    """What the runner needs of an executor (`name` goes into `run.json`)."""
+
+    name: str
+
+    def run(self, shards: list[Shard], dataset: OutputDataset) -> Iterator[Event]: ...
 
 
 class LocalExecutor:
@@ -205,6 +236,46 @@ class RayExecutor:
         return 1 if one_batch and roomy else CPUS_PER_ACTOR
 
 
+class ShardTaskExecutor(RayExecutor):
+    """Whole shards as Ray tasks of one CPU each, every task doing and committing its shard
+    (`work`: `sam-batch refilter`'s, which needs no model and so no actor); Ray joined or
+    started as `RayExecutor` does it. A task whose worker dies is retried (a commit is
+    idempotent); one that fails ends the job, its shard left for the next run."""
+
+    def __init__(self, job: JobSpec, work: ShardWork) -> None:
+        super().__init__(job)
+        self.work = work
+
+    def run(self, shards: list[Shard], dataset: OutputDataset) -> Iterator[Event]:
+        if not shards:
+            return
+        import ray
+
+        started_here = self._init_ray(ray)
+        try:
+            task = ray.remote(_shard_task).options(num_cpus=1, max_retries=MAX_ATTEMPTS - 1)
+            work, job, output = ray.put(self.work), ray.put(self.job), ray.put(dataset)
+            running = {task.remote(work, job, shard, output): shard for shard in shards}
+            while running:
+                [ref], _ = ray.wait(list(running))
+                shard = running.pop(ref)
+                try:
+                    images, stats = ray.get(ref)
+                except ray.exceptions.RayError as error:
+                    cause = getattr(error, "cause", None) or error
+                    raise JobFailure(f"{shard.name} failed: {one_line_reason(cause, typed=True)}") from None
+                yield from images
+                yield ShardCommit(shard, stats)
+        finally:
+            if started_here:
+                self._shutdown_ray(ray)
+
+
+def _shard_task(work: ShardWork, job: JobSpec, shard: Shard, dataset: OutputDataset) -> tuple[list[ImageDone], dict]:
+    """A `ShardTaskExecutor` task: `work` on one shard (a function Ray can make a task of)."""
+    return work(job, shard, dataset)
+
+
 def _attach(ray, address: str, source: str) -> None:
     """Join the cluster at `address` (`auto`, `host:port` or `ray://host:port`), given by `source`.
 
@@ -347,14 +418,17 @@ def _check_fits(ray, resources: dict) -> None:
         )
 
 
-def choose_executor(job: JobSpec, n_images: int) -> tuple[str, str]:
+def choose_executor(
+    job: JobSpec, n_images: int, min_images: int = AUTO_RAY_MIN_IMAGES, uses_gpus: bool = True
+) -> tuple[str, str]:
     """(`"local"` or `"ray"`, why) for a job with `n_images` still to do: `run.executor` when it
     names one; for `auto`, Ray where the job or the cluster warrants it, in order:
 
     - a cluster to attach to (`run.ray_address` or `$RAY_ADDRESS`);
-    - a job that may run on a GPU (`engine.device` not cpu) on a machine with more than one
-      GPU visible (Ray places an actor per GPU; this process would use one);
-    - at least `AUTO_RAY_MIN_IMAGES` images to do;
+    - a job that may run on a GPU (`engine.device` not cpu, and `uses_gpus`: refilter does
+      not) on a machine with more than one GPU visible (Ray places an actor per GPU; this
+      process would use one);
+    - at least `min_images` images to do (`AUTO_RAY_MIN_IMAGES` for a run);
 
     else this process, which saves Ray's start and stop (docs/benchmarks.md).
     """
@@ -363,11 +437,11 @@ def choose_executor(job: JobSpec, n_images: int) -> tuple[str, str]:
         return run.executor, "run.executor"
     if run.ray_address or os.environ.get("RAY_ADDRESS"):
         return "ray", "auto: a Ray cluster to attach to"
-    if job.engine.device != "cpu" and (gpus := visible_gpus()) > 1:
+    if uses_gpus and job.engine.device != "cpu" and (gpus := visible_gpus()) > 1:
         return "ray", f"auto: {gpus} GPUs on this machine"
-    if n_images >= AUTO_RAY_MIN_IMAGES:
-        return "ray", f"auto: {n_images} images to do, at least {AUTO_RAY_MIN_IMAGES}"
-    return "local", f"auto: {n_images} image{'s' * (n_images != 1)} to do, fewer than {AUTO_RAY_MIN_IMAGES}"
+    if n_images >= min_images:
+        return "ray", f"auto: {n_images} images to do, at least {min_images}"
+    return "local", f"auto: {n_images} image{'s' * (n_images != 1)} to do, fewer than {min_images}"
 
 
 def visible_gpus() -> int:

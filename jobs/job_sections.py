@@ -224,17 +224,21 @@ class RasterSpec(Section):
 class OutputSpec(Section):
     """``output``: the dataset root (any fsspec URL), its never-shown storage options, and the
     CRS of its geometries: ``auto`` (the scenes' CRS when they all share one, else EPSG:4326,
-    chosen once when the job is planned: `jobs.output_crs`) or ``EPSG:NNNN``."""
+    chosen once when the job is planned: `jobs.output_crs`) or ``EPSG:NNNN``. ``candidates``
+    keeps every crop's candidate masks above the floor of `pipeline.params` in a third table,
+    for `sam-batch refilter` (`pipeline.candidates`)."""
 
     uri: str
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False, hash=False)
     crs: str = "auto"
+    candidates: bool = False
 
     _SECTION: ClassVar[str] = "output"
     _RULES: ClassVar[Mapping[str, Rule]] = {
         "uri": normalised_uri_rule,
         "storage_options": storage_options_rule,
         "crs": output_crs_rule,
+        "candidates": boolean_rule,
     }
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sam_batch import __version__
 from sam_batch.jobs.dataset import DatasetError, OutputDataset
-from sam_batch.jobs.executors import make_executor
+from sam_batch.jobs.executors import Executor, make_executor
 from sam_batch.jobs.lease import LeaseHeld, OutputLease
 from sam_batch.jobs.plan import Plan, list_inputs, make_plan
 from sam_batch.jobs.prompt_table import plan_fingerprint, planned_images, read_prompt_table
@@ -74,10 +75,17 @@ class RunSummary:
         }
 
 
-def prepare_plan(job: JobSpec, dataset: OutputDataset, overwrite: bool) -> Plan:
-    """The frozen plan of this output, made now if there is none; refuses another job's output
-    (or an unreadable plan) unless `overwrite`, which replaces the output, but only once the new
-    plan is made: a job that lists no input leaves the old output as it was."""
+def list_and_plan(job: JobSpec) -> Plan:
+    """A new plan for `job`: its inputs listed and sharded (`jobs.plan`)."""
+    return make_plan(job, list_inputs(job))
+
+
+def prepare_plan(
+    job: JobSpec, dataset: OutputDataset, overwrite: bool, new_plan: Callable[[JobSpec], Plan] = list_and_plan
+) -> Plan:
+    """The frozen plan of this output, made now by `new_plan` if there is none; refuses another
+    job's output (or an unreadable plan) unless `overwrite`, which replaces the output, but only
+    once the new plan is made: a job that lists no input leaves the old output as it was."""
     try:
         existing = dataset.read_plan()
         readable = True
@@ -100,8 +108,7 @@ def prepare_plan(job: JobSpec, dataset: OutputDataset, overwrite: bool) -> Plan:
             f"output.uri {job.output.uri!r} holds the output of a different job "
             f"({existing.job.get('name')!r}); use another output.uri or pass --overwrite to replace it"
         )
-    listed = list_inputs(job)
-    plan = make_plan(job, planned_images(table, listed) if table else listed, fingerprint)
+    plan = new_plan(job) if table is None else make_plan(job, planned_images(table, list_inputs(job)), fingerprint)
     if existing is not None or not readable:
         why = "" if readable else " (its plan cannot be read)"
         log.warning("--overwrite: removing the previous output at %s%s", job.output.uri, why)
@@ -112,7 +119,17 @@ def prepare_plan(job: JobSpec, dataset: OutputDataset, overwrite: bool) -> Plan:
     return plan
 
 
-def run_job(job: JobSpec, *, overwrite: bool = False, force: bool = False) -> RunSummary:
+@dataclass(frozen=True)
+class Work:
+    """How a run plans its output and where its images are done: `sam-batch run` lists the
+    inputs and segments them (the defaults); `sam-batch refilter` takes another output's
+    shards and refilters its candidates (`jobs.refilter`)."""
+
+    new_plan: Callable[[JobSpec], Plan] = list_and_plan
+    executor: Callable[[JobSpec, int], Executor] = make_executor
+
+
+def run_job(job: JobSpec, *, overwrite: bool = False, force: bool = False, work: Work = Work()) -> RunSummary:
     """Run (or resume) a job to the end; per-image failures are rows, not exceptions.
 
     The run holds the output's lease throughout (`jobs.lease`): another run on the same output
@@ -123,15 +140,15 @@ def run_job(job: JobSpec, *, overwrite: bool = False, force: bool = False) -> Ru
     dataset.check_root()
     dataset.check_exclusive_create(dataset.check_writable())
     with OutputLease(dataset, force=force) as lease:
-        return _run_holding_the_lease(job, dataset.for_run(lease.run_id), lease, overwrite, started)
+        return _run_holding_the_lease(job, dataset.for_run(lease.run_id), lease, overwrite, started, work)
 
 
 def _run_holding_the_lease(
-    job: JobSpec, dataset: OutputDataset, lease: OutputLease, overwrite: bool, started: float
+    job: JobSpec, dataset: OutputDataset, lease: OutputLease, overwrite: bool, started: float, work: Work
 ) -> RunSummary:
     dataset.clean_attempts(lease.holder_run_id())
     _remove_unfinished(dataset)
-    plan = prepare_plan(job, dataset, overwrite)
+    plan = prepare_plan(job, dataset, overwrite, work.new_plan)
     dataset = dataset.for_plan(plan)  # geometries in the CRS the plan froze
     committed = dataset.committed_shards()
     todo = [s for s in plan.shards if s.shard_id not in committed]
@@ -143,7 +160,7 @@ def _run_holding_the_lease(
         len(plan.shards) - len(todo),
         len(todo),
     )
-    executor = make_executor(job, n_todo)  # `run.executor`, auto resolved for the images still to do
+    executor = work.executor(job, n_todo)  # `run.executor`, auto resolved for the images still to do
     summary = RunSummary(job.name, job.output.uri, executor.name, len(plan.shards), len(plan.shards) - len(todo))
     progress = Progress(n_todo)
     workers: set[str] = set()

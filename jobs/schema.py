@@ -27,6 +27,7 @@ from sam_batch.jobs.job_sections import (
     RasterSpec,
     RunSpec,
 )
+from sam_batch.pipeline.params import below_floor
 
 REDACTED = "***"
 
@@ -53,6 +54,16 @@ class JobSpec:
         if self.prompts.uri is not None:
             if self.engine.backend == "tensorrt":
                 raise field_error("engine.backend", "prompt jobs (prompts.uri) run on torch or onnx, not tensorrt yet")
+            if self.output.candidates:
+                raise field_error(
+                    "output.candidates", "keeps the automatic generator's candidates; a prompt job has none"
+                )
+        low = below_floor(self.amg) if self.output.candidates else []
+        if low:
+            raise field_error(
+                "output.candidates",
+                f"keeps candidates above a floor the job's thresholds must not be under ({'; '.join(low)})",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The job as plain dicts, lists and scalars, with the job file's keys (JSON-able).

@@ -31,10 +31,13 @@ from sam_batch.jobs.schema import JobSpec
 from sam_batch.pipeline.errors import ImageError, one_line_reason
 from sam_batch.pipeline.images import decode_image
 from sam_batch.pipeline.inputs import read_bytes
+from sam_batch.pipeline.params import candidate_floor
 from sam_batch.pipeline.rasters import ArrayScene, RasterScene, Scene, is_raster
 from sam_batch.pipeline.tables import (
     IMAGES_SCHEMA,
     MASKS_SCHEMA,
+    candidate_rows,
+    candidates_table,
     image_row,
     images_table,
     mask_rows,
@@ -71,7 +74,8 @@ class ImageDone:
 
 @dataclass
 class ImageResult:
-    """Rows of one input image, the seconds each stage took on it, the workers that segmented it."""
+    """Rows of one input image, the seconds each stage took on it, the workers that segmented it;
+    `candidate_rows`: its rows of the candidates table (`output.candidates`)."""
 
     uri: str
     mask_rows: list[dict]
@@ -79,6 +83,7 @@ class ImageResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     workers: tuple[str, ...] = ()
     tiles_segmented: int = 0
+    candidate_rows: list[dict] = field(default_factory=list)
 
     def done(self) -> ImageDone:
         """The runner's summary of this result."""
@@ -250,7 +255,8 @@ class ImageSegmenter:
         started_with = (self.params, self.engine.min_prompt_batch)
         while True:
             try:
-                return segment_tile(self.engine, rgb, valid, self.params, plan, index, check)
+                floor = candidate_floor(self.params) if self.job.output.candidates else None
+                return segment_tile(self.engine, rgb, valid, self.params, plan, index, check, floor)
             except DecoderOutOfMemory as error:
                 failed = error.prompts  # the exception (and the tensors its frames hold) is gone below
             if torch.cuda.is_available():
@@ -302,14 +308,19 @@ def finish_image(
         crs=result.crs,
         transform=result.transform,
     )
-    return dataclasses.replace(done, tiles_segmented=result.tiles - result.tiles_skipped)
+    return dataclasses.replace(
+        done,
+        tiles_segmented=result.tiles - result.tiles_skipped,
+        candidate_rows=candidate_rows(uri, result.candidates),
+    )
 
 
 def write_shard(
     dataset: OutputDataset, shard: Shard, results: list[ImageResult], schemas: tuple[pa.Schema, pa.Schema] | None = None
 ) -> dict:
-    """Write a shard's tables in plan order and create its marker; returns the shard's stats.
-    schemas: the masks and images schemas (a prompt job's: `tables.prompt_schemas`)."""
+    """Write a shard's tables in plan order (the candidates table too where the output keeps
+    candidates) and create its marker; returns the shard's stats. schemas: the masks and
+    images schemas (a prompt job's: `tables.prompt_schemas`)."""
     masks_schema, images_schema = schemas or (MASKS_SCHEMA, IMAGES_SCHEMA)
     by_uri = {r.uri: r for r in results}
     ordered = [by_uri[uri] for uri in shard.uris]
@@ -320,6 +331,7 @@ def write_shard(
         "n_masks": sum(len(r.mask_rows) for r in ordered),
         "workers": sorted({w for r in ordered for w in r.workers}),
     }
+    candidates = [row for r in ordered for row in r.candidate_rows]
     committed = dataset.commit_shard(
         shard,
         masks_table(
@@ -327,6 +339,7 @@ def write_shard(
         ),
         images_table([r.image_row for r in ordered], images_schema),
         stats,
+        candidates_table(candidates) if dataset.candidates else None,
     )
     return {**stats, "committed": committed, "write_seconds": time.perf_counter() - started}
 

@@ -1,20 +1,23 @@
 """Automatic mask generation for one image, with the reference generator's semantics.
 
-Reads top-down in three steps:
+Reads top-down in four steps:
 1. `segment_crop` — encode one crop, decode its point grid in batches, and keep, on the
-   engine's device, only the masks that pass the IoU, stability and crop-edge filters;
-   then box NMS within the crop. Only the surviving masks (bool, crop pixels) leave it.
-2. `merge_crops` — NMS across crops (smaller crops win), then the optional small-region
-   cleanup followed by NMS again.
+   engine's device, only the masks that pass the IoU, stability and crop-edge filters: the
+   crop's *candidates*, in prompt order, before any NMS.
+2. `masks_from_candidates` — each crop's candidates filtered again at the parameters'
+   thresholds (a no-op when they were made at them) and box NMS within the crop, then
+   `merge_crops`: NMS across crops (smaller crops win), the optional small-region cleanup
+   followed by NMS again. No model here: candidates made at lower thresholds (a floor,
+   `params.candidate_floor`) give exactly the masks of any thresholds at or above it.
 3. `to_records` — COCO RLE over the full image, boxes XYWH, points and crop boxes, in the
    order the masks were kept (the deterministic `mask_id` order).
 
-`generate_masks` runs the three for an image held in memory.
+`generate_masks` runs them for an image held in memory; `image_candidates` stops after step 1.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -81,8 +84,9 @@ class DecoderOutOfMemory(RuntimeError):
 
 @dataclass
 class CropMasks:
-    """Masks kept from one crop: on the engine's device while the crop is filtered, then on the
-    host (`segment_crop` returns them there); points always on the host.
+    """Masks kept from one crop: on the engine's device while the crop is filtered (its
+    candidates, as `segment_crop` returns them), on the host once NMS'd (`crop_survivors`);
+    points always on the host.
 
     masks: N binary masks in crop pixels (`pipeline.held_masks`: dense on the device, or each
     as its box's pixels on the host); boxes: (N, 4) XYXY in image pixels (last pixel
@@ -138,15 +142,45 @@ def generate_masks(engine: Engine, image: np.ndarray, params: AmgParams, check: 
     check: called between crops and between point batches (never before the first), raises to
     stop the image (a time budget); an image of one crop and one batch is never checked.
     """
+    crops = [crop_survivors(crop, params) for crop in image_candidates(engine, image, params, check)]
+    return merge_crops(crops, image.shape[:2], params)
+
+
+def image_candidates(
+    engine: Engine, image: np.ndarray, params: AmgParams, check: Check = no_check
+) -> Iterator[CropMasks]:
+    """Every crop's candidates of a uint8 (H, W, 3) image (`segment_crop`, on the engine's
+    device), one `CropMasks` per crop in crop order, each made when the last is used; `check`
+    as in `generate_masks`."""
     height, width = image.shape[:2]
     boxes, layers = crop_boxes(height, width, params.crop_n_layers, params.crop_overlap_ratio)
     grids = point_grids_per_layer(params.points_per_side, params.crop_n_layers, params.crop_n_points_downscale_factor)
-    crops = []
     for index, (box, layer) in enumerate(zip(boxes, layers)):
         if index:
             check()
-        crops.append(segment_crop(engine, image, box, grids[layer], params, check))
-    return merge_crops(crops, (height, width), params)
+        yield segment_crop(engine, image, box, grids[layer], params, check)
+
+
+def masks_from_candidates(crops: list[CropMasks], image_hw: tuple[int, int], params: AmgParams) -> list[Mask]:
+    """The image's masks from its crops' candidates (`crop_survivors`, then `merge_crops`): the
+    same masks, in the same order, as `generate_masks` at `params` when the candidates were made
+    at thresholds at or below `params`' (every filter is per mask)."""
+    return merge_crops([crop_survivors(crop, params) for crop in crops], image_hw, params)
+
+
+def crop_survivors(crop: CropMasks, params: AmgParams) -> CropMasks:
+    """A crop's candidates that pass `params`' IoU and stability thresholds (a no-op when they
+    were made at them), then box NMS within the crop; on the host."""
+    passing = crop.select(torch.nonzero(_passes_thresholds(crop, params))[:, 0])
+    return passing.select(box_nms(passing.boxes.float(), passing.iou, params.box_nms_thresh)).cpu()
+
+
+def _passes_thresholds(crop: CropMasks, params: AmgParams) -> torch.Tensor:
+    """(N,) bool: the candidates `_filter_batch` keeps at `params`' IoU and stability thresholds."""
+    passes = _passes_stability(crop.stability, params.stability_score_thresh)
+    if params.pred_iou_thresh > 0:
+        passes &= crop.iou > params.pred_iou_thresh
+    return passes
 
 
 def segment_crop(
@@ -157,8 +191,8 @@ def segment_crop(
     params: AmgParams,
     check: Check = no_check,
 ) -> CropMasks:
-    """Encode the crop, decode its grid in batches, filter and NMS within the crop on the
-    engine's device; only the survivors come back to the host.
+    """Encode the crop, decode its grid in batches and filter them on the engine's device: the
+    crop's candidates, in prompt order (no NMS yet).
 
     grid: (P, 2) points in [0, 1] over the crop; check: called before every batch but the first.
     """
@@ -176,7 +210,7 @@ def segment_crop(
         return filter_batch(points[start : start + step])
 
     batches = _map_in_threads(checked_batch, starts, engine.concurrent_batches)
-    kept = CropMasks(
+    return CropMasks(
         masks=type(batches[0].masks).concat([b.masks for b in batches]),
         boxes=torch.cat([b.boxes for b in batches]),
         iou=torch.cat([b.iou for b in batches]),
@@ -184,8 +218,6 @@ def segment_crop(
         points=torch.cat([b.points for b in batches]),
         crop_box=list(crop_box),
     )
-    order = box_nms(kept.boxes.float(), kept.iou, params.box_nms_thresh)
-    return kept.select(order).cpu()
 
 
 Item = TypeVar("Item")

@@ -8,7 +8,7 @@ a full crop each (before NMS, a 32x32 grid keeps hundreds to a couple of thousan
 
 Both give: `len`, `tight_boxes()` ((N, 4) int64 XYXY, last pixel inclusive, [0, 0, 0, 0] for an
 empty mask, as `masks.masks_to_boxes`), `select(index)`, `cpu()`, `full(i)` (the (h, w) bool
-mask as numpy) and `concat(stacks)`.
+mask as numpy), `box_pixels(i)` (its tight box's pixels as numpy) and `concat(stacks)`.
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ class DeviceMasks:
     def full(self, i: int) -> np.ndarray:
         """Mask i, (h, w) bool: a view of the stack when it is on the host."""
         return self.pixels[i].cpu().numpy()
+
+    def box_pixels(self, i: int) -> np.ndarray:
+        """Mask i within its tight box, (y1 - y0 + 1, x1 - x0 + 1) bool."""
+        x0, y0, x1, y1 = (int(v) for v in masks_to_boxes(self.pixels[i][None])[0].tolist())
+        return self.pixels[i, y0 : y1 + 1, x0 : x1 + 1].cpu().numpy()
 
     @classmethod
     def concat(cls, stacks: list[DeviceMasks]) -> DeviceMasks:

@@ -9,7 +9,8 @@ which an executor may run in different processes:
 2. `segment_tile`, per tile with a valid pixel (`has_valid_pixels`; others never reach the
    model): `amg.generate_masks` on the tile's window, masks lying mostly on nodata dropped
    (and, when there are several tiles, empty masks, which thresholds at 0 keep), the rest
-   placed in scene pixels and packed (`tile_masks.TileMasks`);
+   placed in scene pixels and packed (`tile_masks.TileMasks`), with the tile's candidates
+   (`pipeline.candidates`) when the job keeps them;
 3. `finish_scene`: one set of objects across seams (`tiles.merge_tiles`).
 
 `segment_scene` runs the three in this process, one window read at a time (memory bounded by
@@ -20,7 +21,7 @@ exactly the records of `amg.generate_masks` + `amg.to_records`."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -56,6 +57,7 @@ class SceneResult:
     transform: list[float] | None
     tiles: int
     tiles_skipped: int
+    candidates: list[dict] = field(default_factory=list)  # the tiles' candidates rows, in tile order
 
     def records(self) -> list[dict]:
         """`amg.to_records`'s records plus geometry (WKB) and geometry_bbox, in mask order."""
@@ -128,25 +130,44 @@ def segment_tile(
     plan: ScenePlan,
     index: int,
     check: Check | None = None,
+    floor: AmgParams | None = None,
 ) -> TileMasks:
     """The masks of tile `index` of `plan` whose pixels are `rgb` (h, w, 3) uint8 and `valid`
-    (h, w) bool or None (all valid): `generate_masks` on the tile, empty masks dropped where
-    the scene has several tiles (thresholds at 0 keep them; they have no place to stand for
-    across seams), masks mostly on nodata dropped, the rest placed in scene pixels and packed.
+    (h, w) bool or None (all valid): `generate_masks` on the tile, then `place_tile_masks`.
 
     check: handed to `generate_masks` (between crops and point batches); raises to stop.
+    floor: `params` at the candidates' thresholds (`params.candidate_floor`) to keep the tile's
+    candidates at them (`pipeline.candidates`); the masks are the same either way.
     """
-    from sam_batch.pipeline.amg import generate_masks, no_check
+    from sam_batch.pipeline.amg import crop_survivors, generate_masks, image_candidates, merge_crops, no_check
+    from sam_batch.pipeline.candidates import crop_row
 
+    check = check or no_check
+    if floor is None:
+        return place_tile_masks(generate_masks(engine, rgb, params, check), valid, plan, index)
+    rows, kept = [], []
+    for number, crop in enumerate(image_candidates(engine, rgb, floor, check)):
+        rows.append(crop_row(crop, number, index, len(plan.tiles), valid is not None))
+        kept.append(crop_survivors(crop, params))
+    return place_tile_masks(merge_crops(kept, rgb.shape[:2], params), valid, plan, index, tuple(rows))
+
+
+def place_tile_masks(
+    masks: list[Mask], valid: np.ndarray | None, plan: ScenePlan, index: int, candidates: tuple[dict, ...] = ()
+) -> TileMasks:
+    """Tile `index`'s masks (`generate_masks`'), empty masks dropped where the scene has several
+    tiles (thresholds at 0 keep them; they have no place to stand for across seams), masks mostly
+    on nodata dropped (`valid`: the tile's (h, w) valid pixels or None), the rest placed in scene
+    pixels and packed with the tile's `candidates` rows."""
     tile = plan.tiles[index]
     several = len(plan.tiles) > 1
     placed = [
         _place(mask, tile, index, plan.image_hw)
-        for mask in generate_masks(engine, rgb, params, check or no_check)
+        for mask in masks
         if not (several and not mask.mask.any())
         and (valid is None or _nodata_fraction(mask.mask, valid) <= MAX_NODATA_FRACTION)
     ]
-    return pack(placed, index)
+    return pack(placed, index, candidates)
 
 
 def finish_scene(plan: ScenePlan, tiles: list[TileMasks], iou_threshold: float) -> SceneResult:
@@ -162,6 +183,7 @@ def finish_scene(plan: ScenePlan, tiles: list[TileMasks], iou_threshold: float) 
         transform=plan.transform,
         tiles=len(plan.tiles),
         tiles_skipped=len(plan.tiles) - len(tiles),
+        candidates=[row for packed in sorted(tiles, key=lambda t: t.tile) for row in packed.candidates],
     )
 
 

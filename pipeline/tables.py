@@ -1,6 +1,7 @@
-"""The two output tables of SPEC.md as explicit Arrow schemas, and rows → tables.
+"""The output tables of SPEC.md as explicit Arrow schemas, and rows → tables.
 
-`masks`: one row per mask; `images`: one row per input image, ok or error. A mask is its
+`masks`: one row per mask; `images`: one row per input image, ok or error; `candidates` (only
+with `output.candidates`): one row per crop, its candidate masks before NMS. A mask is its
 box-local RLE (`box_segmentation`, `box_origin`) and, for images of at most
 `rle.MAX_FULL_RLE_PIXELS`, its RLE over the whole image (`segmentation`, else null). Masks of
 georeferenced scenes carry `geometry` (WKB polygon in the output's CRS, reprojected from the
@@ -12,10 +13,12 @@ scene's own `crs` and affine `transform`.
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pyarrow as pa
 
 from sam_batch.pipeline.geometry import geometry_type, geoparquet_metadata, reproject_geometries, same_crs
+from sam_batch.pipeline.params import CANDIDATE_MIN_IOU, CANDIDATE_MIN_STABILITY
 
 RLE_TYPE = pa.struct([pa.field("size", pa.list_(pa.int32())), pa.field("counts", pa.string())])
 MASKS_SCHEMA = pa.schema(
@@ -49,6 +52,31 @@ IMAGES_SCHEMA = pa.schema(
         pa.field("seconds", pa.float64(), nullable=False),
         pa.field("crs", pa.string()),
         pa.field("transform", pa.list_(pa.float64())),
+    ]
+)
+
+# `output.candidates`: one row per crop of a segmented tile, its candidates before NMS
+# (`pipeline.candidates`); box XYXY inclusive and crop_box XYXY exclusive, in tile pixels
+CANDIDATE_TYPE = pa.struct(
+    [
+        pa.field("box", pa.list_(pa.int32()), nullable=False),
+        pa.field("box_segmentation", RLE_TYPE, nullable=False),
+        pa.field("predicted_iou", pa.float32(), nullable=False),
+        pa.field("stability_score", pa.float32(), nullable=False),
+        pa.field("point", pa.list_(pa.float64()), nullable=False),
+    ]
+)
+FLOOR_KEY = b"sam_batch_candidate_floor"  # a candidates file's metadata: JSON of the two thresholds' floor
+CANDIDATES_SCHEMA = pa.schema(
+    [
+        pa.field("image_uri", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("tile", pa.int32(), nullable=False),
+        pa.field("n_tiles", pa.int32(), nullable=False),
+        pa.field("nodata", pa.bool_(), nullable=False),
+        pa.field("crop_index", pa.int32(), nullable=False),
+        pa.field("crop_box", pa.list_(pa.int32()), nullable=False),
+        pa.field("candidates", pa.list_(CANDIDATE_TYPE), nullable=False),
     ]
 )
 
@@ -152,3 +180,16 @@ def _reprojected(rows: list[dict], scene_crs: dict[str, str | None], crs: str) -
 
 def images_table(rows: list[dict], schema: pa.Schema = IMAGES_SCHEMA) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
+
+
+def candidate_rows(image_uri: str, rows: list[dict]) -> list[dict]:
+    """`candidates.crop_row`'s rows of one image → rows of the candidates table."""
+    image_id = image_id_for(image_uri)
+    return [{"image_uri": image_uri, "image_id": image_id, **row} for row in rows]
+
+
+def candidates_table(rows: list[dict]) -> pa.Table:
+    """The candidates of a file, with the floor they were kept at in its metadata (`FLOOR_KEY`)."""
+    floor = {"pred_iou_thresh": CANDIDATE_MIN_IOU, "stability_score_thresh": CANDIDATE_MIN_STABILITY}
+    table = pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA)
+    return table.replace_schema_metadata({FLOOR_KEY: json.dumps(floor).encode()})

@@ -25,7 +25,8 @@ class TileMasks:
     boxes: int64 (N, 4) XYXY of each mask's box in scene pixels, last pixel inclusive;
     scores: float64 (N, 2) predicted IoU and stability score; points: float64 (N, 2) the prompt's
     xy; crop_boxes: int64 (N, 4) XYXY of the crop that made it; cut: bool (N,) touches an inner
-    tile edge; tile: index of the tile in the scene's plan.
+    tile edge; tile: index of the tile in the scene's plan; candidates: the tile's crops as rows
+    of the candidates table (`pipeline.candidates.crop_rows`) when the job keeps them, else empty.
     """
 
     bits: np.ndarray
@@ -36,6 +37,7 @@ class TileMasks:
     crop_boxes: np.ndarray
     cut: np.ndarray
     tile: int
+    candidates: tuple[dict, ...] = ()
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -69,8 +71,9 @@ class TileMasks:
         return masks
 
 
-def pack(masks: list[SceneMask], tile: int) -> TileMasks:
-    """The masks of tile `tile` (placed in scene pixels, as `SceneMask`s) as one `TileMasks`."""
+def pack(masks: list[SceneMask], tile: int, candidates: tuple[dict, ...] = ()) -> TileMasks:
+    """The masks of tile `tile` (placed in scene pixels, as `SceneMask`s) as one `TileMasks`,
+    with the tile's `candidates` rows."""
     packed = [np.packbits(m.pixels, axis=None) for m in masks]
     offsets = np.zeros(len(masks) + 1, dtype=np.int64)
     np.cumsum([len(p) for p in packed], out=offsets[1:])
@@ -83,4 +86,5 @@ def pack(masks: list[SceneMask], tile: int) -> TileMasks:
         crop_boxes=np.array([m.crop_box for m in masks], dtype=np.int64).reshape(-1, 4),
         cut=np.array([m.cut for m in masks], dtype=bool),
         tile=tile,
+        candidates=candidates,
     )

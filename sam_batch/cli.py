@@ -1,4 +1,4 @@
-"""The `sam-batch` command line: run, validate, render, export, weights fetch, export-onnx.
+"""The `sam-batch` command line: run, validate, render, export, refilter, weights fetch, export-onnx.
 
 Benchmarks are not commands of the product: they live in the checkout's `benchmarks/`."""
 
@@ -109,6 +109,29 @@ def _parser() -> argparse.ArgumentParser:
     exporting.add_argument("--overwrite", action="store_true", help="replace the destination if it exists")
     exporting.set_defaults(handler=_export)
 
+    refiltering = commands.add_parser(
+        "refilter",
+        help="make an output's masks again at new thresholds from its stored candidates, without the model",
+        description="Write a new output whose masks and images are those `sam-batch run` would write with the "
+        "source's job at new model-free parameters, from the candidates it kept (output.candidates: true).",
+    )
+    refiltering.add_argument("output_uri", help="the output of a sam-batch run with output.candidates: true")
+    refiltering.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="amg.pred_iou_thresh, amg.stability_score_thresh, amg.box_nms_thresh, amg.crop_nms_thresh "
+        "or amg.min_mask_region_area",
+    )
+    refiltering.add_argument("-o", "--out", required=True, metavar="NEW_URI", help="the new output")
+    refiltering.add_argument("--overwrite", action="store_true", help="replace an output made by a different job")
+    refiltering.add_argument(
+        "--force", action="store_true", help="take the new output from another run that holds it (one known dead)"
+    )
+    refiltering.set_defaults(handler=_refilter)
+
     weights = commands.add_parser("weights", help="manage model weights")
     weights_commands = weights.add_subparsers(dest="weights_command", required=True)
     fetch = weights_commands.add_parser("fetch", help="provision a checkpoint into the cache")
@@ -131,16 +154,32 @@ def _run(args: argparse.Namespace) -> int:
     from sam_batch.jobs.runner import run_job
 
     job = load_job(args.job, args.overrides)
-    summary = run_job(job, overwrite=args.overwrite, force=args.force)
+    _print_summary(job.output.uri, run_job(job, overwrite=args.overwrite, force=args.force))
+    return EXIT_OK
+
+
+def _refilter(args: argparse.Namespace) -> int:
+    from sam_batch.jobs.refilter import RefilterError, refilter
+
+    try:
+        summary = refilter(args.output_uri, args.overrides, args.out, overwrite=args.overwrite, force=args.force)
+    except RefilterError as error:
+        print(f"sam-batch: refilter: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_INVALID_JOB
+    _print_summary(summary.output_uri, summary)
+    return EXIT_OK
+
+
+def _print_summary(uri: str, summary) -> None:
+    """What `run` and `refilter` print at their end."""
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary.stage_seconds.items())
-    print(f"output: {job.output.uri}/masks/*.parquet and {job.output.uri}/images/*.parquet")
+    print(f"output: {uri}/masks/*.parquet and {uri}/images/*.parquet")
     print(
         f"images: {summary.images_ok} ok, {summary.images_error} error; masks: {summary.masks}; "
         f"shards: {summary.shards_committed} committed, {summary.shards_skipped} already done; "
         f"{summary.seconds:.1f}s ({summary.images_per_second:.3f} images/s)"
     )
     print(f"time per stage (summed over workers): {stages}")
-    return EXIT_OK
 
 
 def _validate(args: argparse.Namespace) -> int:

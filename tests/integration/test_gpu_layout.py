@@ -5,7 +5,7 @@ least `GPU_PROMPT_BATCH` prompts a call, brings masks to full size a chunk at a 
 (`amg._stable_masks_batched`) and NMS runs where the masks are. None of that needs a GPU, so
 every CI run checks it: strict-equal to the reference on golden files, bf16 autocast against
 fp32, masks moved between devices, a decode batch halved when the device runs out of memory,
-and the TF32 switches each precision sets.
+the TF32 switches each precision sets, and candidates kept on the device.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from test_parity_golden import check_strict
 from benchmarks.reference import agreement
 from sam_batch.engines.backend import GPU_PROMPT_BATCH, EngineError, load_model, set_cpu_threads, tf32_settings
 from sam_batch.engines.torch_backend import TorchEngine
-from sam_batch.pipeline.amg import CropMasks, generate_masks, to_records
+from sam_batch.pipeline.amg import CropMasks, generate_masks, image_candidates, masks_from_candidates, to_records
+from sam_batch.pipeline.candidates import crop_row, crops_from_rows
 from sam_batch.pipeline.held_masks import DeviceMasks
 from sam_batch.pipeline.images import load_image
-from sam_batch.pipeline.params import AmgParams
+from sam_batch.pipeline.params import AmgParams, candidate_floor
 from shared_data import IMAGES, PARITY_LINES, load_golden
 
 # bf16 keeps 8 bits of mantissa (a relative step of 2^-8): a predicted IoU or a stability score
@@ -218,3 +219,14 @@ def test_the_cpu_layout_refuses_other_devices_and_precisions(model) -> None:
         TorchEngine(model, torch.device("meta"), layout="cpu")
     with pytest.raises(EngineError, match="engine.precision: bf16 needs a GPU"):
         TorchEngine(model, torch.device("cpu"), "bf16")
+
+
+def test_candidates_kept_in_the_gpu_layout_give_its_masks(model) -> None:
+    """Candidates held on the device (`DeviceMasks`) at the floor, stored as rows and read back,
+    give the masks the layout makes at the job's thresholds."""
+    engine = TorchEngine(model, torch.device("cpu"), "fp32", layout="gpu")
+    image, params = load_image(str(IMAGES / "dog.jpg")), AmgParams(points_per_side=8, crop_n_layers=1)
+    expected = to_records(generate_masks(engine, image, params))
+    crops = image_candidates(engine, image, candidate_floor(params))
+    rows = [crop_row(crop, index, 0, 1, False) for index, crop in enumerate(crops)]
+    assert to_records(masks_from_candidates(crops_from_rows(rows), image.shape[:2], params)) == expected

@@ -15,7 +15,7 @@ import sam_batch
 from sam_batch.cli import _parser
 from shared_data import REPO
 
-PRODUCT_COMMANDS = {"run", "validate", "render", "export", "weights", "export-onnx"}
+PRODUCT_COMMANDS = {"run", "validate", "render", "export", "refilter", "weights", "export-onnx"}
 SOURCES = ("pyproject.toml", "README.md", "sam_batch", "engines", "pipeline", "jobs", "benchmarks")
 
 
