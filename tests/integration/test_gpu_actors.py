@@ -25,10 +25,9 @@ import pytest
 import yaml
 from ray.cluster_utils import Cluster
 
-from sam_batch.jobs import runner
 from sam_batch.jobs.executors import RayExecutor
 from sam_batch.jobs.job_file import parse_job
-from sam_batch.jobs.runner import RunSummary, run_job
+from sam_batch.jobs.runner import RunSummary, Work, run_job
 from shared_data import IMAGES
 
 pytestmark = pytest.mark.slow
@@ -80,9 +79,7 @@ class LogSignal(logging.Handler):
 
 @pytest.fixture
 def actors_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[LogSignal]:
-    """The `sam_batch` log at INFO, signalling once the segmenting actors are asked for; the
-    runner's executor is the Ray executor with the test-only `actor_device="cpu"`."""
-    monkeypatch.setattr(runner, "make_executor", lambda job, n_images: RayExecutor(job, actor_device="cpu"))
+    """The `sam_batch` log at INFO, signalling once the segmenting actors are asked for."""
     logger = logging.getLogger("sam_batch")
     signal = LogSignal("segmenting actor")
     monkeypatch.setattr(logger, "level", logging.INFO)
@@ -93,13 +90,17 @@ def actors_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[LogSignal]:
         logger.removeHandler(signal)
 
 
+# the runner's executor: the Ray executor with the test-only `actor_device="cpu"`
+ON_CPU_ACTORS = Work(executor=lambda job, n_images: RayExecutor(job, actor_device="cpu"))
+
+
 def run_in_thread(spec: dict) -> tuple[threading.Thread, dict]:
     """`run_job` on a thread of this process (the driver); its summary or error land in the dict."""
     outcome: dict = {}
 
     def target() -> None:
         try:
-            outcome["summary"] = run_job(parse_job(spec))
+            outcome["summary"] = run_job(parse_job(spec), work=ON_CPU_ACTORS)
         except BaseException as error:  # noqa: BLE001 - handed to the test thread
             outcome["error"] = error
 
