@@ -128,17 +128,12 @@ class DecoderGraph(nn.Module):
         return self.mask_decoder(image_embeddings, self.dense_pe, sparse, dense, multimask_output=True)
 
 
-class PredictorGraph(nn.Module):
+class PredictorGraph(DecoderGraph):
     """Image embedding (1, 256, 64, 64), labelled points (B, N, 2) and labels (B, N) -> logits
     (B, 4, 256, 256), IoU (B, 4): SAM's predictor for prompts written as labelled points
     (`transforms.labelled_points`: 1/0 points, 2/3 a box's corners, -1 the closing "not a
-    point"), every mask token's output, the caller keeping token 0 or tokens 1-3."""
-
-    def __init__(self, model: SamModel) -> None:
-        super().__init__()
-        self.prompt_encoder = model.prompt_encoder
-        self.mask_decoder = model.mask_decoder
-        self.register_buffer("dense_pe", model.prompt_encoder.dense_pe().detach().clone())
+    point"), every mask token's output, the caller keeping token 0 or tokens 1-3. The
+    decoder graph's modules and constant positional encoding, another forward."""
 
     def forward(
         self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
