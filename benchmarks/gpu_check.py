@@ -23,6 +23,11 @@ docs/benchmarks.md, "Measuring on a GPU"). Phases, in this order:
 6. compile (`--compile PRECISION ...`): generate again with the image encoder and the mask
    decoder under `torch.compile`: the first call's seconds, seconds per image, agreement with
    the eager masks.
+7. prompts (`--prompts FOLDER`, per precision): the predictor's path on the reference
+   predictor's prompt files (masks and scores against theirs, prompts/s), then
+   `--prompt-boxes` random boxes on one photo; with `--reference` also MobileSAM's
+   `SamPredictor` looping over those boxes and over `--prompts-per-image` boxes on each image,
+   beside ours (prompts/s of each side).
 
 `MODEL[:random]` in `--models`: `vit_t` loads the checkpoint (the cached default or
 `--checkpoint`); `vit_h:random` builds the model with random weights, for timing alone: its
@@ -360,6 +365,7 @@ class Session:
         self.engines = Engines(args.device, args.checkpoint)
         self.images = {Path(uri).name: load_image(uri) for uri in args.images}
         self.golden = golden_records(args.golden, list(self.images), args.points_per_side)
+        self.predictor_reference: dict[str, dict] = {}  # the reference predictor's JSON per prompts case
         self.eager: dict[tuple[MeasuredModel, str], Measured] = {}  # generate's, for the agreements
 
     def measure(self) -> None:
@@ -525,22 +531,65 @@ class Session:
                 for mask, rle, score in zip(mine, p["masks"], p["scores"], strict=True):
                     worst_iou = min(worst_iou, _iou(mask.mask, rle))
                     worst_score = max(worst_score, abs(mask.mask.iou - score))
-        image = max((image for image, _ in cases), key=lambda i: i.shape[0] * i.shape[1])
-        boxes = _random_boxes(image.shape[:2], self.args.prompt_boxes)
-        _, boxes_seconds = time_prompts(engine, image, boxes, self.args.repeats, self.args.device)
-        self.results.add(
-            {
-                "phase": "prompts",
-                "model": "vit_t",
-                "precision": precision,
-                "prompts": n_prompts,
-                "min_iou": round(worst_iou, 5),
-                "max_score_delta": float(f"{worst_score:.3g}"),
-                "prompts_per_second": round(n_prompts / seconds, 1),
-                "boxes": len(boxes),
-                "boxes_per_second": round(len(boxes) / boxes_seconds, 1),
-            }
-        )
+        name = max((n for n, image in self.images.items() if any(image is i for i, _ in cases)), key=self._area)
+        boxes = _random_boxes(self.images[name].shape[:2], self.args.prompt_boxes)
+        box_masks, boxes_seconds = time_prompts(engine, self.images[name], boxes, self.args.repeats, self.args.device)
+        row = {
+            "phase": "prompts",
+            "model": "vit_t",
+            "precision": precision,
+            "prompts": n_prompts,
+            "min_iou": round(worst_iou, 5),
+            "max_score_delta": float(f"{worst_score:.3g}"),
+            "prompts_per_second": round(n_prompts / seconds, 1),
+            "boxes": len(boxes),
+            "boxes_per_second": round(len(boxes) / boxes_seconds, 1),
+        }
+        if self.args.reference:
+            row |= self._reference_prompts(engine, {name: boxes}, box_masks)
+        self.results.add(row)
+
+    def _area(self, name: str) -> int:
+        return self.images[name].shape[0] * self.images[name].shape[1]
+
+    def _reference_prompts(self, engine, one_image: dict[str, list], box_masks: list) -> dict:
+        """MobileSAM's `SamPredictor` (fp32, on --device, in --reference-python) looping over the
+        same random boxes, then over --prompts-per-image boxes on each of --images, beside ours:
+        prompts/s of each and max |Δ score| (ours at this precision against its fp32). The
+        reference runs once, for the first precision; later ones reuse its figures."""
+        import torch
+
+        from benchmarks.prompts import Case, run_reference
+        from benchmarks.reference import save_pixels
+        from sam_batch.engines.checkpoints import resolve_checkpoint
+
+        per_image = {n: _random_boxes(image.shape[:2], self.args.prompts_per_image) for n, image in self.images.items()}
+        many_masks, many_seconds = time_prompts_per_image(engine, self.images, per_image, self.args.device)
+        cases = {"boxes": (one_image, box_masks), "many": (per_image, many_masks)}
+        found = {}
+        with tempfile.TemporaryDirectory(prefix="bench-gpu-predictor-") as tmp:
+            pixels = dict(zip(self.images, save_pixels(list(self.images.values()), Path(tmp))))
+            for key, (boxes, masks) in cases.items():
+                case = Case(key, [(n, [list(p.box) for p in prompts]) for n, prompts in boxes.items()])
+                if key not in self.predictor_reference:
+                    self.predictor_reference[key], _ = run_reference(
+                        Path(self.args.reference_python),
+                        case,
+                        pixels,
+                        resolve_checkpoint("vit_t", self.args.checkpoint, None),
+                        model_type="vit_t",
+                        threads=torch.get_num_threads(),
+                        device=self.args.device,
+                        isolated=False,
+                    )
+                reference = self.predictor_reference[key]
+                scores = [m.mask.iou for m in masks]
+                found[f"reference_{key}_per_second"] = round(case.n_prompts / reference["seconds"], 1)
+                found[f"reference_{key}_max_score_delta"] = float(
+                    f"{max(abs(a - b) for a, b in zip(scores, reference['scores'], strict=True)):.3g}"
+                )
+        n_many = sum(len(boxes) for boxes in per_image.values())
+        return found | {"many_boxes": n_many, "many_per_second": round(n_many / many_seconds, 1)}
 
     def _agreement(self, compared: str, spec: MeasuredModel, ours: dict, theirs: dict) -> None:
         self.results.add(agreement_row(compared, spec.label, ours, theirs))
@@ -566,6 +615,29 @@ def time_prompts(engine, image: np.ndarray, prompts: list, repeats: int, device:
     return masks, best
 
 
+def time_prompts_per_image(
+    engine, images: dict[str, np.ndarray], boxes: dict[str, list], device: str
+) -> tuple[list, float]:
+    """Each image's `boxes` (one window: the photo whole) one image after the other, as the
+    reference predictor loops: the masks in image order and the seconds of one pass after a
+    warm-up on the first image's first box, the device synchronised."""
+    from sam_batch.pipeline.prompts import plan_prompts, segment_prompts
+    from sam_batch.pipeline.rasters import ArrayScene
+
+    def segment(name: str, prompts: list) -> list:
+        height, width = images[name].shape[:2]
+        plan = plan_prompts(prompts, width, height, None, None, max(height, width), 0, 0)
+        return segment_prompts(engine, ArrayScene(images[name]), plan, False, lambda: None)
+
+    first = next(iter(boxes))
+    segment(first, boxes[first][:1])
+    _synchronize(device)
+    started = time.perf_counter()
+    masks = [mask for name, prompts in boxes.items() for mask in segment(name, prompts)]
+    _synchronize(device)
+    return masks, time.perf_counter() - started
+
+
 def _prompt(reference: dict):
     """A reference prompt file's prompt as a `pipeline.prompts.Prompt`."""
     from sam_batch.pipeline.prompts import Prompt
@@ -589,6 +661,17 @@ def _random_boxes(image_hw: tuple[int, int], count: int) -> list:
         Prompt(f"r{i}", (x, y, x + w, y + h), (), (), False)
         for i, ((x, y), (w, h)) in enumerate(zip(corners.tolist(), sides.tolist()))
     ]
+
+
+def _reference_prompts_detail(row: dict) -> str:
+    """The prompts row's reference side, when it was measured."""
+    if "reference_boxes_per_second" not in row:
+        return ""
+    return (
+        f" (reference predictor {row['reference_boxes_per_second']}); {row['many_boxes']} boxes over the images: "
+        f"{row['many_per_second']} boxes/s (reference {row['reference_many_per_second']}); max |Δ score| against "
+        f"it {max(row['reference_boxes_max_score_delta'], row['reference_many_max_score_delta'])}"
+    )
 
 
 def _iou(mask, rle: dict) -> float:
@@ -681,7 +764,9 @@ def format_report(rows: list[dict]) -> str:
             lines.append(
                 f"| prompts | {row['model']} | {row['precision']} | | | {row['prompts']} reference prompts: "
                 f"min IoU {row['min_iou']}, max |Δ score| {row['max_score_delta']}, {row['prompts_per_second']} "
-                f"prompts/s; {row['boxes']} random boxes on one image: {row['boxes_per_second']} boxes/s |"
+                f"prompts/s; {row['boxes']} random boxes on one image: {row['boxes_per_second']} boxes/s"
+                + _reference_prompts_detail(row)
+                + " |"
             )
         elif phase in ("skipped", "failed"):
             lines.append(f"| {phase} | | | | | {row.get('what', '')} {row.get('error', row.get('reason', ''))} |")
@@ -741,6 +826,12 @@ def _parser() -> argparse.ArgumentParser:
         "--prompts", type=Path, help="a folder of the reference predictor's prompt files (*.prompts.json) to check"
     )
     parser.add_argument("--prompt-boxes", type=int, default=1000, help="random boxes timed in the prompts phase")
+    parser.add_argument(
+        "--prompts-per-image",
+        type=int,
+        default=10,
+        help="random boxes on each of --images, timed against the reference predictor when --reference is given",
+    )
     parser.add_argument("--budget-s", type=float, default=420.0, help="no phase starts after this many seconds")
     return parser
 

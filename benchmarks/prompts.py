@@ -113,19 +113,32 @@ def random_boxes(rng: np.random.Generator, width: int, height: int, n: int) -> l
 
 
 def run_reference(
-    python: Path, case: Case, pixels: dict[str, Path], checkpoint: Path, *, model_type: str, threads: int
+    python: Path,
+    case: Case,
+    pixels: dict[str, Path],
+    checkpoint: Path,
+    *,
+    model_type: str,
+    threads: int,
+    device: str = "cpu",
+    isolated: bool = True,
 ) -> tuple[dict, float]:
-    """The reference loop over the case in one `python -I` process; its JSON and wall time (s)."""
+    """The reference loop over the case in one `python` process on `device` (`-I` when
+    `isolated`; else with this environment's PYTHONPATH, as on the GPU kit); its JSON and wall
+    time (s)."""
     spec = {
         "model_type": model_type,
         "checkpoint": str(checkpoint),
         "threads": threads,
+        "device": device,
         "pixels": sorted({str(pixels[path]) for path, _ in case.images}),
         "images": [[str(pixels[path]), boxes] for path, boxes in case.images],
     }
     started = time.perf_counter()
     proc = subprocess.run(
-        [str(python), "-I", "-W", "ignore", str(REFERENCE_DRIVER), json.dumps(spec)], capture_output=True, text=True
+        [str(python), *(["-I"] if isolated else []), "-W", "ignore", str(REFERENCE_DRIVER), json.dumps(spec)],
+        capture_output=True,
+        text=True,
     )
     seconds = time.perf_counter() - started
     check_exit(proc, proc.stderr, "the reference predictor")
@@ -134,13 +147,15 @@ def run_reference(
 
 def run_in_process(engine, case: Case, decoded: dict[str, np.ndarray]) -> tuple[float, list[float]]:
     """`segment_prompts` per image of the case (each a photo: one window); seconds and scores."""
-    from sam_batch.pipeline.prompts import Prompt, segment_prompts
+    from sam_batch.pipeline.prompts import Prompt, plan_prompts, segment_prompts
     from sam_batch.pipeline.rasters import ArrayScene
 
     def segment(image: np.ndarray, boxes: list[list[float]]) -> list[float]:
         prompts = [Prompt(str(i), tuple(box), (), (), False) for i, box in enumerate(boxes)]
-        side = max(image.shape[:2])  # a photo is one window, as `raster.tiling: auto` keeps it
-        masks = segment_prompts(engine, ArrayScene(image), prompts, side, 0, 64, False, lambda: None)
+        height, width = image.shape[:2]
+        side = max(height, width)  # a photo is one window, as `raster.tiling: auto` keeps it
+        plan = plan_prompts(prompts, width, height, None, None, side, 0, 0)
+        masks = segment_prompts(engine, ArrayScene(image), plan, False, lambda: None)
         return [m.mask.iou for m in masks]
 
     first, boxes = case.images[0]

@@ -166,6 +166,12 @@ def test_the_reference_phase_times_mobile_sam_beside_ours(tmp_path: Path, shared
         "--reference",
         "--reference-python",
         str(REFERENCE_PYTHON),
+        "--prompts",
+        str(GOLDEN / "prompts"),
+        "--prompt-boxes",
+        "3",
+        "--prompts-per-image",
+        "2",
     )
     reference = next(row for row in rows if row["phase"] == "reference")
     assert set(reference["images"]) == {"dog.jpg", "groceries.jpg"}
@@ -173,6 +179,11 @@ def test_the_reference_phase_times_mobile_sam_beside_ours(tmp_path: Path, shared
     assert against["compared"] == "fp32 vs the reference fp32 (cpu)"
     assert (against["min_recall"], against["min_precision"]) == (1.0, 1.0)
     assert against["reference_seconds_over_ours"] > 0
+    # the reference predictor loops over the same 3 boxes, then 2 on each photo: the same scores
+    (prompts,) = [row for row in rows if row["phase"] == "prompts"]
+    assert (prompts["boxes"], prompts["many_boxes"]) == (3, 4)
+    assert prompts["reference_boxes_per_second"] > 0 and prompts["reference_many_per_second"] > 0
+    assert prompts["reference_boxes_max_score_delta"] <= 1e-4 and prompts["reference_many_max_score_delta"] <= 1e-4
 
 
 def test_golden_files_are_found_only_for_the_parameters_they_were_made_with() -> None:
