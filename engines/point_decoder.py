@@ -1,4 +1,4 @@
-"""SAM's mask decoder for many single-point prompts on one image: the same arithmetic, less work.
+"""SAM's mask decoder for many prompts on one image: the same arithmetic, less work.
 
 `MaskDecoder.forward` runs every prompt through the full two-way transformer on (N, C) =
 (4096, 256) image tokens. Automatic mask generation sends 1,024 prompts per crop, so the
@@ -30,13 +30,18 @@ without changing what is computed (only the order of fp32 roundings):
    is applied once per crop to the crop's part of the final tokens and, per prompt, to the 113
    vectors that mix into them; each pixel combines them with its own weights and LayerNorm scales.
 
+The prompts are the generator's single points (`decode`) or the predictor's labelled points
+(`predict`: points, a box's corners); only the number of prompt tokens T changes, and which
+tokens are read after the transformer (the multimask tokens 1-3, or token 0 alone).
+
 The prompt tokens' work up to block 2's token-to-image attention reads no image token a prompt
 changes, so it runs for all prompts of a call at once (large matrix products); the rest runs
 `chunk` prompts at a time, its per-pixel arrays (H T, N) per prompt. With `min_iou`, prompts
 whose three predicted IoUs are all at or below it skip the upscaling (their logits are zero:
 the IoU filter drops them before anything reads them).
 
-Shapes: B prompts, T = 7 tokens (IoU, 4 mask tokens, point, padding), C = 256, N = 4096 image
+Shapes: B prompts, T tokens (IoU, 4 mask tokens, the prompt's: 7 for a single point and its
+padding, or a box's two corners), C = 256, N = 4096 image
 tokens (64 × 64), heads H = 8 of D = 16 in the cross attentions (H T = 56), M = 3 multimask
 outputs. Notation (also in the code): s the crop's tokens centred over C; g1, b1 and g2, b2 the
 gains and biases of the two blocks' image LayerNorms (norm4); s~ = s g1 centred again, and
@@ -57,7 +62,9 @@ from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 from .transformer import TwoWayAttention
 
-OUTPUTS = [0, 2, 3, 4]  # the tokens read after the transformer: IoU, mask tokens 1-3 (multimask)
+# The tokens read after the transformer: the IoU token, then the mask tokens of the masks kept.
+MULTIMASK_OUTPUTS = (0, 2, 3, 4)  # mask tokens 1-3, SAM's three masks
+SINGLE_OUTPUTS = (0, 1)  # mask token 0, SAM's single mask
 
 
 @dataclass(frozen=True)
@@ -176,7 +183,7 @@ class _SideWeights:
 
 
 class PointDecoder:
-    """Decodes B single-point prompts against one crop's `ImageSide` (see the module notes).
+    """Decodes B prompts against one crop's `ImageSide` (see the module notes).
 
     chunk: prompts decoded together; tile: image tokens per step of the upscaling. Matrices
     derived from the weights are made here, so make the decoder after the weights are loaded.
@@ -244,30 +251,49 @@ class PointDecoder:
     def decode(
         self, side: ImageSide, coords: torch.Tensor, labels: torch.Tensor, min_iou: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """coords (B, N, 2) xy in input-frame pixels, labels (B, N) -> logits (B, M, 256, 256), IoU (B, M)."""
-        tokens = self._tokens(coords, labels)
+        """Single-point prompts, as the generator sends them: coords (B, N, 2) xy in input-frame
+        pixels, labels (B, N) -> the three multimask outputs, logits (B, 3, 256, 256) and IoU
+        (B, 3). With `min_iou`, prompts whose three IoUs are all at or below it get zero logits."""
+        sparse = self.prompts.embed_points(coords, labels)
+        return self._decode(side, self._tokens(sparse), MULTIMASK_OUTPUTS, min_iou)
+
+    @torch.inference_mode()
+    def predict(
+        self, side: ImageSide, coords: torch.Tensor, labels: torch.Tensor, multimask: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts as the predictor's labelled points (`PromptEncoder.embed_labelled_points`):
+        coords (B, N, 2) xy in input-frame pixels, labels (B, N) -> logits (B, M, 256, 256) and
+        IoU (B, M), M = 3 with `multimask` (mask tokens 1-3), else 1 (mask token 0)."""
+        sparse = self.prompts.embed_labelled_points(coords, labels)
+        return self._decode(side, self._tokens(sparse), MULTIMASK_OUTPUTS if multimask else SINGLE_OUTPUTS, None)
+
+    def _decode(
+        self, side: ImageSide, tokens: torch.Tensor, outputs: tuple[int, ...], min_iou: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (B, T, C) -> logits (B, M, 256, 256) and IoU (B, M) of the mask tokens in
+        `outputs` (M = len(outputs) - 1), `chunk` prompts at a time."""
         opening = self._token_opening(side, tokens)
         size = side.upscale.shape[0]
-        logits = side.upscale.new_empty((len(tokens), 3, 16 * size))  # raster order, rows of 4 * 64
+        masks = [token - 1 for token in outputs[1:]]  # their rows of the IoU head's output
+        logits = side.upscale.new_empty((len(tokens), len(masks), 16 * size))  # raster order, rows of 4 * 64
         ious = []
         for start in range(0, len(tokens), self.chunk):
             part = slice(start, start + self.chunk)
-            out_tokens, parts = self._transformer(side, tokens[part], opening.select(part))
-            iou = self.decoder.iou_prediction_head(out_tokens[:, 0])[:, 1:]  # the multimask IoUs
+            out_tokens, parts = self._transformer(side, tokens[part], opening.select(part), outputs)
+            iou = self.decoder.iou_prediction_head(out_tokens[:, 0])[:, masks]
             ious.append(iou)
             passing = (iou > min_iou).any(1) if min_iou is not None else torch.ones_like(iou[:, 0], dtype=torch.bool)
             if passing.all():
-                logits[part] = self._mask_logits(side, out_tokens, parts)
+                logits[part] = self._mask_logits(side, out_tokens, parts, masks)
                 continue
             logits[start + torch.nonzero(~passing)[:, 0]] = 0
             if passing.any():
                 index = torch.nonzero(passing)[:, 0]
-                logits[start + index] = self._mask_logits(side, out_tokens[index], parts.select(index))
+                logits[start + index] = self._mask_logits(side, out_tokens[index], parts.select(index), masks)
         return logits.unflatten(-1, (4 * int(size**0.5), -1)), torch.cat(ious)
 
-    def _tokens(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The decoder's input tokens (B, T, C): IoU token, mask tokens, point embeddings."""
-        sparse = self.prompts.embed_points(coords, labels)
+    def _tokens(self, sparse: torch.Tensor) -> torch.Tensor:
+        """The decoder's input tokens (B, T, C): IoU token, mask tokens, the prompts' `sparse` (B, T - 5, C)."""
         output_tokens = torch.cat([self.decoder.iou_token.weight, self.decoder.mask_tokens.weight])
         return torch.cat([output_tokens.expand(len(sparse), -1, -1), sparse], dim=1)
 
@@ -290,13 +316,13 @@ class PointDecoder:
         return _TokenOpening(queries, keys1, values1, vectors1.mean(-1, keepdim=True), _centred(vectors1), queries2)
 
     def _transformer(
-        self, side: ImageSide, tokens: torch.Tensor, opening: _TokenOpening
+        self, side: ImageSide, tokens: torch.Tensor, opening: _TokenOpening, outputs: tuple[int, ...]
     ) -> tuple[torch.Tensor, _UpscaleParts]:
         """The rest of the two-way transformer on B prompts' tokens (B, T, C), image tokens in low
         rank (notation of the module notes).
 
-        Returns the output tokens that are read, `OUTPUTS` (B, 4, C), and what the first
-        upscaling layer needs of the final image tokens.
+        Returns the output tokens that are read, `outputs` (B, len(outputs), C), and what the
+        first upscaling layer needs of the final image tokens.
         """
         first, second = self.blocks
         final = self.decoder.transformer
@@ -328,7 +354,7 @@ class PointDecoder:
         i2t_values = _heads(i2t.v_proj(queries), heads)
         a2 = _mixed_vectors(i2t, i2t_values)
         a2c, a1t = _centred(a2), _centred(a1g)
-        queries, tokens = queries[:, OUTPUTS], tokens[:, OUTPUTS]  # the final attention's other rows go unread
+        queries, tokens = queries[:, outputs], tokens[:, outputs]  # the final attention's other rows go unread
         q3 = _heads(attn.q_proj(queries + tokens), heads) * _scale(attn)  # (B, H, 4, D)
         n_out = q3.shape[1] * q3.shape[2]
         a1t_g2, a2c_g2, b1c_g2 = a1t * g2, a2c * g2, b1c * g2
@@ -376,11 +402,14 @@ class PointDecoder:
         basis = torch.cat([a1t_g2, a2c_g2, b1c_g2.expand(len(a2c), 1, -1)], dim=1) @ self.up1_weight.T
         return queries, _UpscaleParts(w1, w2, r12, r2, basis)
 
-    def _mask_logits(self, side: ImageSide, tokens: torch.Tensor, parts: _UpscaleParts) -> torch.Tensor:
-        """Output tokens (K, 4, C) and their image tokens' parts -> logits (K, M, N * 16) in raster
-        order (4 h rows of 4 w), a tile (whole rows of the token grid) at a time."""
+    def _mask_logits(
+        self, side: ImageSide, tokens: torch.Tensor, parts: _UpscaleParts, masks: list[int]
+    ) -> torch.Tensor:
+        """Output tokens (K, 1 + M, C): the IoU token, then mask tokens `masks` (M indexes among
+        the 4), and their image tokens' parts -> logits (K, M, N * 16) in raster order (4 h rows
+        of 4 w), a tile (whole rows of the token grid) at a time."""
         hyper = torch.stack(
-            [self.decoder.output_hypernetworks_mlps[i](tokens[:, i]) for i in range(1, tokens.shape[1])],
+            [self.decoder.output_hypernetworks_mlps[mask](tokens[:, 1 + i]) for i, mask in enumerate(masks)],
             dim=1,
         )  # (K, M, C/8), the mask tokens' rows of the hypernetwork
         size = side.upscale.shape[0]

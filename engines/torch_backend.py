@@ -110,10 +110,13 @@ class TorchEngine:
         XYXY in crop pixels, or None. Coordinates go to the input frame in float64 and to the
         model in float32, as the predictor passes them. Returns low-resolution logits (B, M,
         256, 256) and predicted IoUs (B, M), fp32 on the device: M = 3 with `multimask`, else 1.
+        In the cpu layout through `PointDecoder.predict` (the same arithmetic, less work).
         """
         coords, labels = labelled_points(points, labels, boxes)
         coords_t = torch.as_tensor(scale_coords(coords, crop.crop_hw), dtype=torch.float32, device=self.device)
         labels_t = torch.as_tensor(labels, device=self.device)
+        if self.point_decoder is not None and crop.image_side is not None:
+            return self.point_decoder.predict(crop.image_side, coords_t, labels_t, multimask)
         encoder, decoder = self.model.prompt_encoder, self.model.mask_decoder
         with self.autocast():
             sparse = encoder.embed_labelled_points(coords_t, labels_t)

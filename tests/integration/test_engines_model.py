@@ -18,7 +18,13 @@ from torch import nn
 from sam_batch.engines.image_encoder import VIT_CONFIGS, ImageEncoderViT, ViTConfig
 from sam_batch.engines.point_decoder import PointDecoder
 from sam_batch.engines.sam import MODEL_TYPES, SamModel, build_sam
-from sam_batch.engines.transforms import image_to_input, preprocess_shape, resize_longest_side, scale_coords
+from sam_batch.engines.transforms import (
+    image_to_input,
+    labelled_points,
+    preprocess_shape,
+    resize_longest_side,
+    scale_coords,
+)
 from shared_data import SHARED
 
 CHECKPOINT = SHARED / "models" / "mobile_sam.pt"
@@ -298,6 +304,49 @@ def test_point_decoder_matches_the_model_on_random_weights(mobile_sam: SamModel)
     scale = want_logits.abs().max()
     torch.testing.assert_close(iou, want_iou, atol=1e-4 * want_iou.abs().max(), rtol=0)
     torch.testing.assert_close(logits / scale, want_logits / scale, atol=1e-5, rtol=0)
+
+
+@torch.inference_mode()
+def _predictor_reference(model: SamModel, embedding, coords, labels, multimask: bool):
+    """The mask decoder as the predictor runs it: all four tokens, then the kept ones."""
+    encoder = model.prompt_encoder
+    sparse = encoder.embed_labelled_points(coords, labels)
+    return model.mask_decoder(embedding, encoder.dense_pe(), sparse, encoder.embed_mask(None), multimask)
+
+
+@needs_shared_data
+@pytest.mark.parametrize("random_weights", [False, True], ids=["mobile_sam", "random"])
+@pytest.mark.parametrize("multimask", [False, True])
+@pytest.mark.parametrize("shape", ["box", "points", "box and points"], ids=lambda shape: shape.replace(" ", "_"))
+def test_point_decoder_predicts_as_the_mask_decoder(
+    mobile_sam: SamModel, random_weights: bool, multimask: bool, shape: str
+) -> None:
+    """The predictor's prompts (labelled points: 1/0 points, a box's corners 2/3, the -1 pad of a
+    prompt without a box) through `PointDecoder.predict`: the mask decoder's logits and IoUs for
+    the single mask (token 0) or the three (tokens 1-3), on the dog embedding with the real
+    weights and on a random one with every decoder weight random."""
+    model, embedding = mobile_sam, torch.from_numpy(np.load(SHARED / "golden" / "dog.jpg.embedding.npy"))[None]
+    if random_weights:
+        model = build_sam("vit_t")
+        model.load_state_dict(mobile_sam.state_dict())
+        _fill_random(model.mask_decoder, seed=5)
+        embedding = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(6))
+    rng = np.random.default_rng(7)
+    n = 5
+    points = rng.uniform(0, 1, (n, 2, 2)) * 1024 if "points" in shape else None
+    point_labels = np.array([[1, 0]] * n) if points is not None else None
+    corners = np.sort(rng.uniform(0, 1, (n, 2, 2)) * 1024, axis=1)
+    boxes = corners.reshape(n, 4) if "box" in shape else None
+    coords, tags = labelled_points(points, point_labels, boxes)
+    coords_t, tags_t = torch.as_tensor(coords, dtype=torch.float32), torch.as_tensor(tags)
+    decoder = _point_decoder(model, chunk=2, tile=1024)
+    logits, iou = decoder.predict(decoder.image_side(embedding), coords_t, tags_t, multimask)
+    want_logits, want_iou = _predictor_reference(model, embedding, coords_t, tags_t, multimask)
+    outputs = 3 if multimask else 1
+    assert logits.shape == (n, outputs, 256, 256) and iou.shape == (n, outputs)
+    scale = want_logits.abs().max()
+    torch.testing.assert_close(iou, want_iou, atol=1e-4 * max(1.0, float(want_iou.abs().max())), rtol=0)
+    torch.testing.assert_close(logits / scale, want_logits / scale, atol=2e-5, rtol=0)
 
 
 @needs_shared_data
