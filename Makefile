@@ -47,10 +47,14 @@ $(REF_VENV)/.installed:
 	$(REF_VENV)/bin/pip install --quiet timm mobilesam-mirror segment-anything pycocotools pillow numpy opencv-python-headless
 	touch $@
 
-# Fails (benchmarks.reference's exit status 3) when a ratio is NOT VALID (load above the threads) or a
-# side drifted more than 15% from its quiet baseline: the report and doc section are still written.
+# The generator side by side (benchmarks.reference), then the prompts row (bench-prompts, below).
+# Fails with the first failing side's status (3: a ratio NOT VALID, the load above the threads, or
+# for the generator a side drifted over 15% from its quiet baseline); both sides still write their
+# doc sections.
 bench: install bench-env
-	$(VENV)/bin/python -m benchmarks.reference --ref-venv $(REF_VENV) --write-doc
+	$(VENV)/bin/python -m benchmarks.reference --ref-venv $(REF_VENV) --write-doc; generator=$$?; \
+	$(VENV)/bin/python -m benchmarks.prompts --ref-venv $(REF_VENV) --write-doc $(PROMPTS_ARGS); prompts=$$?; \
+	exit $$(( generator ? generator : prompts ))
 
 # prompts/s of prompt jobs against the reference SamPredictor looping over the same boxes: 1,000 on
 # one image, 10 on each of 100 images (the photos cycled), in process and through `sam-batch run`
