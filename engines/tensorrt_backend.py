@@ -1,7 +1,9 @@
 """`engine.backend: tensorrt` — TensorRT engines built from the exported ONNX graphs.
 
 The encoder graph is static ((1, 3, 1024, 1024) -> (1, 256, 64, 64)); the decoder's prompt
-batch and point count get one optimisation profile (`DecoderProfile`). fp16/bf16 use
+batch and point count get one optimisation profile (`DecoderProfile`), and so does the
+predictor graph's (`PREDICTOR_PROFILE`), which prompt jobs use and which is built on their
+first prompt, never for an automatic job. fp16/bf16 use
 TensorRT 10's weakly typed builder flags with precision constraints: normalisation, softmax
 and reduction layers, and the prompt encoder's Fourier positional encoding of the point
 coordinates, stay fp32 (`pinned_to_fp32`). fp32 engines are built without TF32.
@@ -22,6 +24,7 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +41,14 @@ from sam_batch.engines.backend import (
 )
 from sam_batch.engines.checkpoints import cache_dir
 from sam_batch.engines.onnx_export import DEFAULT_OPSET, cached_onnx
-from sam_batch.engines.transforms import PIXEL_MEAN, PIXEL_STD, image_to_input, resize_longest_side, scale_coords
+from sam_batch.engines.transforms import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    image_to_input,
+    labelled_points,
+    resize_longest_side,
+    scale_coords,
+)
 
 log = logging.getLogger("sam_batch")
 
@@ -76,6 +86,11 @@ class DecoderProfile:
             "point_coords": ((*low, 2), (*opt, 2), (*high, 2)),
             "point_labels": (low, opt, high),
         }
+
+
+# The predictor graph's profile: a prompt job's decoder calls (64 prompts, `pipeline.prompts`),
+# each prompt as labelled points: its points, then a box's two corners or one pad point.
+PREDICTOR_PROFILE = DecoderProfile(opt_prompts=64, opt_points=2, max_points=64)
 
 
 def pinned_to_fp32(layer_type: str, layer_name: str) -> bool:
@@ -230,12 +245,27 @@ class TrtGraph:
 
 
 class TensorRTEngine:
-    """SAM as two TensorRT engines (encoder, decoder) on one CUDA GPU."""
+    """SAM as TensorRT engines on one CUDA GPU: the encoder, the decoder, and for prompt jobs
+    the predictor, made by `make_predictor` on first use.
 
-    def __init__(self, encoder: TrtGraph, decoder: TrtGraph, device: torch.device, max_prompts: int) -> None:
+    The graphs are any callables that take float tensors by input name and return float32
+    tensors by output name on `device` (`TrtGraph`)."""
+
+    def __init__(
+        self,
+        encoder: Callable[..., dict[str, torch.Tensor]],
+        decoder: Callable[..., dict[str, torch.Tensor]],
+        device: torch.device,
+        max_prompts: int,
+        make_predictor: Callable[[], Callable[..., dict[str, torch.Tensor]]],
+        max_predictor_points: int = PREDICTOR_PROFILE.max_points,
+    ) -> None:
         self.encoder, self.decoder = encoder, decoder
         self.device = device
         self.max_prompts = max_prompts
+        self.make_predictor = make_predictor
+        self.max_predictor_points = max_predictor_points
+        self.predictor: Callable[..., dict[str, torch.Tensor]] | None = None
         self.pixel_mean = torch.tensor(PIXEL_MEAN).reshape(3, 1, 1)
         self.pixel_std = torch.tensor(PIXEL_STD).reshape(3, 1, 1)
         self.mask_threshold = 0.0
@@ -259,7 +289,11 @@ class TensorRTEngine:
         files = cached_onnx(loaded, opset)
         encoder = TrtGraph(trt, cached_plan(trt, files.encoder, precision, target, None), target)
         decoder = TrtGraph(trt, cached_plan(trt, files.decoder, precision, target, profile), target)
-        return cls(encoder, decoder, target, profile.max_prompts)
+
+        def make_predictor() -> TrtGraph:
+            return TrtGraph(trt, cached_plan(trt, files.predictor, precision, target, PREDICTOR_PROFILE), target)
+
+        return cls(encoder, decoder, target, profile.max_prompts, make_predictor)
 
     def encode(self, crop: np.ndarray) -> CropEmbedding:
         """Encode one uint8 crop (h, w, 3) into its image embedding (1, 256, 64, 64) on the GPU."""
@@ -286,6 +320,40 @@ class TensorRTEngine:
             logits.append(out["low_res_logits"])
             iou.append(out["iou_predictions"])
         return torch.cat(logits), torch.cat(iou)
+
+    def predict(
+        self,
+        crop: CropEmbedding,
+        points: np.ndarray | None,
+        labels: np.ndarray | None,
+        boxes: np.ndarray | None,
+        multimask: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`TorchEngine.predict` through the predictor engine, in chunks of the profile's max
+        batch: prompts as labelled points in the input frame; of its four outputs a prompt keeps
+        token 0, or tokens 1-3 with `multimask`. Returns logits (B, 1 or 3, 256, 256) and IoUs
+        (B, 1 or 3), fp32, on the GPU. A prompt of more labelled points (its points, plus 2 for a
+        box or 1 without) than the profile's maximum is an `EngineError`."""
+        coords, tags = labelled_points(points, labels, boxes)
+        if coords.shape[1] > self.max_predictor_points:
+            raise EngineError(
+                f"engine.backend tensorrt takes prompts of at most {self.max_predictor_points} labelled points "
+                f"(the points, plus 2 for a box or 1 without); this one has {coords.shape[1]}: use torch or onnx"
+            )
+        if self.predictor is None:
+            self.predictor = self.make_predictor()
+        scaled, tags_in = torch.from_numpy(scale_coords(coords, crop.crop_hw)), torch.from_numpy(tags)
+        logits, iou = [], []
+        for start in range(0, len(coords), self.max_prompts):
+            out = self.predictor(
+                image_embeddings=crop.embedding,
+                point_coords=scaled[start : start + self.max_prompts],
+                point_labels=tags_in[start : start + self.max_prompts],
+            )
+            logits.append(out["low_res_logits"])
+            iou.append(out["iou_predictions"])
+        kept = slice(1, 4) if multimask else slice(0, 1)
+        return torch.cat(logits)[:, kept], torch.cat(iou)[:, kept]
 
     def upscale(self, crop: CropEmbedding, low_res: torch.Tensor) -> torch.Tensor:
         """Logits (K, 256, 256) → logits (K, h, w) at the crop's original size."""

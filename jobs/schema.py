@@ -52,8 +52,6 @@ class JobSpec:
             if not isinstance(getattr(self, key), cls):
                 raise TypeError(f"JobSpec.{key} must be a {cls.__name__}")
         if self.prompts.uri is not None:
-            if self.engine.backend == "tensorrt":
-                raise field_error("engine.backend", "prompt jobs (prompts.uri) run on torch or onnx, not tensorrt yet")
             if self.output.candidates:
                 raise field_error(
                     "output.candidates", "keeps the automatic generator's candidates; a prompt job has none"
