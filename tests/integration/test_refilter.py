@@ -4,8 +4,8 @@ One run keeps the candidates of dog.jpg and groceries.jpg (8x8 points, one crop 
 crops, so NMS across crops counts too; a shard each); each of three settings is then refiltered
 from them and run afresh with the model, and the two outputs' tables must be equal: every column
 of `masks`, every column of `images` but `seconds`. Refilter reads committed shards only and
-resumes; on Ray it writes what it writes in process. Bad arguments are one line, exit 2, and
-leave nothing.
+resumes; on Ray it writes what it writes in process; on S3 (moto's server) what it writes on
+disk. Bad arguments are one line, exit 2, and leave nothing.
 """
 
 from __future__ import annotations
@@ -68,6 +68,31 @@ def test_refilter_at_the_runs_own_thresholds_gives_its_masks(source, tmp_path) -
     sam_batch("refilter", str(source), "-o", str(tmp_path / "same"))
     assert tables(tmp_path / "same") == tables(source)
     assert (source / "candidates" / "shard-00001.parquet").exists()
+
+
+def test_refilter_from_and_to_s3_with_credentials_from_the_environment(source, s3_endpoint, tmp_path) -> None:
+    """The source output copied into a bucket on moto's S3 server, refiltered there into the same
+    bucket, the endpoint and keys given as `AWS_*` variables (as on a cluster's nodes): the new
+    output's tables are the source's (same thresholds), and the secret reaches neither the
+    command's output nor the new output's files."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_endpoint)
+    fs.mkdir("refilter")
+    fs.put(f"{source}/", "refilter/source", recursive=True)
+    env = {
+        "AWS_ENDPOINT_URL": s3_endpoint["client_kwargs"]["endpoint_url"],
+        "AWS_ACCESS_KEY_ID": s3_endpoint["key"],
+        "AWS_SECRET_ACCESS_KEY": s3_endpoint["secret"],
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    result = sam_batch("refilter", "s3://refilter/source", "-o", "s3://refilter/new", env=env)
+    assert "shards: 2 committed" in result.stdout
+    fs.get("refilter/new/", str(tmp_path / "new"), recursive=True)
+    assert tables(tmp_path / "new") == tables(source)
+    written = [path.read_bytes() for path in (tmp_path / "new").rglob("*") if path.is_file()]
+    secret = s3_endpoint["secret"]
+    assert secret not in result.stdout + result.stderr and not any(secret.encode() in data for data in written)
 
 
 def test_only_committed_shards_are_read_and_a_later_refilter_resumes(source, tmp_path) -> None:

@@ -31,8 +31,12 @@ def write_job(tmp_path: Path, name: str, uris: list[str], out: Path, **sections)
     return path
 
 
-def sam_batch(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([SAM_BATCH, *args], capture_output=True, text=True, timeout=900)
+def sam_batch(*args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`sam-batch ARGS` as a process (with `env` added to this one's environment); raises on a
+    non-zero exit when `check`."""
+    result = subprocess.run(
+        [SAM_BATCH, *args], capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})}
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"sam-batch {args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
