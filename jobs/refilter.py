@@ -4,8 +4,8 @@ candidates it kept (`output.candidates`), into a new output, without loading a m
 The new output is the one `sam-batch run` would write with the source's job at those
 parameters (its `masks` and `images` tables, and its plan's fingerprint, so the two resume each
 other): `refilter_job` builds that job, refusing a parameter the model sees, a threshold below
-the candidates' floor, an output that kept no candidates or a tiled scene (one line each,
-`RefilterError`). `refilter` runs it through the runner (`jobs.runner`: lease, plan, resume,
+the candidates' floor, an output that kept no candidates or a scene with nodata (one line
+each, `RefilterError`). `refilter` runs it through the runner (`jobs.runner`: lease, plan, resume,
 exactly-once commits, `run.json`) with the source's shards as the plan and `RefilterExecutor`,
 which reads only the source's committed shards, in this process or as Ray tasks.
 """
@@ -51,7 +51,7 @@ def refilter(
     source = OutputDataset(source_uri)
     plan = _source_plan(source)
     job = refilter_job(plan, overrides, dest_uri, _stored_floor(source))
-    _check_whole_images(source)
+    _check_no_nodata(source)
     work = Work(new_plan=lambda job: _same_shards(job, plan), executor=partial(RefilterExecutor, source=source))
     return run_job(job, overwrite=overwrite, force=force, work=work)
 
@@ -120,15 +120,16 @@ def refilter_job(
     return job
 
 
-def _check_whole_images(source: OutputDataset) -> None:
-    """Refuses an output with a tiled scene, or a tile with nodata, among its candidates:
-    their seams and nodata rules need what the candidates do not hold."""
+def _check_no_nodata(source: OutputDataset) -> None:
+    """Refuses an output with a tile that had nodata among its candidates: the nodata rule
+    (masks mostly on nodata dropped, all-nodata tiles skipped) needs pixels the candidates do
+    not hold."""
     for path in source.data_files("candidates"):
-        rows = pq.read_table(path, filesystem=source.fs, columns=["image_uri", "n_tiles", "nodata"]).to_pylist()
-        for row in (row for row in rows if row["n_tiles"] > 1 or row["nodata"]):
+        rows = pq.read_table(path, filesystem=source.fs, columns=["image_uri", "tile", "nodata"]).to_pylist()
+        for row in (row for row in rows if row["nodata"]):
             raise RefilterError(
-                f"{row['image_uri']} was segmented in {row['n_tiles']} tile(s) with nodata={row['nodata']}; "
-                "refilter remakes images segmented whole (photos), not tiled or nodata scenes"
+                f"{row['image_uri']} had nodata in tile {row['tile']}; refilter remakes images without nodata "
+                "(photos, and scenes whole or tiled whose pixels are all valid)"
             )
 
 
@@ -181,7 +182,7 @@ def refilter_and_commit(
 def refilter_shard(job: JobSpec, source: OutputDataset, shard: Shard) -> list[ImageResult]:
     """The results of one committed shard of `source`, refiltered at `job.amg`; error rows as
     they were."""
-    from sam_batch.pipeline.candidates import refilter_photo
+    from sam_batch.pipeline.candidates import refilter_image
 
     images = _read(source, "images", shard)
     candidates: dict[str, list[dict]] = {}
@@ -193,12 +194,14 @@ def refilter_shard(job: JobSpec, source: OutputDataset, shard: Shard) -> list[Im
         if image["status"] != "ok":
             results.append(ImageResult(image["image_uri"], [], image, dict.fromkeys(STAGES, 0.0), ("refilter",)))
             continue
-        scene = refilter_photo(
+        scene = refilter_image(
             candidates.get(image["image_id"], []),
             image["width"],
             image["height"],
             image["crs"],
             image["transform"],
+            job.raster.tile_size,
+            job.raster.tile_overlap,
             job.amg,
         )
         seconds = {**dict.fromkeys(STAGES, 0.0), "segment": time.perf_counter() - t}

@@ -9,7 +9,7 @@ Coordinates are the tile's pixels, which are the image's for an image segmented 
 crop's row is there even with no candidate, so every segmented tile and crop is accounted for.
 
 `crop_row` and `crops_from_rows` are exact inverses, so the masks made from rows read back
-are those the run made; `refilter_photo` makes them at other model-free parameters.
+are those the run made; `refilter_image` makes them at other model-free parameters.
 """
 
 from __future__ import annotations
@@ -77,13 +77,36 @@ def crops_from_rows(rows: list[dict]) -> list[CropMasks]:
     return crops
 
 
-def refilter_photo(
-    rows: list[dict], width: int, height: int, crs: str | None, transform: list[float] | None, params: AmgParams
+def refilter_image(
+    rows: list[dict],
+    width: int,
+    height: int,
+    crs: str | None,
+    transform: list[float] | None,
+    tile_size: int,
+    tile_overlap: int,
+    params: AmgParams,
 ) -> SceneResult:
-    """The objects of an image segmented whole (one tile, no nodata) made again from its
-    candidates' rows at `params` (`amg.masks_from_candidates`), exactly as `scenes.segment_tile`
-    and `scenes.finish_scene` made them in the run: the rows' candidates must have been kept at
-    thresholds at or below `params`'. width, height: pixels; crs, transform: the images row's."""
-    plan = ScenePlan(width, height, crs, transform, tuple(plan_tiles(width, height, max(width, height), 0)))
-    masks = masks_from_candidates(crops_from_rows(rows), plan.image_hw, params)
-    return finish_scene(plan, [place_tile_masks(masks, None, plan, 0)], params.crop_nms_thresh)
+    """The objects of an image without nodata, segmented whole or in tiles, made again from its
+    candidates' rows at `params` (`amg.masks_from_candidates` per tile, then the seam rule of
+    `scenes.finish_scene`), exactly as `scenes.segment_tile` and `finish_scene` made them in the
+    run: the rows' candidates must have been kept at thresholds at or below `params`'.
+    width, height: pixels; crs, transform: the images row's; tile_size, tile_overlap: the run's
+    `raster` section, which cut the image into the rows' `n_tiles` (one: whole)."""
+    n_tiles = rows[0]["n_tiles"] if rows else 1
+    size = max(width, height) if n_tiles == 1 else tile_size
+    plan = ScenePlan(width, height, crs, transform, tuple(plan_tiles(width, height, size, tile_overlap)))
+    if len(plan.tiles) != n_tiles:
+        raise ValueError(
+            f"{width}x{height} in tiles of {tile_size} overlapping {tile_overlap} makes {len(plan.tiles)} tiles, "
+            f"not the {n_tiles} the run segmented"
+        )
+    by_tile: dict[int, list[dict]] = {}
+    for row in rows:
+        by_tile.setdefault(row["tile"], []).append(row)
+    tiles = []
+    for index, tile in enumerate(plan.tiles):
+        x0, y0, x1, y1 = tile.window
+        masks = masks_from_candidates(crops_from_rows(by_tile.get(index, [])), (y1 - y0, x1 - x0), params)
+        tiles.append(place_tile_masks(masks, None, plan, index))
+    return finish_scene(plan, tiles, params.crop_nms_thresh)

@@ -5,7 +5,8 @@ crops, so NMS across crops counts too; a shard each); each of three settings is 
 from them and run afresh with the model, and the two outputs' tables must be equal: every column
 of `masks`, every column of `images` but `seconds`. Refilter reads committed shards only and
 resumes; on Ray it writes what it writes in process; on S3 (moto's server) what it writes on
-disk. Bad arguments are one line, exit 2, and leave nothing.
+disk; a tiled scene (groceries.jpg in 12 tiles) refilters to what a run writes, seams merged.
+Bad arguments are one line, exit 2, and leave nothing.
 """
 
 from __future__ import annotations
@@ -62,6 +63,26 @@ def test_refilter_writes_what_a_run_writes(source, tmp_path, name) -> None:
     assert not (refiltered / "candidates").exists()
     again = sam_batch("refilter", str(source), *sets, "-o", str(refiltered))
     assert "shards: 0 committed, 2 already done" in again.stdout
+
+
+def test_a_tiled_scene_refilters_to_what_a_run_writes(tmp_path) -> None:
+    """groceries.jpg cut into 256-px tiles overlapping by 32 (`raster.tiling: always`; 12 tiles,
+    seams merged), candidates kept; refiltered at other thresholds, it equals a fresh run."""
+    raster = {"tiling": "always", "tile_size": 256, "tile_overlap": 32}
+    amg = {"points_per_side": 8}
+    source = tmp_path / "source"
+    output = {"uri": str(source), "candidates": True}
+    sam_batch("run", str(write_job(tmp_path, "tiled", PHOTOS[1:], source, amg=amg, raster=raster, output=output)))
+    settings = {"pred_iou_thresh": 0.75, "box_nms_thresh": 0.5, "crop_nms_thresh": 0.5}
+    fresh = tmp_path / "fresh"
+    sam_batch("run", str(write_job(tmp_path, "tiled-fresh", PHOTOS[1:], fresh, amg={**amg, **settings}, raster=raster)))
+    refiltered = tmp_path / "refiltered"
+    sam_batch("refilter", str(source), *(f"--set=amg.{k}={v}" for k, v in settings.items()), "-o", str(refiltered))
+    ours, theirs = tables(refiltered), tables(fresh)
+    assert set(pq.read_table(source / "candidates", columns=["n_tiles"]).column("n_tiles").to_pylist()) == {12}
+    assert len(ours[0]) > 0
+    assert ours == theirs
+    assert ours != tables(source)  # the settings changed something
 
 
 def test_refilter_at_the_runs_own_thresholds_gives_its_masks(source, tmp_path) -> None:

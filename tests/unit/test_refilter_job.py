@@ -137,9 +137,9 @@ def committed_source(tmp_path, tile_row: dict, floor: bytes | None = None) -> st
     return str(tmp_path / "out")
 
 
-def test_tiled_scenes_are_refused_before_anything_is_written(tmp_path) -> None:
-    source = committed_source(tmp_path, crop_row(random_crop(4, [0, 0, 40, 30]), 0, 2, 4, False))
-    with pytest.raises(RefilterError, match="segmented in 4 tile"):
+def test_scenes_with_nodata_are_refused_before_anything_is_written(tmp_path) -> None:
+    source = committed_source(tmp_path, crop_row(random_crop(4, [0, 0, 40, 30]), 0, 2, 4, True))
+    with pytest.raises(RefilterError, match="had nodata in tile 2; refilter remakes images without nodata"):
         refilter(source, [], str(tmp_path / "new"))
     assert not (tmp_path / "new").exists()
 
