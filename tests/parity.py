@@ -19,6 +19,25 @@ MAX_IOU_DIFFERENCE = 1e-5
 # side of a threshold within fp32 rounding moves a small mask's score by up to its 1 / area
 MAX_STABILITY_DIFFERENCE = 5e-3
 
+# golden file -> {mask index: (pixels it may differ by, why)}; the README lists them too
+KNOWN_PIXEL_DIFFERENCES: dict[str, dict[int, tuple[int, str]]] = {
+    "extra/groceries.jpg.pps8.iou0.stab0.json": {
+        41: (
+            1,
+            "pixel (row 239, col 1): the reference's logit there is +3.9e-6, ours is on the other side of 0 "
+            "within fp32 rounding",
+        ),
+    },
+    "truck.jpg.pps32.crop0.minarea0.json": {
+        3: (
+            1,
+            "pixel (row 791, col 677): the reference's logit there is +8.1e-6, ours is on the other side of 0 "
+            "within fp32 rounding on an AVX-512 CPU (AMD EPYC, family 25 model 17; the reference gives its golden "
+            "masks there); strict-equal on the CPUs of earlier runs",
+        ),
+    },
+}
+
 
 def decode(segmentation: dict) -> np.ndarray:
     counts = segmentation["counts"]
