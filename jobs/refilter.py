@@ -4,10 +4,11 @@ candidates it kept (`output.candidates`), into a new output, without loading a m
 The new output is the one `sam-batch run` would write with the source's job at those
 parameters (its `masks` and `images` tables, and its plan's fingerprint, so the two resume each
 other): `refilter_job` builds that job, refusing a parameter the model sees, a threshold below
-the candidates' floor, an output that kept no candidates or a scene with nodata (one line
-each, `RefilterError`). `refilter` runs it through the runner (`jobs.runner`: lease, plan, resume,
-exactly-once commits, `run.json`) with the source's shards as the plan and `RefilterExecutor`,
-which reads only the source's committed shards, in this process or as Ray tasks.
+the candidates' floor, an output that kept no candidates or candidates without the valid
+pixels of a tile with nodata (one line each, `RefilterError`). `refilter` runs it through the
+runner (`jobs.runner`: lease, plan, resume, exactly-once commits, `run.json`) with the source's
+shards as the plan and `RefilterExecutor`, which reads only the source's committed shards, in
+this process or as Ray tasks.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def refilter(
     source = OutputDataset(source_uri)
     plan = _source_plan(source)
     job = refilter_job(plan, overrides, dest_uri, _stored_floor(source))
-    _check_no_nodata(source)
+    _check_valid_pixels_kept(source)
     work = Work(new_plan=lambda job: _same_shards(job, plan), executor=partial(RefilterExecutor, source=source))
     return run_job(job, overwrite=overwrite, force=force, work=work)
 
@@ -120,17 +121,18 @@ def refilter_job(
     return job
 
 
-def _check_no_nodata(source: OutputDataset) -> None:
-    """Refuses an output with a tile that had nodata among its candidates: the nodata rule
-    (masks mostly on nodata dropped, all-nodata tiles skipped) needs pixels the candidates do
-    not hold."""
+def _check_valid_pixels_kept(source: OutputDataset) -> None:
+    """Refuses an output whose candidates lack a nodata tile's valid pixels (written before
+    the candidates table held them): the nodata rule needs them."""
     for path in source.data_files("candidates"):
-        rows = pq.read_table(path, filesystem=source.fs, columns=["image_uri", "tile", "nodata"]).to_pylist()
-        for row in (row for row in rows if row["nodata"]):
-            raise RefilterError(
-                f"{row['image_uri']} had nodata in tile {row['tile']}; refilter remakes images without nodata "
-                "(photos, and scenes whole or tiled whose pixels are all valid)"
-            )
+        held = "valid" in pq.read_schema(path, filesystem=source.fs).names
+        names = ["image_uri", "tile", "nodata", "crop_index"] + (["valid"] if held else [])
+        for row in pq.read_table(path, filesystem=source.fs, columns=names).to_pylist():
+            if row["nodata"] and row["crop_index"] == 0 and row.get("valid") is None:
+                raise RefilterError(
+                    f"{row['image_uri']} had nodata in tile {row['tile']}, but its candidates do not hold the "
+                    "tile's valid pixels (written by an earlier sam-batch): run the job again to refilter it"
+                )
 
 
 def _same_shards(job: JobSpec, source: Plan) -> Plan:

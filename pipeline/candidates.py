@@ -25,11 +25,12 @@ from sam_batch.pipeline.scenes import ScenePlan, SceneResult, finish_scene, plac
 from sam_batch.pipeline.tiles import plan_tiles
 
 
-def crop_row(crop: CropMasks, crop_index: int, tile: int, n_tiles: int, nodata: bool) -> dict:
+def crop_row(crop: CropMasks, crop_index: int, tile: int, n_tiles: int, valid: np.ndarray | None) -> dict:
     """One crop's candidates as a row (`tables.candidate_rows` adds `image_uri`, `image_id`).
 
     crop: on any device; crop_index: its place in the tile's crops; tile: the tile's index in
-    the scene's plan of `n_tiles`; nodata: whether the tile had pixels marked invalid.
+    the scene's plan of `n_tiles`; valid: the tile's (h, w) valid pixels, None where all are
+    valid; `nodata` says which, and the first crop's row holds them as COCO RLE (`valid`).
     box: XYXY, last pixel inclusive, in tile pixels; crop_box: XYXY, exclusive, in tile pixels.
     """
     iou, stability = crop.iou.cpu(), crop.stability.cpu()
@@ -47,7 +48,8 @@ def crop_row(crop: CropMasks, crop_index: int, tile: int, n_tiles: int, nodata: 
     return {
         "tile": tile,
         "n_tiles": n_tiles,
-        "nodata": nodata,
+        "nodata": valid is not None,
+        "valid": encode_rle(valid) if valid is not None and crop_index == 0 else None,
         "crop_index": crop_index,
         "crop_box": [int(v) for v in crop.crop_box],
         "candidates": candidates,
@@ -87,10 +89,12 @@ def refilter_image(
     tile_overlap: int,
     params: AmgParams,
 ) -> SceneResult:
-    """The objects of an image without nodata, segmented whole or in tiles, made again from its
-    candidates' rows at `params` (`amg.masks_from_candidates` per tile, then the seam rule of
-    `scenes.finish_scene`), exactly as `scenes.segment_tile` and `finish_scene` made them in the
-    run: the rows' candidates must have been kept at thresholds at or below `params`'.
+    """The objects of an image, segmented whole or in tiles, made again from its candidates'
+    rows at `params` (`amg.masks_from_candidates` per tile, the nodata rule where a tile's first
+    row holds its valid pixels, then the seam rule of `scenes.finish_scene`), exactly as
+    `scenes.segment_tile` and `finish_scene` made them in the run: the rows' candidates must
+    have been kept at thresholds at or below `params`'. A tile without rows had no valid pixel
+    and was skipped, as in the run.
     width, height: pixels; crs, transform: the images row's; tile_size, tile_overlap: the run's
     `raster` section, which cut the image into the rows' `n_tiles` (one: whole)."""
     n_tiles = rows[0]["n_tiles"] if rows else 1
@@ -105,8 +109,14 @@ def refilter_image(
     for row in rows:
         by_tile.setdefault(row["tile"], []).append(row)
     tiles = []
-    for index, tile in enumerate(plan.tiles):
-        x0, y0, x1, y1 = tile.window
-        masks = masks_from_candidates(crops_from_rows(by_tile.get(index, [])), (y1 - y0, x1 - x0), params)
-        tiles.append(place_tile_masks(masks, None, plan, index))
+    for index, tile_rows in sorted(by_tile.items()):
+        x0, y0, x1, y1 = plan.tiles[index].window
+        masks = masks_from_candidates(crops_from_rows(tile_rows), (y1 - y0, x1 - x0), params)
+        tiles.append(place_tile_masks(masks, _valid_pixels(tile_rows), plan, index))
     return finish_scene(plan, tiles, params.crop_nms_thresh)
+
+
+def _valid_pixels(tile_rows: list[dict]) -> np.ndarray | None:
+    """A tile's (h, w) valid pixels from its first crop's row; None where all were valid."""
+    first = min(tile_rows, key=lambda r: r["crop_index"])
+    return decode_rle(first["valid"]).astype(bool) if first["nodata"] else None

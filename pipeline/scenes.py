@@ -147,7 +147,7 @@ def segment_tile(
         return place_tile_masks(generate_masks(engine, rgb, params, check), valid, plan, index)
     rows, kept = [], []
     for number, crop in enumerate(image_candidates(engine, rgb, floor, check)):
-        rows.append(crop_row(crop, number, index, len(plan.tiles), valid is not None))
+        rows.append(crop_row(crop, number, index, len(plan.tiles), valid))
         kept.append(crop_survivors(crop, params))
     return place_tile_masks(merge_crops(kept, rgb.shape[:2], params), valid, plan, index, tuple(rows))
 

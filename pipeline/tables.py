@@ -74,6 +74,7 @@ CANDIDATES_SCHEMA = pa.schema(
         pa.field("tile", pa.int32(), nullable=False),
         pa.field("n_tiles", pa.int32(), nullable=False),
         pa.field("nodata", pa.bool_(), nullable=False),
+        pa.field("valid", RLE_TYPE),  # the tile's valid pixels where it had nodata, on its first crop's row
         pa.field("crop_index", pa.int32(), nullable=False),
         pa.field("crop_box", pa.list_(pa.int32()), nullable=False),
         pa.field("candidates", pa.list_(CANDIDATE_TYPE), nullable=False),

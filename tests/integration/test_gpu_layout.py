@@ -228,5 +228,5 @@ def test_candidates_kept_in_the_gpu_layout_give_its_masks(model) -> None:
     image, params = load_image(str(IMAGES / "dog.jpg")), AmgParams(points_per_side=8, crop_n_layers=1)
     expected = to_records(generate_masks(engine, image, params))
     crops = image_candidates(engine, image, candidate_floor(params))
-    rows = [crop_row(crop, index, 0, 1, False) for index, crop in enumerate(crops)]
+    rows = [crop_row(crop, index, 0, 1, None) for index, crop in enumerate(crops)]
     assert to_records(masks_from_candidates(crops_from_rows(rows), image.shape[:2], params)) == expected

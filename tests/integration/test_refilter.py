@@ -5,7 +5,8 @@ crops, so NMS across crops counts too; a shard each); each of three settings is 
 from them and run afresh with the model, and the two outputs' tables must be equal: every column
 of `masks`, every column of `images` but `seconds`. Refilter reads committed shards only and
 resumes; on Ray it writes what it writes in process; on S3 (moto's server) what it writes on
-disk; a tiled scene (groceries.jpg in 12 tiles) refilters to what a run writes, seams merged.
+disk; a tiled scene (groceries.jpg in 12 tiles) and a scene with nodata (Landsat) refilter to
+what a run writes, seams merged and the nodata rule applied.
 Bad arguments are one line, exit 2, and leave nothing.
 """
 
@@ -83,6 +84,26 @@ def test_a_tiled_scene_refilters_to_what_a_run_writes(tmp_path) -> None:
     assert len(ours[0]) > 0
     assert ours == theirs
     assert ours != tables(source)  # the settings changed something
+
+
+def test_a_scene_with_nodata_refilters_to_what_a_run_writes(tmp_path) -> None:
+    """The Landsat scene (nodata 0 around its footprint, EPSG:32618) in 256-px tiles: the
+    candidates keep each nodata tile's valid pixels, so refilter applies the nodata rule as the
+    run did; at other thresholds it equals a fresh run, geometry included."""
+    landsat = [str(IMAGES / "RGB.byte.tif")]
+    raster = {"tile_size": 256, "tile_overlap": 32}
+    amg = {"points_per_side": 8}
+    source = tmp_path / "source"
+    output = {"uri": str(source), "candidates": True}
+    sam_batch("run", str(write_job(tmp_path, "landsat", landsat, source, amg=amg, raster=raster, output=output)))
+    assert any(pq.read_table(source / "candidates", columns=["nodata"]).column("nodata").to_pylist())
+    settings = {"stability_score_thresh": 0.9, "min_mask_region_area": 50}
+    fresh = tmp_path / "fresh"
+    sam_batch("run", str(write_job(tmp_path, "landsat-fresh", landsat, fresh, amg={**amg, **settings}, raster=raster)))
+    refiltered = tmp_path / "refiltered"
+    sam_batch("refilter", str(source), *(f"--set=amg.{k}={v}" for k, v in settings.items()), "-o", str(refiltered))
+    ours = tables(refiltered)
+    assert len(ours[0]) > 0 and ours == tables(fresh)
 
 
 def test_refilter_at_the_runs_own_thresholds_gives_its_masks(source, tmp_path) -> None:

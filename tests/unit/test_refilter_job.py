@@ -16,6 +16,7 @@ from sam_batch.pipeline.amg import CropMasks, masks_from_candidates
 from sam_batch.pipeline.candidates import crop_row, crops_from_rows
 from sam_batch.pipeline.held_masks import BoxedMasks
 from sam_batch.pipeline.params import AmgParams
+from sam_batch.pipeline.rle import decode_rle
 from sam_batch.pipeline.tables import (
     FLOOR_KEY,
     candidate_rows,
@@ -48,7 +49,7 @@ def random_crop(seed: int, crop_box: list[int], n: int = 12) -> CropMasks:
 
 def test_candidates_come_back_from_their_rows_as_they_were() -> None:
     crops = [random_crop(0, [0, 0, 40, 30]), random_crop(1, [10, 5, 40, 30], n=0), random_crop(2, [12, 0, 40, 24])]
-    rows = [crop_row(crop, index, 0, 1, False) for index, crop in enumerate(crops)]
+    rows = [crop_row(crop, index, 0, 1, None) for index, crop in enumerate(crops)]
     read_back = candidates_table(candidate_rows("/a.jpg", rows[::-1])).to_pylist()  # through Arrow, any order
     for crop, again in zip(crops, crops_from_rows(read_back)):
         assert again.crop_box == crop.crop_box and len(again) == len(crop)
@@ -137,16 +138,28 @@ def committed_source(tmp_path, tile_row: dict, floor: bytes | None = None) -> st
     return str(tmp_path / "out")
 
 
-def test_scenes_with_nodata_are_refused_before_anything_is_written(tmp_path) -> None:
-    source = committed_source(tmp_path, crop_row(random_crop(4, [0, 0, 40, 30]), 0, 2, 4, True))
-    with pytest.raises(RefilterError, match="had nodata in tile 2; refilter remakes images without nodata"):
+def test_a_nodata_tile_keeps_its_valid_pixels_on_its_first_row() -> None:
+    valid = np.zeros((30, 40), dtype=bool)
+    valid[5:25, 3:31] = True
+    first, second = (crop_row(random_crop(4, [0, 0, 40, 30]), index, 2, 4, valid) for index in (0, 1))
+    assert first["nodata"] and second["nodata"] and second["valid"] is None
+    assert np.array_equal(decode_rle(first["valid"]).astype(bool), valid)
+    whole = crop_row(random_crop(4, [0, 0, 40, 30]), 0, 0, 1, None)
+    assert not whole["nodata"] and whole["valid"] is None
+
+
+def test_nodata_candidates_without_their_valid_pixels_are_refused(tmp_path) -> None:
+    """As an earlier sam-batch wrote them: nodata marked, valid pixels not kept."""
+    row = crop_row(random_crop(4, [0, 0, 40, 30]), 0, 2, 4, np.ones((30, 40), dtype=bool)) | {"valid": None}
+    source = committed_source(tmp_path, row)
+    with pytest.raises(RefilterError, match="had nodata in tile 2, but its candidates do not hold the tile's valid"):
         refilter(source, [], str(tmp_path / "new"))
     assert not (tmp_path / "new").exists()
 
 
 def test_the_floor_is_the_one_the_output_stored(tmp_path) -> None:
     floor = b'{"pred_iou_thresh": 0.7, "stability_score_thresh": 0.5}'
-    source = committed_source(tmp_path, crop_row(random_crop(5, [0, 0, 40, 30]), 0, 0, 1, False), floor)
+    source = committed_source(tmp_path, crop_row(random_crop(5, [0, 0, 40, 30]), 0, 0, 1, None), floor)
     with pytest.raises(RefilterError, match=r"amg.pred_iou_thresh 0.6 < 0.7"):
         refilter(source, ["amg.pred_iou_thresh=0.6"], str(tmp_path / "new"))
     assert not (tmp_path / "new").exists()
