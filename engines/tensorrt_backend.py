@@ -311,15 +311,7 @@ class TensorRTEngine:
         `min_iou` is accepted for the engine interface; the engine computes every mask anyway.
         """
         coords = torch.from_numpy(scale_coords(points.astype(np.float64), crop.crop_hw))[:, None, :]
-        logits, iou = [], []
-        for start in range(0, len(points), self.max_prompts):
-            chunk = coords[start : start + self.max_prompts]
-            out = self.decoder(
-                image_embeddings=crop.embedding, point_coords=chunk, point_labels=torch.ones(chunk.shape[:2])
-            )
-            logits.append(out["low_res_logits"])
-            iou.append(out["iou_predictions"])
-        return torch.cat(logits), torch.cat(iou)
+        return self._in_chunks(self.decoder, crop, coords, torch.ones(coords.shape[:2]))
 
     def predict(
         self,
@@ -342,18 +334,30 @@ class TensorRTEngine:
             )
         if self.predictor is None:
             self.predictor = self.make_predictor()
-        scaled, tags_in = torch.from_numpy(scale_coords(coords, crop.crop_hw)), torch.from_numpy(tags)
+        scaled = torch.from_numpy(scale_coords(coords, crop.crop_hw))
+        logits, iou = self._in_chunks(self.predictor, crop, scaled, torch.from_numpy(tags))
+        kept = slice(1, 4) if multimask else slice(0, 1)
+        return logits[:, kept], iou[:, kept]
+
+    def _in_chunks(
+        self,
+        graph: Callable[..., dict[str, torch.Tensor]],
+        crop: CropEmbedding,
+        coords: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`graph` (the decoder or the predictor) on prompts coords (B, N, 2) in the input frame
+        and labels (B, N), `max_prompts` at a time: its logits and IoUs, concatenated."""
         logits, iou = [], []
         for start in range(0, len(coords), self.max_prompts):
-            out = self.predictor(
+            out = graph(
                 image_embeddings=crop.embedding,
-                point_coords=scaled[start : start + self.max_prompts],
-                point_labels=tags_in[start : start + self.max_prompts],
+                point_coords=coords[start : start + self.max_prompts],
+                point_labels=labels[start : start + self.max_prompts],
             )
             logits.append(out["low_res_logits"])
             iou.append(out["iou_predictions"])
-        kept = slice(1, 4) if multimask else slice(0, 1)
-        return torch.cat(logits)[:, kept], torch.cat(iou)[:, kept]
+        return torch.cat(logits), torch.cat(iou)
 
     def upscale(self, crop: CropEmbedding, low_res: torch.Tensor) -> torch.Tensor:
         """Logits (K, 256, 256) → logits (K, h, w) at the crop's original size."""
