@@ -514,24 +514,24 @@ class Session:
         engine = self.engines.engine(MeasuredModel("vit_t", False), precision)
         files = sorted(self.args.prompts.glob("*.prompts.json"))
         cases = [
-            (self.images[f.name.removesuffix(".prompts.json")], f)
+            (f.name.removesuffix(".prompts.json"), f)
             for f in files
             if f.name.removesuffix(".prompts.json") in self.images
         ]
         if not cases:
             raise ValueError(f"no prompt file in {self.args.prompts} is for one of --images")
         worst_iou, worst_score, seconds, n_prompts = 1.0, 0.0, 0.0, 0
-        for image, path in cases:
+        for name, path in cases:
             reference = json.loads(path.read_text())["prompts"]
             prompts = [_prompt(p) for p in reference]
-            masks, took = time_prompts(engine, image, prompts, self.args.repeats, self.args.device)
+            masks, took = time_prompts(engine, self.images[name], prompts, self.args.repeats, self.args.device)
             seconds, n_prompts = seconds + took, n_prompts + len(prompts)
             for index, p in enumerate(reference):
                 mine = sorted((m for m in masks if m.prompt == index), key=lambda m: m.mask_index)
                 for mask, rle, score in zip(mine, p["masks"], p["scores"], strict=True):
                     worst_iou = min(worst_iou, _iou(mask.mask, rle))
                     worst_score = max(worst_score, abs(mask.mask.iou - score))
-        name = max((n for n, image in self.images.items() if any(image is i for i, _ in cases)), key=self._area)
+        name = max((name for name, _ in cases), key=lambda n: self.images[n].shape[0] * self.images[n].shape[1])
         boxes = _random_boxes(self.images[name].shape[:2], self.args.prompt_boxes)
         box_masks, boxes_seconds = time_prompts(engine, self.images[name], boxes, self.args.repeats, self.args.device)
         row = {
@@ -549,47 +549,53 @@ class Session:
             row |= self._reference_prompts(engine, {name: boxes}, box_masks)
         self.results.add(row)
 
-    def _area(self, name: str) -> int:
-        return self.images[name].shape[0] * self.images[name].shape[1]
-
     def _reference_prompts(self, engine, one_image: dict[str, list], box_masks: list) -> dict:
         """MobileSAM's `SamPredictor` (fp32, on --device, in --reference-python) looping over the
         same random boxes, then over --prompts-per-image boxes on each of --images, beside ours:
         prompts/s of each and max |Δ score| (ours at this precision against its fp32). The
         reference runs once, for the first precision; later ones reuse its figures."""
+        per_image = {n: _random_boxes(image.shape[:2], self.args.prompts_per_image) for n, image in self.images.items()}
+        many_masks, many_seconds = time_prompts_per_image(engine, self.images, per_image, self.args.device)
+        cases = {"boxes": (one_image, box_masks), "many": (per_image, many_masks)}
+        if not self.predictor_reference:
+            self.predictor_reference = self._run_reference_predictor({key: boxes for key, (boxes, _) in cases.items()})
+        found = {}
+        for key, (boxes, masks) in cases.items():
+            reference = self.predictor_reference[key]
+            scores = [m.mask.iou for m in masks]
+            found[f"reference_{key}_per_second"] = round(sum(map(len, boxes.values())) / reference["seconds"], 1)
+            found[f"reference_{key}_max_score_delta"] = float(
+                f"{max(abs(a - b) for a, b in zip(scores, reference['scores'], strict=True)):.3g}"
+            )
+        n_many = sum(len(boxes) for boxes in per_image.values())
+        return found | {"many_boxes": n_many, "many_per_second": round(n_many / many_seconds, 1)}
+
+    def _run_reference_predictor(self, cases: dict[str, dict[str, list]]) -> dict[str, dict]:
+        """The reference driver's JSON for each case (its box prompts by image name), the images
+        saved once for all of them."""
         import torch
 
         from benchmarks.prompts import Case, run_reference
         from benchmarks.reference import save_pixels
         from sam_batch.engines.checkpoints import resolve_checkpoint
 
-        per_image = {n: _random_boxes(image.shape[:2], self.args.prompts_per_image) for n, image in self.images.items()}
-        many_masks, many_seconds = time_prompts_per_image(engine, self.images, per_image, self.args.device)
-        cases = {"boxes": (one_image, box_masks), "many": (per_image, many_masks)}
+        checkpoint = resolve_checkpoint("vit_t", self.args.checkpoint, None)
         found = {}
         with tempfile.TemporaryDirectory(prefix="bench-gpu-predictor-") as tmp:
             pixels = dict(zip(self.images, save_pixels(list(self.images.values()), Path(tmp))))
-            for key, (boxes, masks) in cases.items():
+            for key, boxes in cases.items():
                 case = Case(key, [(n, [list(p.box) for p in prompts]) for n, prompts in boxes.items()])
-                if key not in self.predictor_reference:
-                    self.predictor_reference[key], _ = run_reference(
-                        Path(self.args.reference_python),
-                        case,
-                        pixels,
-                        resolve_checkpoint("vit_t", self.args.checkpoint, None),
-                        model_type="vit_t",
-                        threads=torch.get_num_threads(),
-                        device=self.args.device,
-                        isolated=False,
-                    )
-                reference = self.predictor_reference[key]
-                scores = [m.mask.iou for m in masks]
-                found[f"reference_{key}_per_second"] = round(case.n_prompts / reference["seconds"], 1)
-                found[f"reference_{key}_max_score_delta"] = float(
-                    f"{max(abs(a - b) for a, b in zip(scores, reference['scores'], strict=True)):.3g}"
+                found[key], _ = run_reference(
+                    Path(self.args.reference_python),
+                    case,
+                    pixels,
+                    checkpoint,
+                    model_type="vit_t",
+                    threads=torch.get_num_threads(),
+                    device=self.args.device,
+                    isolated=False,
                 )
-        n_many = sum(len(boxes) for boxes in per_image.values())
-        return found | {"many_boxes": n_many, "many_per_second": round(n_many / many_seconds, 1)}
+        return found
 
     def _agreement(self, compared: str, spec: MeasuredModel, ours: dict, theirs: dict) -> None:
         self.results.add(agreement_row(compared, spec.label, ours, theirs))
@@ -598,11 +604,11 @@ class Session:
 def time_prompts(engine, image: np.ndarray, prompts: list, repeats: int, device: str) -> tuple[list, float]:
     """The masks of `prompts` on `image` (one window: the photo whole) and the best of
     `repeats` seconds, after one warm-up, the device synchronised."""
-    from sam_batch.pipeline.prompts import plan_prompts, segment_prompts
+    from benchmarks.prompts import photo_plan
+    from sam_batch.pipeline.prompts import segment_prompts
     from sam_batch.pipeline.rasters import ArrayScene
 
-    height, width = image.shape[:2]
-    plan = plan_prompts(prompts, width, height, None, None, max(height, width), 0, 0)
+    plan = photo_plan(image, prompts)
     scene = ArrayScene(image)
     segment_prompts(engine, scene, plan, False, lambda: None)
     best = math.inf
@@ -621,19 +627,13 @@ def time_prompts_per_image(
     """Each image's `boxes` (one window: the photo whole) one image after the other, as the
     reference predictor loops: the masks in image order and the seconds of one pass after a
     warm-up on the first image's first box, the device synchronised."""
-    from sam_batch.pipeline.prompts import plan_prompts, segment_prompts
-    from sam_batch.pipeline.rasters import ArrayScene
-
-    def segment(name: str, prompts: list) -> list:
-        height, width = images[name].shape[:2]
-        plan = plan_prompts(prompts, width, height, None, None, max(height, width), 0, 0)
-        return segment_prompts(engine, ArrayScene(images[name]), plan, False, lambda: None)
+    from benchmarks.prompts import segment_photo
 
     first = next(iter(boxes))
-    segment(first, boxes[first][:1])
+    segment_photo(engine, images[first], boxes[first][:1])
     _synchronize(device)
     started = time.perf_counter()
-    masks = [mask for name, prompts in boxes.items() for mask in segment(name, prompts)]
+    masks = [mask for name, prompts in boxes.items() for mask in segment_photo(engine, images[name], prompts)]
     _synchronize(device)
     return masks, time.perf_counter() - started
 

@@ -145,18 +145,30 @@ def run_reference(
     return json.loads(proc.stdout.strip().splitlines()[-1]), seconds
 
 
-def run_in_process(engine, case: Case, decoded: dict[str, np.ndarray]) -> tuple[float, list[float]]:
-    """`segment_prompts` per image of the case (each a photo: one window); seconds and scores."""
-    from sam_batch.pipeline.prompts import Prompt, plan_prompts, segment_prompts
+def photo_plan(image: np.ndarray, prompts: list):
+    """The `PromptPlan` of `prompts` on a photo (h, w, 3): one window, the photo whole, as
+    `raster.tiling: auto` keeps it."""
+    from sam_batch.pipeline.prompts import plan_prompts
+
+    height, width = image.shape[:2]
+    return plan_prompts(prompts, width, height, None, None, max(height, width), 0, 0)
+
+
+def segment_photo(engine, image: np.ndarray, prompts: list) -> list:
+    """`segment_prompts` of `prompts` on a photo as one window (`photo_plan`): its `PromptMask`s."""
+    from sam_batch.pipeline.prompts import segment_prompts
     from sam_batch.pipeline.rasters import ArrayScene
+
+    return segment_prompts(engine, ArrayScene(image), photo_plan(image, prompts), False, lambda: None)
+
+
+def run_in_process(engine, case: Case, decoded: dict[str, np.ndarray]) -> tuple[float, list[float]]:
+    """`segment_photo` per image of the case; seconds and scores."""
+    from sam_batch.pipeline.prompts import Prompt
 
     def segment(image: np.ndarray, boxes: list[list[float]]) -> list[float]:
         prompts = [Prompt(str(i), tuple(box), (), (), False) for i, box in enumerate(boxes)]
-        height, width = image.shape[:2]
-        side = max(height, width)  # a photo is one window, as `raster.tiling: auto` keeps it
-        plan = plan_prompts(prompts, width, height, None, None, side, 0, 0)
-        masks = segment_prompts(engine, ArrayScene(image), plan, False, lambda: None)
-        return [m.mask.iou for m in masks]
+        return [m.mask.iou for m in segment_photo(engine, image, prompts)]
 
     first, boxes = case.images[0]
     segment(decoded[first], boxes[:1])  # untimed: the first call's allocations
