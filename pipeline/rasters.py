@@ -18,11 +18,13 @@ a TIFF's bytes read whole (`images.decode_image` hands TIFFs to it).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Protocol
 
 import fsspec
 import numpy as np
+from fsspec.caching import BlockCache, register_cache
 
 from sam_batch.pipeline.errors import ImageError, raster_error_reason
 from sam_batch.pipeline.inputs import TIFF_MAGIC_BYTES, check_size, read_bytes, starts_like_tiff
@@ -56,6 +58,7 @@ FSSPEC_ONLY_OPTIONS = frozenset(
     }
 )
 REMOTE_BLOCK_BYTES = 2 * 2**20  # one range request of a remote raster (docs/benchmarks.md, "Rasters on S3")
+PARALLEL_BLOCK_READS = 8  # range requests at once when a window's blocks are fetched ahead of its read
 
 
 class Scene(Protocol):
@@ -141,19 +144,81 @@ def _size_or_none(fs: fsspec.AbstractFileSystem, path: str) -> int | None:
         return None
 
 
+class PrefetchedBlocks(BlockCache):
+    """fsspec's block cache (blocks of the file's block size, one range request each, the last
+    `maxblocks` kept) that can also be told which byte ranges a read is about to need (`fetch_ahead`):
+    their blocks are then fetched at once, `PARALLEL_BLOCK_READS` requests at a time, instead of
+    one after another as GDAL asks for them."""
+
+    name = "sam_batch_prefetched_blocks"
+
+    def fetch_ahead(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Fetch the blocks under byte `ranges` ((start, end), end exclusive), at most `maxblocks`."""
+        numbers = sorted(
+            {
+                number
+                for start, end in ranges
+                if 0 <= start < end
+                for number in range(start // self.blocksize, (min(end, self.size) - 1) // self.blocksize + 1)
+            }
+        )[: self.maxblocks]
+        if len(numbers) > 1:
+            with ThreadPoolExecutor(min(PARALLEL_BLOCK_READS, len(numbers))) as pool:
+                list(pool.map(self._fetch_block_cached, numbers))
+
+
+register_cache(PrefetchedBlocks, clobber=True)
+
+
 class BlockReads:
     """The filesystem rasterio reads a remote raster through: `fs` itself, but each file opened
-    to read in blocks of `REMOTE_BLOCK_BYTES` kept in fsspec's block cache, instead of the
-    back-end's default (s3fs: 50 MiB read ahead, the whole of most files)."""
+    to read in blocks of `REMOTE_BLOCK_BYTES` kept in a `PrefetchedBlocks` cache, instead of the
+    back-end's default (s3fs: 50 MiB read ahead, the whole of most files). `fetch_ahead` fetches
+    the blocks of byte ranges of every file it opened, requests in parallel."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem) -> None:
         self._fs = fs
+        self._opened: list = []
 
     def open(self, path: str, mode: str = "rb", **kwargs):
-        return self._fs.open(path, mode, block_size=REMOTE_BLOCK_BYTES, cache_type="blockcache", **kwargs)
+        file = self._fs.open(path, mode, block_size=REMOTE_BLOCK_BYTES, cache_type=PrefetchedBlocks.name, **kwargs)
+        self._opened.append(file)
+        return file
+
+    def fetch_ahead(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Fetch the blocks under byte `ranges` of the files opened here that are still open.
+        Best effort: a block that fails here is asked for again by the read that needs it, whose
+        failure is then the read's error."""
+        self._opened = [file for file in self._opened if not file.closed]
+        for file in self._opened:
+            cache = getattr(file, "cache", None)  # files of stores that stream have none
+            if isinstance(cache, PrefetchedBlocks):
+                try:
+                    cache.fetch_ahead(ranges)
+                except Exception:  # noqa: BLE001 - the read that follows reports the failure
+                    continue
 
     def __getattr__(self, name: str):
         return getattr(self._fs, name)
+
+
+def tiff_block_ranges(src, bands: Sequence[int], window: Window) -> list[tuple[int, int]]:
+    """Byte ranges (start, end exclusive) of the TIFF blocks (tiles or strips) under an XYXY
+    `window` of rasterio dataset `src`, for `bands` at full resolution; [] where GDAL does not
+    say where a block lies (not a TIFF). Blocks never written (sparse files) have no range."""
+    x0, y0, x1, y1 = window
+    block_height, block_width = src.block_shapes[bands[0] - 1]
+    ranges = set()
+    for band in dict.fromkeys(bands):
+        for row in range(y0 // block_height, (y1 - 1) // block_height + 1):
+            for column in range(x0 // block_width, (x1 - 1) // block_width + 1):
+                offset = src.get_tag_item(f"BLOCK_OFFSET_{column}_{row}", "TIFF", bidx=band)
+                size = src.get_tag_item(f"BLOCK_SIZE_{column}_{row}", "TIFF", bidx=band)
+                if offset is None or size is None:
+                    return []
+                if int(offset) > 0 and int(size) > 0:
+                    ranges.add((int(offset), int(offset) + int(size)))
+    return sorted(ranges)
 
 
 class RasterScene:
@@ -195,6 +260,7 @@ class RasterScene:
         where `gdal_s3_session` can hand it the job's storage options; any other store through
         its fsspec filesystem (`BlockReads`)."""
         rasterio = self._rasterio
+        self._block_reads: BlockReads | None = None
         fs, path = fsspec.core.url_to_fs(uri, **storage_options)
         self._file_bytes = _size_or_none(fs, path)
         protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
@@ -204,7 +270,8 @@ class RasterScene:
             session, settings = gdal_s3
             self._open.enter_context(rasterio.Env(session=session, **settings))
             return self._open.enter_context(rasterio.open(f"s3://{path}"))
-        return self._open.enter_context(rasterio.open(path, opener=BlockReads(fs)))
+        self._block_reads = BlockReads(fs)
+        return self._open.enter_context(rasterio.open(path, opener=self._block_reads))
 
     def _describe(self, bands: Sequence[int] | None, nodata: float | None, stretch: tuple[float, float] | None) -> None:
         src = self._src
@@ -259,6 +326,8 @@ class RasterScene:
         rio_window = self._rasterio.windows.Window(x0, y0, x1 - x0, y1 - y0)
         sized = {} if shape is None else {"resampling": self._rasterio.enums.Resampling.average}
         out_shape = None if shape is None else (len(self.bands), *shape)
+        if shape is None and self._block_reads is not None:
+            self._block_reads.fetch_ahead(tiff_block_ranges(self._src, self.bands, window))
         pixels = self._guarded(lambda: self._src.read(self.bands, window=rio_window, out_shape=out_shape, **sized))
         valid = self._valid(pixels, lambda: self._src.dataset_mask(window=rio_window, out_shape=shape))
         if self.palette is not None:

@@ -7,16 +7,21 @@ EPSG:32618), rewritten here as 16-bit, padded with nodata or stripped of its nod
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import duckdb
+import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import rasterio
 import shapely
+from fsspec.spec import AbstractBufferedFile
 from PIL import Image
 from rasterio.transform import Affine
 
@@ -25,7 +30,13 @@ from sam_batch.pipeline.errors import ImageError
 from sam_batch.pipeline.geometry import mask_geometry
 from sam_batch.pipeline.images import decode_image
 from sam_batch.pipeline.params import AmgParams
-from sam_batch.pipeline.rasters import RasterScene, apply_stretch, stretch_limits
+from sam_batch.pipeline.rasters import (
+    REMOTE_BLOCK_BYTES,
+    RasterScene,
+    apply_stretch,
+    stretch_limits,
+    tiff_block_ranges,
+)
 from sam_batch.pipeline.rle import decode_rle
 from sam_batch.pipeline.scenes import MAX_NODATA_FRACTION, MAX_WHOLE_PIXELS, segment_scene, tile_size_for
 from shared_data import IMAGES
@@ -160,6 +171,71 @@ def test_scene_over_fsspec_memory_filesystem() -> None:
     with RasterScene("memory://geo/landsat.tif") as remote, RasterScene(str(LANDSAT)) as local:
         window = (300, 300, 620, 560)
         assert np.array_equal(remote.read(window)[0], local.read(window)[0])
+
+
+class _InFlightFile(AbstractBufferedFile):
+    """A local file whose range requests each take `REQUEST_S` and are counted, as are those in
+    flight at once, in its filesystem's `counts`."""
+
+    REQUEST_S = 0.05
+
+    def _fetch_range(self, start: int, end: int) -> bytes:
+        counts, lock = _InFlightFileSystem.counts, _InFlightFileSystem.lock
+        with lock:
+            counts["requests"] += 1
+            counts["in_flight"] += 1
+            counts["most_in_flight"] = max(counts["most_in_flight"], counts["in_flight"])
+        time.sleep(self.REQUEST_S)
+        with lock:
+            counts["in_flight"] -= 1
+        with open(self.path, "rb") as file:
+            file.seek(start)
+            return file.read(end - start)
+
+
+class _InFlightFileSystem(fsspec.AbstractFileSystem):
+    """`inflight:///abs/path`: local files read through `_InFlightFile`."""
+
+    protocol = "inflight"
+    lock = threading.Lock()
+    counts = {"requests": 0, "in_flight": 0, "most_in_flight": 0}
+
+    def info(self, path: str, **kwargs) -> dict:
+        path = self._strip_protocol(path)
+        return {"name": path, "size": os.stat(path).st_size, "type": "directory" if os.path.isdir(path) else "file"}
+
+    def ls(self, path: str, detail: bool = True, **kwargs) -> list:
+        entries = [self.info(entry.path) for entry in os.scandir(self._strip_protocol(path))]
+        return entries if detail else [entry["name"] for entry in entries]
+
+    def _open(self, path: str, mode: str = "rb", block_size=None, autocommit=True, cache_options=None, **kwargs):
+        return _InFlightFile(self, path, mode, block_size or "default", cache_options=cache_options, **kwargs)
+
+
+def test_a_windows_blocks_are_fetched_together_from_a_remote_store(tmp_path: Path) -> None:
+    """Over an fsspec store, the blocks of `REMOTE_BLOCK_BYTES` under a window of a tiled TIFF
+    are fetched before GDAL reads them, several range requests at once, each block once; the
+    pixels are the disk's."""
+    path = tmp_path / "noise.tif"
+    noise = np.random.default_rng(0).integers(0, 256, (3, 2048, 2048), dtype=np.uint8)  # 12 MiB, incompressible
+    profile = {"driver": "GTiff", "width": 2048, "height": 2048, "count": 3, "dtype": "uint8"}
+    with rasterio.open(path, "w", tiled=True, blockxsize=512, blockysize=512, **profile) as out:
+        out.write(noise)
+    window = (300, 300, 1400, 1400)  # 3 x 3 tiles of 768 KiB, in 3 rows 3 MiB apart
+    with rasterio.open(path) as src:
+        ranges = tiff_block_ranges(src, [1, 2, 3], window)
+    blocks = {
+        n for start, end in ranges for n in range(start // REMOTE_BLOCK_BYTES, (end - 1) // REMOTE_BLOCK_BYTES + 1)
+    }
+    assert len(ranges) == 9 and len(blocks) > 2
+    fsspec.register_implementation(_InFlightFileSystem.protocol, _InFlightFileSystem, clobber=True)
+    counts = _InFlightFileSystem.counts
+    with RasterScene(f"inflight://{path}") as remote:
+        counts.update(requests=0, most_in_flight=0)  # the opening's requests left out
+        rgb, valid = remote.read(window)
+    np.testing.assert_array_equal(rgb, np.moveaxis(noise[:, 300:1400, 300:1400], 0, -1))
+    assert valid is None
+    assert counts["most_in_flight"] > 1 and counts["requests"] <= len(blocks)
 
 
 # --- polygons --------------------------------------------------------------------------------
