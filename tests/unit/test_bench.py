@@ -206,13 +206,13 @@ def test_a_loaded_run_prints_not_valid() -> None:
     result = example_result(max_load=2.5)  # above its 2 threads
     cells = [c.strip() for c in format_table([result]).splitlines()[2].strip("|").split("|")]
     assert cells[4] == "2.50× NOT VALID" and cells[5] == "2.50"
-    whole = WholeProcess(300.0, 60.0, [Agreement(1.0, 1.0, 1.0)], max_load=2.2, cores=2)
+    whole = WholeProcess(300.0, 60.0, [Agreement(1.0, 1.0, 1.0)], max_load=2.3, cores=2)
     assert "5.00× NOT VALID" in format_whole_process(whole, 1)
     assert verdict([result], whole) == [
-        "NOT VALID: dog.jpg: 1-minute load reached 2.50 above 2 threads",
-        "NOT VALID: whole process: 1-minute load reached 2.20 above 2 cores",
+        "NOT VALID: dog.jpg: 1-minute load reached 2.50, above 2 threads + 0.25",
+        "NOT VALID: whole process: 1-minute load reached 2.30, above 2 cores + 0.25",
     ]
-    assert verdict([example_result(max_load=2.0)], None) == []  # at the limit: valid
+    assert verdict([example_result(max_load=2.25)], None) == []  # at the limit (threads + LOAD_MARGIN): valid
 
 
 def test_drift_beyond_15_percent_either_way_is_flagged() -> None:
@@ -347,7 +347,7 @@ def test_doc_section_names_machine_versions_command_date_and_verdict(tmp_path: P
         "note: other work ran meanwhile",
         "| dog.jpg |",
         "2.50× NOT VALID",
-        "- NOT VALID: dog.jpg: 1-minute load reached 2.75 above 2 threads",
+        "- NOT VALID: dog.jpg: 1-minute load reached 2.75, above 2 threads + 0.25",
         "| dog.jpg | 2 | sam-batch, reference | 160.0 | 70.0 | 2.75 |",
         "| start to exit | 1 | 320.0 | 80.0 | 4.00× | 1.50 |",
     ):
