@@ -86,7 +86,21 @@ class SceneMask:
     edge of its tile; parts: indexes, into `merge_tiles`'s input, of the masks it stands for.
     """
 
-    __slots__ = ("bits", "width", "_area", "x0", "y0", "iou", "stability", "point", "crop_box", "tile", "cut", "parts")
+    __slots__ = (
+        "bits",
+        "width",
+        "height",
+        "_area",
+        "x0",
+        "y0",
+        "iou",
+        "stability",
+        "point",
+        "crop_box",
+        "tile",
+        "cut",
+        "parts",
+    )
 
     def __init__(
         self,
@@ -116,13 +130,13 @@ class SceneMask:
     def pixels(self, pixels: np.ndarray) -> None:
         pixels = np.asarray(pixels, dtype=bool)
         self.bits = np.packbits(pixels, axis=1)
-        self.width = pixels.shape[1]
+        self.height, self.width = pixels.shape
         self._area = int(np.count_nonzero(pixels))
 
     @property
     def box(self) -> tuple[int, int, int, int]:
         """XYXY in image pixels, last pixel inclusive (the reference generator's boxes)."""
-        return self.x0, self.y0, self.x0 + self.width - 1, self.y0 + self.bits.shape[0] - 1
+        return self.x0, self.y0, self.x0 + self.width - 1, self.y0 + self.height - 1
 
     @property
     def area(self) -> int:
@@ -359,7 +373,7 @@ def _merge_parts(
         return i
 
     for i, j in pairs.tolist():
-        if _same_object(masks[i], masks[j], tiles):
+        if root(i) != root(j) and _same_object(masks[i], masks[j], tiles):
             group[root(j)] = root(i)
     groups: dict[int, list[SceneMask]] = {}
     for i in sorted(group, key=lambda i: rank[i]):
@@ -380,7 +394,7 @@ def _union(members: list[SceneMask], tiles: list[Tile]) -> SceneMask:
     x1, y1 = boxes[:, 2:].max(axis=0) + 1
     pixels = np.zeros((y1 - y0, x1 - x0), dtype=bool)
     for m in members:
-        height, width = m.bits.shape[0], m.width
+        height, width = m.height, m.width
         pixels[m.y0 - y0 : m.y0 - y0 + height, m.x0 - x0 : m.x0 - x0 + width] |= m.pixels
     windows = np.array([tiles[m.tile].window for m in members])
     hull = [int(windows[:, 0].min()), int(windows[:, 1].min()), int(windows[:, 2].max()), int(windows[:, 3].max())]
