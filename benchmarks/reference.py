@@ -941,7 +941,7 @@ def _bench(args: argparse.Namespace, python: Path, argv: list[str]) -> int:
             machine,
             model_type=args.model,
             points_per_side=args.points_per_side,
-            command=shlex.join(["sam-batch", "bench", *argv]),
+            command=shlex.join(["python", "-m", "benchmarks.reference", *argv]),
             when=when,
             note=args.note,
         )
