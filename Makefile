@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 # The CPU build of torch from this machine's disk; an unpinned torch would pull a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo lint test test-unit test-fast bench bench-env bench-prompts bench-memory bench-export bench-pipeline gpu-kit
+.PHONY: install demo lint test test-unit test-fast bench bench-env bench-prompts bench-memory bench-export bench-pipeline bench-overhead gpu-kit
 
 install: $(VENV)/.installed
 
@@ -63,6 +63,12 @@ bench: install bench-env
 PROMPTS_ARGS ?=
 bench-prompts: install bench-env
 	$(VENV)/bin/python -m benchmarks.prompts --ref-venv $(REF_VENV) --write-doc $(PROMPTS_ARGS)
+
+# What `sam-batch run` costs beyond the model: a run over one 64x64 image start to exit (in process
+# and on Ray), and one photo's segment seconds in process against in a Ray actor
+# (benchmarks/run_overhead.py); Markdown on stdout, exit 3 when NOT VALID.
+bench-overhead: install
+	$(VENV)/bin/python -m benchmarks.run_overhead
 
 # Peak memory of the driver and every Ray worker over 100 and then 1,000 small images
 # (benchmarks/ray_memory.py); about 10-20 minutes on 2 cores.
