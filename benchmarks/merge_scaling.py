@@ -252,7 +252,7 @@ def main() -> None:
         row = json.loads(subprocess.check_output(command, text=True))
         print(
             f"| {size:,}² | {row['tiles']:,} | {row['masks']:,} | {row['cut']:,} | {row['merged']:,} | "
-            f"{row['held_mib']:,.0f} | {row['peak_mib']:,.0f} | {row['merge_wall_s']:.1f} | {row['merge_cpu_s']:.1f} |",
+            f"{row['held_mib']:,.0f} | {row['peak_mib']:,.0f} | {row['merge_wall_s']:.2f} | {row['merge_cpu_s']:.2f} |",
             flush=True,
         )
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
