@@ -272,7 +272,9 @@ def test_the_projects_doc_carries_the_rules_and_the_seeded_baselines() -> None:
         for b in parse_baselines(text)
         if (b.points_per_side, b.threads, b.side) == (32, 2, "reference")
     }
-    assert references == {"dog.jpg": 166.0, "groceries.jpg": 162.2}
+    assert references == {"dog.jpg": 166.0, "groceries.jpg": 162.2, "rocket.png": 138.8, "coffee.png": 135.3}
+    ours = {b.image: b.seconds for b in parse_baselines(text) if b.side == "sam-batch"}
+    assert ours == {"rocket.png": 14.9, "coffee.png": 13.8}
 
 
 @pytest.mark.parametrize(
