@@ -39,9 +39,12 @@ from benchmarks.reference import (
     LOAD_MARGIN,
     LOAD_SAMPLE_S,
     MIN_ROUNDS,
+    BenchError,
     LoadSampler,
+    check_exit,
     cpu_model,
     load_is_valid,
+    write_run_job,
 )
 
 TINY_SIDE_PX = 64
@@ -95,23 +98,6 @@ class Comparison:
         return load_is_valid(self.max_load, self.cores)
 
 
-def write_job(workdir: Path, uri: Path, points: int, executor: str, checkpoint: str | None) -> Path:
-    """workdir/job.yaml: one image at `points`² points, output in workdir/out."""
-    import yaml
-
-    job = {
-        "name": "run-overhead",
-        "input": {"uris": [str(uri)]},
-        "model": {"type": "vit_t", "checkpoint": checkpoint},
-        "amg": {"points_per_side": points},
-        "output": {"uri": str(workdir / "out")},
-        "run": {"executor": executor},
-    }
-    path = workdir / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
-
-
 def time_run(job_file: Path, variant: str, sampler: LoadSampler) -> RunTiming:
     """`sam-batch run job_file` in a fresh process over a fresh output, timed start to exit."""
     shutil.rmtree(job_file.parent / "out", ignore_errors=True)
@@ -122,9 +108,7 @@ def time_run(job_file: Path, variant: str, sampler: LoadSampler) -> RunTiming:
     )
     seconds = time.perf_counter() - started
     max_load = sampler.max_since(mark)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SystemExit(f"benchmarks.run_overhead: sam-batch run ({variant}) failed: {last}")
+    check_exit(proc, proc.stderr, f"sam-batch run ({variant})")
     summary = json.loads((job_file.parent / "out" / "run.json").read_text())
     return RunTiming(
         variant, seconds, summary["executor"], summary["stage_seconds"]["segment"], summary["masks"], max_load
@@ -139,7 +123,15 @@ def compare(
     for executor in executors:
         workdir = root / f"{title.split()[0]}-{executor}"
         workdir.mkdir(parents=True)
-        jobs[executor] = write_job(workdir, image, points, executor, checkpoint)
+        jobs[executor] = write_run_job(
+            workdir,
+            "run-overhead",
+            [str(image)],
+            model_type="vit_t",
+            checkpoint=checkpoint,
+            points_per_side=points,
+            run={"executor": executor},
+        )
     sampler = LoadSampler()
     sampler.start()
     try:
@@ -208,6 +200,9 @@ def main(argv: list[str]) -> int:
             photo = compare(
                 "photo in a run", args.photo, PHOTO_POINTS, ("local", "ray"), args.rounds, args.checkpoint, root
             )
+    except BenchError as error:
+        print(f"benchmarks.run_overhead: {error}", file=sys.stderr)
+        return 1
     finally:
         shutil.rmtree(root, ignore_errors=True)
     lines = [
