@@ -7,11 +7,9 @@ EPSG:32618), rewritten here as 16-bit, padded with nodata or stripped of its nod
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import duckdb
@@ -21,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 import rasterio
 import shapely
-from fsspec.spec import AbstractBufferedFile
 from PIL import Image
 from rasterio.transform import Affine
 
+from benchmarks.latency_store import LatencyFile, LatencyFileSystem
 from sam_batch.engines.factory import build_engine
 from sam_batch.pipeline.errors import ImageError
 from sam_batch.pipeline.geometry import mask_geometry
@@ -173,11 +171,9 @@ def test_scene_over_fsspec_memory_filesystem() -> None:
         assert np.array_equal(remote.read(window)[0], local.read(window)[0])
 
 
-class _InFlightFile(AbstractBufferedFile):
-    """A local file whose range requests each take `REQUEST_S` and are counted, as are those in
-    flight at once, in its filesystem's `counts`."""
-
-    REQUEST_S = 0.05
+class _InFlightFile(LatencyFile):
+    """A file of `latency://` (each range request after its filesystem's latency) whose requests
+    are counted, as are those in flight at once, in `_InFlightFileSystem.counts`."""
 
     def _fetch_range(self, start: int, end: int) -> bytes:
         counts, lock = _InFlightFileSystem.counts, _InFlightFileSystem.lock
@@ -185,28 +181,19 @@ class _InFlightFile(AbstractBufferedFile):
             counts["requests"] += 1
             counts["in_flight"] += 1
             counts["most_in_flight"] = max(counts["most_in_flight"], counts["in_flight"])
-        time.sleep(self.REQUEST_S)
-        with lock:
-            counts["in_flight"] -= 1
-        with open(self.path, "rb") as file:
-            file.seek(start)
-            return file.read(end - start)
+        try:
+            return super()._fetch_range(start, end)
+        finally:
+            with lock:
+                counts["in_flight"] -= 1
 
 
-class _InFlightFileSystem(fsspec.AbstractFileSystem):
-    """`inflight:///abs/path`: local files read through `_InFlightFile`."""
+class _InFlightFileSystem(LatencyFileSystem):
+    """`inflight:///abs/path`: the benchmarks' `latency://` store, its files counting their requests."""
 
     protocol = "inflight"
     lock = threading.Lock()
     counts = {"requests": 0, "in_flight": 0, "most_in_flight": 0}
-
-    def info(self, path: str, **kwargs) -> dict:
-        path = self._strip_protocol(path)
-        return {"name": path, "size": os.stat(path).st_size, "type": "directory" if os.path.isdir(path) else "file"}
-
-    def ls(self, path: str, detail: bool = True, **kwargs) -> list:
-        entries = [self.info(entry.path) for entry in os.scandir(self._strip_protocol(path))]
-        return entries if detail else [entry["name"] for entry in entries]
 
     def _open(self, path: str, mode: str = "rb", block_size=None, autocommit=True, cache_options=None, **kwargs):
         return _InFlightFile(self, path, mode, block_size or "default", cache_options=cache_options, **kwargs)
@@ -230,7 +217,7 @@ def test_a_windows_blocks_are_fetched_together_from_a_remote_store(tmp_path: Pat
     assert len(ranges) == 9 and len(blocks) > 2
     fsspec.register_implementation(_InFlightFileSystem.protocol, _InFlightFileSystem, clobber=True)
     counts = _InFlightFileSystem.counts
-    with RasterScene(f"inflight://{path}") as remote:
+    with RasterScene(f"inflight://{path}", {"latency_s": 0.05}) as remote:
         counts.update(requests=0, most_in_flight=0)  # the opening's requests left out
         rgb, valid = remote.read(window)
     np.testing.assert_array_equal(rgb, np.moveaxis(noise[:, 300:1400, 300:1400], 0, -1))
