@@ -35,6 +35,7 @@ the number of masks, not its square. Masks are held as their boxes' bits packed 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from itertools import combinations
@@ -122,6 +123,29 @@ class SceneMask:
         self.tile, self.cut = tile, cut
         self.parts = [] if parts is None else parts
 
+    @classmethod
+    def from_bits(
+        cls,
+        bits: np.ndarray,
+        width: int,
+        x0: int,
+        y0: int,
+        scored: SceneMask,
+        crop_box: list[int],
+        tile: int,
+        parts: list[int],
+    ) -> SceneMask:
+        """A mask whose box's rows are already packed: bits uint8 (h, ceil(width / 8)) as
+        `np.packbits(pixels, axis=1)` makes them (padding bits 0), at image pixel (x0, y0); its
+        scores, prompt and `cut` those of `scored`."""
+        mask = cls.__new__(cls)
+        mask.bits, mask.height, mask.width = bits, len(bits), width
+        mask._area = int(np.count_nonzero(np.unpackbits(bits)))
+        mask.x0, mask.y0 = x0, y0
+        mask.iou, mask.stability, mask.point, mask.cut = scored.iou, scored.stability, scored.point, scored.cut
+        mask.crop_box, mask.tile, mask.parts = crop_box, tile, parts
+        return mask
+
     @property
     def pixels(self) -> np.ndarray:
         return np.unpackbits(self.bits, axis=1, count=self.width).view(bool)
@@ -169,10 +193,10 @@ def merge_tiles(masks: list[SceneMask], tiles: list[Tile], iou_threshold: float)
         return masks
     for index, mask in enumerate(masks):
         mask.parts = [index]
-    boxes = np.array([m.box for m in masks], dtype=np.int64).reshape(-1, 4)
-    tile_of = np.array([m.tile for m in masks], dtype=np.int64)
-    cut = np.array([m.cut for m in masks], dtype=bool)
-    areas = np.array([m.area for m in masks], dtype=np.int64)
+    field = functools.partial(_field, masks)
+    x0, y0 = field("x0"), field("y0")
+    boxes = np.stack([x0, y0, x0 + field("width") - 1, y0 + field("height") - 1], axis=1)
+    tile_of, cut, areas = field("tile"), field("cut", bool), field("_area")
     overlaps = _Overlaps(masks, boxes, areas, _touching_pairs(boxes, tile_of, tiles))
     order = _priority_order(masks, boxes, tile_of, cut, tiles)
     kept = _nms_across_tiles(order, boxes, overlaps, iou_threshold)
@@ -183,6 +207,11 @@ def merge_tiles(masks: list[SceneMask], tiles: list[Tile], iou_threshold: float)
     part_pairs = overlaps.pairs[is_part[overlaps.pairs].all(axis=1)]
     stitched = _merge_parts(masks, np.flatnonzero(is_part), rank, part_pairs, tiles)
     return sorted(whole + stitched, key=lambda m: (m.tile, m.parts[0]))
+
+
+def _field(masks: list[SceneMask], name: str, dtype: type = np.int64) -> np.ndarray:
+    """(N,) one attribute of every mask."""
+    return np.fromiter((getattr(m, name) for m in masks), dtype=dtype, count=len(masks))
 
 
 def _priority_order(
@@ -332,24 +361,54 @@ def _view(mask: SceneMask, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
     return np.unpackbits(rows, axis=1)[:, left - 8 * first_byte : right - 8 * first_byte].view(bool)
 
 
-def _same_object(a: SceneMask, b: SceneMask, tiles: list[Tile]) -> bool:
-    """Parts of two tiles agree (IoU >= SAME_OBJECT_IOU) over the window both tiles see."""
-    wa, wb = tiles[a.tile].window, tiles[b.tile].window
-    shared = (max(wa[0], wb[0]), max(wa[1], wb[1]), min(wa[2], wb[2]), min(wa[3], wb[3]))
-    a_in, b_in = _clip(a.box, shared), _clip(b.box, shared)
-    both = _clip((b_in[0], b_in[1], b_in[2] - 1, b_in[3] - 1), a_in) if a_in and b_in else None
-    if both is None:
-        return False  # no pixel in both: IoU 0
-    pixels_a, pixels_b = _view(a, *a_in), _view(b, *b_in)
-    x0, y0, x1, y1 = both
-    inter = int(
-        np.count_nonzero(
-            pixels_a[y0 - a_in[1] : y1 - a_in[1], x0 - a_in[0] : x1 - a_in[0]]
-            & pixels_b[y0 - b_in[1] : y1 - b_in[1], x0 - b_in[0] : x1 - b_in[0]]
+class _PartsAgree:
+    """Step 4's test, `agree(i, j)`: masks i and j, parts from two tiles, agree (IoU >=
+    `SAME_OBJECT_IOU`) over the window both tiles see.
+
+    Asked pair after pair of one pair of tiles (as `_touching_pairs` lists them), it unpacks each
+    part's pixels on that pair's shared window once, and forgets them at the next pair of tiles.
+    """
+
+    def __init__(self, masks: list[SceneMask], tiles: list[Tile]) -> None:
+        self.masks, self.tiles = masks, tiles
+        self._tile_pair: tuple[int, int] | None = None
+        self._on_strip: dict[int, tuple[tuple[int, int, int, int], np.ndarray, int] | None] = {}
+
+    def __call__(self, i: int, j: int) -> bool:
+        tile_pair = (min(self.masks[i].tile, self.masks[j].tile), max(self.masks[i].tile, self.masks[j].tile))
+        if tile_pair != self._tile_pair:
+            self._tile_pair, self._on_strip = tile_pair, {}
+        a, b = self._pixels_on_strip(i, j), self._pixels_on_strip(j, i)
+        if a is None or b is None:
+            return False  # no pixel in both: IoU 0
+        (ax0, ay0, ax1, ay1), pixels_a, count_a = a
+        (bx0, by0, bx1, by1), pixels_b, count_b = b
+        if min(count_a, count_b) < SAME_OBJECT_IOU * max(count_a, count_b):
+            return False  # IoU <= the smaller count over the larger
+        x0, y0, x1, y1 = max(ax0, bx0), max(ay0, by0), min(ax1, bx1), min(ay1, by1)
+        if x0 >= x1 or y0 >= y1:
+            return False
+        inter = int(
+            np.count_nonzero(
+                pixels_a[y0 - ay0 : y1 - ay0, x0 - ax0 : x1 - ax0] & pixels_b[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
+            )
         )
-    )
-    union = int(np.count_nonzero(pixels_a)) + int(np.count_nonzero(pixels_b)) - inter
-    return union > 0 and inter >= SAME_OBJECT_IOU * union
+        union = count_a + count_b - inter
+        return union > 0 and inter >= SAME_OBJECT_IOU * union
+
+    def _pixels_on_strip(self, i: int, j: int) -> tuple[tuple[int, int, int, int], np.ndarray, int] | None:
+        """Mask i's box cut to the window its tile shares with mask j's (XYXY, end exclusive),
+        its bool pixels there and their count; None where its box misses that window."""
+        if i not in self._on_strip:
+            mask = self.masks[i]
+            wa, wb = self.tiles[mask.tile].window, self.tiles[self.masks[j].tile].window
+            inside = _clip(mask.box, (max(wa[0], wb[0]), max(wa[1], wb[1]), min(wa[2], wb[2]), min(wa[3], wb[3])))
+            if inside is None:
+                self._on_strip[i] = None
+            else:
+                pixels = _view(mask, *inside)
+                self._on_strip[i] = (inside, pixels, int(np.count_nonzero(pixels)))
+        return self._on_strip[i]
 
 
 def _clip(box: tuple[int, int, int, int], window: tuple[int, int, int, int]) -> tuple[int, int, int, int] | None:
@@ -372,8 +431,9 @@ def _merge_parts(
             i = group[i]
         return i
 
+    agree = _PartsAgree(masks, tiles)
     for i, j in pairs.tolist():
-        if root(i) != root(j) and _same_object(masks[i], masks[j], tiles):
+        if root(i) != root(j) and agree(i, j):
             group[root(j)] = root(i)
     groups: dict[int, list[SceneMask]] = {}
     for i in sorted(group, key=lambda i: rank[i]):
@@ -384,30 +444,38 @@ def _merge_parts(
 def _union(members: list[SceneMask], tiles: list[Tile]) -> SceneMask:
     """One mask from the parts of one object; scores, prompt and tile of its largest part.
 
-    crop_box becomes the XYXY hull of the parts' tile windows.
+    crop_box becomes the XYXY hull of the parts' tile windows. The parts' bits are shifted into
+    the union's packed rows, never unpacked.
     """
     if len(members) == 1:
         return members[0]
     largest = max(members, key=lambda m: (m.area, -m.tile))
-    boxes = np.array([m.box for m in members])
-    x0, y0 = boxes[:, :2].min(axis=0)
-    x1, y1 = boxes[:, 2:].max(axis=0) + 1
-    pixels = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+    x0, y0 = min(m.x0 for m in members), min(m.y0 for m in members)
+    x1, y1 = max(m.x0 + m.width for m in members), max(m.y0 + m.height for m in members)
+    bits = np.zeros((y1 - y0, (x1 - x0 + 7) // 8 + 1), dtype=np.uint8)  # a spare byte for the shifts
     for m in members:
-        height, width = m.height, m.width
-        pixels[m.y0 - y0 : m.y0 - y0 + height, m.x0 - x0 : m.x0 - x0 + width] |= m.pixels
-    windows = np.array([tiles[m.tile].window for m in members])
-    hull = [int(windows[:, 0].min()), int(windows[:, 1].min()), int(windows[:, 2].max()), int(windows[:, 3].max())]
+        rows, (byte, shift) = bits[m.y0 - y0 : m.y0 - y0 + m.height], divmod(m.x0 - x0, 8)
+        width = m.bits.shape[1]
+        if shift:
+            rows[:, byte : byte + width] |= m.bits >> shift
+            rows[:, byte + 1 : byte + 1 + width] |= m.bits << (8 - shift)
+        else:
+            rows[:, byte : byte + width] |= m.bits
+    windows = [tiles[m.tile].window for m in members]
+    hull = [
+        min(w[0] for w in windows),
+        min(w[1] for w in windows),
+        max(w[2] for w in windows),
+        max(w[3] for w in windows),
+    ]
     first = min(members, key=lambda m: (m.tile, m.parts[0]))
-    return SceneMask(
-        pixels=pixels,
-        x0=int(x0),
-        y0=int(y0),
-        iou=largest.iou,
-        stability=largest.stability,
-        point=largest.point,
-        crop_box=hull,
-        tile=first.tile,
-        cut=largest.cut,
-        parts=sorted(i for m in members for i in m.parts),
+    return SceneMask.from_bits(
+        np.ascontiguousarray(bits[:, :-1]),
+        x1 - x0,
+        x0,
+        y0,
+        largest,
+        hull,
+        first.tile,
+        sorted(i for m in members for i in m.parts),
     )
