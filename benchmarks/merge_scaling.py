@@ -13,7 +13,7 @@ RSS it had before building the scene, with the masks held and after the merge, a
 wall and CPU seconds. `--before COMMIT` runs that commit's `pipeline/tiles.py` instead (read
 with `git show`; its masks held as bool boxes, as it held them).
 
-    .venv/bin/python benchmarks/merge_scaling.py [SIZE ...] [--before COMMIT]
+    .venv/bin/python benchmarks/merge_scaling.py [SIZE ...] [--rounds N] [--before COMMIT]
 """
 
 from __future__ import annotations
@@ -236,6 +236,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sizes", nargs="*", type=int, default=list(SIZES))
     parser.add_argument("--before", metavar="COMMIT", help="run this commit's pipeline/tiles.py")
+    parser.add_argument("--rounds", type=int, default=1, help="fresh processes per size, sizes alternating")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -244,18 +245,31 @@ def main() -> None:
     label = f"tiles.py of {args.before}" if args.before else "this checkout"
     print(f"merge_tiles, {label}; load average before: {os.getloadavg()[0]:.2f}\n")
     print(
-        "| scene | tiles | masks | cut | merged | masks held, MiB | peak RSS growth, MiB | merge wall s | merge CPU s |"
+        "| scene | round | tiles | masks | cut | merged | masks held, MiB | peak RSS growth, MiB "
+        "| merge wall s | merge CPU s |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for size in args.sizes:
-        command = [sys.executable, __file__, str(size), "--one"] + (["--before", args.before] if args.before else [])
-        row = json.loads(subprocess.check_output(command, text=True))
-        print(
-            f"| {size:,}² | {row['tiles']:,} | {row['masks']:,} | {row['cut']:,} | {row['merged']:,} | "
-            f"{row['held_mib']:,.0f} | {row['peak_mib']:,.0f} | {row['merge_wall_s']:.2f} | {row['merge_cpu_s']:.2f} |",
-            flush=True,
-        )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    fastest: dict[int, float] = {}
+    for round_index in range(args.rounds):
+        for size in args.sizes:
+            command = [sys.executable, __file__, str(size), "--one"] + (
+                ["--before", args.before] if args.before else []
+            )
+            row = json.loads(subprocess.check_output(command, text=True))
+            fastest[size] = min(fastest.get(size, math.inf), row["merge_cpu_s"])
+            print(
+                f"| {size:,}² | {round_index} | {row['tiles']:,} | {row['masks']:,} | {row['cut']:,} "
+                f"| {row['merged']:,} | {row['held_mib']:,.0f} | {row['peak_mib']:,.0f} "
+                f"| {row['merge_wall_s']:.2f} | {row['merge_cpu_s']:.2f} |",
+                flush=True,
+            )
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+    first = args.sizes[0]
+    for size in args.sizes[1:]:
+        print(
+            f"- {first:,}² → {size:,}², fastest CPU s of {args.rounds}: {fastest[first]:.3f} → {fastest[size]:.3f}, "
+            f"{fastest[size] / fastest[first]:.1f}× for {(size / first) ** 2:.0f}× the area"
+        )
 
 
 if __name__ == "__main__":
