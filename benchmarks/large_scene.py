@@ -1,7 +1,9 @@
 """A real run over a large scene: RGB.byte.tif (the Landsat test scene, 791 x 718) upsampled to
 8192 x 8192 and segmented by vit_t on the CPU at 8 x 8 points a tile (tile 1024, overlap 128:
 81 tiles), on Ray with two actors; then the same job again (it must resume with nothing
-redone), then on one actor (its masks must equal the two actors').
+redone), then on one actor (its masks must equal the two actors'). The one-actor run is held to
+one core (`os.sched_setaffinity`, which the embedded Ray sizes its CPUs by), so that its actor,
+like each of the two, runs torch on one thread: float sums in the same order, the same logits.
 
     .venv/bin/python benchmarks/large_scene.py [WORKDIR]
 
@@ -11,6 +13,7 @@ Prints one JSON object: seconds and run records of the three runs, and whether t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -48,8 +51,9 @@ def upsampled_scene(path: Path) -> Path:
     return path
 
 
-def run(folder: Path, scene: Path, out: Path, max_actors: int) -> tuple[float, dict]:
-    """`sam-batch run` of the scene on Ray with `max_actors` actors: (seconds, run.json)."""
+def run(folder: Path, scene: Path, out: Path, max_actors: int, one_core: bool = False) -> tuple[float, dict]:
+    """`sam-batch run` of the scene on Ray with `max_actors` actors, on one core of this process's
+    if `one_core`: (seconds, run.json)."""
     job = {
         "name": "large-scene",
         "input": {"uris": [str(scene)]},
@@ -62,7 +66,14 @@ def run(folder: Path, scene: Path, out: Path, max_actors: int) -> tuple[float, d
     path = folder / f"job-{out.name}.yaml"
     path.write_text(yaml.safe_dump(job))
     started = time.perf_counter()
-    subprocess.run([SAM_BATCH, "run", str(path)], check=True, capture_output=True, text=True)
+    cores = {min(os.sched_getaffinity(0))} if one_core else os.sched_getaffinity(0)
+    subprocess.run(
+        [SAM_BATCH, "run", str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, cores),
+    )
     return time.perf_counter() - started, json.loads((out / "run.json").read_text())
 
 
@@ -76,7 +87,7 @@ def main() -> None:
     scene = upsampled_scene(folder / "landsat-8192.tif")
     two_s, two = run(folder, scene, folder / "two", 2)
     again_s, again = run(folder, scene, folder / "two", 2)
-    one_s, one = run(folder, scene, folder / "one", 1)
+    one_s, one = run(folder, scene, folder / "one", 1, one_core=True)
     print(
         json.dumps(
             {
