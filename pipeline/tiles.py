@@ -262,8 +262,7 @@ def _touching_pairs(boxes: np.ndarray, tile_of: np.ndarray, tiles: list[Tile]) -
     starts = np.searchsorted(tile_of[by_tile], np.arange(len(tiles) + 1))
     found = []
     for t, u in _overlapping_tiles(tiles):
-        sx0, sy0 = max(tiles[t].window[0], tiles[u].window[0]), max(tiles[t].window[1], tiles[u].window[1])
-        sx1, sy1 = min(tiles[t].window[2], tiles[u].window[2]), min(tiles[t].window[3], tiles[u].window[3])
+        sx0, sy0, sx1, sy1 = _shared_window(tiles[t], tiles[u])
         sides = []
         for tile in (t, u):
             members = by_tile[starts[tile] : starts[tile + 1]]
@@ -280,6 +279,12 @@ def _touching_pairs(boxes: np.ndarray, tile_of: np.ndarray, tiles: list[Tile]) -
         found.append(np.stack([sides[0][rows], sides[1][columns]], axis=1))
     pairs = np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
     return np.sort(pairs, axis=1)
+
+
+def _shared_window(a: Tile, b: Tile) -> tuple[int, int, int, int]:
+    """The XYXY window (end exclusive) two overlapping tiles both see."""
+    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a.window, b.window
+    return max(ax0, bx0), max(ay0, by0), min(ax1, bx1), min(ay1, by1)
 
 
 def _overlapping_tiles(tiles: list[Tile]) -> list[tuple[int, int]]:
@@ -401,8 +406,7 @@ class _PartsAgree:
         its bool pixels there and their count; None where its box misses that window."""
         if i not in self._on_strip:
             mask = self.masks[i]
-            wa, wb = self.tiles[mask.tile].window, self.tiles[self.masks[j].tile].window
-            inside = _clip(mask.box, (max(wa[0], wb[0]), max(wa[1], wb[1]), min(wa[2], wb[2]), min(wa[3], wb[3])))
+            inside = _clip(mask.box, _shared_window(self.tiles[mask.tile], self.tiles[self.masks[j].tile]))
             if inside is None:
                 self._on_strip[i] = None
             else:
