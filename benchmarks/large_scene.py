@@ -66,13 +66,13 @@ def run(folder: Path, scene: Path, out: Path, max_actors: int, one_core: bool = 
     path = folder / f"job-{out.name}.yaml"
     path.write_text(yaml.safe_dump(job))
     started = time.perf_counter()
-    cores = {min(os.sched_getaffinity(0))} if one_core else os.sched_getaffinity(0)
+    core = min(os.sched_getaffinity(0))
     subprocess.run(
         [SAM_BATCH, "run", str(path)],
         check=True,
         capture_output=True,
         text=True,
-        preexec_fn=lambda: os.sched_setaffinity(0, cores),
+        preexec_fn=(lambda: os.sched_setaffinity(0, {core})) if one_core else None,
     )
     return time.perf_counter() - started, json.loads((out / "run.json").read_text())
 
