@@ -157,7 +157,17 @@ class ImageEncoderViT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, 1024, 1024) -> (N, 256, 64, 64)."""
+        return self.features(images)[0]
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, 1024, 1024) -> the image embedding (N, 256, 64, 64) and the early features
+        (N, embed_dim, 64, 64): the first global-attention block's output, which HQ-SAM's
+        decoder fuses with the embedding."""
+        first_global = next(i for i, block in enumerate(self.blocks) if block.window_size == 0)
         x = self.patch_embed(images) + self.pos_embed
-        for block in self.blocks:
+        for block in self.blocks[: first_global + 1]:
             x = block(x)
-        return self.neck(x.permute(0, 3, 1, 2))
+        early = x.permute(0, 3, 1, 2)
+        for block in self.blocks[first_global + 1 :]:
+            x = block(x)
+        return self.neck(x.permute(0, 3, 1, 2)), early

@@ -21,6 +21,8 @@ from torch import nn
 
 from .common import encoder_neck
 
+EARLY_STAGE = 1  # the stage whose output is the early features (160 channels at 64x64)
+
 
 class ConvBN(nn.Module):
     """Bias-free Conv2d (``c``) followed by BatchNorm2d (``bn``); 'same' padding for odd kernels.
@@ -262,7 +264,16 @@ class TinyViT(nn.Module):
         Runs channels-last throughout: the convolutions are faster so on the CPU (about a quarter
         of the encoder's time), and the attention stages' NHWC views need no copies.
         """
+        return self.features(images)[0]
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, 1024, 1024) -> the image embedding (N, 256, 64, 64), contiguous, and the early
+        features (N, 160, 64, 64): the second stage's output, which light HQ-SAM's decoder fuses
+        with the embedding."""
         x = self.patch_embed(images.contiguous(memory_format=torch.channels_last))
-        for layer in self.layers:
+        for layer in self.layers[: EARLY_STAGE + 1]:
             x = layer(x)
-        return self.neck(x).contiguous()
+        early = x
+        for layer in self.layers[EARLY_STAGE + 1 :]:
+            x = layer(x)
+        return self.neck(x).contiguous(), early
