@@ -29,6 +29,7 @@ from sam_batch.engines.sam import SamModel, build_sam
 # convolutions on the GPUs that have them (fp32 means full fp32: TF32 is turned off)
 TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GPU_PROMPT_BATCH = 256  # prompts per decode call on a GPU (`min_prompt_batch`); the CPU takes any
+LOAD_ERROR_CHARS = 240  # the most of torch's strict-load error a one-line EngineError quotes
 
 
 def prompt_batch(device: torch.device) -> int:
@@ -73,12 +74,14 @@ class CropEmbedding:
     crop_hw: the crop's size in original pixels.
     image_side: the decoder's prompt-independent work on it, for engines that decode with
     `engines.point_decoder` (None otherwise).
+    hq_features: (1, 32, 256, 256) on the engine's device for HQ-SAM models (None otherwise).
     """
 
     embedding: torch.Tensor
     input_hw: tuple[int, int]
     crop_hw: tuple[int, int]
     image_side: ImageSide | None = None
+    hq_features: torch.Tensor | None = None
 
 
 def pick_device(device: str) -> torch.device:
@@ -122,8 +125,7 @@ def load_model(
     try:
         model.load_state_dict(load_state_dict(path), strict=True)
     except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise EngineError(f"{path}: does not fit model {model_type}: {first_line}") from None
+        raise EngineError(f"{path}: does not fit model {model_type}: {_load_error_detail(error)}") from None
     known = KNOWN_CHECKPOINTS.get(model_type)
     if sha256 is not None:  # resolve_checkpoint verified it
         digest = sha256.lower()
@@ -132,6 +134,14 @@ def load_model(
     else:
         digest = sha256_file(path)
     return LoadedModel(model, model_type, digest)
+
+
+def _load_error_detail(error: RuntimeError, limit: int = LOAD_ERROR_CHARS) -> str:
+    """torch's strict-load error in one line: its first detail ("Missing key(s) in state_dict:
+    ...", "Unexpected key(s) ...", "size mismatch ..."), cut at `limit` characters."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 else lines[0] if lines else "the weights do not load"
+    return detail if len(detail) <= limit else detail[: limit - 1] + "…"
 
 
 # glibc malloc's options (mallopt(3)): keep freed memory in the process for the next allocation,

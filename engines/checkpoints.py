@@ -122,6 +122,12 @@ def _official_sam(filename: str, sha256: str) -> KnownCheckpoint:
     return KnownCheckpoint(filename, sha256, (UrlSource(url),))
 
 
+def _official_hq(filename: str, sha256: str) -> KnownCheckpoint:
+    """HQ-SAM's release (SysCV/sam-hq), on the Hugging Face hub; the digests are its LFS pointers'."""
+    url = f"https://huggingface.co/lkeab/hq-sam/resolve/main/{filename}"
+    return KnownCheckpoint(filename, sha256, (UrlSource(url),))
+
+
 KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
     "vit_t": KnownCheckpoint(
         filename="mobile_sam.pt",
@@ -138,6 +144,10 @@ KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
     "vit_b": _official_sam("sam_vit_b_01ec64.pth", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"),
     "vit_l": _official_sam("sam_vit_l_0b3195.pth", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
     "vit_h": _official_sam("sam_vit_h_4b8939.pth", "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
+    "vit_t_hq": _official_hq("sam_hq_vit_tiny.pth", "0f32c075ccdd870ae54db2f7630e7a0878ede5a2b06d05d6fe02c65a82fb7196"),
+    "vit_b_hq": _official_hq("sam_hq_vit_b.pth", "14a9d662cd6f5a9c2dba6d40ab0058d88d287e4a18fd6fdc6ad5fb1a3fdeaa57"),
+    "vit_l_hq": _official_hq("sam_hq_vit_l.pth", "e1a6c385d62bf005ded91a54d5ec55c985cfc4103ef89c08d90f39f04934c343"),
+    "vit_h_hq": _official_hq("sam_hq_vit_h.pth", "a7ac14a085326d9fa6199c8c698c4f0e7280afdbb974d2c4660ec60877b45e35"),
 }
 
 
@@ -248,7 +258,11 @@ def fetch_weights(
             continue
         log(f"saved {model_type} weights to {dest}")
         return dest
-    raise WeightsError(f"could not fetch {model_type} weights; tried: {'; '.join(failures)}")
+    digest = f", sha256 {known.sha256}" if known.sha256 else ""
+    raise WeightsError(
+        f"could not fetch {model_type} weights ({known.filename}{digest}); tried: {'; '.join(failures)}; "
+        "give a copy of that file as model.checkpoint"
+    )
 
 
 def resolve_checkpoint(

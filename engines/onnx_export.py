@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sam_batch.engines.backend import LoadedModel, load_model
+from sam_batch.engines.backend import EngineError, LoadedModel, load_model
 from sam_batch.engines.checkpoints import cache_dir
 from sam_batch.engines.common import IMAGE_SIZE
+from sam_batch.engines.registry import is_hq
 from sam_batch.engines.sam import SamModel
 
 DEFAULT_OPSET = 17
@@ -152,6 +153,8 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
 ) -> OnnxFiles:
     """Load `checkpoint` (None: the cached default of `model_type`) and export it into `out_dir`."""
+    if is_hq(model_type):
+        raise EngineError(f"ONNX export does not cover HQ-SAM ({model_type}) yet; it runs on engine.backend torch")
     return export_model(load_model(model_type, checkpoint, sha256).model, out_dir, opset)
 
 

@@ -7,10 +7,16 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-ModelType = Literal["vit_t", "vit_b", "vit_l", "vit_h"]
+ModelType = Literal["vit_t", "vit_b", "vit_l", "vit_h", "vit_t_hq", "vit_b_hq", "vit_l_hq", "vit_h_hq"]
 Backend = Literal["torch", "onnx", "tensorrt"]
 Precision = Literal["fp32", "tf32", "fp16", "bf16"]
 
 MODEL_TYPES: tuple[str, ...] = get_args(ModelType)
 BACKENDS: tuple[str, ...] = get_args(Backend)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+HQ_SUFFIX = "_hq"  # HQ-SAM: the base type's encoder, HQ-SAM's decoder
+
+
+def is_hq(model_type: str) -> bool:
+    """Whether `model_type` is an HQ-SAM type (`vit_h_hq`, ...)."""
+    return model_type.endswith(HQ_SUFFIX)

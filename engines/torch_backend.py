@@ -39,7 +39,9 @@ class TorchEngine:
       brought to full size a chunk at a time on the device; fp32, tf32, fp16 or bf16 (autocast).
 
     `layout` None takes the device's own (gpu on CUDA, cpu otherwise); the gpu layout runs on
-    the CPU too, which is how the tests hold it to the golden files without a GPU.
+    the CPU too, which is how the tests hold it to the golden files without a GPU. An HQ-SAM
+    model decodes with the model's batched decoder in both layouts (no point decoder), with the
+    crop's HQ features made at `encode`.
     `precision` sets torch's process-wide TF32 switches: on for tf32, off otherwise.
     """
 
@@ -61,7 +63,9 @@ class TorchEngine:
         self.min_prompt_batch = GPU_PROMPT_BATCH if self.layout == "gpu" else 1
         self.windowed_upscale = self.layout == "cpu"
         self.point_decoder = (
-            PointDecoder(self.model.prompt_encoder, self.model.mask_decoder) if self.layout == "cpu" else None
+            PointDecoder(self.model.prompt_encoder, self.model.mask_decoder)
+            if self.layout == "cpu" and not self.model.hq
+            else None
         )
 
     @torch.inference_mode()
@@ -70,10 +74,16 @@ class TorchEngine:
         crop_hw = (crop.shape[0], crop.shape[1])
         resized = resize_longest_side(crop)
         batch = image_to_input(resized, self.model.pixel_mean.cpu(), self.model.pixel_std.cpu())
+        hq_features = None
         with self.autocast():
-            embedding = self.model.embed(batch.to(self.device)).float()
+            if self.model.hq:
+                embedding, hq_features = self.model.embed_hq(batch.to(self.device))
+                hq_features = hq_features.float()
+            else:
+                embedding = self.model.embed(batch.to(self.device))
+        embedding = embedding.float()
         side = self.point_decoder.image_side(embedding) if self.point_decoder is not None else None
-        return CropEmbedding(embedding, (resized.shape[0], resized.shape[1]), crop_hw, side)
+        return CropEmbedding(embedding, (resized.shape[0], resized.shape[1]), crop_hw, side, hq_features)
 
     @torch.inference_mode()
     def decode(
@@ -81,7 +91,8 @@ class TorchEngine:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode single-point prompts (B, 2) xy in crop pixels.
 
-        Returns low-resolution logits (B, 3, 256, 256) and predicted IoUs (B, 3), fp32, on the device.
+        Returns low-resolution logits (B, M, 256, 256) and predicted IoUs (B, M), fp32, on the
+        device: M = 3, or 1 for HQ-SAM (`SamModel.decode`).
         With `min_iou`, the CPU path may skip the logits of prompts whose three IoUs are all at
         or below it (left at zero): use it only when such masks are dropped anyway.
         """
@@ -92,7 +103,7 @@ class TorchEngine:
         if self.point_decoder is not None and crop.image_side is not None:
             return self.point_decoder.decode(crop.image_side, coords_t, labels, min_iou)
         with self.autocast():
-            logits, iou = self.model.decode(crop.embedding, coords_t, labels)
+            logits, iou = self.model.decode(crop.embedding, coords_t, labels, crop.hq_features)
         return logits.float(), iou.float()
 
     @torch.inference_mode()
@@ -109,7 +120,8 @@ class TorchEngine:
         points: (B, N, 2) xy in crop pixels with labels (B, N) 1 or 0, or None; boxes: (B, 4)
         XYXY in crop pixels, or None. Coordinates go to the input frame in float64 and to the
         model in float32, as the predictor passes them. Returns low-resolution logits (B, M,
-        256, 256) and predicted IoUs (B, M), fp32 on the device: M = 3 with `multimask`, else 1.
+        256, 256) and predicted IoUs (B, M), fp32 on the device: M = 3 with `multimask`, else 1
+        (HQ-SAM: always 1, the best of the three or token 0, plus the HQ token's mask).
         In the cpu layout through `PointDecoder.predict` (the same arithmetic, less work).
         """
         coords, labels = labelled_points(points, labels, boxes)
@@ -117,10 +129,12 @@ class TorchEngine:
         labels_t = torch.as_tensor(labels, device=self.device)
         if self.point_decoder is not None and crop.image_side is not None:
             return self.point_decoder.predict(crop.image_side, coords_t, labels_t, multimask)
-        encoder, decoder = self.model.prompt_encoder, self.model.mask_decoder
+        encoder = self.model.prompt_encoder
         with self.autocast():
             sparse = encoder.embed_labelled_points(coords_t, labels_t)
-            logits, iou = decoder(crop.embedding, encoder.dense_pe(), sparse, encoder.embed_mask(None), multimask)
+            logits, iou = self.model.decode_sparse(
+                crop.embedding, sparse, encoder.embed_mask(None), multimask, crop.hq_features
+            )
         return logits.float(), iou.float()
 
     def upscale(self, crop: CropEmbedding, low_res: torch.Tensor) -> torch.Tensor:

@@ -188,6 +188,17 @@ def test_all_sources_failing(cache: Path, server: ThreadingHTTPServer, sdist_byt
     assert list(cache.iterdir()) == []
 
 
+def test_an_unreachable_hq_checkpoint_names_its_file_and_digest(cache: Path) -> None:
+    """No package index carries HQ-SAM's weights: the one line names the official file and its
+    sha256, and how to give a copy."""
+    known = KNOWN_CHECKPOINTS["vit_h_hq"]
+    with pytest.raises(WeightsError) as info:
+        fetch_weights("vit_h_hq", log=lambda _: None, sources=(UrlSource(UNREACHABLE),))
+    message = str(info.value)
+    assert "\n" not in message and f"(sam_hq_vit_h.pth, sha256 {known.sha256})" in message
+    assert message.endswith("give a copy of that file as model.checkpoint") and list(cache.iterdir()) == []
+
+
 def test_silent_source_times_out(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ck, "TIMEOUT_S", 0.3)
     with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never answers

@@ -100,9 +100,10 @@ def test_mobile_sam_checkpoint_loads_strict() -> None:
 
 
 def test_build_sam_rejects_unknown_type() -> None:
-    assert MODEL_TYPES == ("vit_t", "vit_b", "vit_l", "vit_h")
-    with pytest.raises(ValueError, match="vit_x"):
-        build_sam("vit_x")
+    assert MODEL_TYPES == ("vit_t", "vit_b", "vit_l", "vit_h", "vit_t_hq", "vit_b_hq", "vit_l_hq", "vit_h_hq")
+    for unknown in ("vit_x", "vit_x_hq"):
+        with pytest.raises(ValueError, match=unknown):
+            build_sam(unknown)
 
 
 # 2. Golden embeddings -------------------------------------------------------------------------

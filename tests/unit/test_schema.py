@@ -691,3 +691,11 @@ def test_prompts_section_rules() -> None:
     assert "writes or reads itself" in error_of(minimal(prompts={"uri": "b.parquet", "carry": ["area"]})).message
     for backend in ("onnx", "tensorrt"):
         assert parse_job(minimal(prompts={"uri": "b.parquet"}, engine={"backend": backend})).engine.backend == backend
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tensorrt"])
+def test_hq_models_run_on_the_torch_back_end_only(backend: str) -> None:
+    assert parse_job(minimal(model={"type": "vit_h_hq"})).model.type == "vit_h_hq"
+    with pytest.raises(JobError) as error:
+        parse_job(minimal(model={"type": "vit_t_hq"}, engine={"backend": backend}))
+    assert error.value.message == f"engine.backend: {backend} does not run HQ-SAM (vit_t_hq) yet; use torch"

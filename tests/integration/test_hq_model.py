@@ -1,0 +1,136 @@
+"""HQ-SAM (`*_hq` model types) without the reference environment: the weights table, the
+decoder's choice of SAM's mask, a checkpoint of the wrong layout, the back-ends that refuse it,
+and `sam-batch run` end to end. Parity with the official code: `test_hq_parity.py`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from test_run_end_to_end import sam_batch, write_job
+
+from sam_batch.engines.backend import EngineError, load_model
+from sam_batch.engines.checkpoints import KNOWN_CHECKPOINTS, UrlSource
+from sam_batch.engines.factory import build_engine
+from sam_batch.engines.hq_decoder import HqMaskDecoder
+from sam_batch.engines.registry import MODEL_TYPES, is_hq
+from sam_batch.engines.sam import build_sam
+from sam_batch.engines.torch_backend import TorchEngine
+from sam_batch.pipeline.amg import generate_masks, to_records
+from sam_batch.pipeline.images import load_image
+from sam_batch.pipeline.params import AmgParams
+from shared_data import IMAGES, MOBILE_SAM
+
+HQ_TYPES = [t for t in MODEL_TYPES if is_hq(t)]
+HQ_PARTS = ("hf_token", "hf_mlp", "compress_vit_feat", "embedding_encoder", "embedding_maskfeature")
+
+
+def test_every_hq_type_names_its_official_file() -> None:
+    assert HQ_TYPES == ["vit_t_hq", "vit_b_hq", "vit_l_hq", "vit_h_hq"]
+    for model_type in HQ_TYPES:
+        known = KNOWN_CHECKPOINTS[model_type]
+        assert known.filename.startswith("sam_hq_vit_") and len(known.sha256) == 64
+        (source,) = known.sources
+        assert isinstance(source, UrlSource) and source.url.endswith(f"/lkeab/hq-sam/resolve/main/{known.filename}")
+        with torch.device("meta"):
+            keys = build_sam(model_type).state_dict().keys()
+        assert {part for part in HQ_PARTS for key in keys if key.startswith(f"mask_decoder.{part}.")} == set(HQ_PARTS)
+
+
+def test_the_hq_mask_is_sams_chosen_mask_plus_the_hq_tokens() -> None:
+    """The decoder's one mask per prompt equals its every-output form combined by hand: SAM's
+    multimask output with the highest IoU (or token 0 without multimask) plus the HQ token's."""
+    torch.manual_seed(0)
+    decoder = HqMaskDecoder(early_dim=160).eval()
+    embedding, pe = torch.randn(1, 256, 64, 64), torch.randn(1, 256, 64, 64)
+    sparse, dense = torch.randn(5, 3, 256), torch.randn(1, 256, 1, 1)
+    hq_features = decoder.hq_features(embedding, torch.randn(1, 160, 64, 64))
+    with torch.no_grad():
+        every, iou_all = decoder(embedding, pe, sparse, dense, None, hq_features)
+        multi, multi_iou = decoder(embedding, pe, sparse, dense, True, hq_features)
+        single, single_iou = decoder(embedding, pe, sparse, dense, False, hq_features)
+    assert every.shape == (5, 5, 256, 256) and iou_all.shape == (5, 4)
+    best = iou_all[:, 1:].argmax(1) + 1
+    assert len(set(best.tolist())) > 1  # the choice is exercised
+    torch.testing.assert_close(multi[:, 0], every[torch.arange(5), best] + every[:, 4], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(multi_iou[:, 0], iou_all[torch.arange(5), best])
+    torch.testing.assert_close(single[:, 0], every[:, 0] + every[:, 4], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(single_iou[:, 0], iou_all[:, 0])
+
+
+@pytest.fixture(scope="module")
+def hq_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """vit_t_hq weights: MobileSAM's for SAM's part, seeded noise (a tenth in the HQ token's
+    output layer) for HQ-SAM's own, as `tests/reference/official_hq.py --base` makes them."""
+    if not MOBILE_SAM.exists():
+        pytest.skip(f"test data {MOBILE_SAM} not present")
+    model = build_sam("vit_t_hq")
+    missing, unexpected = model.load_state_dict(
+        torch.load(MOBILE_SAM, map_location="cpu", weights_only=True), strict=False
+    )
+    assert not unexpected and missing and all(any(part in key for part in HQ_PARTS) for key in missing)
+    generator = torch.Generator().manual_seed(20)
+    state = model.state_dict()
+    for key in missing:
+        scale = state[key].shape[-1] ** -0.5 if state[key].ndim > 1 else 0.5
+        state[key] = torch.randn(state[key].shape, generator=generator) * scale
+    for key in ("mask_decoder.hf_mlp.layers.2.weight", "mask_decoder.hf_mlp.layers.2.bias"):
+        state[key] = state[key] * 0.1
+    path = tmp_path_factory.mktemp("hq") / "vit_t_hq.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_a_sam_checkpoint_is_not_an_hq_one(hq_checkpoint: Path) -> None:
+    with pytest.raises(EngineError) as error:
+        load_model("vit_t_hq", str(MOBILE_SAM))
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{MOBILE_SAM}: does not fit model vit_t_hq: Missing key(s)")
+    with pytest.raises(EngineError, match="does not fit model vit_t: Unexpected key"):
+        load_model("vit_t", str(hq_checkpoint))
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tensorrt"])
+def test_other_back_ends_refuse_hq_before_loading(backend: str) -> None:
+    with pytest.raises(
+        EngineError, match=f"engine.backend: {backend} does not run HQ-SAM \\(vit_h_hq\\) yet; use torch"
+    ):
+        build_engine("vit_h_hq", "/nowhere/sam_hq_vit_h.pth", backend=backend, device="cpu")
+
+
+def test_export_onnx_refuses_hq_before_loading(tmp_path: Path) -> None:
+    result = sam_batch("export-onnx", "vit_l_hq", "-o", str(tmp_path / "onnx"), check=False)
+    assert result.returncode == 1 and not (tmp_path / "onnx").exists()
+    assert "ONNX export does not cover HQ-SAM (vit_l_hq) yet" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_sam_batch_run_with_an_hq_model(tmp_path: Path, hq_checkpoint: Path) -> None:
+    """`sam-batch run` with `model.type: vit_t_hq` writes the masks the generator makes in
+    process with the same weights, in both torch layouts."""
+    params = {"points_per_side": 4, "stability_score_thresh": 0.85}
+    out = tmp_path / "out"
+    job = write_job(
+        tmp_path,
+        "hq",
+        [str(IMAGES / "dog.jpg")],
+        out,
+        model={"type": "vit_t_hq", "checkpoint": str(hq_checkpoint)},
+        amg=params,
+        run={"executor": "local"},
+    )
+    sam_batch("run", str(job))
+    rows = pq.read_table(out / "masks").sort_by("mask_id").to_pylist()
+    image = load_image(str(IMAGES / "dog.jpg"))
+    engine = build_engine("vit_t_hq", str(hq_checkpoint), device="cpu")
+    assert isinstance(engine, TorchEngine) and engine.point_decoder is None
+    ours = to_records(generate_masks(engine, image, AmgParams(**params)))
+    assert len(ours) >= 3 and [r["area"] for r in rows] == [r["area"] for r in ours]
+    assert [r["bbox"] for r in rows] == [[float(v) for v in r["bbox"]] for r in ours]
+    gpu_layout = build_engine("vit_t_hq", str(hq_checkpoint), device="cpu", layout="gpu")
+    again = to_records(generate_masks(gpu_layout, image, AmgParams(**params)))
+    assert [r["segmentation"] for r in again] == [r["segmentation"] for r in ours]
+    assert np.allclose([r["predicted_iou"] for r in again], [r["predicted_iou"] for r in ours], atol=1e-5)
