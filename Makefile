@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 # The CPU build of torch from this machine's disk; an unpinned torch would pull a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo lint test test-unit test-fast bench bench-env bench-prompts bench-memory bench-export bench-pipeline bench-overhead gpu-kit
+.PHONY: install demo lint test test-unit test-fast test-reference bench bench-env bench-prompts bench-memory bench-export bench-pipeline bench-overhead gpu-kit
 
 install: $(VENV)/.installed
 
@@ -45,7 +45,14 @@ $(REF_VENV)/.installed:
 	test -x $(REF_VENV)/bin/python || python3 -m venv $(REF_VENV)
 	$(REF_VENV)/bin/pip install --quiet $(REF_TORCH)
 	$(REF_VENV)/bin/pip install --quiet timm mobilesam-mirror segment-anything pycocotools pillow numpy opencv-python-headless
+	$(REF_VENV)/bin/pip install --quiet segment-anything-hq==0.3
 	touch $@
+
+# Parity with official model code that runs only in $(REF_VENV) (HQ-SAM's segment-anything-hq):
+# tests/integration/test_hq_parity.py, which `make test` skips, saying why, where it is missing.
+test-reference: install bench-env
+	$(REF_VENV)/bin/python -c "import segment_anything_hq" 2>/dev/null || $(REF_VENV)/bin/pip install --quiet segment-anything-hq==0.3
+	$(VENV)/bin/pytest -q tests/integration/test_hq_parity.py
 
 # The generator side by side (benchmarks.reference), then the prompts row (bench-prompts, below).
 # Fails with the first failing side's status (3: a ratio NOT VALID, the load above the threads, or

@@ -1,0 +1,155 @@
+"""HQ-SAM's official code (`segment-anything-hq` 0.3) on seeded random weights: what
+`tests/integration/test_hq_parity.py` holds sam-batch's `*_hq` models to.
+
+Runs in the reference environment (`make bench-env`), from the repository root:
+
+    .venv-ref/bin/python tests/reference/official_hq.py MODEL_TYPE OUT [--ours STATE] [--base CHECKPOINT]
+        [--image PATH ...] [--layouts]
+
+MODEL_TYPE is sam-batch's name (vit_t_hq, vit_b_hq, vit_l_hq, vit_h_hq). It writes into OUT:
+
+- `layouts.json` (with `--layouts`): every official HQ-SAM model's state-dict keys and shapes,
+  by sam-batch's name;
+- `state_dict.pt`: MODEL_TYPE's official model with every floating tensor replaced by seeded
+  noise (`fill_random`), so that zero- and one-initialised tensors matter in comparisons. With
+  `--base CHECKPOINT` (SAM's weights of the base type, e.g. `mobile_sam.pt` for vit_t_hq), SAM's
+  tensors are those weights and only HQ-SAM's own (`HQ_PARAMETERS`) are noise, as HQ-SAM is
+  trained: masks then follow the prompts, which a wholly random decoder's barely do (the HQ
+  token's output layer is then scaled by `HQ_OUTPUT_SCALE`);
+- `outputs.pt`: per image, the encoder's embedding, early features and HQ features, and the
+  official `SamPredictor.predict` outputs (logits, IoU, low-resolution logits) for each case of
+  `PROMPT_CASES`;
+- `amg_<image name>.json`: `SamAutomaticMaskGenerator.generate` at `AMG_PARAMS` (coco_rle).
+
+With `--ours STATE`, it first loads sam-batch's state dict STATE into the official model with
+`strict=True` and exits with status 1 if that fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from segment_anything_hq import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
+
+OFFICIAL_NAMES = {"vit_t_hq": "vit_tiny", "vit_b_hq": "vit_b", "vit_l_hq": "vit_l", "vit_h_hq": "vit_h"}
+SEED = 20
+# the parameters HQ-SAM adds to SAM (trained while SAM's stay frozen)
+HQ_PARAMETERS = ("hf_token", "hf_mlp", "compress_vit_feat", "embedding_encoder", "embedding_maskfeature")
+# (name, point coords as fractions of the image's width and height, labels, box as fractions
+# or None, multimask_output); hq_token_only stays False, as in the generator
+PROMPT_CASES = [
+    ("point_multimask", [[0.5, 0.5]], [1], None, True),
+    ("point_single", [[0.3, 0.6]], [1], None, False),
+    ("box", None, None, [0.2, 0.2, 0.7, 0.8], False),
+    ("box_points_multimask", [[0.4, 0.4], [0.6, 0.7]], [1, 0], [0.1, 0.15, 0.9, 0.85], True),
+]
+# With --base, the HQ token's output layer is scaled down by this after the noise, so that its
+# logits refine SAM's rather than swamp them (at 1, the generator keeps one mask on dog.jpg).
+HQ_OUTPUT_SCALE = 0.1
+# The stability threshold lowered so that the random HQ parts keep masks: their logits blur
+# SAM's edges (stability scores about 0.7-0.95, against the default 0.95).
+AMG_PARAMS = {"points_per_side": 8, "stability_score_thresh": 0.85}
+
+
+def fill_random(model: torch.nn.Module, seed: int, only: tuple[str, ...] = ()) -> None:
+    """Every floating tensor of the state dict (only those whose names hold one of `only`, if
+    given) to seeded noise, scale 1/sqrt(last dim) (0.5 for vectors); a BatchNorm's running
+    variance to |noise| + 0.5, since it must be positive."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and (not only or any(part in name for part in only)):
+                scale = tensor.shape[-1] ** -0.5 if tensor.ndim > 1 else 0.5
+                noise = torch.randn(tensor.shape, generator=generator) * scale
+                tensor.copy_(noise.abs() + 0.5 if name.endswith("running_var") else noise)
+
+
+def build(model_type: str) -> torch.nn.Module:
+    return sam_model_registry[OFFICIAL_NAMES[model_type]]().eval()
+
+
+def prompts(case: tuple, height: int, width: int) -> dict:
+    """A case's keyword arguments for `SamPredictor.predict`, in pixels."""
+    _, points, labels, box, multimask = case
+    scale = np.array([width, height], dtype=np.float64)
+    return {
+        "point_coords": None if points is None else np.array(points) * scale,
+        "point_labels": None if labels is None else np.array(labels),
+        "box": None if box is None else np.array(box) * np.tile(scale, 2),
+        "multimask_output": multimask,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_type", choices=sorted(OFFICIAL_NAMES))
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--ours", type=Path, help="sam-batch's state dict to load strictly first")
+    parser.add_argument("--base", type=Path, help="SAM's checkpoint of the base type for SAM's tensors")
+    parser.add_argument("--image", type=Path, action="append", default=[])
+    parser.add_argument("--layouts", action="store_true", help="write layouts.json (builds all four models)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = build(args.model_type)
+    if args.ours is not None:
+        try:
+            model.load_state_dict(torch.load(args.ours, map_location="cpu", weights_only=True), strict=True)
+        except RuntimeError as error:
+            print(f"{args.ours}: does not load strictly: {str(error).splitlines()[0]}", file=sys.stderr)
+            return 1
+    if args.layouts:
+        layouts = {}
+        for name in OFFICIAL_NAMES:
+            other = model if name == args.model_type else build(name)
+            layouts[name] = {key: list(value.shape) for key, value in other.state_dict().items()}
+            del other
+        (args.out / "layouts.json").write_text(json.dumps(layouts))
+
+    if args.base is not None:
+        missing, unexpected = model.load_state_dict(torch.load(args.base, map_location="cpu"), strict=False)
+        if unexpected or any(not any(part in key for part in HQ_PARAMETERS) for key in missing):
+            print(f"{args.base}: not SAM's weights for {args.model_type}", file=sys.stderr)
+            return 1
+    fill_random(model, SEED, HQ_PARAMETERS if args.base is not None else ())
+    if args.base is not None:
+        with torch.no_grad():
+            for tensor in model.mask_decoder.hf_mlp.layers[-1].parameters():
+                tensor.mul_(HQ_OUTPUT_SCALE)
+    torch.save(model.state_dict(), args.out / "state_dict.pt")
+    # TinyViT caches its attention biases when put in eval mode: again, now the weights are in
+    model.eval()
+    predictor = SamPredictor(model)
+    generator = SamAutomaticMaskGenerator(model, output_mode="coco_rle", **AMG_PARAMS)
+    outputs = {}
+    for path in args.image:
+        image = np.array(Image.open(path).convert("RGB"))
+        predictor.set_image(image)
+        early = predictor.interm_features[0].permute(0, 3, 1, 2)
+        with torch.no_grad():
+            decoder = model.mask_decoder
+            hq = decoder.embedding_encoder(predictor.features) + decoder.compress_vit_feat(early)
+        record = {"embedding": predictor.features, "early": early, "hq_features": hq}
+        for case in PROMPT_CASES:
+            logits, iou, low_res = predictor.predict(**prompts(case, *image.shape[:2]), return_logits=True)
+            record[case[0]] = {
+                "logits": torch.from_numpy(logits),
+                "iou": torch.from_numpy(iou),
+                "low_res": torch.from_numpy(low_res),
+            }
+        outputs[path.name] = record
+        masks = generator.generate(image)
+        (args.out / f"amg_{path.name}.json").write_text(json.dumps({"params": AMG_PARAMS, "masks": masks}))
+        print(f"{path.name}: {len(masks)} masks", file=sys.stderr, flush=True)
+    torch.save(outputs, args.out / "outputs.pt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
