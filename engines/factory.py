@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from sam_batch.engines.backend import EngineError, load_model, pick_device
 from sam_batch.engines.onnx_backend import OnnxEngine
-from sam_batch.engines.registry import BACKENDS, is_hq
+from sam_batch.engines.registry import BACKENDS
 from sam_batch.engines.tensorrt_backend import TensorRTEngine, require_tensorrt
 from sam_batch.engines.torch_backend import TorchEngine
 
@@ -34,8 +34,6 @@ def build_engine(
     """
     if backend not in BACKENDS:
         raise EngineError(f"engine.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
-    if backend != "torch" and is_hq(model_type):
-        raise EngineError(f"engine.backend: {backend} does not run HQ-SAM ({model_type}) yet; use torch")
     if backend == "tensorrt":
         require_tensorrt(device)  # before loading any weights: name what is missing at once
     loaded = load_model(model_type, checkpoint, sha256, storage_options)

@@ -111,4 +111,5 @@ def select_sam_output(iou_pred: torch.Tensor, multimask_output: bool) -> tuple[t
 
 def _dot(hyper: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
     """Per-prompt vectors (B, C/8) against upscaled features (B or 1, C/8, H, W) -> logits (B, H, W)."""
-    return torch.einsum("bc,bchw->bhw", hyper, upscaled.expand(len(hyper), -1, -1, -1))
+    # shape[0], not len(): an ONNX trace keeps the prompt batch dynamic only when it reads a shape
+    return torch.einsum("bc,bchw->bhw", hyper, upscaled.expand(hyper.shape[0], -1, -1, -1))

@@ -4,6 +4,8 @@ The engine has `TorchEngine`'s interface and contract: crops in, `CropEmbedding`
 (1, 256, 64, 64) float32 embedding, decode to low-resolution logits (B, 3, 256, 256) and IoUs
 (B, 3) as float32 torch tensors on the engine's device, upscaling in torch. The graphs come
 from `onnx_export.cached_onnx` (exported on first use, cached under the weights cache).
+HQ-SAM's graphs (an encoder with an `hq_features` output) also give the crop its HQ features
+(1, 32, 256, 256) and decode one mask a prompt: logits (B, 1, 256, 256), IoUs (B, 1).
 
 Inputs and outputs are bound to torch tensors through onnxruntime's IOBinding, on the CPU as on
 a GPU (CUDAExecutionProvider, from the `onnxruntime-gpu` package), so results never take a
@@ -18,10 +20,13 @@ import torch
 from sam_batch.engines.backend import CropEmbedding, EngineError, LoadedModel, prompt_batch, upscale_logits
 from sam_batch.engines.onnx_export import (
     DEFAULT_OPSET,
-    EMBEDDING_SHAPE,
+    HQ_FEATURES,
     OnnxFiles,
     cached_onnx,
+    crop_inputs,
     decoder_output_shapes,
+    encoder_output_shapes,
+    predictor_masks,
     predictor_output_shapes,
 )
 from sam_batch.engines.transforms import (
@@ -76,6 +81,7 @@ class OnnxSession:
         else:
             providers = [CPU]
         self.session = ort.InferenceSession(path, options, providers=providers)
+        self.output_names = tuple(output.name for output in self.session.get_outputs())
         self.device = device
 
     def __call__(self, outputs: dict[str, tuple[int, ...]], **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -97,7 +103,8 @@ class OnnxSession:
 
 
 class OnnxEngine:
-    """SAM on onnxruntime: the encoder and decoder graphs, fp32, CPU or CUDA."""
+    """SAM on onnxruntime: the encoder and decoder graphs, fp32, CPU or CUDA. `hq`: the graphs
+    are HQ-SAM's (read from the encoder graph's outputs)."""
 
     def __init__(self, files: OnnxFiles, device: torch.device, threads: int | None = None) -> None:
         """`threads`: intra-op threads per graph; default torch's (see `backend.set_cpu_threads`)."""
@@ -107,6 +114,7 @@ class OnnxEngine:
         self.encoder = OnnxSession(str(files.encoder), device, threads)
         self.decoder = OnnxSession(str(files.decoder), device, threads)
         self.predictor = OnnxSession(str(files.predictor), device, threads)
+        self.hq = HQ_FEATURES in self.encoder.output_names
         self.pixel_mean = torch.tensor(PIXEL_MEAN).reshape(3, 1, 1)
         self.pixel_std = torch.tensor(PIXEL_STD).reshape(3, 1, 1)
         self.mask_threshold = 0.0
@@ -125,27 +133,31 @@ class OnnxEngine:
         return cls(cached_onnx(loaded, opset), target)
 
     def encode(self, crop: np.ndarray) -> CropEmbedding:
-        """Encode one uint8 crop (h, w, 3) into its image embedding (1, 256, 64, 64)."""
+        """Encode one uint8 crop (h, w, 3) into its image embedding (1, 256, 64, 64), and for
+        HQ-SAM its HQ features (1, 32, 256, 256)."""
         crop_hw = (crop.shape[0], crop.shape[1])
         resized = resize_longest_side(crop)
         batch = image_to_input(resized, self.pixel_mean, self.pixel_std)
-        embedding = self.encoder({"image_embeddings": EMBEDDING_SHAPE}, images=batch)["image_embeddings"]
-        return CropEmbedding(embedding, (resized.shape[0], resized.shape[1]), crop_hw)
+        out = self.encoder(encoder_output_shapes(self.hq), images=batch)
+        hq_features = out[HQ_FEATURES] if self.hq else None
+        input_hw = (resized.shape[0], resized.shape[1])
+        return CropEmbedding(out["image_embeddings"], input_hw, crop_hw, hq_features=hq_features)
 
     def decode(
         self, crop: CropEmbedding, points: np.ndarray, min_iou: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode single-point prompts (B, 2) xy in crop pixels.
 
-        Returns low-resolution logits (B, 3, 256, 256) and predicted IoUs (B, 3), fp32, on the device.
+        Returns low-resolution logits (B, M, 256, 256) and predicted IoUs (B, M), fp32, on the
+        device: M = 3, or 1 for HQ-SAM (`SamModel.decode`).
         `min_iou` is accepted for the engine interface; the graph computes every mask anyway.
         Coordinates are scaled to the input frame in float64, then handed to the graph as float32.
         """
         coords = torch.from_numpy(scale_coords(points.astype(np.float64), crop.crop_hw))[:, None, :]
         labels = torch.ones((len(points), 1))
         out = self.decoder(
-            decoder_output_shapes(len(points)),
-            image_embeddings=crop.embedding,
+            decoder_output_shapes(len(points), self.hq),
+            **crop_inputs(crop, self.hq),
             point_coords=coords,
             point_labels=labels,
         )
@@ -160,16 +172,16 @@ class OnnxEngine:
         multimask: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`TorchEngine.predict` through the predictor graph: prompts as labelled points in the
-        input frame; of its four outputs a prompt keeps token 0, or tokens 1-3 with `multimask`."""
+        input frame; of its outputs a prompt keeps what `onnx_export.predictor_masks` picks (SAM:
+        token 0, or tokens 1-3 with `multimask`; HQ-SAM: one mask)."""
         coords, tags = labelled_points(points, labels, boxes)
         out = self.predictor(
-            predictor_output_shapes(len(coords)),
-            image_embeddings=crop.embedding,
+            predictor_output_shapes(len(coords), self.hq),
+            **crop_inputs(crop, self.hq),
             point_coords=torch.from_numpy(scale_coords(coords, crop.crop_hw)),
             point_labels=torch.from_numpy(tags),
         )
-        kept = slice(1, 4) if multimask else slice(0, 1)
-        return out["low_res_logits"][:, kept], out["iou_predictions"][:, kept]
+        return predictor_masks(out["low_res_logits"], out["iou_predictions"], multimask, self.hq)
 
     def upscale(self, crop: CropEmbedding, low_res: torch.Tensor) -> torch.Tensor:
         """Logits (K, 256, 256) → logits (K, h, w) at the crop's original size."""

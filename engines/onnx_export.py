@@ -14,6 +14,15 @@ The graphs, float32 in and out:
   corners, -1 a closing "not a point", nothing added) -> `low_res_logits` (B, 4, 256, 256),
   `iou_predictions` (B, 4): every mask token, for prompt jobs (`OnnxEngine.predict`).
 
+HQ-SAM types (`*_hq`) add the crop's HQ features, fixed-shape (1, 32, 256, 256):
+
+- encoder: `images` -> `image_embeddings` and `hq_features` (`SamModel.embed_hq`).
+- decoder: the decoder's inputs and `hq_features` -> `low_res_logits` (B, 1, 256, 256),
+  `iou_predictions` (B, 1): one mask a prompt, as `SamModel.decode` makes it.
+- predictor: the predictor's inputs and `hq_features` -> `low_res_logits` (B, 5, 256, 256) of
+  mask tokens 0-3 and the HQ token, `iou_predictions` (B, 4) of tokens 0-3; `predictor_masks`
+  combines them as `HqMaskDecoder` does, with or without multimask.
+
 The TorchScript exporter (`dynamo=False`) is used: it needs no `onnxscript`, and tracing keeps
 the decoder's shared-embedding path with the prompt batch read from the inputs' shapes.
 Opset 17 is the default: its `LayerNormalization` op reaches TensorRT as one normalisation
@@ -33,10 +42,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sam_batch.engines.backend import EngineError, LoadedModel, load_model
+from sam_batch.engines.backend import CropEmbedding, EngineError, LoadedModel, load_model
 from sam_batch.engines.checkpoints import cache_dir
 from sam_batch.engines.common import IMAGE_SIZE
-from sam_batch.engines.registry import is_hq
+from sam_batch.engines.hq_decoder import HQ_CHANNELS, select_sam_output
 from sam_batch.engines.sam import SamModel
 
 DEFAULT_OPSET = 17
@@ -49,6 +58,7 @@ GRAPH_MODULES = (
     "prompt_encoder",
     "transformer",
     "mask_decoder",
+    "hq_decoder",
     "onnx_export",
 )
 ENCODER_FILE, DECODER_FILE, PREDICTOR_FILE = "encoder.onnx", "decoder.onnx", "predictor.onnx"
@@ -67,19 +77,59 @@ DECODER_DYNAMIC_AXES = {
 }
 # Traced with more than one prompt and point, so no dimension of 1 is folded into the graph.
 TRACE_PROMPTS, TRACE_POINTS = 3, 2
+# HQ-SAM's graphs: the HQ features, an encoder output and a fixed-shape decoder and predictor input
+HQ_FEATURES = "hq_features"
+HQ_FEATURES_SHAPE = (1, HQ_CHANNELS, LOW_RES_SIZE, LOW_RES_SIZE)
+HQ_ENCODER_OUTPUTS = (*ENCODER_OUTPUTS, HQ_FEATURES)
+HQ_DECODER_INPUTS = (*DECODER_INPUTS, HQ_FEATURES)
+HQ_MASKS_PER_PROMPT = 1  # the HQ decoder graph's one mask a prompt
+HQ_TOKEN = ALL_MASKS  # the HQ predictor graph's logits: mask tokens 0-3, then the HQ token's (its IoUs: tokens 0-3)
 
 
-def decoder_output_shapes(prompts: int) -> dict[str, tuple[int, ...]]:
-    """The decoder graph's output shapes for a batch of `prompts`."""
-    return {
-        "low_res_logits": (prompts, MASKS_PER_PROMPT, LOW_RES_SIZE, LOW_RES_SIZE),
-        "iou_predictions": (prompts, MASKS_PER_PROMPT),
-    }
+def encoder_output_shapes(hq: bool = False) -> dict[str, tuple[int, ...]]:
+    """The encoder graph's output shapes: the embedding, and for HQ-SAM the HQ features."""
+    shapes = {"image_embeddings": EMBEDDING_SHAPE}
+    return {**shapes, HQ_FEATURES: HQ_FEATURES_SHAPE} if hq else shapes
 
 
-def predictor_output_shapes(prompts: int) -> dict[str, tuple[int, ...]]:
-    """The predictor graph's output shapes for a batch of `prompts`."""
-    return {"low_res_logits": (prompts, ALL_MASKS, LOW_RES_SIZE, LOW_RES_SIZE), "iou_predictions": (prompts, ALL_MASKS)}
+def decoder_output_shapes(prompts: int, hq: bool = False) -> dict[str, tuple[int, ...]]:
+    """The decoder graph's output shapes for a batch of `prompts`: 3 masks a prompt, HQ-SAM's 1."""
+    masks = HQ_MASKS_PER_PROMPT if hq else MASKS_PER_PROMPT
+    return {"low_res_logits": (prompts, masks, LOW_RES_SIZE, LOW_RES_SIZE), "iou_predictions": (prompts, masks)}
+
+
+def predictor_output_shapes(prompts: int, hq: bool = False) -> dict[str, tuple[int, ...]]:
+    """The predictor graph's output shapes for a batch of `prompts`: logits of the 4 mask tokens
+    (HQ-SAM: and the HQ token's, 5) and the 4 mask tokens' IoUs."""
+    logits = HQ_TOKEN + 1 if hq else ALL_MASKS
+    return {"low_res_logits": (prompts, logits, LOW_RES_SIZE, LOW_RES_SIZE), "iou_predictions": (prompts, ALL_MASKS)}
+
+
+def crop_inputs(crop: CropEmbedding, hq: bool) -> dict[str, torch.Tensor]:
+    """The decoder's and predictor's inputs of one encoded crop: `image_embeddings` (1, 256, 64,
+    64), and for HQ-SAM's graphs `hq_features` (1, 32, 256, 256)."""
+    if not hq:
+        return {"image_embeddings": crop.embedding}
+    if crop.hq_features is None:
+        raise EngineError("HQ-SAM's graphs need the crop's hq_features: encode it with an HQ-SAM engine")
+    return {"image_embeddings": crop.embedding, HQ_FEATURES: crop.hq_features}
+
+
+def predictor_masks(
+    logits: torch.Tensor, iou: torch.Tensor, multimask: bool, hq: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a prompt keeps of the predictor graph's outputs, as `TorchEngine.predict` returns it.
+
+    SAM: logits (B, 4, 256, 256), IoU (B, 4) -> token 0's (B, 1, ...), or tokens 1-3's (B, 3,
+    ...) with `multimask`. HQ-SAM: logits (B, 5, 256, 256), IoU (B, 4) -> one mask (B, 1, 256,
+    256) and its IoU (B, 1): the mask token `select_sam_output` picks plus the HQ token's.
+    """
+    if not hq:
+        kept = slice(1, ALL_MASKS) if multimask else slice(0, 1)
+        return logits[:, kept], iou[:, kept]
+    sam_iou, token = select_sam_output(iou, multimask)
+    sam_logits = logits[torch.arange(logits.shape[0], device=logits.device), token]
+    return (sam_logits + logits[:, HQ_TOKEN])[:, None], sam_iou[:, None]
 
 
 @dataclass(frozen=True)
@@ -107,6 +157,18 @@ class EncoderGraph(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_encoder(images)
+
+
+class HqEncoderGraph(nn.Module):
+    """(1, 3, 1024, 1024) model input -> image embedding (1, 256, 64, 64) and HQ features (1, 32,
+    256, 256): `SamModel.embed_hq`."""
+
+    def __init__(self, model: SamModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.embed_hq(images)
 
 
 class DecoderGraph(nn.Module):
@@ -144,6 +206,39 @@ class PredictorGraph(DecoderGraph):
         return self.mask_decoder(image_embeddings, self.dense_pe, sparse, dense, multimask_output=None)
 
 
+class HqDecoderGraph(DecoderGraph):
+    """HQ-SAM: the decoder graph's inputs and HQ features (1, 32, 256, 256) -> logits (B, 1, 256,
+    256), IoU (B, 1): `SamModel.decode`'s one mask a prompt (SAM's best of three plus the HQ
+    token's)."""
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        hq_features: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sparse, dense = self.prompt_encoder(point_coords, point_labels)
+        return self.mask_decoder(image_embeddings, self.dense_pe, sparse, dense, True, hq_features)
+
+
+class HqPredictorGraph(DecoderGraph):
+    """HQ-SAM: the predictor graph's inputs and HQ features (1, 32, 256, 256) -> logits (B, 5,
+    256, 256) of mask tokens 0-3 and the HQ token, IoU (B, 4) of tokens 0-3: every output of
+    `HqMaskDecoder`, which `predictor_masks` combines."""
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        hq_features: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sparse = self.prompt_encoder.embed_labelled_points(point_coords, point_labels)
+        dense = self.prompt_encoder.embed_mask(None)
+        return self.mask_decoder(image_embeddings, self.dense_pe, sparse, dense, None, hq_features)
+
+
 def export_onnx(
     model_type: str,
     checkpoint: str | None,
@@ -153,8 +248,6 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
 ) -> OnnxFiles:
     """Load `checkpoint` (None: the cached default of `model_type`) and export it into `out_dir`."""
-    if is_hq(model_type):
-        raise EngineError(f"ONNX export does not cover HQ-SAM ({model_type}) yet; it runs on engine.backend torch")
     return export_model(load_model(model_type, checkpoint, sha256).model, out_dir, opset)
 
 
@@ -202,64 +295,80 @@ def cached_onnx(loaded: LoadedModel, opset: int = DEFAULT_OPSET) -> OnnxFiles:
 
 def export_model(model: SamModel, out_dir: str | os.PathLike[str], opset: int = DEFAULT_OPSET) -> OnnxFiles:
     """Write `encoder.onnx`, `decoder.onnx` and `predictor.onnx` for a loaded fp32 CPU `model`
-    into `out_dir`; check each.
+    (SAM's graphs, or HQ-SAM's for an HQ model) into `out_dir`; check each.
 
     Each file is written beside its final name and renamed into place once `onnx.checker`
     accepts it, so a reader never sees a half-written graph. Graphs over protobuf's 2 GB
     (`vit_h`'s encoder) get their weights in external data files beside them.
     """
-    import onnx
-
     model = model.eval()
     files = OnnxFiles.in_folder(Path(out_dir))
     files.encoder.parent.mkdir(parents=True, exist_ok=True)
+    for path, graph in zip((files.encoder, files.decoder, files.predictor), graph_specs(model)):
+        _export_graph(path, graph, opset)
+    return files
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One graph to trace: its module, example inputs, input and output names, dynamic axes."""
+
+    module: nn.Module
+    args: tuple[torch.Tensor, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]]
+
+
+def graph_specs(model: SamModel) -> tuple[GraphSpec, GraphSpec, GraphSpec]:
+    """The encoder, decoder and predictor graphs of `model`, SAM's or HQ-SAM's (see the module notes)."""
     image = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
     embedding = torch.zeros(EMBEDDING_SHAPE)
     coords = torch.linspace(0, IMAGE_SIZE - 1, TRACE_PROMPTS * TRACE_POINTS * 2).reshape(TRACE_PROMPTS, TRACE_POINTS, 2)
     labels = torch.ones(TRACE_PROMPTS, TRACE_POINTS)
-    graphs = [
-        (files.encoder, EncoderGraph(model), (image,), ENCODER_INPUTS, ENCODER_OUTPUTS, {}),
-        (
-            files.decoder,
-            DecoderGraph(model),
-            (embedding, coords, labels),
-            DECODER_INPUTS,
-            DECODER_OUTPUTS,
-            DECODER_DYNAMIC_AXES,
-        ),
-        (
-            files.predictor,
-            PredictorGraph(model),
-            (embedding, coords, labels),
-            DECODER_INPUTS,
-            PREDICTOR_OUTPUTS,
-            DECODER_DYNAMIC_AXES,
-        ),
-    ]
-    for path, module, args, inputs, outputs, dynamic_axes in graphs:
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            with warnings.catch_warnings(), torch.no_grad():
-                # The tracer warns about shape-dependent Python branches; the decoder's are taken
-                # the same way for every prompt batch (batch-1 image side, B prompts).
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                warnings.simplefilter("ignore", DeprecationWarning)
-                torch.onnx.export(
-                    module,
-                    args,
-                    str(tmp),
-                    dynamo=False,
-                    opset_version=opset,
-                    input_names=list(inputs),
-                    output_names=list(outputs),
-                    dynamic_axes=dynamic_axes,
-                    do_constant_folding=True,
-                )
-            onnx.checker.check_model(str(tmp), full_check=True)
-            tmp.chmod(0o644)  # mkstemp creates 0600; the cache may be shared
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return files
+    if model.hq:
+        prompts = (embedding, coords, labels, torch.zeros(HQ_FEATURES_SHAPE))
+        return (
+            GraphSpec(HqEncoderGraph(model), (image,), ENCODER_INPUTS, HQ_ENCODER_OUTPUTS, {}),
+            GraphSpec(HqDecoderGraph(model), prompts, HQ_DECODER_INPUTS, DECODER_OUTPUTS, DECODER_DYNAMIC_AXES),
+            GraphSpec(HqPredictorGraph(model), prompts, HQ_DECODER_INPUTS, PREDICTOR_OUTPUTS, DECODER_DYNAMIC_AXES),
+        )
+    prompts = (embedding, coords, labels)
+    return (
+        GraphSpec(EncoderGraph(model), (image,), ENCODER_INPUTS, ENCODER_OUTPUTS, {}),
+        GraphSpec(DecoderGraph(model), prompts, DECODER_INPUTS, DECODER_OUTPUTS, DECODER_DYNAMIC_AXES),
+        GraphSpec(PredictorGraph(model), prompts, DECODER_INPUTS, PREDICTOR_OUTPUTS, DECODER_DYNAMIC_AXES),
+    )
+
+
+def _export_graph(path: Path, graph: GraphSpec, opset: int) -> None:
+    """Trace `graph` into `path` through a temporary file beside it, checked before it is renamed."""
+    import onnx
+
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # The tracer warns about shape-dependent Python branches; the decoder's are taken
+            # the same way for every prompt batch (batch-1 image side, B prompts).
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            # HQ-SAM's decoder indexes its chosen mask token, never a negative index
+            warnings.filterwarnings("ignore", "Exporting aten::index operator", UserWarning)
+            torch.onnx.export(
+                graph.module,
+                graph.args,
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=list(graph.inputs),
+                output_names=list(graph.outputs),
+                dynamic_axes=graph.dynamic_axes,
+                do_constant_folding=True,
+            )
+        onnx.checker.check_model(str(tmp), full_check=True)
+        tmp.chmod(0o644)  # mkstemp creates 0600; the cache may be shared
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

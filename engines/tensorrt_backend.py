@@ -8,6 +8,11 @@ TensorRT 10's weakly typed builder flags with precision constraints: normalisati
 and reduction layers, and the prompt encoder's Fourier positional encoding of the point
 coordinates, stay fp32 (`pinned_to_fp32`). fp32 engines are built without TF32.
 
+HQ-SAM's graphs (see `onnx_export`) build the same way: the encoder's second output and the
+decoder's and predictor's `hq_features` input (1, 32, 256, 256) are fixed-shape, as the image
+embedding is, so the profiles cover the prompts alone; the decoder gives one mask a prompt and
+`onnx_export.predictor_masks` combines the predictor's outputs.
+
 Built plans are cached under the weights cache, keyed by the ONNX folder (model type,
 checkpoint sha256, opset, exporter versions), the graph, precision, GPU name and compute
 capability, TensorRT version and the profile (`plan_name`). Inputs and outputs are torch
@@ -40,7 +45,7 @@ from sam_batch.engines.backend import (
     upscale_logits,
 )
 from sam_batch.engines.checkpoints import cache_dir
-from sam_batch.engines.onnx_export import DEFAULT_OPSET, cached_onnx
+from sam_batch.engines.onnx_export import DEFAULT_OPSET, HQ_FEATURES, cached_onnx, crop_inputs, predictor_masks
 from sam_batch.engines.transforms import (
     PIXEL_MEAN,
     PIXEL_STD,
@@ -80,7 +85,8 @@ class DecoderProfile:
             raise ValueError(f"need 1 <= opt_points <= max_points: {self}")
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-        """(min, opt, max) shapes of each dynamic decoder input, as `IOptimizationProfile.set_shape` takes them."""
+        """(min, opt, max) shapes of each dynamic decoder input, as `IOptimizationProfile.set_shape` takes them
+        (the fixed-shape `image_embeddings` and HQ-SAM's `hq_features` need none)."""
         low, opt, high = (self.min_prompts, 1), (self.opt_prompts, self.opt_points), (self.max_prompts, self.max_points)
         return {
             "point_coords": ((*low, 2), (*opt, 2), (*high, 2)),
@@ -249,7 +255,7 @@ class TensorRTEngine:
     the predictor, made by `make_predictor` on first use.
 
     The graphs are any callables that take float tensors by input name and return float32
-    tensors by output name on `device` (`TrtGraph`)."""
+    tensors by output name on `device` (`TrtGraph`). `hq`: they are HQ-SAM's graphs."""
 
     def __init__(
         self,
@@ -259,8 +265,10 @@ class TensorRTEngine:
         max_prompts: int,
         make_predictor: Callable[[], Callable[..., dict[str, torch.Tensor]]],
         max_predictor_points: int = PREDICTOR_PROFILE.max_points,
+        hq: bool = False,
     ) -> None:
         self.encoder, self.decoder = encoder, decoder
+        self.hq = hq
         self.device = device
         self.max_prompts = max_prompts
         self.make_predictor = make_predictor
@@ -293,22 +301,26 @@ class TensorRTEngine:
         def make_predictor() -> TrtGraph:
             return TrtGraph(trt, cached_plan(trt, files.predictor, precision, target, PREDICTOR_PROFILE), target)
 
-        return cls(encoder, decoder, target, profile.max_prompts, make_predictor)
+        return cls(encoder, decoder, target, profile.max_prompts, make_predictor, hq=loaded.model.hq)
 
     def encode(self, crop: np.ndarray) -> CropEmbedding:
-        """Encode one uint8 crop (h, w, 3) into its image embedding (1, 256, 64, 64) on the GPU."""
+        """Encode one uint8 crop (h, w, 3) into its image embedding (1, 256, 64, 64) on the GPU,
+        and for HQ-SAM its HQ features (1, 32, 256, 256)."""
         crop_hw = (crop.shape[0], crop.shape[1])
         resized = resize_longest_side(crop)
-        embedding = self.encoder(images=image_to_input(resized, self.pixel_mean, self.pixel_std))["image_embeddings"]
-        return CropEmbedding(embedding, (resized.shape[0], resized.shape[1]), crop_hw)
+        out = self.encoder(images=image_to_input(resized, self.pixel_mean, self.pixel_std))
+        hq_features = out[HQ_FEATURES] if self.hq else None
+        input_hw = (resized.shape[0], resized.shape[1])
+        return CropEmbedding(out["image_embeddings"], input_hw, crop_hw, hq_features=hq_features)
 
     def decode(
         self, crop: CropEmbedding, points: np.ndarray, min_iou: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode single-point prompts (B, 2) xy in crop pixels, in chunks of the profile's max batch.
 
-        Returns low-resolution logits (B, 3, 256, 256) and predicted IoUs (B, 3), fp32, on the GPU.
-        `min_iou` is accepted for the engine interface; the engine computes every mask anyway.
+        Returns low-resolution logits (B, M, 256, 256) and predicted IoUs (B, M), fp32, on the GPU:
+        M = 3, or 1 for HQ-SAM. `min_iou` is accepted for the engine interface; the engine
+        computes every mask anyway.
         """
         coords = torch.from_numpy(scale_coords(points.astype(np.float64), crop.crop_hw))[:, None, :]
         return self._in_chunks(self.decoder, crop, coords, torch.ones(coords.shape[:2]))
@@ -322,10 +334,11 @@ class TensorRTEngine:
         multimask: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`TorchEngine.predict` through the predictor engine, in chunks of the profile's max
-        batch: prompts as labelled points in the input frame; of its four outputs a prompt keeps
-        token 0, or tokens 1-3 with `multimask`. Returns logits (B, 1 or 3, 256, 256) and IoUs
-        (B, 1 or 3), fp32, on the GPU. A prompt of more labelled points (its points, plus 2 for a
-        box or 1 without) than the profile's maximum is an `EngineError`."""
+        batch: prompts as labelled points in the input frame; of its outputs a prompt keeps what
+        `onnx_export.predictor_masks` picks (SAM: token 0, or tokens 1-3 with `multimask`;
+        HQ-SAM: one mask). Returns logits (B, 1 or 3, 256, 256) and IoUs (B, 1 or 3), fp32, on
+        the GPU. A prompt of more labelled points (its points, plus 2 for a box or 1 without)
+        than the profile's maximum is an `EngineError`."""
         coords, tags = labelled_points(points, labels, boxes)
         if coords.shape[1] > self.max_predictor_points:
             raise EngineError(
@@ -336,8 +349,7 @@ class TensorRTEngine:
             self.predictor = self.make_predictor()
         scaled = torch.from_numpy(scale_coords(coords, crop.crop_hw))
         logits, iou = self._in_chunks(self.predictor, crop, scaled, torch.from_numpy(tags))
-        kept = slice(1, 4) if multimask else slice(0, 1)
-        return logits[:, kept], iou[:, kept]
+        return predictor_masks(logits, iou, multimask, self.hq)
 
     def _in_chunks(
         self,
@@ -349,9 +361,10 @@ class TensorRTEngine:
         """`graph` (the decoder or the predictor) on prompts coords (B, N, 2) in the input frame
         and labels (B, N), `max_prompts` at a time: its logits and IoUs, concatenated."""
         logits, iou = [], []
+        image = crop_inputs(crop, self.hq)
         for start in range(0, len(coords), self.max_prompts):
             out = graph(
-                image_embeddings=crop.embedding,
+                **image,
                 point_coords=coords[start : start + self.max_prompts],
                 point_labels=labels[start : start + self.max_prompts],
             )

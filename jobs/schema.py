@@ -15,7 +15,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sam_batch.engines.registry import is_hq
 from sam_batch.jobs.job_rules import field_error, name_rule
 from sam_batch.jobs.job_sections import (
     SECTIONS,
@@ -57,10 +56,6 @@ class JobSpec:
                 raise field_error(
                     "output.candidates", "keeps the automatic generator's candidates; a prompt job has none"
                 )
-        if is_hq(self.model.type) and self.engine.backend != "torch":
-            raise field_error(
-                "engine.backend", f"{self.engine.backend} does not run HQ-SAM ({self.model.type}) yet; use torch"
-            )
         low = below_floor(self.amg) if self.output.candidates else []
         if low:
             raise field_error(

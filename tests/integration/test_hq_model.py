@@ -1,6 +1,7 @@
 """HQ-SAM (`*_hq` model types) without the reference environment: the weights table, the
-decoder's choice of SAM's mask, a checkpoint of the wrong layout, the back-ends that refuse it,
-and `sam-batch run` end to end. Parity with the official code: `test_hq_parity.py`."""
+decoder's choice of SAM's mask, a checkpoint of the wrong layout, the TensorRT back-end and
+`sam-batch export-onnx` taking it, and `sam-batch run` end to end. Parity with the official
+code: `test_hq_parity.py`; the onnx back-end against torch: `test_hq_onnx.py`."""
 
 from __future__ import annotations
 
@@ -93,18 +94,27 @@ def test_a_sam_checkpoint_is_not_an_hq_one(hq_checkpoint: Path) -> None:
         load_model("vit_t", str(hq_checkpoint))
 
 
-@pytest.mark.parametrize("backend", ["onnx", "tensorrt"])
-def test_other_back_ends_refuse_hq_before_loading(backend: str) -> None:
+def test_the_tensorrt_back_end_takes_hq_types() -> None:
+    """No HQ refusal: an HQ type meets the TensorRT back-end's own check, before any weights load
+    (the engine's HQ path: test_hq_onnx.py, onnxruntime standing in for TensorRT)."""
     with pytest.raises(
-        EngineError, match=f"engine.backend: {backend} does not run HQ-SAM \\(vit_h_hq\\) yet; use torch"
+        EngineError, match="engine.backend tensorrt needs the `tensorrt` package .* engine.device is cpu"
     ):
-        build_engine("vit_h_hq", "/nowhere/sam_hq_vit_h.pth", backend=backend, device="cpu")
+        build_engine("vit_h_hq", "/nowhere/sam_hq_vit_h.pth", backend="tensorrt", device="cpu")
 
 
-def test_export_onnx_refuses_hq_before_loading(tmp_path: Path) -> None:
-    result = sam_batch("export-onnx", "vit_l_hq", "-o", str(tmp_path / "onnx"), check=False)
-    assert result.returncode == 1 and not (tmp_path / "onnx").exists()
-    assert "ONNX export does not cover HQ-SAM (vit_l_hq) yet" in result.stderr and len(result.stderr.splitlines()) == 1
+def test_export_onnx_writes_hq_graphs(tmp_path: Path, hq_checkpoint: Path) -> None:
+    """`sam-batch export-onnx vit_t_hq` writes the three graphs, with the HQ features out of the
+    encoder and into the decoder and predictor (their parity: test_hq_onnx.py)."""
+    import onnx
+
+    out = tmp_path / "onnx"
+    result = sam_batch("export-onnx", "vit_t_hq", "--checkpoint", str(hq_checkpoint), "-o", str(out))
+    assert result.stdout.split() == [str(out / name) for name in ("encoder.onnx", "decoder.onnx", "predictor.onnx")]
+    encoder, decoder, predictor = (onnx.load(path).graph for path in result.stdout.split())
+    assert [o.name for o in encoder.output] == ["image_embeddings", "hq_features"]
+    for graph in (decoder, predictor):
+        assert [i.name for i in graph.input] == ["image_embeddings", "point_coords", "point_labels", "hq_features"]
 
 
 @pytest.mark.slow

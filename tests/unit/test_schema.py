@@ -693,9 +693,7 @@ def test_prompts_section_rules() -> None:
         assert parse_job(minimal(prompts={"uri": "b.parquet"}, engine={"backend": backend})).engine.backend == backend
 
 
-@pytest.mark.parametrize("backend", ["onnx", "tensorrt"])
-def test_hq_models_run_on_the_torch_back_end_only(backend: str) -> None:
-    assert parse_job(minimal(model={"type": "vit_h_hq"})).model.type == "vit_h_hq"
-    with pytest.raises(JobError) as error:
-        parse_job(minimal(model={"type": "vit_t_hq"}, engine={"backend": backend}))
-    assert error.value.message == f"engine.backend: {backend} does not run HQ-SAM (vit_t_hq) yet; use torch"
+@pytest.mark.parametrize("backend", ["torch", "onnx", "tensorrt"])
+def test_hq_models_run_on_every_back_end(backend: str) -> None:
+    job = parse_job(minimal(model={"type": "vit_t_hq"}, engine={"backend": backend}))
+    assert (job.model.type, job.engine.backend) == ("vit_t_hq", backend)
