@@ -21,17 +21,26 @@ from .transformer import TwoWayTransformer
 
 
 class HeadMLP(nn.Module):
-    """``num_layers`` Linear layers with ReLU between them: the mask decoder's hypernetwork and IoU heads."""
+    """``num_layers`` Linear layers (``layers.i``) with `activation` (ReLU) between them: the mask
+    decoder's hypernetwork and IoU heads, and SAM 2's MLPs."""
 
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dim: int,
+        output_dim: int,
+        num_layers: int,
+        activation: type[nn.Module] = nn.ReLU,
+    ) -> None:
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.act = activation()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., input_dim) -> (..., output_dim)."""
         for layer in self.layers[:-1]:
-            x = F.relu(layer(x))
+            x = self.act(layer(x))
         return self.layers[-1](x)
 
 

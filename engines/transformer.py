@@ -8,11 +8,19 @@ prompt-specific. The arithmetic is the reference's; only the order of fp32 round
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .common import MLPBlock
+
+TokenMLP = Callable[[int, int], nn.Module]  # (dim, hidden) -> the blocks' token MLP
+
+
+def _relu_mlp_block(dim: int, hidden: int) -> nn.Module:
+    return MLPBlock(dim, hidden, act=nn.ReLU)
 
 
 class TwoWayAttention(nn.Module):
@@ -66,13 +74,14 @@ class TwoWayAttentionBlock(nn.Module):
         mlp_dim: int,
         attention_downsample_rate: int,
         skip_first_layer_pe: bool,
+        token_mlp: TokenMLP,
     ) -> None:
         super().__init__()
         self.self_attn = TwoWayAttention(embedding_dim, num_heads)
         self.norm1 = nn.LayerNorm(embedding_dim)
         self.cross_attn_token_to_image = TwoWayAttention(embedding_dim, num_heads, attention_downsample_rate)
         self.norm2 = nn.LayerNorm(embedding_dim)
-        self.mlp = MLPBlock(embedding_dim, mlp_dim, act=nn.ReLU)
+        self.mlp = token_mlp(embedding_dim, mlp_dim)
         self.norm3 = nn.LayerNorm(embedding_dim)
         self.norm4 = nn.LayerNorm(embedding_dim)
         self.cross_attn_image_to_token = TwoWayAttention(embedding_dim, num_heads, attention_downsample_rate)
@@ -101,7 +110,11 @@ class TwoWayAttentionBlock(nn.Module):
 
 
 class TwoWayTransformer(nn.Module):
-    """Stack of :class:`TwoWayAttentionBlock` plus a final token->image attention."""
+    """Stack of :class:`TwoWayAttentionBlock` plus a final token->image attention.
+
+    `token_mlp` (dim, hidden) makes each block's token MLP: SAM's `MLPBlock` (``mlp.lin1``,
+    ``mlp.lin2``) by default; SAM 2 names the same two ReLU layers ``mlp.layers.0/1``.
+    """
 
     def __init__(
         self,
@@ -110,11 +123,17 @@ class TwoWayTransformer(nn.Module):
         num_heads: int = 8,
         mlp_dim: int = 2048,
         attention_downsample_rate: int = 2,
+        token_mlp: TokenMLP | None = None,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             TwoWayAttentionBlock(
-                embedding_dim, num_heads, mlp_dim, attention_downsample_rate, skip_first_layer_pe=i == 0
+                embedding_dim,
+                num_heads,
+                mlp_dim,
+                attention_downsample_rate,
+                skip_first_layer_pe=i == 0,
+                token_mlp=token_mlp or _relu_mlp_block,
             )
             for i in range(depth)
         )
