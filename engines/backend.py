@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from sam_batch.engines.checkpoints import KNOWN_CHECKPOINTS, load_state_dict, resolve_checkpoint, sha256_file
 from sam_batch.engines.common import IMAGE_SIZE
 from sam_batch.engines.point_decoder import ImageSide
+from sam_batch.engines.registry import is_sam2
 from sam_batch.engines.sam import SamModel, build_sam
+from sam_batch.engines.sam2 import Sam2Model, build_sam2
 
 # the dtype each precision computes in; tf32 is fp32 with TensorFloat-32 matrix products and
 # convolutions on the GPUs that have them (fp32 means full fp32: TF32 is turned off)
@@ -75,6 +77,8 @@ class CropEmbedding:
     image_side: the decoder's prompt-independent work on it, for engines that decode with
     `engines.point_decoder` (None otherwise).
     hq_features: (1, 32, 256, 256) on the engine's device for HQ-SAM models (None otherwise).
+    high_res_features: SAM 2's decoder's two finer levels, (1, 32, 256, 256) and (1, 64, 128, 128)
+    (None for SAM 1 models).
     """
 
     embedding: torch.Tensor
@@ -82,6 +86,7 @@ class CropEmbedding:
     crop_hw: tuple[int, int]
     image_side: ImageSide | None = None
     hq_features: torch.Tensor | None = None
+    high_res_features: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def pick_device(device: str) -> torch.device:
@@ -108,7 +113,7 @@ def upscale_logits(crop: CropEmbedding, low_res: torch.Tensor) -> torch.Tensor:
 class LoadedModel:
     """A model with its weights loaded, and what identifies those weights (for derived caches)."""
 
-    model: SamModel
+    model: SamModel | Sam2Model
     model_type: str
     checkpoint_sha256: str
 
@@ -121,7 +126,7 @@ def load_model(
 ) -> LoadedModel:
     """Resolve the checkpoint and load it strictly into a fresh fp32 model on the CPU."""
     path: Path = resolve_checkpoint(model_type, checkpoint, sha256, storage_options)
-    model = build_sam(model_type)
+    model = build_sam2(model_type) if is_sam2(model_type) else build_sam(model_type)
     try:
         model.load_state_dict(load_state_dict(path), strict=True)
     except RuntimeError as error:

@@ -128,6 +128,12 @@ def _official_hq(filename: str, sha256: str) -> KnownCheckpoint:
     return KnownCheckpoint(filename, sha256, (UrlSource(url),))
 
 
+def _official_sam2(filename: str, sha256: str) -> KnownCheckpoint:
+    """SAM 2.1's release (2024-09-28), from Meta's download server."""
+    url = f"https://dl.fbaipublicfiles.com/segment_anything_2/092824/{filename}"
+    return KnownCheckpoint(filename, sha256, (UrlSource(url),))
+
+
 KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
     "vit_t": KnownCheckpoint(
         filename="mobile_sam.pt",
@@ -148,6 +154,18 @@ KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
     "vit_b_hq": _official_hq("sam_hq_vit_b.pth", "14a9d662cd6f5a9c2dba6d40ab0058d88d287e4a18fd6fdc6ad5fb1a3fdeaa57"),
     "vit_l_hq": _official_hq("sam_hq_vit_l.pth", "e1a6c385d62bf005ded91a54d5ec55c985cfc4103ef89c08d90f39f04934c343"),
     "vit_h_hq": _official_hq("sam_hq_vit_h.pth", "a7ac14a085326d9fa6199c8c698c4f0e7280afdbb974d2c4660ec60877b45e35"),
+    "sam2.1_hiera_t": _official_sam2(
+        "sam2.1_hiera_tiny.pt", "7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69"
+    ),
+    "sam2.1_hiera_s": _official_sam2(
+        "sam2.1_hiera_small.pt", "6d1aa6f30de5c92224f8172114de081d104bbd23dd9dc5c58996f0cad5dc4d38"
+    ),
+    "sam2.1_hiera_b+": _official_sam2(
+        "sam2.1_hiera_base_plus.pt", "a2345aede8715ab1d5d31b4a509fb160c5a4af1970f199d9054ccfb746c004c5"
+    ),
+    "sam2.1_hiera_l": _official_sam2(
+        "sam2.1_hiera_large.pt", "2647878d5dfa5098f2f8649825738a9345572bae2d4350a2468587ece47dd318"
+    ),
 }
 
 

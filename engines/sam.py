@@ -16,7 +16,7 @@ from .hq_decoder import HqMaskDecoder
 from .image_encoder import VIT_CONFIGS, ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
-from .registry import HQ_SUFFIX, MODEL_TYPES, is_hq
+from .registry import HQ_SUFFIX, MODEL_TYPES, is_hq, is_sam2
 from .tiny_vit import TinyViT
 from .transforms import PIXEL_MEAN, PIXEL_STD
 
@@ -91,9 +91,11 @@ class SamModel(nn.Module):
 
 
 def build_sam(model_type: str) -> SamModel:
-    """A randomly initialised SAM of ``model_type`` (one of :data:`MODEL_TYPES`), in eval mode."""
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"unknown model type {model_type!r}; expected one of {MODEL_TYPES}")
+    """A randomly initialised SAM or HQ-SAM of ``model_type`` (one of :data:`MODEL_TYPES` but the
+    SAM 2.1 types, which `sam2.build_sam2` builds), in eval mode."""
+    if model_type not in MODEL_TYPES or is_sam2(model_type):
+        known = tuple(t for t in MODEL_TYPES if not is_sam2(t))
+        raise ValueError(f"not a SAM or HQ-SAM model type: {model_type!r}; expected one of {known}")
     base = model_type.removesuffix(HQ_SUFFIX)
     if base == "vit_t":
         encoder: nn.Module = TinyViT()

@@ -100,8 +100,8 @@ def test_mobile_sam_checkpoint_loads_strict() -> None:
 
 
 def test_build_sam_rejects_unknown_type() -> None:
-    assert MODEL_TYPES == ("vit_t", "vit_b", "vit_l", "vit_h", "vit_t_hq", "vit_b_hq", "vit_l_hq", "vit_h_hq")
-    for unknown in ("vit_x", "vit_x_hq"):
+    assert MODEL_TYPES[:8] == ("vit_t", "vit_b", "vit_l", "vit_h", "vit_t_hq", "vit_b_hq", "vit_l_hq", "vit_h_hq")
+    for unknown in ("vit_x", "vit_x_hq", "sam2.1_hiera_t"):
         with pytest.raises(ValueError, match=unknown):
             build_sam(unknown)
 
