@@ -1,7 +1,7 @@
 """`build_engine`: a loaded SAM model in the engine of the job's `engine.backend`.
 
 The one module that imports every back-end (`torch_backend`, `onnx_backend`,
-`tensorrt_backend`); they import what they share from `backend`, never this module or each
+`tensorrt_backend`, and SAM 2.1's `sam2_engine`); they import what they share from `backend`, never this module or each
 other, so the engines' imports form a tree. The heavy optional packages (onnxruntime,
 tensorrt) are imported only when an engine of theirs is built.
 """
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from sam_batch.engines.backend import EngineError, load_model, pick_device
 from sam_batch.engines.onnx_backend import OnnxEngine
-from sam_batch.engines.registry import BACKENDS
+from sam_batch.engines.registry import BACKENDS, is_sam2
+from sam_batch.engines.sam2 import Sam2Model
+from sam_batch.engines.sam2_engine import Sam2Engine, Sam2Generator
 from sam_batch.engines.tensorrt_backend import TensorRTEngine, require_tensorrt
 from sam_batch.engines.torch_backend import TorchEngine
 
@@ -25,18 +27,24 @@ def build_engine(
     precision: str = "fp32",
     storage_options: dict | None = None,
     layout: str | None = None,
-) -> TorchEngine | OnnxEngine | TensorRTEngine:
+    sam2_generator: Sam2Generator | None = None,
+) -> TorchEngine | OnnxEngine | TensorRTEngine | Sam2Engine:
     """Resolve the checkpoint, load it strictly into a fresh model and wrap it in `backend`'s engine.
 
     `onnx` and `tensorrt` derive their graphs from the loaded weights on first use and cache them
     under the weights cache (see `engines.onnx_backend`, `engines.tensorrt_backend`).
-    `layout` is the torch engine's (see `TorchEngine`).
+    `layout` is the torch engine's (see `TorchEngine`). SAM 2.1 types get a `Sam2Engine` (torch
+    only), serving the automatic generator as `sam2_generator` says (default: SAM 2's defaults).
     """
     if backend not in BACKENDS:
         raise EngineError(f"engine.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend != "torch" and is_sam2(model_type):
+        raise EngineError(f"engine.backend: {backend} does not run SAM 2.1 ({model_type}) yet; use torch")
     if backend == "tensorrt":
         require_tensorrt(device)  # before loading any weights: name what is missing at once
     loaded = load_model(model_type, checkpoint, sha256, storage_options)
+    if isinstance(loaded.model, Sam2Model):
+        return Sam2Engine(loaded.model, pick_device(device), precision, sam2_generator or Sam2Generator())
     if backend == "onnx":
         return OnnxEngine.from_model(loaded, device, precision)
     if backend == "tensorrt":

@@ -46,6 +46,7 @@ from sam_batch.engines.backend import CropEmbedding, EngineError, LoadedModel, l
 from sam_batch.engines.checkpoints import cache_dir
 from sam_batch.engines.common import IMAGE_SIZE
 from sam_batch.engines.hq_decoder import HQ_CHANNELS, select_sam_output
+from sam_batch.engines.registry import is_sam2
 from sam_batch.engines.sam import SamModel
 
 DEFAULT_OPSET = 17
@@ -248,6 +249,8 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
 ) -> OnnxFiles:
     """Load `checkpoint` (None: the cached default of `model_type`) and export it into `out_dir`."""
+    if is_sam2(model_type):
+        raise EngineError(f"ONNX export does not cover SAM 2.1 ({model_type}) yet; it runs on engine.backend torch")
     return export_model(load_model(model_type, checkpoint, sha256).model, out_dir, opset)
 
 

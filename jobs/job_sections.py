@@ -5,6 +5,7 @@ frozen dataclasses that validate themselves on construction, each field by its r
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args
@@ -32,6 +33,10 @@ from sam_batch.jobs.job_rules import (
 )
 from sam_batch.pipeline.params import AmgParams
 
+# the `amg` keys of SAM 2's generator alone, and their defaults there
+SAM2_ONLY: dict[str, bool | float] = {"multimask_output": True, "use_m2m": False, "mask_threshold": 0.0}
+# the default `amg.pred_iou_thresh` of each generator
+DEFAULT_PRED_IOU_THRESH = {"sam": 0.88, "sam2": 0.8}
 Executor = Literal["auto", "ray", "local"]
 Tiling = Literal["auto", "always", "never"]
 # a crop's grid is points_per_side^2 prompts: 256 gives 65,536 (the reference's default is 32)
@@ -168,15 +173,26 @@ class EngineSpec(Section):
 @dataclass(frozen=True)
 class AmgSpec(Section, AmgParams):
     """``amg``: the parameters of SamAutomaticMaskGenerator, with its names and defaults
-    (the fields of :class:`AmgParams`). ``pred_iou_thresh`` may exceed 1 (the model's IoU
-    predictions can).
+    (the fields of :class:`AmgParams`), and SAM 2's three more (`SAM2_ONLY`). ``pred_iou_thresh``
+    may exceed 1 (the model's IoU predictions can). The job resolves what is left None to the
+    model's generator's default (`JobSpec`): ``pred_iou_thresh`` 0.88 (SAM) or 0.8 (SAM 2.1);
+    ``multimask_output`` true, ``use_m2m`` false, ``mask_threshold`` 0.0 for SAM 2.1, and they
+    stay None for the other models.
     """
+
+    pred_iou_thresh: float | None = None  # type: ignore[assignment]
+    multimask_output: bool | None = None
+    use_m2m: bool | None = None
+    mask_threshold: float | None = None
 
     _SECTION: ClassVar[str] = "amg"
     _RULES: ClassVar[Mapping[str, Rule]] = {
         "points_per_side": integer_rule(1, MAX_POINTS_PER_SIDE),
         "points_per_batch": integer_rule(1),
-        "pred_iou_thresh": number_rule(0),
+        "pred_iou_thresh": optional_rule(number_rule(0)),
+        "multimask_output": optional_rule(boolean_rule),
+        "use_m2m": optional_rule(boolean_rule),
+        "mask_threshold": optional_rule(number_rule(-math.inf)),
         "stability_score_thresh": number_rule(0, 1),
         "stability_score_offset": number_rule(0),
         "box_nms_thresh": number_rule(0, 1),

@@ -15,8 +15,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from sam_batch.engines.registry import is_sam2
 from sam_batch.jobs.job_rules import field_error, name_rule
 from sam_batch.jobs.job_sections import (
+    DEFAULT_PRED_IOU_THRESH,
+    SAM2_ONLY,
     SECTIONS,
     AmgSpec,
     EngineSpec,
@@ -51,6 +54,13 @@ class JobSpec:
         for key, cls in SECTIONS.items():
             if not isinstance(getattr(self, key), cls):
                 raise TypeError(f"JobSpec.{key} must be a {cls.__name__}")
+        object.__setattr__(self, "amg", _resolved_amg(self.amg, self.model.type))
+        if is_sam2(self.model.type) and self.engine.backend != "torch":
+            raise field_error(
+                "engine.backend", f"{self.engine.backend} does not run SAM 2.1 ({self.model.type}) yet; use torch"
+            )
+        if is_sam2(self.model.type) and self.output.candidates:
+            raise field_error("output.candidates", f"is not kept for SAM 2.1 ({self.model.type}) yet")
         if self.prompts.uri is not None:
             if self.output.candidates:
                 raise field_error(
@@ -97,8 +107,27 @@ class JobSpec:
         data["input"]["uris"] = sorted(set(self.input.uris))
         if self.prompts.uri is None:  # jobs without prompts keep the fingerprints they had
             del data["prompts"]
+        for key in SAM2_ONLY:  # and jobs of SAM 1 models, without SAM 2's keys
+            if data["amg"][key] is None:
+                del data["amg"][key]
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _resolved_amg(amg: AmgSpec, model_type: str) -> AmgSpec:
+    """`amg` with what it left None set to the model's generator's defaults; a SAM 2 key set for
+    another model is a one-line error."""
+    if is_sam2(model_type):
+        unset = {key: default for key, default in SAM2_ONLY.items() if getattr(amg, key) is None}
+        generator = "sam2"
+    else:
+        for key in SAM2_ONLY:
+            if getattr(amg, key) is not None:
+                raise field_error(f"amg.{key}", f"applies to SAM 2.1 models only, not {model_type}")
+        unset, generator = {}, "sam"
+    if amg.pred_iou_thresh is None:
+        unset["pred_iou_thresh"] = DEFAULT_PRED_IOU_THRESH[generator]
+    return dataclasses.replace(amg, **unset) if unset else amg
 
 
 def _plain(value: Any) -> Any:

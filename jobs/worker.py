@@ -116,12 +116,18 @@ class ImageSegmenter:
     def __init__(self, job: JobSpec, worker_name: str = "local", threads: int | None = None) -> None:
         from sam_batch.engines.backend import keep_freed_memory, set_cpu_threads
         from sam_batch.engines.factory import build_engine
+        from sam_batch.engines.registry import is_sam2
+        from sam_batch.engines.sam2_engine import Sam2Generator
 
         set_cpu_threads(threads)
         keep_freed_memory()
         self.job = job
         self.worker_name = worker_name
         self.params = job.amg
+        amg = job.amg
+        generator = (
+            Sam2Generator(amg.multimask_output, amg.use_m2m, amg.mask_threshold) if is_sam2(job.model.type) else None
+        )
         self.engine = build_engine(
             job.model.type,
             job.model.checkpoint,
@@ -129,6 +135,7 @@ class ImageSegmenter:
             backend=job.engine.backend,
             device=job.engine.device,
             precision=job.engine.precision,
+            sam2_generator=generator,
         )
 
     def segment(self, uri: str, image: np.ndarray | None = None, read_seconds: float = 0.0) -> ImageResult:

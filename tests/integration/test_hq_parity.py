@@ -21,12 +21,13 @@ reference environment or its `segment_anything_hq` is missing, every test here s
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from official_code import as_batch, image_args, missing_reference, relative_error, run_official
+from reference_cases import PHOTOS, PROMPT_CASES, case_prompts
 
 from parity import largest_differences, strict_differences
 from sam_batch.engines.backend import set_cpu_threads
@@ -36,40 +37,18 @@ from sam_batch.engines.transforms import image_to_input, resize_longest_side
 from sam_batch.pipeline.amg import generate_masks, to_records
 from sam_batch.pipeline.images import load_image
 from sam_batch.pipeline.params import AmgParams
-from shared_data import IMAGES, MOBILE_SAM, PARITY_LINES, REPO
+from shared_data import IMAGES, MOBILE_SAM, PARITY_LINES
 
-REFERENCE_PYTHON = REPO / ".venv-ref" / "bin" / "python"
-OFFICIAL_SCRIPT = REPO / "tests" / "reference" / "official_hq.py"
-PHOTOS = ("dog.jpg", "groceries.jpg")
 MAX_RELATIVE_ERROR = 1e-4
-# the official script's prompt cases (tests/reference/official_hq.py: PROMPT_CASES)
-PROMPT_CASES = [
-    ("point_multimask", [[0.5, 0.5]], [1], None, True),
-    ("point_single", [[0.3, 0.6]], [1], None, False),
-    ("box", None, None, [0.2, 0.2, 0.7, 0.8], False),
-    ("box_points_multimask", [[0.4, 0.4], [0.6, 0.7]], [1, 0], [0.1, 0.15, 0.9, 0.85], True),
-]
 # model type -> SAM's checkpoint for the base's tensors (None: noise throughout), fewest masks
 # the official generator must keep per photo for the comparison to mean something
 MODELS = {"vit_t_hq": (MOBILE_SAM, 10), "vit_b_hq": (None, 1)}
 
 
-def _reference_environment() -> str | None:
-    """Why the official code cannot run here, or None when it can."""
-    if not REFERENCE_PYTHON.exists():
-        return f"reference environment {REFERENCE_PYTHON.parent.parent} not present (make bench-env)"
-    probe = subprocess.run(
-        [str(REFERENCE_PYTHON), "-c", "import segment_anything_hq"], capture_output=True, text=True, timeout=120
-    )
-    if probe.returncode != 0:
-        return "segment_anything_hq is not installed in .venv-ref (make bench-env)"
-    return None
-
-
 @pytest.fixture(scope="module")
 def official(tmp_path_factory: pytest.TempPathFactory):
     """model type -> the official script's output folder, made on first use."""
-    missing = _reference_environment()
+    missing = missing_reference("segment_anything_hq")
     if missing:
         pytest.skip(missing)
     if not MOBILE_SAM.exists():
@@ -82,13 +61,10 @@ def official(tmp_path_factory: pytest.TempPathFactory):
             ours = out / "ours.pt"
             torch.save(build_sam(model_type).state_dict(), ours)
             base, _ = MODELS[model_type]
-            command = [str(REFERENCE_PYTHON), str(OFFICIAL_SCRIPT), model_type, str(out), "--ours", str(ours)]
-            command += ["--base", str(base)] if base else []
-            command += ["--layouts"] if model_type == "vit_t_hq" else []
-            for photo in PHOTOS:
-                command += ["--image", str(IMAGES / photo)]
-            proc = subprocess.run(command, capture_output=True, text=True, timeout=1800, cwd=REPO)
-            assert proc.returncode == 0, proc.stderr[-3000:]
+            options = ["--ours", str(ours), *image_args([IMAGES / photo for photo in PHOTOS])]
+            options += ["--base", str(base)] if base else []
+            options += ["--layouts"] if model_type == "vit_t_hq" else []
+            run_official("official_hq.py", model_type, str(out), *options)
             folders[model_type] = out
         return folders[model_type]
 
@@ -101,10 +77,6 @@ def _engine(folder: Path, model_type: str) -> TorchEngine:
     model = build_sam(model_type)
     model.load_state_dict(torch.load(folder / "state_dict.pt", map_location="cpu", weights_only=True), strict=True)
     return TorchEngine(model.eval(), torch.device("cpu"))
-
-
-def _relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    return float((ours.double() - theirs.double()).norm() / theirs.double().norm().clamp(min=1e-30))
 
 
 @pytest.mark.slow
@@ -133,23 +105,17 @@ def test_encoder_and_predictor_are_the_officials(official, model_type: str) -> N
         with torch.no_grad():
             early = engine.model.image_encoder.features(_model_input(engine, image))[1]
         errors = {
-            "embedding": _relative_error(crop.embedding, theirs["embedding"]),
-            "early": _relative_error(early, theirs["early"]),
-            "hq_features": _relative_error(crop.hq_features, theirs["hq_features"]),
+            "embedding": relative_error(crop.embedding, theirs["embedding"]),
+            "early": relative_error(early, theirs["early"]),
+            "hq_features": relative_error(crop.hq_features, theirs["hq_features"]),
         }
-        height, width = image.shape[:2]
-        scale = np.array([width, height], dtype=np.float64)
-        for name, points, labels, box, multimask in PROMPT_CASES:
-            low_res, iou = engine.predict(
-                crop,
-                None if points is None else (np.array(points) * scale)[None],
-                None if labels is None else np.array(labels)[None],
-                None if box is None else (np.array(box) * np.tile(scale, 2))[None],
-                multimask,
-            )
-            errors[f"{name} low_res"] = _relative_error(low_res[0], theirs[name]["low_res"])
-            errors[f"{name} iou"] = _relative_error(iou[0], theirs[name]["iou"])
-            errors[f"{name} logits"] = _relative_error(engine.upscale(crop, low_res[0]), theirs[name]["logits"])
+        for case in PROMPT_CASES:
+            name = case[0]
+            points, labels, box, multimask = case_prompts(case, *image.shape[:2])
+            low_res, iou = engine.predict(crop, as_batch(points), as_batch(labels), as_batch(box), multimask)
+            errors[f"{name} low_res"] = relative_error(low_res[0], theirs[name]["low_res"])
+            errors[f"{name} iou"] = relative_error(iou[0], theirs[name]["iou"])
+            errors[f"{name} logits"] = relative_error(engine.upscale(crop, low_res[0]), theirs[name]["logits"])
         assert max(errors.values()) <= MAX_RELATIVE_ERROR, (photo, errors)
         worst = max(worst, *errors.values())
     PARITY_LINES.append(f"{model_type} encoder and predictor vs segment-anything-hq: max relative error {worst:.1e}")

@@ -11,14 +11,14 @@ MODEL_TYPE is sam-batch's name (vit_t_hq, vit_b_hq, vit_l_hq, vit_h_hq). It writ
 - `layouts.json` (with `--layouts`): every official HQ-SAM model's state-dict keys and shapes,
   by sam-batch's name;
 - `state_dict.pt`: MODEL_TYPE's official model with every floating tensor replaced by seeded
-  noise (`fill_random`), so that zero- and one-initialised tensors matter in comparisons. With
+  noise (`reference_cases.fill_random`), so that zero- and one-initialised tensors matter in comparisons. With
   `--base CHECKPOINT` (SAM's weights of the base type, e.g. `mobile_sam.pt` for vit_t_hq), SAM's
   tensors are those weights and only HQ-SAM's own (`HQ_PARAMETERS`) are noise, as HQ-SAM is
   trained: masks then follow the prompts, which a wholly random decoder's barely do (the HQ
   token's output layer is then scaled by `HQ_OUTPUT_SCALE`);
 - `outputs.pt`: per image, the encoder's embedding, early features and HQ features, and the
   official `SamPredictor.predict` outputs (logits, IoU, low-resolution logits) for each case of
-  `PROMPT_CASES`;
+  `reference_cases.PROMPT_CASES`;
 - `amg_<image name>.json`: `SamAutomaticMaskGenerator.generate` at `AMG_PARAMS` (coco_rle).
 
 With `--ours STATE`, it first loads sam-batch's state dict STATE into the official model with
@@ -37,18 +37,12 @@ import torch
 from PIL import Image
 from segment_anything_hq import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for reference_cases
+from reference_cases import PROMPT_CASES, SEED, case_prompts, fill_random  # noqa: E402
+
 OFFICIAL_NAMES = {"vit_t_hq": "vit_tiny", "vit_b_hq": "vit_b", "vit_l_hq": "vit_l", "vit_h_hq": "vit_h"}
-SEED = 20
 # the parameters HQ-SAM adds to SAM (trained while SAM's stay frozen)
 HQ_PARAMETERS = ("hf_token", "hf_mlp", "compress_vit_feat", "embedding_encoder", "embedding_maskfeature")
-# (name, point coords as fractions of the image's width and height, labels, box as fractions
-# or None, multimask_output); hq_token_only stays False, as in the generator
-PROMPT_CASES = [
-    ("point_multimask", [[0.5, 0.5]], [1], None, True),
-    ("point_single", [[0.3, 0.6]], [1], None, False),
-    ("box", None, None, [0.2, 0.2, 0.7, 0.8], False),
-    ("box_points_multimask", [[0.4, 0.4], [0.6, 0.7]], [1, 0], [0.1, 0.15, 0.9, 0.85], True),
-]
 # With --base, the HQ token's output layer is scaled down by this after the noise, so that its
 # logits refine SAM's rather than swamp them (at 1, the generator keeps one mask on dog.jpg).
 HQ_OUTPUT_SCALE = 0.1
@@ -57,33 +51,8 @@ HQ_OUTPUT_SCALE = 0.1
 AMG_PARAMS = {"points_per_side": 8, "stability_score_thresh": 0.85}
 
 
-def fill_random(model: torch.nn.Module, seed: int, only: tuple[str, ...] = ()) -> None:
-    """Every floating tensor of the state dict (only those whose names hold one of `only`, if
-    given) to seeded noise, scale 1/sqrt(last dim) (0.5 for vectors); a BatchNorm's running
-    variance to |noise| + 0.5, since it must be positive."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if tensor.is_floating_point() and (not only or any(part in name for part in only)):
-                scale = tensor.shape[-1] ** -0.5 if tensor.ndim > 1 else 0.5
-                noise = torch.randn(tensor.shape, generator=generator) * scale
-                tensor.copy_(noise.abs() + 0.5 if name.endswith("running_var") else noise)
-
-
 def build(model_type: str) -> torch.nn.Module:
     return sam_model_registry[OFFICIAL_NAMES[model_type]]().eval()
-
-
-def prompts(case: tuple, height: int, width: int) -> dict:
-    """A case's keyword arguments for `SamPredictor.predict`, in pixels."""
-    _, points, labels, box, multimask = case
-    scale = np.array([width, height], dtype=np.float64)
-    return {
-        "point_coords": None if points is None else np.array(points) * scale,
-        "point_labels": None if labels is None else np.array(labels),
-        "box": None if box is None else np.array(box) * np.tile(scale, 2),
-        "multimask_output": multimask,
-    }
 
 
 def main() -> int:
@@ -137,7 +106,10 @@ def main() -> int:
             hq = decoder.embedding_encoder(predictor.features) + decoder.compress_vit_feat(early)
         record = {"embedding": predictor.features, "early": early, "hq_features": hq}
         for case in PROMPT_CASES:
-            logits, iou, low_res = predictor.predict(**prompts(case, *image.shape[:2]), return_logits=True)
+            points, labels, box, multimask = case_prompts(case, *image.shape[:2])
+            logits, iou, low_res = predictor.predict(
+                points, labels, box, multimask_output=multimask, return_logits=True
+            )
             record[case[0]] = {
                 "logits": torch.from_numpy(logits),
                 "iou": torch.from_numpy(iou),

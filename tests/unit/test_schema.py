@@ -145,7 +145,7 @@ def test_empty_sections_and_manifest_only() -> None:
     job = parse_job(minimal(input={"manifest": "s3://b/list.txt"}, amg=None, run=None))
     assert job.input.uris == ()
     assert job.input.manifest == "s3://b/list.txt"
-    assert job.amg == AmgSpec()
+    assert job.amg == AmgSpec(pred_iou_thresh=0.88)  # SAM's default for an unset threshold
 
 
 def test_ints_accepted_for_floats_and_normalised() -> None:
@@ -697,3 +697,35 @@ def test_prompts_section_rules() -> None:
 def test_hq_models_run_on_every_back_end(backend: str) -> None:
     job = parse_job(minimal(model={"type": "vit_t_hq"}, engine={"backend": backend}))
     assert (job.model.type, job.engine.backend) == ("vit_t_hq", backend)
+
+
+def test_sam2_models_take_sam2_generator_defaults_and_keys() -> None:
+    """SAM 2.1 jobs get SAM2AutomaticMaskGenerator's defaults where they differ (pred_iou_thresh
+    0.8) and its three keys; the same keys for a SAM 1 model are one-line errors, and SAM 1 jobs
+    keep the fingerprints they had (the keys are left out while unset)."""
+    sam2 = parse_job(minimal(model={"type": "sam2.1_hiera_t"}))
+    assert (sam2.amg.pred_iou_thresh, sam2.amg.multimask_output, sam2.amg.use_m2m, sam2.amg.mask_threshold) == (
+        0.8,
+        True,
+        False,
+        0.0,
+    )
+    chosen = parse_job(minimal(model={"type": "sam2.1_hiera_l"}, amg={"use_m2m": True, "pred_iou_thresh": 0.88}))
+    assert (chosen.amg.use_m2m, chosen.amg.pred_iou_thresh) == (True, 0.88)
+    assert chosen.fingerprint() != parse_job(minimal(model={"type": "sam2.1_hiera_l"})).fingerprint()
+    sam1 = parse_job(minimal())
+    assert (sam1.amg.pred_iou_thresh, sam1.amg.use_m2m) == (0.88, None)
+    assert (
+        "use_m2m" not in sam1.fingerprint()
+        and sam1.fingerprint() == parse_job(minimal(amg={"pred_iou_thresh": 0.88})).fingerprint()
+    )
+    for key, value in (("use_m2m", True), ("multimask_output", False), ("mask_threshold", 0.5)):
+        with pytest.raises(JobError) as error:
+            parse_job(minimal(model={"type": "vit_b_hq"}, amg={key: value}))
+        assert error.value.message == f"amg.{key}: applies to SAM 2.1 models only, not vit_b_hq"
+    with pytest.raises(JobError) as error:
+        parse_job(minimal(model={"type": "sam2.1_hiera_s"}, engine={"backend": "onnx"}))
+    assert error.value.message == "engine.backend: onnx does not run SAM 2.1 (sam2.1_hiera_s) yet; use torch"
+    with pytest.raises(JobError) as error:
+        parse_job(minimal(model={"type": "sam2.1_hiera_s"}, output={"uri": "out", "candidates": True}))
+    assert error.value.message == "output.candidates: is not kept for SAM 2.1 (sam2.1_hiera_s) yet"
