@@ -67,14 +67,16 @@ bench-models: install bench-env
 	$(REF_VENV)/bin/python -c "import segment_anything_hq, sam2" 2>/dev/null || $(REF_VENV)/bin/pip install --quiet $(REF_MODELS)
 	$(PY) -m benchmarks.models
 
-# The generator side by side (benchmarks.reference), then the prompts row (bench-prompts, below).
-# Fails with the first failing side's status (3: a ratio NOT VALID, the load above the threads, or
-# for the generator a side drifted over 15% from its quiet baseline); both sides still write their
-# doc sections.
+# The generator side by side (benchmarks.reference), then the prompts row (bench-prompts, below),
+# then the HQ-SAM and SAM 2.1 rows (bench-models, above; Markdown on stdout). Fails with the first
+# failing part's status (3: a ratio NOT VALID, the load above the threads, or for the generator a
+# side drifted over 15% from its quiet baseline); every part still runs and reports.
 bench: install bench-env
+	$(REF_VENV)/bin/python -c "import segment_anything_hq, sam2" 2>/dev/null || $(REF_VENV)/bin/pip install --quiet $(REF_MODELS)
 	$(VENV)/bin/python -m benchmarks.reference --ref-venv $(REF_VENV) --write-doc; generator=$$?; \
 	$(VENV)/bin/python -m benchmarks.prompts --ref-venv $(REF_VENV) --write-doc $(PROMPTS_ARGS); prompts=$$?; \
-	exit $$(( generator ? generator : prompts ))
+	$(VENV)/bin/python -m benchmarks.models --ref-venv $(REF_VENV); models=$$?; \
+	exit $$(( generator ? generator : prompts ? prompts : models ))
 
 # prompts/s of prompt jobs against the reference SamPredictor looping over the same boxes: 1,000 on
 # one image, 10 on each of 100 images (the photos cycled), in process and through `sam-batch run`
