@@ -6,7 +6,11 @@ Imports torch and numpy only, so that it runs in both environments (`.venv`, `.v
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -85,3 +89,33 @@ def case_prompts(case: tuple, height: int, width: int) -> tuple:
         None if box is None else np.array(box) * np.tile(scale, 2),
         multimask,
     )
+
+
+def official_arguments(description: str, model_types: Sequence[str]) -> argparse.ArgumentParser:
+    """The arguments every official-code script takes: MODEL_TYPE (sam-batch's name), OUT,
+    `--ours STATE`, `--image PATH` (repeated) and `--layouts`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("model_type", choices=model_types)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--ours", type=Path, help="sam-batch's state dict to load strictly first")
+    parser.add_argument("--image", type=Path, action="append", default=[])
+    parser.add_argument("--layouts", action="store_true", help="write layouts.json (builds every model)")
+    return parser
+
+
+def strict_load_error(model: torch.nn.Module, state: Path) -> str | None:
+    """Load the state dict at `state` into `model` with `strict=True`; the one-line reason it
+    does not load, or None."""
+    try:
+        model.load_state_dict(torch.load(state, map_location="cpu", weights_only=True), strict=True)
+    except RuntimeError as error:
+        return f"{state}: does not load strictly: {str(error).splitlines()[0]}"
+    return None
+
+
+def write_layouts(path: Path, model_types: Sequence[str], build: Callable[[str], torch.nn.Module]) -> None:
+    """Every model type's state-dict keys and shapes, as JSON at `path`."""
+    layouts = {}
+    for name in model_types:
+        layouts[name] = {key: list(value.shape) for key, value in build(name).state_dict().items()}
+    path.write_text(json.dumps(layouts))

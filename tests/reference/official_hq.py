@@ -27,7 +27,6 @@ With `--ours STATE`, it first loads sam-batch's state dict STATE into the offici
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -38,7 +37,15 @@ from PIL import Image
 from segment_anything_hq import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for reference_cases
-from reference_cases import PROMPT_CASES, SEED, case_prompts, fill_random  # noqa: E402
+from reference_cases import (  # noqa: E402
+    PROMPT_CASES,
+    SEED,
+    case_prompts,
+    fill_random,
+    official_arguments,
+    strict_load_error,
+    write_layouts,
+)
 
 OFFICIAL_NAMES = {"vit_t_hq": "vit_tiny", "vit_b_hq": "vit_b", "vit_l_hq": "vit_l", "vit_h_hq": "vit_h"}
 # the parameters HQ-SAM adds to SAM (trained while SAM's stay frozen)
@@ -56,30 +63,18 @@ def build(model_type: str) -> torch.nn.Module:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_type", choices=sorted(OFFICIAL_NAMES))
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--ours", type=Path, help="sam-batch's state dict to load strictly first")
+    parser = official_arguments(__doc__.splitlines()[0], sorted(OFFICIAL_NAMES))
     parser.add_argument("--base", type=Path, help="SAM's checkpoint of the base type for SAM's tensors")
-    parser.add_argument("--image", type=Path, action="append", default=[])
-    parser.add_argument("--layouts", action="store_true", help="write layouts.json (builds all four models)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
     model = build(args.model_type)
-    if args.ours is not None:
-        try:
-            model.load_state_dict(torch.load(args.ours, map_location="cpu", weights_only=True), strict=True)
-        except RuntimeError as error:
-            print(f"{args.ours}: does not load strictly: {str(error).splitlines()[0]}", file=sys.stderr)
-            return 1
+    refused = strict_load_error(model, args.ours) if args.ours is not None else None
+    if refused:
+        print(refused, file=sys.stderr)
+        return 1
     if args.layouts:
-        layouts = {}
-        for name in OFFICIAL_NAMES:
-            other = model if name == args.model_type else build(name)
-            layouts[name] = {key: list(value.shape) for key, value in other.state_dict().items()}
-            del other
-        (args.out / "layouts.json").write_text(json.dumps(layouts))
+        write_layouts(args.out / "layouts.json", sorted(OFFICIAL_NAMES), build)
 
     if args.base is not None:
         missing, unexpected = model.load_state_dict(torch.load(args.base, map_location="cpu"), strict=False)

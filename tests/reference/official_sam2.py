@@ -29,7 +29,6 @@ With `--ours STATE`, it first loads sam-batch's state dict STATE into the offici
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -47,7 +46,10 @@ from reference_cases import (  # noqa: E402
     SEED,
     case_prompts,
     fill_random,
+    official_arguments,
     sam2_weights_with_mobile_sam_decoder,
+    strict_load_error,
+    write_layouts,
 )
 
 MODEL_TYPES = ("sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l")
@@ -60,29 +62,18 @@ def build(model_type: str) -> torch.nn.Module:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_type", choices=MODEL_TYPES)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--ours", type=Path, help="sam-batch's state dict to load strictly first")
+    parser = official_arguments(__doc__.splitlines()[0], MODEL_TYPES)
     parser.add_argument("--decoder-from", type=Path, help="MobileSAM's checkpoint for the shared decoder tensors")
-    parser.add_argument("--image", type=Path, action="append", default=[])
-    parser.add_argument("--layouts", action="store_true", help="write layouts.json (builds all four models)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
     model = build(args.model_type)
-    if args.ours is not None:
-        try:
-            model.load_state_dict(torch.load(args.ours, map_location="cpu", weights_only=True), strict=True)
-        except RuntimeError as error:
-            print(f"{args.ours}: does not load strictly: {str(error).splitlines()[0]}", file=sys.stderr)
-            return 1
+    refused = strict_load_error(model, args.ours) if args.ours is not None else None
+    if refused:
+        print(refused, file=sys.stderr)
+        return 1
     if args.layouts:
-        layouts = {}
-        for name in MODEL_TYPES:
-            other = model if name == args.model_type else build(name)
-            layouts[name] = {key: list(value.shape) for key, value in other.state_dict().items()}
-        (args.out / "layouts.json").write_text(json.dumps(layouts))
+        write_layouts(args.out / "layouts.json", MODEL_TYPES, build)
 
     if args.decoder_from is not None:
         sam2_weights_with_mobile_sam_decoder(model, args.decoder_from)
