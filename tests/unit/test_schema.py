@@ -715,10 +715,12 @@ def test_sam2_models_take_sam2_generator_defaults_and_keys() -> None:
     assert chosen.fingerprint() != parse_job(minimal(model={"type": "sam2.1_hiera_l"})).fingerprint()
     sam1 = parse_job(minimal())
     assert (sam1.amg.pred_iou_thresh, sam1.amg.use_m2m) == (0.88, None)
-    assert (
-        "use_m2m" not in sam1.fingerprint()
-        and sam1.fingerprint() == parse_job(minimal(amg={"pred_iou_thresh": 0.88})).fingerprint()
-    )
+    assert sam1.fingerprint() == parse_job(minimal(amg={"pred_iou_thresh": 0.88})).fingerprint()
+    # the fingerprints the code before SAM 2.1 (commit 9c990d3) gave these two jobs
+    job = {"name": "demo", "input": {"uris": ["/data/a.tif"]}, "output": {"uri": "/data/out"}}
+    assert parse_job(job).fingerprint() == "165ba0fccf91c2874a2652921dfcc812ad9235e4e336f791320d4bbfb1b45b72"
+    tuned = {**job, "model": {"type": "vit_b"}, "amg": {"points_per_side": 16, "pred_iou_thresh": 0.9}}
+    assert parse_job(tuned).fingerprint() == "bd6f74c452601eea0bf9f22936cabeaf9671c4ef57f89ad14dfa5bb6faefa0ca"
     for key, value in (("use_m2m", True), ("multimask_output", False), ("mask_threshold", 0.5)):
         with pytest.raises(JobError) as error:
             parse_job(minimal(model={"type": "vit_b_hq"}, amg={key: value}))
