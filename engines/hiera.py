@@ -73,7 +73,8 @@ def _windows(x: torch.Tensor, window: int) -> torch.Tensor:
 def _unwindow(windows: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Inverse of `_windows` for a (height, width) map: (N * nH * nW, w, w, C) -> (N, height, width, C)."""
     window, c = windows.shape[1], windows.shape[3]
-    nh, nw = -(-height // window), -(-width // window)
+    # ceiling division on non-negative sizes: ONNX's integer Div truncates, so -(-a // b) would export wrong
+    nh, nw = (height + window - 1) // window, (width + window - 1) // window
     x = windows.reshape(-1, nh, nw, window, window, c).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(-1, nh * window, nw * window, c)[:, :height, :width]
 

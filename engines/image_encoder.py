@@ -108,7 +108,8 @@ def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
 def window_unpartition(windows: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Inverse of :func:`window_partition`: (N * nH * nW, window, window, C) -> (N, height, width, C)."""
     window, c = windows.shape[1], windows.shape[3]
-    nh, nw = -(-height // window), -(-width // window)
+    # ceiling division on non-negative sizes: ONNX's integer Div truncates, so -(-a // b) would export wrong
+    nh, nw = (height + window - 1) // window, (width + window - 1) // window
     x = windows.reshape(-1, nh, nw, window, window, c).transpose(2, 3)
     return x.reshape(-1, nh * window, nw * window, c)[:, :height, :width]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ from benchmarks.reference import agreement
 from sam_batch.cli import main as cli_main
 from sam_batch.engines.backend import EngineError, load_model, set_cpu_threads
 from sam_batch.engines.factory import build_engine
+from sam_batch.engines.hiera import MultiScaleBlock
+from sam_batch.engines.image_encoder import Block as ViTBlock
 from sam_batch.engines.onnx_backend import OnnxEngine
 from sam_batch.engines.onnx_export import DEFAULT_OPSET, cached_onnx, decoder_output_shapes, graph_source_digest
 from sam_batch.pipeline.amg import generate_masks, to_records
@@ -203,3 +206,28 @@ def test_onnx_backend_through_sam_batch_run(tmp_path: Path) -> None:
 def test_onnx_backend_is_fp32_only() -> None:
     with pytest.raises(EngineError, match="fp16 is not available with engine.backend onnx"):
         OnnxEngine.from_model(load_model("vit_t"), "cpu", "fp16")
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        pytest.param(lambda: ViTBlock(32, 2, window_size=14, grid_size=64), id="vit"),
+        pytest.param(lambda: MultiScaleBlock(32, 32, 2, window=14, pool_queries=False), id="hiera"),
+    ],
+)
+def test_windowed_attention_exports_where_the_window_does_not_divide_the_grid(tmp_path: Path, block) -> None:
+    """vit_b/l/h's blocks and SAM 2.1's stage-3 blocks attend in 14 x 14 windows over a 64 x 64
+    grid (padded to 70): the window count must export as a ceiling division (ONNX's integer Div
+    truncates; the graph used to fail onnxruntime's shape checks)."""
+    import onnxruntime
+
+    module = block().eval()
+    grid = torch.randn(1, 64, 64, 32)
+    path = tmp_path / "block.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        expected = module(grid)
+        torch.onnx.export(module, (grid,), str(path), dynamo=False, opset_version=DEFAULT_OPSET, input_names=["x"])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"x": grid.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-5, rtol=1e-5)
