@@ -202,8 +202,7 @@ class PredictorGraph(DecoderGraph):
     def forward(
         self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        sparse = self.prompt_encoder.embed_labelled_points(point_coords, point_labels)
-        dense = self.prompt_encoder.embed_mask(None)
+        sparse, dense = self.prompt_encoder(point_coords, point_labels, pad=False)
         return self.mask_decoder(image_embeddings, self.dense_pe, sparse, dense, multimask_output=None)
 
 
@@ -235,8 +234,7 @@ class HqPredictorGraph(DecoderGraph):
         point_labels: torch.Tensor,
         hq_features: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        sparse = self.prompt_encoder.embed_labelled_points(point_coords, point_labels)
-        dense = self.prompt_encoder.embed_mask(None)
+        sparse, dense = self.prompt_encoder(point_coords, point_labels, pad=False)
         return self.mask_decoder(image_embeddings, self.dense_pe, sparse, dense, None, hq_features)
 
 

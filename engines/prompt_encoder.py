@@ -16,13 +16,16 @@ from .common import LayerNorm2d
 
 
 class PositionEmbeddingRandom(nn.Module):
-    """Random Fourier features: unit-square positions (..., 2) as xy -> (..., 2 * num_feats)."""
+    """Random Fourier features: unit-square positions (..., 2) as xy -> (..., 2 * num_feats).
+
+    The encoding is the module's `forward`, so an exported graph names its nodes under this
+    module (``.../pe_layer/Sin``), which the TensorRT back-end's fp32 pinning finds by name."""
 
     def __init__(self, num_feats: int = 128) -> None:
         super().__init__()
         self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(2, num_feats))
 
-    def encode(self, unit_xy: torch.Tensor) -> torch.Tensor:
+    def forward(self, unit_xy: torch.Tensor) -> torch.Tensor:
         """(..., 2) xy in [0, 1] -> (..., 2 * num_feats) as [sin, cos] of a random projection."""
         proj = (2 * unit_xy - 1) @ self.positional_encoding_gaussian_matrix
         proj = (2 * math.pi) * proj
@@ -34,12 +37,12 @@ class PositionEmbeddingRandom(nn.Module):
         ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
         xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
         unit_xy = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)
-        return self.encode(unit_xy).permute(2, 0, 1).unsqueeze(0)
+        return self(unit_xy).permute(2, 0, 1).unsqueeze(0)
 
     def points(self, xy: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
         """(..., 2) xy in pixels of an image of size ``image_hw`` -> (..., 2 * num_feats)."""
         size = torch.tensor([image_hw[1], image_hw[0]], device=xy.device, dtype=xy.dtype)
-        return self.encode((xy / size).to(torch.float32))
+        return self((xy / size).to(torch.float32))
 
 
 class PromptEncoder(nn.Module):
@@ -78,18 +81,14 @@ class PromptEncoder(nn.Module):
         return self.pe_layer.grid(*self.image_embedding_size)
 
     def embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Sparse embeddings of point prompts plus one padding "not a point" token.
+        """Sparse embeddings of point prompts plus one padding "not a point" token, as SAM's
+        prompt encoder makes them without a box: `embed_labelled_points`, padded.
 
-        coords: (B, N, 2) xy in input-frame pixels; labels: (B, N) with 1 = foreground,
-        0 = background, -1 = ignore. Returns (B, N + 1, embed_dim).
+        coords: (B, N, 2) xy in input-frame pixels; labels: (B, N) as `embed_labelled_points`
+        takes them. Returns (B, N + 1, embed_dim).
         """
-        pe = self.pe_layer.points(coords + 0.5, self.input_image_size)  # sample at pixel centres
-        negative, positive = self.point_embeddings[0].weight, self.point_embeddings[1].weight
-        by_label = torch.cat([self.not_a_point_embed.weight, negative, positive])  # rows for labels -1, 0, 1
-        ignored = (labels == -1).unsqueeze(-1)
-        points = torch.where(ignored, 0.0, pe) + by_label[labels.long() + 1]
         padding = self.not_a_point_embed.weight.expand(coords.shape[0], 1, -1)
-        return torch.cat([points, padding], dim=1)
+        return torch.cat([self.embed_labelled_points(coords, labels), padding], dim=1)
 
     def embed_labelled_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sparse embeddings of prompts written as labelled points, as SAM's predictor (and its
@@ -113,7 +112,10 @@ class PromptEncoder(nn.Module):
         return self.mask_downscaling(masks)
 
     def forward(
-        self, coords: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None = None
+        self, coords: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None = None, pad: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, N, 2), (B, N)[, (B, 1, 256, 256)] -> sparse (B, N + 1, C), dense (B or 1, C, 64 or 1, 64 or 1)."""
-        return self.embed_points(coords, labels), self.embed_mask(masks)
+        """(B, N, 2), (B, N)[, (B, 1, 256, 256)] -> sparse (B, N + `pad`, C) (`embed_points`, or
+        `embed_labelled_points` without `pad`), dense (B or 1, C, 64 or 1, 64 or 1). Exported
+        graphs call this, so that every prompt node is named under the prompt encoder."""
+        sparse = self.embed_points(coords, labels) if pad else self.embed_labelled_points(coords, labels)
+        return sparse, self.embed_mask(masks)

@@ -94,13 +94,14 @@ def test_hq_graphs_take_and_give_the_hq_features(engines) -> None:
 
 def test_hq_graphs_give_tensorrts_pinning_its_layers(engines) -> None:
     """As SAM's graphs (test_tensorrt.py): LayerNorm as one node, never decomposed; the decoder's
-    point encoding named under prompt_encoder/."""
+    point encoding named under prompt_encoder/ in the decoder and predictor graphs."""
     files = engines[1].files
     for path in (files.encoder, files.decoder, files.predictor):
         ops = [node.op_type for node in onnx.load(str(path)).graph.node]
         assert "LayerNormalization" in ops and "Pow" not in ops and "ReduceMean" not in ops
-    trig = [node.name for node in onnx.load(str(files.decoder)).graph.node if node.op_type in ("Sin", "Cos")]
-    assert trig and all(pinned_to_fp32("UNARY", name) for name in trig)
+    for path in (files.decoder, files.predictor):
+        trig = [node.name for node in onnx.load(str(path)).graph.node if node.op_type in ("Sin", "Cos")]
+        assert trig and all(pinned_to_fp32("UNARY", name) for name in trig), (path.name, trig)
 
 
 def test_hq_encoder_matches_torch(engines, crop, dog) -> None:

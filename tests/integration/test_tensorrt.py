@@ -111,15 +111,16 @@ def test_pinning_sets_precision_and_output_types_on_float_layers_only() -> None:
 
 def test_exported_graphs_give_the_pinning_its_layers() -> None:
     """LayerNorm is one LayerNormalization node (opset 17: one TensorRT normalisation layer), never
-    decomposed; softmax is one node; the point encoding's nodes are named under prompt_encoder/."""
+    decomposed; softmax is one node; the point encoding's nodes are named under prompt_encoder/ in
+    both decoding graphs."""
     files = cached_onnx(load_model("vit_t"))
     for path in (files.encoder, files.decoder):
         ops = [node.op_type for node in onnx.load(str(path)).graph.node]
         assert "LayerNormalization" in ops and "Softmax" in ops
         assert "Pow" not in ops and "ReduceMean" not in ops  # no hand-written variance in fp16
-    decoder = onnx.load(str(files.decoder)).graph.node
-    trig = [node.name for node in decoder if node.op_type in ("Sin", "Cos")]
-    assert trig and all(pinned_to_fp32("UNARY", name) for name in trig)
+    for path in (files.decoder, files.predictor):  # the predictor's too: it calls the prompt encoder's forward
+        trig = [node.name for node in onnx.load(str(path)).graph.node if node.op_type in ("Sin", "Cos")]
+        assert trig and all(pinned_to_fp32("UNARY", name) for name in trig), (path.name, trig)
 
 
 def test_low_precision_needs_tensorrt_10() -> None:
