@@ -53,6 +53,13 @@ def allow_tf32(allowed: bool) -> None:
         torch.backends.cudnn.allow_tf32 = allowed
 
 
+def autocast(device: torch.device, dtype: torch.dtype):
+    """torch's autocast context computing in `dtype` on `device`'s type (off for float32)."""
+    if dtype == torch.float32:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def tf32_settings() -> dict[str, object]:
     """The TF32 switches as `allow_tf32` sets them, for reports."""
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):

@@ -9,11 +9,11 @@ tensorrt) are imported only when an engine of theirs is built.
 from __future__ import annotations
 
 from sam_batch.engines.backend import EngineError, load_model, pick_device
-from sam_batch.engines.onnx_backend import OnnxEngine
-from sam_batch.engines.registry import BACKENDS, is_sam2
+from sam_batch.engines.onnx_backend import OnnxEngine, sam2_onnx_networks
+from sam_batch.engines.registry import BACKENDS
 from sam_batch.engines.sam2 import Sam2Model
-from sam_batch.engines.sam2_engine import Sam2Engine, Sam2Generator
-from sam_batch.engines.tensorrt_backend import TensorRTEngine, require_tensorrt
+from sam_batch.engines.sam2_engine import Sam2Engine, Sam2Generator, Sam2Networks, TorchSam2Networks
+from sam_batch.engines.tensorrt_backend import TensorRTEngine, require_tensorrt, sam2_tensorrt_networks
 from sam_batch.engines.torch_backend import TorchEngine
 
 
@@ -33,18 +33,24 @@ def build_engine(
 
     `onnx` and `tensorrt` derive their graphs from the loaded weights on first use and cache them
     under the weights cache (see `engines.onnx_backend`, `engines.tensorrt_backend`).
-    `layout` is the torch engine's (see `TorchEngine`). SAM 2.1 types get a `Sam2Engine` (torch
-    only), serving the automatic generator as `sam2_generator` says (default: SAM 2's defaults).
+    `layout` is the torch engine's (see `TorchEngine`). SAM 2.1 types get a `Sam2Engine` over
+    `backend`'s networks (`layout` does not apply), serving the automatic generator as
+    `sam2_generator` says (default: SAM 2's defaults).
     """
     if backend not in BACKENDS:
         raise EngineError(f"engine.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
-    if backend != "torch" and is_sam2(model_type):
-        raise EngineError(f"engine.backend: {backend} does not run SAM 2.1 ({model_type}) yet; use torch")
     if backend == "tensorrt":
         require_tensorrt(device)  # before loading any weights: name what is missing at once
     loaded = load_model(model_type, checkpoint, sha256, storage_options)
     if isinstance(loaded.model, Sam2Model):
-        return Sam2Engine(loaded.model, pick_device(device), precision, sam2_generator or Sam2Generator())
+        networks: Sam2Networks
+        if backend == "onnx":
+            networks = sam2_onnx_networks(loaded, device, precision)
+        elif backend == "tensorrt":
+            networks = sam2_tensorrt_networks(loaded, device, precision)
+        else:
+            networks = TorchSam2Networks(loaded.model, pick_device(device), precision)
+        return Sam2Engine(networks, sam2_generator or Sam2Generator())
     if backend == "onnx":
         return OnnxEngine.from_model(loaded, device, precision)
     if backend == "tensorrt":

@@ -177,7 +177,8 @@ class Hiera(nn.Module):
         """The background embedding (bicubic to `hw`) plus the window embedding tiled: (1, H, W, C)."""
         background = F.interpolate(self.pos_embed, size=hw, mode="bicubic")
         tiles = [a // b for a, b in zip(background.shape, self.pos_embed_window.shape)]
-        return (background + self.pos_embed_window.tile(tiles)).permute(0, 2, 3, 1)
+        # repeat, not tile: the same here (one count per dimension), and it exports without an ONNX If
+        return (background + self.pos_embed_window.repeat(tiles)).permute(0, 2, 3, 1)
 
 
 class _Lateral(nn.Module):

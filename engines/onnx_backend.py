@@ -5,7 +5,8 @@ The engine has `TorchEngine`'s interface and contract: crops in, `CropEmbedding`
 (B, 3) as float32 torch tensors on the engine's device, upscaling in torch. The graphs come
 from `onnx_export.cached_onnx` (exported on first use, cached under the weights cache).
 HQ-SAM's graphs (an encoder with an `hq_features` output) also give the crop its HQ features
-(1, 32, 256, 256) and decode one mask a prompt: logits (B, 1, 256, 256), IoUs (B, 1).
+(1, 32, 256, 256) and decode one mask a prompt: logits (B, 1, 256, 256), IoUs (B, 1). SAM 2.1's
+graphs run behind `Sam2Engine` (`sam2_onnx_networks`).
 
 Inputs and outputs are bound to torch tensors through onnxruntime's IOBinding, on the CPU as on
 a GPU (CUDAExecutionProvider, from the `onnxruntime-gpu` package), so results never take a
@@ -28,7 +29,9 @@ from sam_batch.engines.onnx_export import (
     encoder_output_shapes,
     predictor_masks,
     predictor_output_shapes,
+    sam2_encoder_output_shapes,
 )
+from sam_batch.engines.sam2_engine import Graph, GraphSam2Networks
 from sam_batch.engines.transforms import (
     PIXEL_MEAN,
     PIXEL_STD,
@@ -102,6 +105,38 @@ class OnnxSession:
         return results
 
 
+def sam2_onnx_networks(
+    loaded: LoadedModel, device: str = "auto", precision: str = "fp32", opset: int = DEFAULT_OPSET
+) -> GraphSam2Networks:
+    """SAM 2.1's graphs of a loaded model on onnxruntime, exported on first use (`cached_onnx`)."""
+    _check_precision(precision)
+    target = onnx_device(device)
+    files = cached_onnx(loaded, opset)
+    threads = torch.get_num_threads()
+    encoder, decoder = (OnnxSession(str(path), target, threads) for path in (files.encoder, files.decoder))
+
+    def make_predictor() -> Graph:
+        return _graph(OnnxSession(str(files.predictor), target, threads))
+
+    return GraphSam2Networks(
+        lambda **inputs: encoder(sam2_encoder_output_shapes(), **inputs), _graph(decoder), make_predictor, target
+    )
+
+
+def _graph(session: OnnxSession) -> Graph:
+    """A SAM 2.1 decoding session as a `Graph`: its outputs shaped for the prompts given."""
+
+    def run(**inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return session(predictor_output_shapes(len(inputs["point_coords"])), **inputs)
+
+    return run
+
+
+def _check_precision(precision: str) -> None:
+    if precision != "fp32":
+        raise EngineError(f"engine.precision: {precision} is not available with engine.backend onnx; use fp32")
+
+
 class OnnxEngine:
     """SAM on onnxruntime: the encoder and decoder graphs, fp32, CPU or CUDA. `hq`: the graphs
     are HQ-SAM's (read from the encoder graph's outputs)."""
@@ -127,8 +162,7 @@ class OnnxEngine:
         cls, loaded: LoadedModel, device: str = "auto", precision: str = "fp32", opset: int = DEFAULT_OPSET
     ) -> OnnxEngine:
         """The engine of a loaded model, its graphs exported on first use (see `cached_onnx`)."""
-        if precision != "fp32":
-            raise EngineError(f"engine.precision: {precision} is not available with engine.backend onnx; use fp32")
+        _check_precision(precision)
         target = onnx_device(device)
         return cls(cached_onnx(loaded, opset), target)
 

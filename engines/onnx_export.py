@@ -23,6 +23,19 @@ HQ-SAM types (`*_hq`) add the crop's HQ features, fixed-shape (1, 32, 256, 256):
   mask tokens 0-3 and the HQ token, `iou_predictions` (B, 4) of tokens 0-3; `predictor_masks`
   combines them as `HqMaskDecoder` does, with or without multimask.
 
+SAM 2.1 types (`sam2.1_hiera_*`) work in their 1024 x 1024 frame (`sam2_engine`), and every
+decoding graph gives every mask token's output, `sam2_decoder.select_masks` keeping a prompt's:
+
+- encoder: `images` (1, 3, 1024, 1024) as `sam2.sam2_input` makes it -> `image_embeddings` (1,
+  256, 64, 64) (with ``no_mem_embed``), `high_res_feats_0` (1, 32, 256, 256), `high_res_feats_1`
+  (1, 64, 128, 128) (`Sam2Model.embed`).
+- decoder: those three, `point_coords` (B, N, 2), `point_labels` (B, N) (1/0 points, 2/3 a box's
+  corners; the padding point is added in the graph) -> `low_res_logits` (B, 4, 256, 256),
+  `iou_predictions` (B, 4).
+- predictor: the decoder's inputs and a mask prompt, `mask_input` (B, 1, 256, 256) logits with
+  `has_mask_input` (1,) (1: use it, 0: SAM's "no mask" embedding instead) -> the same outputs:
+  prompt jobs (0) and SAM 2's mask-to-mask refinement (1).
+
 The TorchScript exporter (`dynamo=False`) is used: it needs no `onnxscript`, and tracing keeps
 the decoder's shared-embedding path with the prompt batch read from the inputs' shapes.
 Opset 17 is the default: its `LayerNormalization` op reaches TensorRT as one normalisation
@@ -46,8 +59,10 @@ from sam_batch.engines.backend import CropEmbedding, EngineError, LoadedModel, l
 from sam_batch.engines.checkpoints import cache_dir
 from sam_batch.engines.common import IMAGE_SIZE
 from sam_batch.engines.hq_decoder import HQ_CHANNELS, select_sam_output
-from sam_batch.engines.registry import is_sam2
+from sam_batch.engines.prompt_encoder import PromptEncoder
 from sam_batch.engines.sam import SamModel
+from sam_batch.engines.sam2 import Sam2Model
+from sam_batch.engines.sam2_engine import HIGH_RES_FEATURES, LOW_RES_SIZE
 
 DEFAULT_OPSET = 17
 # the modules the graphs are traced from (beside this one): their source is part of the cache key
@@ -60,6 +75,9 @@ GRAPH_MODULES = (
     "transformer",
     "mask_decoder",
     "hq_decoder",
+    "hiera",
+    "sam2",
+    "sam2_decoder",
     "onnx_export",
 )
 ENCODER_FILE, DECODER_FILE, PREDICTOR_FILE = "encoder.onnx", "decoder.onnx", "predictor.onnx"
@@ -67,7 +85,7 @@ EMBEDDING_SHAPE = (1, 256, 64, 64)
 ENCODER_INPUTS, ENCODER_OUTPUTS = ("images",), ("image_embeddings",)
 DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels")
 DECODER_OUTPUTS = ("low_res_logits", "iou_predictions")
-MASKS_PER_PROMPT, LOW_RES_SIZE = 3, 256
+MASKS_PER_PROMPT = 3
 PREDICTOR_OUTPUTS = ("low_res_logits", "iou_predictions")
 ALL_MASKS = 4  # the predictor graph's masks per prompt: token 0 (single), then tokens 1-3 (multimask)
 DECODER_DYNAMIC_AXES = {
@@ -85,6 +103,17 @@ HQ_ENCODER_OUTPUTS = (*ENCODER_OUTPUTS, HQ_FEATURES)
 HQ_DECODER_INPUTS = (*DECODER_INPUTS, HQ_FEATURES)
 HQ_MASKS_PER_PROMPT = 1  # the HQ decoder graph's one mask a prompt
 HQ_TOKEN = ALL_MASKS  # the HQ predictor graph's logits: mask tokens 0-3, then the HQ token's (its IoUs: tokens 0-3)
+# SAM 2.1's graphs: the encoder's finer levels, decoder and predictor inputs; outputs as SAM's predictor graph's
+SAM2_HIGH_RES_SHAPES = {HIGH_RES_FEATURES[0]: (1, 32, 256, 256), HIGH_RES_FEATURES[1]: (1, 64, 128, 128)}
+SAM2_ENCODER_OUTPUTS = (*ENCODER_OUTPUTS, *HIGH_RES_FEATURES)
+SAM2_DECODER_INPUTS = ("image_embeddings", *HIGH_RES_FEATURES, "point_coords", "point_labels")
+SAM2_PREDICTOR_INPUTS = (*SAM2_DECODER_INPUTS, "mask_input", "has_mask_input")
+SAM2_PREDICTOR_DYNAMIC_AXES = {**DECODER_DYNAMIC_AXES, "mask_input": {0: "prompts"}}
+
+
+def sam2_encoder_output_shapes() -> dict[str, tuple[int, ...]]:
+    """SAM 2.1's encoder graph's output shapes: the embedding and the two finer levels."""
+    return {"image_embeddings": EMBEDDING_SHAPE, **SAM2_HIGH_RES_SHAPES}
 
 
 def encoder_output_shapes(hq: bool = False) -> dict[str, tuple[int, ...]]:
@@ -179,11 +208,11 @@ class DecoderGraph(nn.Module):
     here, in fp32, and stored in the graph as a constant instead of a sin/cos subgraph.
     """
 
-    def __init__(self, model: SamModel) -> None:
+    def __init__(self, prompt_encoder: PromptEncoder, mask_decoder: nn.Module) -> None:
         super().__init__()
-        self.prompt_encoder = model.prompt_encoder
-        self.mask_decoder = model.mask_decoder
-        self.register_buffer("dense_pe", model.prompt_encoder.dense_pe().detach().clone())
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.register_buffer("dense_pe", prompt_encoder.dense_pe().detach().clone())
 
     def forward(
         self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
@@ -238,6 +267,60 @@ class HqPredictorGraph(DecoderGraph):
         return self.mask_decoder(image_embeddings, self.dense_pe, sparse, dense, None, hq_features)
 
 
+class Sam2EncoderGraph(nn.Module):
+    """SAM 2.1: (1, 3, 1024, 1024) model input -> image embedding (1, 256, 64, 64) and the
+    high-resolution features (1, 32, 256, 256), (1, 64, 128, 128): `Sam2Model.embed`."""
+
+    def __init__(self, model: Sam2Model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        embedding, (s0, s1) = self.model.embed(images)
+        return embedding, s0, s1
+
+
+class Sam2DecoderGraph(DecoderGraph):
+    """SAM 2.1: image embedding and high-resolution features, points (B, N, 2) and labels (B, N)
+    -> every mask token's logits (B, 4, 256, 256) and IoU (B, 4): `Sam2Model.decode` without a
+    mask prompt; the decoder graph's constant positional encoding, another forward."""
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        high_res_feats_0: torch.Tensor,
+        high_res_feats_1: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sparse, dense = self.prompt_encoder(point_coords, point_labels)
+        high_res = (high_res_feats_0, high_res_feats_1)
+        return self.mask_decoder(image_embeddings, self.dense_pe, sparse, dense, high_res, None)
+
+
+class Sam2PredictorGraph(Sam2DecoderGraph):
+    """SAM 2.1: the decoder graph's inputs, `mask_input` (B, 1, 256, 256) and `has_mask_input`
+    (1,) -> the same outputs, the dense prompt being the mask's embedding where `has_mask_input`
+    is 1 and "no mask" where it is 0 (each exact: the other term is multiplied by 0)."""
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        high_res_feats_0: torch.Tensor,
+        high_res_feats_1: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        has_mask_input: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sparse, mask_dense = self.prompt_encoder(point_coords, point_labels, mask_input)
+        no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        has_mask = has_mask_input.reshape(1, 1, 1, 1)
+        dense = has_mask * mask_dense + (1 - has_mask) * no_mask
+        high_res = (high_res_feats_0, high_res_feats_1)
+        return self.mask_decoder(image_embeddings, self.dense_pe, sparse, dense, high_res, None)
+
+
 def export_onnx(
     model_type: str,
     checkpoint: str | None,
@@ -247,8 +330,6 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
 ) -> OnnxFiles:
     """Load `checkpoint` (None: the cached default of `model_type`) and export it into `out_dir`."""
-    if is_sam2(model_type):
-        raise EngineError(f"ONNX export does not cover SAM 2.1 ({model_type}) yet; it runs on engine.backend torch")
     return export_model(load_model(model_type, checkpoint, sha256).model, out_dir, opset)
 
 
@@ -294,9 +375,9 @@ def cached_onnx(loaded: LoadedModel, opset: int = DEFAULT_OPSET) -> OnnxFiles:
     return files
 
 
-def export_model(model: SamModel, out_dir: str | os.PathLike[str], opset: int = DEFAULT_OPSET) -> OnnxFiles:
+def export_model(model: SamModel | Sam2Model, out_dir: str | os.PathLike[str], opset: int = DEFAULT_OPSET) -> OnnxFiles:
     """Write `encoder.onnx`, `decoder.onnx` and `predictor.onnx` for a loaded fp32 CPU `model`
-    (SAM's graphs, or HQ-SAM's for an HQ model) into `out_dir`; check each.
+    (SAM's graphs, HQ-SAM's for an HQ model, SAM 2.1's for a `Sam2Model`) into `out_dir`; check each.
 
     Each file is written beside its final name and renamed into place once `onnx.checker`
     accepts it, so a reader never sees a half-written graph. Graphs over protobuf's 2 GB
@@ -321,24 +402,41 @@ class GraphSpec:
     dynamic_axes: dict[str, dict[int, str]]
 
 
-def graph_specs(model: SamModel) -> tuple[GraphSpec, GraphSpec, GraphSpec]:
-    """The encoder, decoder and predictor graphs of `model`, SAM's or HQ-SAM's (see the module notes)."""
+def graph_specs(model: SamModel | Sam2Model) -> tuple[GraphSpec, GraphSpec, GraphSpec]:
+    """The encoder, decoder and predictor graphs of `model`, SAM's, HQ-SAM's or SAM 2.1's (see the module notes)."""
     image = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
     embedding = torch.zeros(EMBEDDING_SHAPE)
     coords = torch.linspace(0, IMAGE_SIZE - 1, TRACE_PROMPTS * TRACE_POINTS * 2).reshape(TRACE_PROMPTS, TRACE_POINTS, 2)
     labels = torch.ones(TRACE_PROMPTS, TRACE_POINTS)
+    if isinstance(model, Sam2Model):
+        parts = (model.sam_prompt_encoder, model.sam_mask_decoder)
+        high_res = tuple(torch.zeros(shape) for shape in SAM2_HIGH_RES_SHAPES.values())
+        prompts = (embedding, *high_res, coords, labels)
+        mask = (torch.zeros(TRACE_PROMPTS, 1, LOW_RES_SIZE, LOW_RES_SIZE), torch.ones(1))
+        return (
+            GraphSpec(Sam2EncoderGraph(model), (image,), ENCODER_INPUTS, SAM2_ENCODER_OUTPUTS, {}),
+            GraphSpec(Sam2DecoderGraph(*parts), prompts, SAM2_DECODER_INPUTS, DECODER_OUTPUTS, DECODER_DYNAMIC_AXES),
+            GraphSpec(
+                Sam2PredictorGraph(*parts),
+                (*prompts, *mask),
+                SAM2_PREDICTOR_INPUTS,
+                PREDICTOR_OUTPUTS,
+                SAM2_PREDICTOR_DYNAMIC_AXES,
+            ),
+        )
+    parts = (model.prompt_encoder, model.mask_decoder)
     if model.hq:
         prompts = (embedding, coords, labels, torch.zeros(HQ_FEATURES_SHAPE))
         return (
             GraphSpec(HqEncoderGraph(model), (image,), ENCODER_INPUTS, HQ_ENCODER_OUTPUTS, {}),
-            GraphSpec(HqDecoderGraph(model), prompts, HQ_DECODER_INPUTS, DECODER_OUTPUTS, DECODER_DYNAMIC_AXES),
-            GraphSpec(HqPredictorGraph(model), prompts, HQ_DECODER_INPUTS, PREDICTOR_OUTPUTS, DECODER_DYNAMIC_AXES),
+            GraphSpec(HqDecoderGraph(*parts), prompts, HQ_DECODER_INPUTS, DECODER_OUTPUTS, DECODER_DYNAMIC_AXES),
+            GraphSpec(HqPredictorGraph(*parts), prompts, HQ_DECODER_INPUTS, PREDICTOR_OUTPUTS, DECODER_DYNAMIC_AXES),
         )
     prompts = (embedding, coords, labels)
     return (
         GraphSpec(EncoderGraph(model), (image,), ENCODER_INPUTS, ENCODER_OUTPUTS, {}),
-        GraphSpec(DecoderGraph(model), prompts, DECODER_INPUTS, DECODER_OUTPUTS, DECODER_DYNAMIC_AXES),
-        GraphSpec(PredictorGraph(model), prompts, DECODER_INPUTS, PREDICTOR_OUTPUTS, DECODER_DYNAMIC_AXES),
+        GraphSpec(DecoderGraph(*parts), prompts, DECODER_INPUTS, DECODER_OUTPUTS, DECODER_DYNAMIC_AXES),
+        GraphSpec(PredictorGraph(*parts), prompts, DECODER_INPUTS, PREDICTOR_OUTPUTS, DECODER_DYNAMIC_AXES),
     )
 
 

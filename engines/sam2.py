@@ -2,7 +2,7 @@
 2's mask decoder, as `SAM2ImagePredictor` runs them on one image.
 
 Frames: the image is resized, without keeping its aspect, to 1024 x 1024 and normalised
-(`Sam2Model.input`); prompts are xy in that frame; low-resolution logits (256 x 256) cover it,
+(`sam2_input`); prompts are xy in that frame; low-resolution logits (256 x 256) cover it,
 and are brought to the image's size by one bilinear interpolation. The image embedding is the
 encoder's stride-16 level plus ``no_mem_embed`` (what the tracker adds on a frame without
 memory); the two finer levels go through the decoder's ``conv_s0``/``conv_s1`` once per image.
@@ -112,15 +112,6 @@ class Sam2Model(nn.Module):
             self.add_module(name, module)
         for name, parameter in list(video.named_parameters(recurse=False)):
             self.register_parameter(name, parameter)
-        self.register_buffer("pixel_mean", torch.tensor(SAM2_MEAN).reshape(3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(SAM2_STD).reshape(3, 1, 1), persistent=False)
-
-    def input(self, image: torch.Tensor) -> torch.Tensor:
-        """A uint8 image (H, W, 3) -> the model's input (1, 3, 1024, 1024): scaled to [0, 1],
-        resized bilinearly with antialiasing to 1024 x 1024, normalised (as `SAM2Transforms`)."""
-        x = image.permute(2, 0, 1).float().div(255)[None]
-        x = F.interpolate(x, (IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False, antialias=True)
-        return (x - self.pixel_mean) / self.pixel_std
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -138,20 +129,28 @@ class Sam2Model(nn.Module):
         high_res: tuple[torch.Tensor, torch.Tensor],
         coords: torch.Tensor,
         labels: torch.Tensor,
-        multimask_output: bool,
+        multimask_output: bool | None,
         mask_input: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """B prompts as labelled points, as `SAM2ImagePredictor._predict` passes them: coords
         (B, N, 2) xy in the 1024 frame, labels (B, N) (1/0 points, 2/3 a box's corners; the
         closing padding point is added here); mask_input (B, 1, 256, 256) logits or None.
         Returns low-resolution logits (B, M, 256, 256) and IoU (B, M): M = 3 with
-        `multimask_output`, else 1."""
-        pad_coords = coords.new_zeros((len(coords), 1, 2))
-        pad_labels = labels.new_full((len(labels), 1), -1)
-        encoder = self.sam_prompt_encoder
-        sparse = encoder.embed_labelled_points(torch.cat([coords, pad_coords], 1), torch.cat([labels, pad_labels], 1))
-        dense = encoder.embed_mask(mask_input)
-        return self.sam_mask_decoder(embedding, encoder.dense_pe(), sparse, dense, high_res, multimask_output)
+        `multimask_output`, 1 without, 4 (every mask token) where it is None."""
+        sparse, dense = self.sam_prompt_encoder(coords, labels, mask_input)
+        image_pe = self.sam_prompt_encoder.dense_pe()
+        return self.sam_mask_decoder(embedding, image_pe, sparse, dense, high_res, multimask_output)
+
+
+def sam2_input(image: torch.Tensor) -> torch.Tensor:
+    """A uint8 image (H, W, 3) -> SAM 2.1's input (1, 3, 1024, 1024) float32 on its device:
+    scaled to [0, 1], resized bilinearly with antialiasing to 1024 x 1024, normalised (as
+    `SAM2Transforms`)."""
+    x = image.permute(2, 0, 1).float().div(255)[None]
+    x = F.interpolate(x, (IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(SAM2_MEAN, device=x.device).reshape(3, 1, 1)
+    std = torch.tensor(SAM2_STD, device=x.device).reshape(3, 1, 1)
+    return (x - mean) / std
 
 
 def build_sam2(model_type: str) -> Sam2Model:

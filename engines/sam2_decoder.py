@@ -61,14 +61,14 @@ class Sam2MaskDecoder(nn.Module):
         sparse_embeddings: torch.Tensor,
         dense_embeddings: torch.Tensor,
         high_res_features: tuple[torch.Tensor, torch.Tensor],
-        multimask_output: bool,
+        multimask_output: bool | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode B prompts against one image.
 
         image_embedding (1, C, h, w); image_pe (1, C, h, w); sparse_embeddings (B, N, C);
         dense_embeddings (1 or B, C, h, w) or broadcastable; high_res_features as in the module
-        notes. Returns logits (B, M, 4h, 4w) and IoU (B, M): the three multimask outputs, or one
-        (token 0's mask, or the best multimask output where token 0's is unstable).
+        notes. Returns logits (B, M, 4h, 4w) and IoU (B, M) as `select_masks` picks them, or
+        every mask token's (M = 4) where `multimask_output` is None (the exported graphs').
         """
         batch = sparse_embeddings.shape[0]
         height, width = image_embedding.shape[2:]
@@ -85,9 +85,17 @@ class Sam2MaskDecoder(nn.Module):
         hyper_in = torch.stack([mlp(hs[:, 2 + i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], 1)
         logits = (hyper_in @ upscaled.flatten(2)).unflatten(-1, upscaled.shape[2:])  # (B, 4, 4h, 4w)
         iou = torch.sigmoid(self.iou_prediction_head(hs[:, 1]))
-        if multimask_output:
-            return logits[:, 1:], iou[:, 1:]
-        return dynamic_single_mask(logits, iou)
+        if multimask_output is None:
+            return logits, iou
+        return select_masks(logits, iou, multimask_output)
+
+
+def select_masks(logits: torch.Tensor, iou: torch.Tensor, multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every mask token's logits (B, 4, H, W) and IoU (B, 4) -> what a prompt keeps: the three
+    multimask outputs (tokens 1-3), or one mask (`dynamic_single_mask`)."""
+    if multimask_output:
+        return logits[:, 1:], iou[:, 1:]
+    return dynamic_single_mask(logits, iou)
 
 
 def dynamic_single_mask(logits: torch.Tensor, iou: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,25 +1,37 @@
 """`Sam2Engine`: SAM 2.1 (`sam2.1_hiera_*`) behind the engine interface the pipeline talks to
 (`encode`, `decode`, `predict`, `upscale`; see `backend`), with `SAM2ImagePredictor`'s frames.
 
-A crop is resized to 1024 x 1024 without keeping its aspect (`Sam2Model.input`); prompts in crop
+A crop is resized to 1024 x 1024 without keeping its aspect (`sam2_input`); prompts in crop
 pixels go to that frame in float32 as the official transforms take them (x / w * 1024, y / h *
-1024); low-resolution logits come back to the crop's size in one bilinear interpolation. The
-decoder is the model's, batched, on the CPU and the GPU alike; fp32, or autocast on a GPU.
+1024); low-resolution logits come back to the crop's size in one bilinear interpolation.
+
+The networks run behind `Sam2Networks`: in PyTorch (`TorchSam2Networks`: the model's batched
+decoder on the CPU and the GPU alike; fp32, or autocast on a GPU), or as the exported graphs on
+onnxruntime or TensorRT (`GraphSam2Networks`). They give every mask token's output; the engine
+keeps what SAM 2's predictor keeps (`sam2_decoder.select_masks`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sam_batch.engines.backend import GPU_PROMPT_BATCH, TORCH_DTYPES, CropEmbedding, EngineError, allow_tf32
+from sam_batch.engines.backend import GPU_PROMPT_BATCH, TORCH_DTYPES, CropEmbedding, EngineError, allow_tf32, autocast
 from sam_batch.engines.common import IMAGE_SIZE
-from sam_batch.engines.sam2 import Sam2Model
+from sam_batch.engines.sam2 import Sam2Model, sam2_input
+from sam_batch.engines.sam2_decoder import select_masks
 
 MASK_INPUT_LIMIT = 32.0  # low-resolution logits fed back as a mask prompt are clamped to +-this
+LOW_RES_SIZE = IMAGE_SIZE // 4  # the side of the low-resolution logits, and of a mask prompt
+# a graph: float tensors by input name in, float32 tensors by output name out, on one device
+Graph = Callable[..., dict[str, torch.Tensor]]
+# the SAM 2.1 graphs' names for the encoder's two finer levels (`onnx_export`)
+HIGH_RES_FEATURES = ("high_res_feats_0", "high_res_feats_1")
 
 
 @dataclass(frozen=True)
@@ -37,26 +49,142 @@ class Sam2Generator:
     mask_threshold: float = 0.0
 
 
-class Sam2Engine:
-    """SAM 2.1 on one device at one precision (fp32 on the CPU); `generator` sets how `decode`
-    serves the automatic generator (`Sam2Generator`)."""
+class Sam2Networks(Protocol):
+    """SAM 2.1's encoder and decoder on one device. Shapes: images (1, 3, 1024, 1024) as
+    `sam2_input` makes them; coords (B, N, 2) xy in that frame, labels (B, N) (1/0 points, 2/3 a
+    box's corners; the padding point is added by the networks); mask_input (B, 1, 256, 256)
+    logits. Decoding gives every mask token's logits (B, 4, 256, 256) and IoU (B, 4), fp32."""
 
-    def __init__(
-        self,
-        model: Sam2Model,
-        device: torch.device,
-        precision: str = "fp32",
-        generator: Sam2Generator = Sam2Generator(),
-    ) -> None:
+    device: torch.device
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """-> image embedding (1, 256, 64, 64), high-resolution features ((1, 32, 256, 256), (1, 64, 128, 128))."""
+        ...
+
+    def decode(
+        self, crop: CropEmbedding, coords: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generator's prompts, without a mask prompt."""
+        ...
+
+    def predict(
+        self, crop: CropEmbedding, coords: torch.Tensor, labels: torch.Tensor, mask_input: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The predictor's prompts (a prompt job's, or m2m's with a mask prompt)."""
+        ...
+
+
+class TorchSam2Networks:
+    """`Sam2Networks` in PyTorch (eager): the model on one device at one precision (fp32 on the
+    CPU; tf32, fp16 or bf16 through autocast on a GPU)."""
+
+    def __init__(self, model: Sam2Model, device: torch.device, precision: str = "fp32") -> None:
         if precision != "fp32" and device.type != "cuda":
             raise EngineError(f"engine.precision: {precision} needs a GPU; use fp32 on the CPU")
         self.device = device
         self.dtype = TORCH_DTYPES[precision]
         allow_tf32(precision == "tf32")
         self.model = model.to(device).eval()
+
+    @torch.inference_mode()
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        with autocast(self.device, self.dtype):
+            embedding, (s0, s1) = self.model.embed(images)
+        return embedding.float(), (s0.float(), s1.float())
+
+    def decode(
+        self, crop: CropEmbedding, coords: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.predict(crop, coords, labels, None)
+
+    @torch.inference_mode()
+    def predict(
+        self, crop: CropEmbedding, coords: torch.Tensor, labels: torch.Tensor, mask_input: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(self.device, self.dtype):
+            logits, iou = self.model.decode(crop.embedding, crop.high_res_features, coords, labels, None, mask_input)
+        return logits.float(), iou.float()
+
+
+class GraphSam2Networks:
+    """`Sam2Networks` as SAM 2.1's exported graphs (`onnx_export`) on onnxruntime or TensorRT:
+    the encoder, the decoder (the generator's points), and the predictor (prompts with an
+    optional mask prompt), made by `make_predictor` on first use. Prompts go `max_prompts` a
+    call (None: all at once); a prompt of more than `max_predictor_points` labelled points is
+    refused (None: any)."""
+
+    def __init__(
+        self,
+        encoder: Graph,
+        decoder: Graph,
+        make_predictor: Callable[[], Graph],
+        device: torch.device,
+        max_prompts: int | None = None,
+        max_predictor_points: int | None = None,
+    ) -> None:
+        self.encoder, self.decoder = encoder, decoder
+        self.max_predictor_points = max_predictor_points
+        self.make_predictor = make_predictor
+        self.predictor: Graph | None = None
+        self.device = device
+        self.max_prompts = max_prompts
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        out = self.encoder(images=images)
+        return out["image_embeddings"], (out[HIGH_RES_FEATURES[0]], out[HIGH_RES_FEATURES[1]])
+
+    def decode(
+        self, crop: CropEmbedding, coords: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._in_chunks(self.decoder, self._image(crop), point_coords=coords, point_labels=labels)
+
+    def predict(
+        self, crop: CropEmbedding, coords: torch.Tensor, labels: torch.Tensor, mask_input: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The predictor graph; without a mask prompt it is given zeros and `has_mask_input` 0."""
+        if self.max_predictor_points is not None and coords.shape[1] > self.max_predictor_points:
+            raise EngineError(
+                f"engine.backend tensorrt takes SAM 2.1 prompts of at most {self.max_predictor_points} labelled "
+                f"points (the points, plus 2 for a box); this one has {coords.shape[1]}: use torch or onnx"
+            )
+        if self.predictor is None:
+            self.predictor = self.make_predictor()
+        image = {**self._image(crop), "has_mask_input": torch.ones(1) if mask_input is not None else torch.zeros(1)}
+        if mask_input is None:
+            mask_input = torch.zeros((len(coords), 1, LOW_RES_SIZE, LOW_RES_SIZE), device=coords.device)
+        return self._in_chunks(self.predictor, image, point_coords=coords, point_labels=labels, mask_input=mask_input)
+
+    @staticmethod
+    def _image(crop: CropEmbedding) -> dict[str, torch.Tensor]:
+        """The graphs' inputs of one encoded crop: its embedding and high-resolution features."""
+        return {"image_embeddings": crop.embedding, **dict(zip(HIGH_RES_FEATURES, crop.high_res_features))}
+
+    def _in_chunks(
+        self, graph: Graph, image: dict[str, torch.Tensor], **prompts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`graph` on the crop's `image` inputs and `prompts` (tensors of B prompts each),
+        `max_prompts` prompts a call: logits and IoUs, concatenated."""
+        logits, iou = [], []
+        batch = len(prompts["point_coords"])
+        step = self.max_prompts or batch
+        for start in range(0, batch, step):
+            chunk = {name: tensor[start : start + step] for name, tensor in prompts.items()}
+            out = graph(**image, **chunk)
+            logits.append(out["low_res_logits"])
+            iou.append(out["iou_predictions"])
+        return torch.cat(logits), torch.cat(iou)
+
+
+class Sam2Engine:
+    """SAM 2.1 through `networks`; `generator` sets how `decode` serves the automatic generator
+    (`Sam2Generator`)."""
+
+    def __init__(self, networks: Sam2Networks, generator: Sam2Generator = Sam2Generator()) -> None:
+        self.networks = networks
+        self.device = networks.device
         self.generator = generator
         self.mask_threshold = generator.mask_threshold
-        self.min_prompt_batch = GPU_PROMPT_BATCH if device.type == "cuda" else 1
+        self.min_prompt_batch = GPU_PROMPT_BATCH if self.device.type == "cuda" else 1
         self.windowed_upscale = False
         self.concurrent_batches = 1
 
@@ -64,11 +192,9 @@ class Sam2Engine:
     def encode(self, crop: np.ndarray) -> CropEmbedding:
         """Encode one uint8 crop (h, w, 3): its embedding and high-resolution features."""
         crop_hw = (crop.shape[0], crop.shape[1])
-        images = self.model.input(torch.tensor(crop, device=self.device))
-        with self.autocast():
-            embedding, (s0, s1) = self.model.embed(images)
-        high_res = (s0.float(), s1.float())
-        return CropEmbedding(embedding.float(), (IMAGE_SIZE, IMAGE_SIZE), crop_hw, high_res_features=high_res)
+        images = sam2_input(torch.tensor(crop, device=self.device))
+        embedding, high_res = self.networks.embed(images)
+        return CropEmbedding(embedding, (IMAGE_SIZE, IMAGE_SIZE), crop_hw, high_res_features=high_res)
 
     @torch.inference_mode()
     def decode(
@@ -80,7 +206,7 @@ class Sam2Engine:
         `min_iou` is accepted for the interface and not used (every logit is computed)."""
         coords = self._to_frame(torch.as_tensor(points, dtype=torch.float32, device=self.device), crop)[:, None]
         labels = torch.ones((len(points), 1), dtype=torch.int32, device=self.device)
-        logits, iou = self._decode(crop, coords, labels, self.generator.multimask_output)
+        logits, iou = select_masks(*self.networks.decode(crop, coords, labels), self.generator.multimask_output)
         if not self.generator.use_m2m:
             return logits, iou
         per_mask, chunk = logits.shape[1], len(points)
@@ -120,7 +246,8 @@ class Sam2Engine:
             parts.append(torch.as_tensor(np.asarray(points), dtype=torch.float32))
             tags.append(torch.as_tensor(np.asarray(labels)).to(torch.int32))
         coords = self._to_frame(torch.cat(parts, 1).to(self.device), crop)
-        return self._decode(crop, coords, torch.cat(tags, 1).to(self.device), multimask)
+        out = self.networks.predict(crop, coords, torch.cat(tags, 1).to(self.device), None)
+        return select_masks(*out, multimask)
 
     def _refine(
         self, crop: CropEmbedding, coords: torch.Tensor, labels: torch.Tensor, low_res: torch.Tensor
@@ -129,31 +256,11 @@ class Sam2Engine:
         its mask's low-resolution logits (K, 256, 256), clamped as the predictor returns them, as
         the mask prompt; one mask each -> logits (K, 1, 256, 256) and IoU (K, 1)."""
         mask_input = low_res.clamp(-MASK_INPUT_LIMIT, MASK_INPUT_LIMIT)[:, None]
-        return self._decode(crop, coords, labels, False, mask_input)
+        return select_masks(*self.networks.predict(crop, coords, labels, mask_input), False)
 
     def upscale(self, crop: CropEmbedding, low_res: torch.Tensor) -> torch.Tensor:
         """Logits (K, 256, 256) -> logits (K, h, w) at the crop's size (one bilinear interpolation)."""
         return F.interpolate(low_res[:, None], crop.crop_hw, mode="bilinear", align_corners=False)[:, 0]
-
-    def autocast(self):
-        """The autocast context of the engine's precision (off at fp32)."""
-        if self.dtype == torch.float32:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    def _decode(
-        self,
-        crop: CropEmbedding,
-        coords: torch.Tensor,
-        labels: torch.Tensor,
-        multimask: bool,
-        mask_input: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        with self.autocast():
-            logits, iou = self.model.decode(
-                crop.embedding, crop.high_res_features, coords, labels, multimask, mask_input
-            )
-        return logits.float(), iou.float()
 
     @staticmethod
     def _to_frame(xy: torch.Tensor, crop: CropEmbedding) -> torch.Tensor:

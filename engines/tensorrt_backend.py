@@ -11,7 +11,9 @@ coordinates, stay fp32 (`pinned_to_fp32`). fp32 engines are built without TF32.
 HQ-SAM's graphs (see `onnx_export`) build the same way: the encoder's second output and the
 decoder's and predictor's `hq_features` input (1, 32, 256, 256) are fixed-shape, as the image
 embedding is, so the profiles cover the prompts alone; the decoder gives one mask a prompt and
-`onnx_export.predictor_masks` combines the predictor's outputs.
+`onnx_export.predictor_masks` combines the predictor's outputs. SAM 2.1's graphs run behind
+`Sam2Engine` (`sam2_tensorrt_networks`): the encoder's finer levels are fixed-shape too, and the
+predictor's `mask_input` (B, 1, 256, 256) follows the prompt batch (`SAM2_PREDICTOR_PROFILE`).
 
 Built plans are cached under the weights cache, keyed by the ONNX folder (model type,
 checkpoint sha256, opset, exporter versions), the graph, precision, GPU name and compute
@@ -46,6 +48,7 @@ from sam_batch.engines.backend import (
 )
 from sam_batch.engines.checkpoints import cache_dir
 from sam_batch.engines.onnx_export import DEFAULT_OPSET, HQ_FEATURES, cached_onnx, crop_inputs, predictor_masks
+from sam_batch.engines.sam2_engine import LOW_RES_SIZE, GraphSam2Networks
 from sam_batch.engines.transforms import (
     PIXEL_MEAN,
     PIXEL_STD,
@@ -77,6 +80,7 @@ class DecoderProfile:
     max_prompts: int = 1024
     opt_points: int = 1
     max_points: int = 16
+    mask_input: bool = False  # the graph takes a mask prompt a prompt (SAM 2.1's predictor)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_prompts <= self.opt_prompts <= self.max_prompts:
@@ -86,17 +90,23 @@ class DecoderProfile:
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         """(min, opt, max) shapes of each dynamic decoder input, as `IOptimizationProfile.set_shape` takes them
-        (the fixed-shape `image_embeddings` and HQ-SAM's `hq_features` need none)."""
+        (the fixed-shape image inputs need none)."""
         low, opt, high = (self.min_prompts, 1), (self.opt_prompts, self.opt_points), (self.max_prompts, self.max_points)
-        return {
+        shapes = {
             "point_coords": ((*low, 2), (*opt, 2), (*high, 2)),
             "point_labels": (low, opt, high),
         }
+        if self.mask_input:
+            mask = (1, LOW_RES_SIZE, LOW_RES_SIZE)
+            shapes["mask_input"] = ((low[0], *mask), (opt[0], *mask), (high[0], *mask))
+        return shapes
 
 
 # The predictor graph's profile: a prompt job's decoder calls (64 prompts, `pipeline.prompts`),
 # each prompt as labelled points: its points, then a box's two corners or one pad point.
 PREDICTOR_PROFILE = DecoderProfile(opt_prompts=64, opt_points=2, max_points=64)
+# SAM 2.1's predictor graph: the same prompts with a mask prompt each (zeros for prompt jobs)
+SAM2_PREDICTOR_PROFILE = DecoderProfile(opt_prompts=64, opt_points=2, max_points=64, mask_input=True)
 
 
 def pinned_to_fp32(layer_type: str, layer_name: str) -> bool:
@@ -250,6 +260,46 @@ class TrtGraph:
         return {name: out.float() for name, out in results.items()}
 
 
+def sam2_tensorrt_networks(
+    loaded: LoadedModel,
+    device: str = "auto",
+    precision: str = "fp32",
+    profile: DecoderProfile = DecoderProfile(),
+    opset: int = DEFAULT_OPSET,
+) -> GraphSam2Networks:
+    """SAM 2.1's graphs of a loaded model as TensorRT engines on `device`, built on first use
+    (the predictor's on the first prompt job or m2m refinement)."""
+    encoder, decoder, make_predictor, target = trt_graphs(
+        loaded, device, precision, profile, SAM2_PREDICTOR_PROFILE, opset
+    )
+    return GraphSam2Networks(
+        encoder, decoder, make_predictor, target, profile.max_prompts, SAM2_PREDICTOR_PROFILE.max_points
+    )
+
+
+def trt_graphs(
+    loaded: LoadedModel,
+    device: str,
+    precision: str,
+    profile: DecoderProfile,
+    predictor_profile: DecoderProfile,
+    opset: int,
+) -> tuple[TrtGraph, TrtGraph, Callable[[], TrtGraph], torch.device]:
+    """A loaded model's encoder and decoder engines on `device` (built on first use, cached),
+    the function that makes its predictor engine, and the device."""
+    trt = require_tensorrt(device)
+    check_precision(precision, trt.__version__)
+    target = pick_device(device)
+    files = cached_onnx(loaded, opset)
+    encoder = TrtGraph(trt, cached_plan(trt, files.encoder, precision, target, None), target)
+    decoder = TrtGraph(trt, cached_plan(trt, files.decoder, precision, target, profile), target)
+
+    def make_predictor() -> TrtGraph:
+        return TrtGraph(trt, cached_plan(trt, files.predictor, precision, target, predictor_profile), target)
+
+    return encoder, decoder, make_predictor, target
+
+
 class TensorRTEngine:
     """SAM as TensorRT engines on one CUDA GPU: the encoder, the decoder, and for prompt jobs
     the predictor, made by `make_predictor` on first use.
@@ -291,16 +341,8 @@ class TensorRTEngine:
         opset: int = DEFAULT_OPSET,
     ) -> TensorRTEngine:
         """Engines for a loaded model on `device`, from its cached ONNX graphs; built on first use."""
-        trt = require_tensorrt(device)
-        check_precision(precision, trt.__version__)
-        target = pick_device(device)
-        files = cached_onnx(loaded, opset)
-        encoder = TrtGraph(trt, cached_plan(trt, files.encoder, precision, target, None), target)
-        decoder = TrtGraph(trt, cached_plan(trt, files.decoder, precision, target, profile), target)
-
-        def make_predictor() -> TrtGraph:
-            return TrtGraph(trt, cached_plan(trt, files.predictor, precision, target, PREDICTOR_PROFILE), target)
-
+        graphs = trt_graphs(loaded, device, precision, profile, PREDICTOR_PROFILE, opset)
+        encoder, decoder, make_predictor, target = graphs
         return cls(encoder, decoder, target, profile.max_prompts, make_predictor, hq=loaded.model.hq)
 
     def encode(self, crop: np.ndarray) -> CropEmbedding:

@@ -17,6 +17,7 @@ from sam_batch.engines.backend import (
     CropEmbedding,
     EngineError,
     allow_tf32,
+    autocast,
     upscale_logits,
 )
 from sam_batch.engines.point_decoder import PointDecoder
@@ -151,6 +152,4 @@ class TorchEngine:
 
     def autocast(self):
         """The autocast context of the engine's precision (off at fp32)."""
-        if self.dtype == torch.float32:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return autocast(self.device, self.dtype)

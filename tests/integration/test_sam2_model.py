@@ -1,6 +1,6 @@
 """SAM 2.1 (`sam2.1_hiera_*` model types) without the reference environment: the weights table,
-single-mask output, the engine's frames, the back-ends that refuse it, and `sam-batch run` end to
-end, automatic and with mask-to-mask refinement. Parity with the official code:
+single-mask output, the engine's frames, the tensorrt back-end's refusal where it is missing,
+and `sam-batch run` end to end, automatic and with mask-to-mask refinement. Parity with the official code:
 `test_sam2_parity.py`."""
 
 from __future__ import annotations
@@ -81,45 +81,42 @@ def test_the_engine_works_in_the_models_square_frame(sam2_checkpoint: Path) -> N
     logits, iou = engine.decode(crop, points)
     assert logits.shape == (2, 3, 256, 256) and iou.shape == (2, 3)
     assert engine.upscale(crop, logits[:, 0]).shape == (2, 300, 500)
-    single = Sam2Engine(engine.model, engine.device, generator=Sam2Generator(multimask_output=False))
+    single = Sam2Engine(engine.networks, Sam2Generator(multimask_output=False))
     assert single.decode(crop, points)[0].shape == (2, 1, 256, 256)
-    refined = Sam2Engine(engine.model, engine.device, generator=Sam2Generator(use_m2m=True))
+    refined = Sam2Engine(engine.networks, Sam2Generator(use_m2m=True))
     refined_logits, refined_iou = refined.decode(crop, points)
     assert refined_logits.shape == (2, 3, 256, 256) and not torch.equal(refined_iou, iou)
 
 
-@pytest.mark.parametrize("backend", ["onnx", "tensorrt"])
-def test_other_back_ends_refuse_sam2_before_loading(backend: str) -> None:
-    with pytest.raises(EngineError, match=f"engine.backend: {backend} does not run SAM 2.1 \\(sam2.1_hiera_l\\) yet"):
-        build_engine("sam2.1_hiera_l", "/nowhere/sam2.1_hiera_large.pt", backend=backend, device="cpu")
-
-
-def test_export_onnx_refuses_sam2_before_loading(tmp_path: Path) -> None:
-    result = sam_batch("export-onnx", "sam2.1_hiera_b+", "-o", str(tmp_path / "onnx"), check=False)
-    assert result.returncode == 1 and not (tmp_path / "onnx").exists()
-    assert "ONNX export does not cover SAM 2.1 (sam2.1_hiera_b+) yet" in result.stderr
+def test_tensorrt_names_what_it_lacks_for_sam2_before_loading() -> None:
+    with pytest.raises(EngineError, match="engine.backend tensorrt needs the `tensorrt` package"):
+        build_engine("sam2.1_hiera_l", "/nowhere/sam2.1_hiera_large.pt", backend="tensorrt", device="cpu")
 
 
 @pytest.mark.slow
 def test_sam_batch_run_with_a_sam2_model(tmp_path: Path, sam2_checkpoint: Path) -> None:
-    """`sam-batch run` with `model.type: sam2.1_hiera_t` and SAM 2's generator keys writes the masks
-    the generator makes in process with the same weights and settings."""
+    """`sam-batch run` with `model.type: sam2.1_hiera_t` and SAM 2's generator keys, on the torch
+    and onnx back-ends, writes the masks the generator makes in process with the same weights
+    and settings."""
     params = {"points_per_side": 4, "pred_iou_thresh": 0.56, "stability_score_thresh": 0.35}
-    out = tmp_path / "out"
-    job = write_job(
-        tmp_path,
-        "sam2",
-        [str(IMAGES / "dog.jpg")],
-        out,
-        model={"type": "sam2.1_hiera_t", "checkpoint": str(sam2_checkpoint)},
-        amg={**params, "use_m2m": True},
-        run={"executor": "local"},
-    )
-    sam_batch("run", str(job))
-    rows = pq.read_table(out / "masks").sort_by("mask_id").to_pylist()
     engine = build_engine(
         "sam2.1_hiera_t", str(sam2_checkpoint), device="cpu", sam2_generator=Sam2Generator(use_m2m=True)
     )
     ours = to_records(generate_masks(engine, load_image(str(IMAGES / "dog.jpg")), AmgParams(**params)))
-    assert len(ours) >= 3 and [r["area"] for r in rows] == [r["area"] for r in ours]
-    assert [r["bbox"] for r in rows] == [[float(v) for v in r["bbox"]] for r in ours]
+    assert len(ours) >= 3
+    for backend in ("torch", "onnx"):
+        out = tmp_path / backend
+        job = write_job(
+            tmp_path,
+            f"sam2-{backend}",
+            [str(IMAGES / "dog.jpg")],
+            out,
+            model={"type": "sam2.1_hiera_t", "checkpoint": str(sam2_checkpoint)},
+            amg={**params, "use_m2m": True},
+            engine={"backend": backend},
+            run={"executor": "local"},
+        )
+        sam_batch("run", str(job))
+        rows = pq.read_table(out / "masks").sort_by("mask_id").to_pylist()
+        assert [r["area"] for r in rows] == [r["area"] for r in ours], backend
+        assert [r["bbox"] for r in rows] == [[float(v) for v in r["bbox"]] for r in ours], backend

@@ -38,7 +38,7 @@ from parity import decode, largest_differences, strict_differences
 from sam_batch.engines.backend import set_cpu_threads
 from sam_batch.engines.checkpoints import load_state_dict
 from sam_batch.engines.sam2 import build_sam2
-from sam_batch.engines.sam2_engine import Sam2Engine, Sam2Generator
+from sam_batch.engines.sam2_engine import Sam2Engine, Sam2Generator, TorchSam2Networks
 from sam_batch.pipeline.amg import generate_masks, to_records
 from sam_batch.pipeline.images import load_image
 from sam_batch.pipeline.params import AmgParams
@@ -85,7 +85,7 @@ def _engine(folder: Path, model_type: str, generator: Sam2Generator | None = Non
     set_cpu_threads()
     model = build_sam2(model_type)
     model.load_state_dict(load_state_dict(folder / "checkpoint.pt"), strict=True)
-    return Sam2Engine(model, torch.device("cpu"), generator=generator or Sam2Generator())
+    return Sam2Engine(TorchSam2Networks(model, torch.device("cpu")), generator or Sam2Generator())
 
 
 @pytest.mark.slow

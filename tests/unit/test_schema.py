@@ -725,9 +725,9 @@ def test_sam2_models_take_sam2_generator_defaults_and_keys() -> None:
         with pytest.raises(JobError) as error:
             parse_job(minimal(model={"type": "vit_b_hq"}, amg={key: value}))
         assert error.value.message == f"amg.{key}: applies to SAM 2.1 models only, not vit_b_hq"
-    with pytest.raises(JobError) as error:
-        parse_job(minimal(model={"type": "sam2.1_hiera_s"}, engine={"backend": "onnx"}))
-    assert error.value.message == "engine.backend: onnx does not run SAM 2.1 (sam2.1_hiera_s) yet; use torch"
+    for backend in ("onnx", "tensorrt"):
+        job = parse_job(minimal(model={"type": "sam2.1_hiera_s"}, engine={"backend": backend}))
+        assert job.engine.backend == backend
     with pytest.raises(JobError) as error:
         parse_job(minimal(model={"type": "sam2.1_hiera_s"}, output={"uri": "out", "candidates": True}))
     assert error.value.message == "output.candidates: is not kept for SAM 2.1 (sam2.1_hiera_s) yet"
