@@ -1,4 +1,5 @@
-"""Shared test set-up: a weights cache seeded from ../shared, the S3 endpoint, and the rule that
+"""Shared test set-up: a weights cache seeded from ../shared, the S3 endpoint, checkpoints of
+HQ-SAM and SAM 2.1 made from MobileSAM's (`seeded_checkpoints`), and the rule that
 tests/integration/ is not run, saying why, where ../shared is missing (tests/unit/ needs nothing
 outside the checkout)."""
 
@@ -61,6 +62,28 @@ def pytest_terminal_summary(terminalreporter) -> None:
 @pytest.fixture(scope="session")
 def shared_images() -> Path:
     return IMAGES
+
+
+@pytest.fixture(scope="session")
+def hq_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """vit_t_hq weights: MobileSAM's for SAM's part, seeded noise for HQ-SAM's own
+    (`seeded_checkpoints.write_hq_checkpoint`)."""
+    from seeded_checkpoints import write_hq_checkpoint  # torch: not for the tests that need no model
+
+    if not HAS_SHARED_DATA:
+        pytest.skip(f"test data {MOBILE_SAM} not present")
+    return write_hq_checkpoint(tmp_path_factory.mktemp("hq") / "vit_t_hq.pt", MOBILE_SAM)
+
+
+@pytest.fixture(scope="session")
+def sam2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """sam2.1_hiera_t weights in the official checkpoint's form, seeded noise with MobileSAM's
+    decoder (`seeded_checkpoints.write_sam2_checkpoint`)."""
+    from seeded_checkpoints import write_sam2_checkpoint  # torch: not for the tests that need no model
+
+    if not HAS_SHARED_DATA:
+        pytest.skip(f"test data {MOBILE_SAM} not present")
+    return write_sam2_checkpoint(tmp_path_factory.mktemp("sam2") / "sam2.1_hiera_tiny.pt", MOBILE_SAM)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from seeded_checkpoints import HQ_PARTS
 from test_run_end_to_end import sam_batch, write_job
 
 from sam_batch.engines.backend import EngineError, load_model
@@ -26,7 +27,6 @@ from sam_batch.pipeline.params import AmgParams
 from shared_data import IMAGES, MOBILE_SAM
 
 HQ_TYPES = [t for t in MODEL_TYPES if is_hq(t)]
-HQ_PARTS = ("hf_token", "hf_mlp", "compress_vit_feat", "embedding_encoder", "embedding_maskfeature")
 
 
 def test_every_hq_type_names_its_official_file() -> None:
@@ -60,29 +60,6 @@ def test_the_hq_mask_is_sams_chosen_mask_plus_the_hq_tokens() -> None:
     torch.testing.assert_close(multi_iou[:, 0], iou_all[torch.arange(5), best])
     torch.testing.assert_close(single[:, 0], every[:, 0] + every[:, 4], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(single_iou[:, 0], iou_all[:, 0])
-
-
-@pytest.fixture(scope="module")
-def hq_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """vit_t_hq weights: MobileSAM's for SAM's part, seeded noise (a tenth in the HQ token's
-    output layer) for HQ-SAM's own, as `tests/reference/official_hq.py --base` makes them."""
-    if not MOBILE_SAM.exists():
-        pytest.skip(f"test data {MOBILE_SAM} not present")
-    model = build_sam("vit_t_hq")
-    missing, unexpected = model.load_state_dict(
-        torch.load(MOBILE_SAM, map_location="cpu", weights_only=True), strict=False
-    )
-    assert not unexpected and missing and all(any(part in key for part in HQ_PARTS) for key in missing)
-    generator = torch.Generator().manual_seed(20)
-    state = model.state_dict()
-    for key in missing:
-        scale = state[key].shape[-1] ** -0.5 if state[key].ndim > 1 else 0.5
-        state[key] = torch.randn(state[key].shape, generator=generator) * scale
-    for key in ("mask_decoder.hf_mlp.layers.2.weight", "mask_decoder.hf_mlp.layers.2.bias"):
-        state[key] = state[key] * 0.1
-    path = tmp_path_factory.mktemp("hq") / "vit_t_hq.pt"
-    torch.save(state, path)
-    return path
 
 
 def test_a_sam_checkpoint_is_not_an_hq_one(hq_checkpoint: Path) -> None:

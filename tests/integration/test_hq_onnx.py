@@ -1,6 +1,6 @@
 """HQ-SAM (vit_t_hq) on the `onnx` back-end, and `TensorRTEngine`'s HQ path with onnxruntime
 standing in for TensorRT, against the torch engine on dog.jpg (CPU). The weights: MobileSAM's
-for SAM's part, seeded noise for HQ-SAM's own (`test_hq_model.hq_checkpoint`).
+for SAM's part, seeded noise for HQ-SAM's own (the `hq_checkpoint` fixture, `tests/conftest.py`).
 
 Measured on the 2-core dev machine (2026-12-05, dog.jpg): embedding relative error 2.4e-6 and
 HQ features 1.2e-6 (Frobenius); decode of 16 prompts max |Δ logits| 7.8e-5 (logits up to ~50),
@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-import test_hq_model
 import torch
 from test_onnx import EMBEDDING_RTOL, IOU_ATOL, LOGITS_ATOL, dims
 from test_tensorrt import OrtGraph
@@ -30,7 +29,6 @@ from sam_batch.pipeline.images import load_image
 from sam_batch.pipeline.params import AmgParams
 from shared_data import IMAGES
 
-hq_checkpoint = test_hq_model.hq_checkpoint  # the module-scoped fixture, shared
 # the HQ run test's thresholds: with noise for HQ-SAM's weights few masks pass the default 0.95
 AMG_PARAMS = {"points_per_side": 4, "stability_score_thresh": 0.85}
 N_PROMPTS = 6

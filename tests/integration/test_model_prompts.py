@@ -12,10 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from test_hq_model import hq_checkpoint  # noqa: F401 (a fixture)
 from test_prompts import golden_prompts
 from test_run_end_to_end import sam_batch
-from test_sam2_model import sam2_checkpoint  # noqa: F401 (a fixture)
 
 from sam_batch.engines.factory import build_engine
 from sam_batch.pipeline.images import load_image

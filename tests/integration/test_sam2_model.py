@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from reference_cases import sam2_weights_with_mobile_sam_decoder
 from test_run_end_to_end import sam_batch, write_job
 
 from sam_batch.engines.backend import EngineError
@@ -24,7 +23,7 @@ from sam_batch.engines.sam2_engine import Sam2Engine, Sam2Generator
 from sam_batch.pipeline.amg import generate_masks, to_records
 from sam_batch.pipeline.images import load_image
 from sam_batch.pipeline.params import AmgParams
-from shared_data import IMAGES, MOBILE_SAM
+from shared_data import IMAGES
 
 SAM2_TYPES = [t for t in MODEL_TYPES if is_sam2(t)]
 VIDEO_ONLY = ("memory_attention.", "memory_encoder.", "obj_ptr_proj.", "maskmem_tpos_enc", "no_obj_ptr")
@@ -52,19 +51,6 @@ def test_single_mask_output_falls_back_to_the_best_multimask_output_when_unstabl
     chosen, chosen_iou = dynamic_single_mask(logits, iou)
     assert chosen.shape == (2, 1, 8, 8) and chosen_iou[:, 0].tolist() == pytest.approx([0.1, 0.8])
     assert torch.equal(chosen[0, 0], logits[0, 0]) and torch.equal(chosen[1, 0], logits[1, 2])  # first of a tie
-
-
-@pytest.fixture(scope="module")
-def sam2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """sam2.1_hiera_t weights in the official checkpoint's form (`{"model": ...}`), made as
-    `tests/reference/official_sam2.py --decoder-from` makes them."""
-    if not MOBILE_SAM.exists():
-        pytest.skip(f"test data {MOBILE_SAM} not present")
-    model = build_sam2("sam2.1_hiera_t")
-    sam2_weights_with_mobile_sam_decoder(model, MOBILE_SAM)
-    path = tmp_path_factory.mktemp("sam2") / "sam2.1_hiera_tiny.pt"
-    torch.save({"model": model.state_dict()}, path)
-    return path
 
 
 def test_the_engine_works_in_the_models_square_frame(sam2_checkpoint: Path) -> None:

@@ -1,7 +1,8 @@
 """SAM 2.1 (sam2.1_hiera_t) on the `onnx` back-end, and SAM 2.1's TensorRT path
 (`GraphSam2Networks` as `sam2_tensorrt_networks` builds it) with onnxruntime standing in for
 TensorRT, against the torch engine on dog.jpg (CPU). The weights: a noise trunk with MobileSAM's
-prompt encoder and decoder (`test_sam2_model.sam2_checkpoint`), so that masks follow the prompts.
+prompt encoder and decoder (the `sam2_checkpoint` fixture, `tests/conftest.py`), so that masks follow
+the prompts.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import numpy as np
 import onnx
 import pytest
 import test_hq_onnx
-import test_sam2_model
 import torch
 from test_onnx import EMBEDDING_RTOL, IOU_ATOL, LOGITS_ATOL, dims
 from test_run_end_to_end import sam_batch
@@ -24,7 +24,6 @@ from sam_batch.engines.onnx_export import OnnxFiles, cached_onnx
 from sam_batch.engines.sam2_engine import GraphSam2Networks, Sam2Engine, Sam2Generator
 from sam_batch.engines.tensorrt_backend import SAM2_PREDICTOR_PROFILE, pinned_to_fp32
 
-sam2_checkpoint = test_sam2_model.sam2_checkpoint  # the module-scoped fixture, shared
 dog = test_hq_onnx.dog
 N_PROMPTS, prompts = test_hq_onnx.N_PROMPTS, test_hq_onnx.prompts  # seeded boxes, points, both
 GENERATORS = {
