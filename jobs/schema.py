@@ -55,8 +55,6 @@ class JobSpec:
             if not isinstance(getattr(self, key), cls):
                 raise TypeError(f"JobSpec.{key} must be a {cls.__name__}")
         object.__setattr__(self, "amg", _resolved_amg(self.amg, self.model.type))
-        if is_sam2(self.model.type) and self.output.candidates:
-            raise field_error("output.candidates", f"is not kept for SAM 2.1 ({self.model.type}) yet")
         if self.prompts.uri is not None:
             if self.output.candidates:
                 raise field_error(

@@ -25,8 +25,8 @@ class AmgParams:
 # `output.candidates` keeps every candidate mask (before NMS) whose predicted IoU is above
 # CANDIDATE_MIN_IOU and whose stability score is at least CANDIDATE_MIN_STABILITY: the floor at
 # or above which `sam-batch refilter` may set the two thresholds. Half of each keeps the
-# candidates a user plausibly re-thresholds to (the reference's defaults are 0.88 and 0.95)
-# without storing the masks SAM itself rates as poor.
+# candidates a user plausibly re-thresholds to (the reference's defaults are 0.88 and 0.95,
+# SAM 2's 0.8 and 0.95) without storing the masks SAM itself rates as poor.
 CANDIDATE_MIN_IOU = 0.5
 CANDIDATE_MIN_STABILITY = 0.5
 # the parameters `sam-batch refilter` may change: none of them is seen by the model

@@ -6,7 +6,8 @@ from them and run afresh with the model, and the two outputs' tables must be equ
 of `masks`, every column of `images` but `seconds`. Refilter reads committed shards only and
 resumes; on Ray it writes what it writes in process; on S3 (moto's server) what it writes on
 disk; a tiled scene (groceries.jpg in 12 tiles) and a scene with nodata (Landsat) refilter to
-what a run writes, seams merged and the nodata rule applied.
+what a run writes, seams merged and the nodata rule applied; so does a SAM 2.1 output with
+mask-to-mask refinement and a mask threshold other than 0.
 Bad arguments are one line, exit 2, and leave nothing.
 """
 
@@ -104,6 +105,30 @@ def test_a_scene_with_nodata_refilters_to_what_a_run_writes(tmp_path) -> None:
     sam_batch("refilter", str(source), *(f"--set=amg.{k}={v}" for k, v in settings.items()), "-o", str(refiltered))
     ours = tables(refiltered)
     assert len(ours[0]) > 0 and ours == tables(fresh)
+
+
+def test_a_sam2_output_refilters_to_what_a_run_writes(tmp_path, sam2_checkpoint) -> None:
+    """sam2.1_hiera_t (seeded weights with MobileSAM's decoder) with mask-to-mask refinement and
+    a mask threshold of 0.3, candidates kept at SAM 2's pred_iou_thresh of 0.8 (which none of
+    these weights' masks reach): refiltered lower, with a higher stability threshold and a lower
+    box NMS threshold, it equals a fresh run; SAM 2's generator keys are refused in one line."""
+    model = {"type": "sam2.1_hiera_t", "checkpoint": str(sam2_checkpoint)}
+    # the seeded weights predict IoUs of about 0.6 and, at the default offset, stability scores under 0.5
+    amg = {"points_per_side": 4, "use_m2m": True, "mask_threshold": 0.3, "stability_score_offset": 0.2}
+    source = tmp_path / "source"
+    output = {"uri": str(source), "candidates": True}
+    sam_batch("run", str(write_job(tmp_path, "sam2", PHOTOS[:1], source, model=model, amg=amg, output=output)))
+    settings = {"pred_iou_thresh": 0.615, "stability_score_thresh": 0.75, "box_nms_thresh": 0.5}
+    fresh = tmp_path / "fresh"
+    sam_batch("run", str(write_job(tmp_path, "sam2-fresh", PHOTOS[:1], fresh, model=model, amg={**amg, **settings})))
+    refiltered = tmp_path / "refiltered"
+    sam_batch("refilter", str(source), *(f"--set=amg.{k}={v}" for k, v in settings.items()), "-o", str(refiltered))
+    ours = tables(refiltered)
+    assert len(ours[0]) > 0 and ours == tables(fresh)
+    assert not tables(source)[0]
+    refused = sam_batch("refilter", str(source), "--set", "amg.use_m2m=false", "-o", str(tmp_path / "new"), check=False)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1 and "--set amg.use_m2m=false: needs the model" in lines[0]
 
 
 def test_refilter_at_the_runs_own_thresholds_gives_its_masks(source, tmp_path) -> None:

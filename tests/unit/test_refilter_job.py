@@ -66,11 +66,13 @@ def test_masks_from_candidates_filter_at_the_thresholds_they_are_given() -> None
     assert all(m.iou > 0.8 and m.stability >= high.stability_score_thresh for m in kept)
 
 
-def source_plan(tmp_path, **amg) -> Plan:
+def source_plan(tmp_path, model_type: str = "vit_t", **amg) -> Plan:
+    """The plan of a job keeping candidates of one photo with `model_type` and `amg` set."""
     job = parse_job(
         {
             "name": "photos",
             "input": {"uris": [str(tmp_path / "a.jpg")]},
+            "model": {"type": model_type},
             "amg": {"points_per_side": 8, **amg},
             "output": {"uri": str(tmp_path / "out"), "candidates": True},
             "run": {"executor": "local", "shard_size": 7},
@@ -116,6 +118,38 @@ def test_refilter_checks_values_as_the_job_file_does(tmp_path) -> None:
         refilter_job(source_plan(tmp_path), ["amg.box_nms_thresh=2"], str(tmp_path / "new"))
     with pytest.raises(RefilterError, match="must not be the source"):
         refilter_job(source_plan(tmp_path), [], str(tmp_path / "out"))
+
+
+def test_a_sam2_output_refilters_below_its_generators_default_down_to_the_floor(tmp_path) -> None:
+    """SAM 2.1's pred_iou_thresh is 0.8 by default and its candidates are kept from 0.5: lowered
+    to 0.6 it is the run job at 0.6; null is SAM 2's default again (not SAM's 0.88); 0.45 is
+    under the floor."""
+    plan = source_plan(tmp_path, "sam2.1_hiera_t")
+    assert plan.job["amg"]["pred_iou_thresh"] == 0.8
+    job = refilter_job(plan, ["amg.pred_iou_thresh=0.6"], str(tmp_path / "new"))
+    run = parse_job(
+        {
+            "name": "photos",
+            "input": {"uris": [str(tmp_path / "a.jpg")]},
+            "model": {"type": "sam2.1_hiera_t"},
+            "amg": {"points_per_side": 8, "pred_iou_thresh": 0.6},
+            "output": {"uri": str(tmp_path / "elsewhere")},
+        }
+    )
+    assert job.fingerprint() == run.fingerprint() and job.amg == run.amg
+    assert refilter_job(plan, ["amg.pred_iou_thresh=null"], str(tmp_path / "new")).amg.pred_iou_thresh == 0.8
+    with pytest.raises(RefilterError, match=r"amg.pred_iou_thresh 0.45 < 0.5"):
+        refilter_job(plan, ["amg.pred_iou_thresh=0.45"], str(tmp_path / "new"))
+
+
+@pytest.mark.parametrize("override", ["amg.multimask_output=false", "amg.use_m2m=true", "amg.mask_threshold=0.5"])
+def test_refilter_refuses_sam2s_generator_keys_in_one_line(tmp_path, override) -> None:
+    """SAM 2's three generator keys change what the model decodes or how its logits are cut."""
+    with pytest.raises(RefilterError) as error:
+        refilter_job(source_plan(tmp_path, "sam2.1_hiera_t"), [override], str(tmp_path / "new"))
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"--set {override}: needs the model; refilter changes only amg.pred_iou_thresh, ")
 
 
 def test_a_job_keeping_candidates_may_not_threshold_below_the_floor(tmp_path) -> None:

@@ -728,6 +728,17 @@ def test_sam2_models_take_sam2_generator_defaults_and_keys() -> None:
     for backend in ("onnx", "tensorrt"):
         job = parse_job(minimal(model={"type": "sam2.1_hiera_s"}, engine={"backend": backend}))
         assert job.engine.backend == backend
+
+
+def test_sam2_jobs_keep_candidates_above_the_floor() -> None:
+    """SAM 2.1's default pred_iou_thresh (0.8) lies above the candidates' floor (0.5); a job
+    threshold under the floor is refused as for SAM."""
+    sam2 = {"model": {"type": "sam2.1_hiera_s"}, "output": {"uri": "out", "candidates": True}}
+    job = parse_job(minimal(**sam2))
+    assert job.output.candidates and job.amg.pred_iou_thresh == 0.8
     with pytest.raises(JobError) as error:
-        parse_job(minimal(model={"type": "sam2.1_hiera_s"}, output={"uri": "out", "candidates": True}))
-    assert error.value.message == "output.candidates: is not kept for SAM 2.1 (sam2.1_hiera_s) yet"
+        parse_job(minimal(**sam2, amg={"pred_iou_thresh": 0.45}))
+    assert error.value.message == (
+        "output.candidates: keeps candidates above a floor the job's thresholds must not be under "
+        "(amg.pred_iou_thresh 0.45 < 0.5)"
+    )
