@@ -1,6 +1,7 @@
 """Tile planning, the seam rule and RLE placement: pure functions on hand-made masks, the seam
 rule against a brute-force copy of itself on the synthetic scenes of benchmarks/merge_scaling.py,
-and no duplicates across tiles on the Landsat scene with the real model."""
+no duplicates across tiles on the Landsat scene with the real model, and `sam-batch run` of a
+tiled strip of it with HQ-SAM and SAM 2.1 against their generators tile by tile."""
 
 from __future__ import annotations
 
@@ -9,16 +10,21 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import rasterio
 from rasterio.transform import Affine
+from rasterio.windows import Window
+from test_run_end_to_end import sam_batch, write_job
 
 from sam_batch.engines.factory import build_engine
 from sam_batch.pipeline import tiles as tiles_module
+from sam_batch.pipeline.amg import Engine, generate_masks
 from sam_batch.pipeline.params import AmgParams
 from sam_batch.pipeline.rasters import RasterScene
-from sam_batch.pipeline.rle import encode_rle, encode_rle_placed
-from sam_batch.pipeline.scenes import segment_scene
+from sam_batch.pipeline.rle import decode_rle, encode_rle, encode_rle_placed
+from sam_batch.pipeline.scenes import ScenePlan, finish_scene, place_tile_masks, plan_scene, segment_scene
+from sam_batch.pipeline.tile_masks import TileMasks
 from sam_batch.pipeline.tiles import DUPLICATE_MASK_IOU, SceneMask, Tile, is_cut, merge_tiles, plan_tiles
 from shared_data import IMAGES, MOBILE_SAM, REPO
 
@@ -386,3 +392,91 @@ def test_no_object_twice_across_tiles_on_the_landsat_scene(scale: int, tile_size
     masks = result.masks
     pairs = [(a, b) for i, a in enumerate(masks) for b in masks[i + 1 :] if a.tile != b.tile]
     assert max(_pixels_iou(a, b) for a, b in pairs) <= DUPLICATE_MASK_IOU
+
+
+# A strip of the Landsat scene (some nodata in its corner) cut into three tiles of 256 x 200, not
+# square: SAM 2.1 stretches each to 1024 x 1024, HQ-SAM scales it to 1024 wide and pads it;
+# neighbours share 64 pixels.
+STRIP = (80, 250, 640, 200)  # column, row, width, height in the scene
+STRIP_TILE_SIZE, STRIP_OVERLAP = 256, 32
+# thresholds at which the seeded weights (`hq_checkpoint`, `sam2_checkpoint`) keep a few masks a tile
+MODEL_AMG = {
+    "vit_t_hq": {"points_per_side": 4, "stability_score_thresh": 0.7},
+    "sam2.1_hiera_t": {"points_per_side": 4, "pred_iou_thresh": 0.56, "stability_score_thresh": 0.35},
+}
+
+
+def _landsat_strip(path: Path) -> Path:
+    """`STRIP` of the Landsat scene as a GeoTIFF of its own, georeferenced to match."""
+    column, row, width, height = STRIP
+    with rasterio.open(IMAGES / "RGB.byte.tif") as src:
+        pixels, profile = src.read(window=Window(column, row, width, height)), src.profile
+    profile.update(width=width, height=height, transform=profile["transform"] @ Affine.translation(column, row))
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(pixels)
+    return path
+
+
+def _tiles_generator_masks(
+    engine: Engine, path: Path, params: AmgParams
+) -> tuple[ScenePlan, list[TileMasks], list[np.ndarray]]:
+    """The plan of the scene at `path` and its tiles' masks as the pipeline makes them in this
+    process from the generator's masks on each tile's pixels (`generate_masks`, then the nodata
+    rule and placing: `place_tile_masks`); and the generator's masks themselves, each over the
+    whole scene (H, W) bool, placed here at its tile's offset."""
+    with RasterScene(str(path)) as scene:
+        plan = plan_scene(scene, STRIP_TILE_SIZE, STRIP_OVERLAP)
+        tiles, generated = [], []
+        for index, tile in enumerate(plan.tiles):
+            rgb, valid = scene.read(tile.window)
+            masks = generate_masks(engine, rgb, params)
+            tiles.append(place_tile_masks(masks, valid, plan, index))
+            x0, y0, x1, y1 = tile.window
+            for mask in masks:
+                full = np.zeros(plan.image_hw, dtype=bool)
+                full[y0:y1, x0:x1] = mask.mask
+                generated.append(full)
+    return plan, tiles, generated
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model_type", "checkpoint"), [("vit_t_hq", "hq_checkpoint"), ("sam2.1_hiera_t", "sam2_checkpoint")]
+)
+def test_a_tiled_scene_is_its_tiles_generator_masks_after_the_seam_rule(
+    tmp_path: Path, request: pytest.FixtureRequest, model_type: str, checkpoint: str
+) -> None:
+    """`sam-batch run` on a GeoTIFF cut into three tiles writes, mask for mask, what the model's
+    generator gives on each tile's pixels after the nodata and seam rules; every mask written is
+    one of those masks in scene pixels or the union of several (stitched across a seam), and no
+    two masks of different tiles are one object."""
+    weights = str(request.getfixturevalue(checkpoint))
+    strip = _landsat_strip(tmp_path / "strip.tif")
+    out = tmp_path / "out"
+    job = write_job(
+        tmp_path,
+        "tiled",
+        [str(strip)],
+        out,
+        model={"type": model_type, "checkpoint": weights},
+        amg=MODEL_AMG[model_type],
+        raster={"tile_size": STRIP_TILE_SIZE, "tile_overlap": STRIP_OVERLAP},
+        run={"executor": "local"},
+    )
+    sam_batch("run", str(job))
+    rows = pq.read_table(out / "masks").sort_by("mask_id").to_pylist()
+    params = AmgParams(**MODEL_AMG[model_type])
+    plan, tiles, generated = _tiles_generator_masks(build_engine(model_type, weights, device="cpu"), strip, params)
+    expected = finish_scene(plan, tiles, params.crop_nms_thresh)
+    assert expected.tiles == 3 and len({mask.tile for mask in expected.masks}) >= 2
+    assert len(expected.masks) < sum(len(tile.unpack()) for tile in tiles)  # the seam rule had work
+    records = expected.records()
+    for key in ("segmentation", "area", "bbox", "geometry"):
+        assert [row[key] for row in rows] == [record[key] for record in records], key
+    for row in rows:
+        written = decode_rle(row["segmentation"]).astype(bool)
+        inside = [mask for mask in generated if not (mask & ~written).any()]
+        assert inside and np.array_equal(np.logical_or.reduce(inside), written)
+    masks = expected.masks
+    pairs = [(a, b) for i, a in enumerate(masks) for b in masks[i + 1 :] if a.tile != b.tile]
+    assert all(_pixels_iou(a, b) <= DUPLICATE_MASK_IOU for a, b in pairs)
