@@ -211,10 +211,5 @@ def refilter_shard(job: JobSpec, source: OutputDataset, shard: Shard) -> list[Im
     return results
 
 
-def _first(names: list[str], source: OutputDataset) -> tuple[int, str, str]:
-    """How many shards are not committed in `source`, where, the first of them (for a warning)."""
-    return len(names), source.uri, names[0]
-
-
 def _read(source: OutputDataset, table_name: str, shard: Shard) -> list[dict]:
     return pq.read_table(source.path(table_name, f"{shard.name}.parquet"), filesystem=source.fs).to_pylist()
