@@ -29,10 +29,15 @@ docs/benchmarks.md, "Measuring on a GPU"). Phases, in this order:
    `SamPredictor` looping over those boxes and over `--prompts-per-image` boxes on each image,
    beside ours (prompts/s of each side).
 
-`MODEL[:random]` in `--models`: `vit_t` loads the checkpoint (the cached default or
+`MODEL[:random|:seeded]` in `--models`: `vit_t` loads the checkpoint (the cached default or
 `--checkpoint`); `vit_h:random` builds the model with random weights, for timing alone: its
 masks are meaningless, so no agreement is reported for it, and its filters see other numbers
-of masks than real weights would give.
+of masks than real weights would give. `vit_t_hq:seeded` and `sam2.1_hiera_t:seeded` (the
+families whose weights cannot be had here) take MobileSAM's checkpoint for what they share with
+SAM and seeded noise for the rest, as the tests make them (`tests/seeded_checkpoints.py`), so
+that their masks follow the points: their fp16/bf16 masks are compared with their fp32 ones,
+at the thresholds the tests use for them (`SEEDED_THRESHOLDS`, in the generate rows). They run
+the generate phase only, so that the phases after it keep the time box's time.
 
 Each result is appended to OUT/results.jsonl as soon as it is measured and OUT/report.md is
 rewritten from them, so a run cut short still returns what it measured; no phase starts once
@@ -62,23 +67,43 @@ GOLDEN_NAME = "{image}.pps{points}.crop0.minarea0.json"
 RUN_TIMEOUT_S = 300  # the run phase's process, so a hung run cannot take a lent machine's whole time
 
 
+# the types `MODEL:seeded` builds (`seeded_model`), and the thresholds their generate phase runs
+# at: the tests' for these weights (few of their masks reach the defaults' predicted IoU and stability)
+SEEDED_THRESHOLDS = {
+    "vit_t_hq": {"stability_score_thresh": 0.85},
+    "sam2.1_hiera_t": {"pred_iou_thresh": 0.56, "stability_score_thresh": 0.35},
+}
+SEEDED_TYPES = tuple(SEEDED_THRESHOLDS)
+
+
 @dataclass(frozen=True)
 class MeasuredModel:
-    """A model to measure: its type, and whether it loads the checkpoint or random weights."""
+    """A model to measure: its type, and whether it loads the checkpoint, random weights, or
+    seeded ones (`seeded_model`)."""
 
     model_type: str
     random_weights: bool
+    seeded: bool = False
 
     @classmethod
     def parse(cls, text: str) -> MeasuredModel:
         model_type, _, weights = text.partition(":")
-        if weights not in ("", "random"):
-            raise argparse.ArgumentTypeError(f"{text!r}: expected MODEL or MODEL:random")
-        return cls(model_type, weights == "random")
+        if weights not in ("", "random", "seeded"):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected MODEL, MODEL:random or MODEL:seeded")
+        if weights == "seeded" and model_type not in SEEDED_TYPES:
+            raise argparse.ArgumentTypeError(f"{text!r}: seeded weights are made for {', '.join(SEEDED_TYPES)} only")
+        return cls(model_type, weights == "random", weights == "seeded")
 
     @property
     def label(self) -> str:
-        return f"{self.model_type}{' (random weights)' if self.random_weights else ''}"
+        weights = " (random weights)" if self.random_weights else " (seeded weights)" if self.seeded else ""
+        return f"{self.model_type}{weights}"
+
+    @property
+    def sam2(self) -> bool:
+        from sam_batch.engines.registry import is_sam2
+
+        return is_sam2(self.model_type)
 
 
 @dataclass(frozen=True)
@@ -153,6 +178,7 @@ class Engines:
     def engine(self, spec: MeasuredModel, precision: str, *, fresh: bool = False):
         """An engine at `precision`; `fresh` builds its own model (to change its modules)."""
         from sam_batch.engines.backend import pick_device
+        from sam_batch.engines.sam2_engine import Sam2Engine, TorchSam2Networks
         from sam_batch.engines.torch_backend import TorchEngine
 
         model = None if fresh else self.models.get(spec)
@@ -160,18 +186,40 @@ class Engines:
             model = self._build(spec)
             if not fresh:
                 self.models[spec] = model
+        if spec.sam2:
+            return Sam2Engine(TorchSam2Networks(model, pick_device(self.device), precision))
         return TorchEngine(model, pick_device(self.device), precision)
 
     def _build(self, spec: MeasuredModel):
         import torch
 
         from sam_batch.engines.backend import load_model
+        from sam_batch.engines.checkpoints import resolve_checkpoint
         from sam_batch.engines.sam import build_sam
+        from sam_batch.engines.sam2 import build_sam2
 
+        if spec.seeded:
+            return seeded_model(spec.model_type, resolve_checkpoint("vit_t", self.checkpoint, None))
         if not spec.random_weights:
             return load_model(spec.model_type, self.checkpoint).model
         torch.manual_seed(0)
-        return build_sam(spec.model_type)
+        return build_sam2(spec.model_type) if spec.sam2 else build_sam(spec.model_type)
+
+
+def seeded_model(model_type: str, mobile_sam: Path):
+    """`model_type` (one of `SEEDED_TYPES`) with MobileSAM's weights for what it shares with SAM
+    and seeded noise for the rest, written and loaded as the tests' checkpoints are
+    (`seeded_checkpoints`: in tests/ of a checkout, beside the package in the GPU kit)."""
+    from sam_batch.engines.backend import load_model
+
+    tests = Path(__file__).resolve().parents[1] / "tests"
+    if tests.is_dir() and str(tests) not in sys.path:
+        sys.path.insert(0, str(tests))
+    from seeded_checkpoints import write_hq_checkpoint, write_sam2_checkpoint
+
+    write = write_sam2_checkpoint if model_type == "sam2.1_hiera_t" else write_hq_checkpoint
+    with tempfile.TemporaryDirectory(prefix="seeded-") as folder:
+        return load_model(model_type, str(write(Path(folder) / f"{model_type}.pt", mobile_sam))).model
 
 
 class GpuMemory:
@@ -195,14 +243,22 @@ class GpuMemory:
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
-def time_generate(engine, images: dict[str, np.ndarray], points_per_side: int, repeats: int) -> tuple[dict, dict]:
-    """Best-of-`repeats` seconds and the records of each image (the first run's), after one warm-up."""
+def time_generate(
+    engine,
+    images: dict[str, np.ndarray],
+    points_per_side: int,
+    repeats: int,
+    thresholds: dict[str, float] | None = None,
+) -> tuple[dict, dict]:
+    """Best-of-`repeats` seconds and the records of each image (the first run's), after one
+    warm-up; the generator at `thresholds` where given, else at its defaults."""
     from benchmarks.reference import run_ours
 
-    run_ours(engine, next(iter(images.values())), points_per_side)  # kernels, caches, allocator
+    thresholds = thresholds or {}
+    run_ours(engine, next(iter(images.values())), points_per_side, **thresholds)  # kernels, caches, allocator
     seconds, records = {}, {}
     for name, image in images.items():
-        runs = [run_ours(engine, image, points_per_side) for _ in range(repeats)]
+        runs = [run_ours(engine, image, points_per_side, **thresholds) for _ in range(repeats)]
         seconds[name] = min(run.seconds for run in runs)
         records[name] = runs[0].records
     return seconds, records
@@ -378,13 +434,14 @@ class Session:
             self._phase("reference", self.reference)
         if args.run_images:
             self._phase("run", self.run)
-        for spec in args.models:
+        timed = [spec for spec in args.models if not spec.seeded]  # seeded models: the generate phase only
+        for spec in timed:
             for precision in args.profile:
                 self._phase(f"profile {spec.label} {precision}", self.profile, spec, precision)
-        for spec in args.models if args.encoder_batches else []:
+        for spec in timed if args.encoder_batches else []:
             for precision in args.precisions:
                 self._phase(f"encoder {spec.label} {precision}", self.encoder, spec, precision)
-        for spec in args.models:
+        for spec in timed:
             for precision in args.compile:
                 self._phase(f"compile {spec.label} {precision}", self.compiled, spec, precision)
         for precision in args.precisions if args.prompts else []:
@@ -405,13 +462,14 @@ class Session:
         engine = self.engines.engine(spec, precision)
         memory = GpuMemory(self.args.device)
         memory.reset()
-        seconds, records = time_generate(engine, self.images, self.args.points_per_side, self.args.repeats)
-        self.results.add(generate_row(spec, precision, seconds, records, memory))
+        thresholds = SEEDED_THRESHOLDS[spec.model_type] if spec.seeded else {}
+        seconds, records = time_generate(engine, self.images, self.args.points_per_side, self.args.repeats, thresholds)
+        self.results.add(generate_row(spec, precision, seconds, records, memory) | thresholds)
         self.eager[spec, precision] = Measured(seconds, records)
         if spec.random_weights:
             return
         device = self.args.device
-        if precision == "fp32" and self.golden:
+        if precision == "fp32" and self.golden and spec.model_type == "vit_t":
             self._agreement(f"{device} fp32 vs the reference (golden, CPU fp32)", spec, records, self.golden)
         if precision != "fp32" and (spec, "fp32") in self.eager:
             self._agreement(f"{precision} vs fp32 ({device})", spec, records, self.eager[spec, "fp32"].records)
@@ -784,7 +842,7 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         type=MeasuredModel.parse,
         default=[MeasuredModel("vit_t", False)],
-        help="MODEL or MODEL:random (default: vit_t)",
+        help="MODEL, MODEL:random, or MODEL:seeded for vit_t_hq and sam2.1_hiera_t (default: vit_t)",
     )
     parser.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "bf16"])
     parser.add_argument("--checkpoint", help="weights for models without :random (default: the cached default)")

@@ -762,12 +762,13 @@ def _echo_lines(proc: subprocess.Popen, stream, log) -> str:
     return "".join(lines)
 
 
-def run_ours(engine: TorchEngine, image: np.ndarray, points_per_side: int) -> Side:
-    """sam-batch's generator on `image`, timed like the reference's `generate`."""
+def run_ours(engine: TorchEngine, image: np.ndarray, points_per_side: int, **thresholds: float) -> Side:
+    """sam-batch's generator on `image` (at `thresholds` where given, else the defaults), timed
+    like the reference's `generate`."""
     from sam_batch.pipeline.amg import generate_masks, to_records
     from sam_batch.pipeline.params import AmgParams
 
-    params = AmgParams(points_per_side=points_per_side)
+    params = AmgParams(points_per_side=points_per_side, **thresholds)
     start = time.perf_counter()
     records = to_records(generate_masks(engine, image, params))
     return Side(time.perf_counter() - start, records)

@@ -18,9 +18,11 @@ mkdir -p "$out" "$site/sam_batch"
 # the package as pyproject.toml maps it: sam_batch/ with engines/, pipeline/ and jobs/ inside;
 # beside it the checkout's benchmarks/, which the wheel leaves out
 cp -r sam_batch/. "$site/sam_batch/" && cp -r engines pipeline jobs "$site/sam_batch/" && cp -r benchmarks "$site/"
+# the tests' seeded HQ-SAM and SAM 2.1 weights (`MODEL:seeded`), made there from the kit's vit_t
+cp tests/reference_cases.py tests/seeded_checkpoints.py "$site/"
 # PYTHONSAFEPATH: the checkout itself (its sam_batch/ holds no engines/) must not shadow $site
 export PYTHONPATH="$site" PYTHONSAFEPATH=1 SAM_BATCH_CACHE="$kit/weights" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >"$out/nvidia-smi.csv" 2>&1 || true
 "$python" -m benchmarks.gpu_check --images "$kit"/images/*.jpg --golden "$kit/golden" --out "$out" \
-    --models vit_t vit_h:random --reference --profile fp16 --compile fp16 --prompts "$kit/golden/prompts" \
+    --models vit_t vit_h:random vit_t_hq:seeded sam2.1_hiera_t:seeded --reference --profile fp16 --compile fp16 --prompts "$kit/golden/prompts" \
     --budget-s "${BUDGET_S:-360}" "$@" 2>&1 | tee "$out/log.txt"

@@ -204,8 +204,56 @@ def test_agreement_rows_hold_the_worst_image() -> None:
     assert "min recall 1.0, min precision 0.5 over 2 images" in format_report([row])
 
 
-def test_model_specs_parse_random_weights_and_refuse_anything_else() -> None:
+def test_model_specs_parse_random_and_seeded_weights_and_refuse_anything_else() -> None:
     assert MeasuredModel.parse("vit_h:random") == MeasuredModel("vit_h", True)
     assert MeasuredModel.parse("vit_t").label == "vit_t"
-    with pytest.raises(argparse.ArgumentTypeError, match="MODEL:random"):
+    assert MeasuredModel.parse("sam2.1_hiera_t:seeded") == MeasuredModel("sam2.1_hiera_t", False, seeded=True)
+    with pytest.raises(argparse.ArgumentTypeError, match="MODEL:random or MODEL:seeded"):
         MeasuredModel.parse("vit_h:ones")
+    with pytest.raises(argparse.ArgumentTypeError, match="seeded weights are made for vit_t_hq, sam2.1_hiera_t only"):
+        MeasuredModel.parse("vit_h:seeded")
+
+
+@pytest.mark.slow
+def test_hq_sam_and_sam2_run_with_seeded_weights(tmp_path: Path, shared_images: Path) -> None:
+    """The kit's other model families: generate with masks that follow the points (MobileSAM's
+    weights where they are SAM's), fp16 failing alone on the CPU, no comparison with MobileSAM's
+    golden files, and no other phase."""
+    rows = bench_gpu(
+        tmp_path / "out",
+        "--images",
+        str(shared_images / "dog.jpg"),
+        "--golden",
+        str(GOLDEN),
+        "--models",
+        "vit_t_hq:seeded",
+        "sam2.1_hiera_t:seeded",
+        "--precisions",
+        "fp32",
+        "fp16",
+        "--points-per-side",
+        "4",
+        "--repeats",
+        "1",
+        "--run-images",
+        "0",
+        "--profile",
+        "fp32",
+        "--encoder-batches",
+        "1",
+        "--budget-s",
+        "800",
+    )
+    by_phase: dict[str, list[dict]] = {}
+    for row in rows:
+        by_phase.setdefault(row["phase"], []).append(row)
+    hq, sam2 = "vit_t_hq (seeded weights)", "sam2.1_hiera_t (seeded weights)"
+    generated = {(row["model"], row["precision"]): row for row in by_phase["generate"]}
+    assert set(generated) == {(hq, "fp32"), (sam2, "fp32")}
+    assert all(row["images"]["dog.jpg"]["masks"] > 1 for row in generated.values())
+    assert generated[sam2, "fp32"]["pred_iou_thresh"] == 0.56  # the tests' thresholds for these weights
+    failed = {row["what"]: row["error"] for row in by_phase["failed"]}
+    assert set(failed) == {f"generate {hq} fp16", f"generate {sam2} fp16"}
+    assert all("fp16 needs a GPU" in error for error in failed.values())
+    assert "agreement" not in by_phase  # MobileSAM's golden masks are not these models'
+    assert set(by_phase) == {"environment", "generate", "failed"}
