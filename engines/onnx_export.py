@@ -368,11 +368,28 @@ def cached_onnx(loaded: LoadedModel, opset: int = DEFAULT_OPSET) -> OnnxFiles:
         try:
             os.rename(scratch, folder)
         except OSError:
-            if not files.exist():  # not a lost race: a real failure
+            if not files.exist() and folder.is_dir():
+                _replace_incomplete(folder, scratch, files)
+            elif not files.exist():  # not a lost race: a real failure
                 raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return files
+
+
+def _replace_incomplete(folder: Path, scratch: Path, files: OnnxFiles) -> None:
+    """Put the export in `scratch` in place of `folder`, a cache folder that lacks a graph (one
+    deleted from the cache): the stale folder is set aside and removed. A concurrent user that
+    puts a complete folder there first wins, as in `cached_onnx`."""
+    stale = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.stale."))
+    try:
+        os.rename(folder, stale / "old")
+        os.rename(scratch, folder)
+    except OSError:
+        if not files.exist():
+            raise
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def export_model(model: SamModel | Sam2Model, out_dir: str | os.PathLike[str], opset: int = DEFAULT_OPSET) -> OnnxFiles:
