@@ -55,6 +55,10 @@ class JobSpec:
             if not isinstance(getattr(self, key), cls):
                 raise TypeError(f"JobSpec.{key} must be a {cls.__name__}")
         object.__setattr__(self, "amg", _resolved_amg(self.amg, self.model.type))
+        if self.engine.backend == "onnx" and self.engine.precision != "fp32":
+            raise field_error(
+                "engine.precision", f"{self.engine.precision} is not available with engine.backend onnx; use fp32"
+            )
         if self.prompts.uri is not None:
             if self.output.candidates:
                 raise field_error(

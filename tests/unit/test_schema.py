@@ -160,7 +160,7 @@ def test_ints_accepted_for_floats_and_normalised() -> None:
     [
         ("amg", {"pred_iou_thresh": 1.2, "stability_score_offset": 0, "crop_overlap_ratio": 0}),
         ("amg", {"points_per_side": 1, "crop_n_layers": 2, "min_mask_region_area": 100}),
-        ("engine", {"device": "cuda:1", "precision": "bf16", "backend": "onnx"}),
+        ("engine", {"device": "cuda:1", "precision": "bf16", "backend": "tensorrt"}),
         ("raster", {"tile_size": 64, "tile_overlap": 31, "bands": [4, 3, 2], "nodata": -9999}),
         ("raster", {"tiling": "never"}),
         ("engine", {"device": "cuda", "precision": "tf32"}),
@@ -728,6 +728,15 @@ def test_sam2_models_take_sam2_generator_defaults_and_keys() -> None:
     for backend in ("onnx", "tensorrt"):
         job = parse_job(minimal(model={"type": "sam2.1_hiera_s"}, engine={"backend": backend}))
         assert job.engine.backend == backend
+
+
+def test_onnx_is_fp32_only() -> None:
+    for precision in ("fp16", "bf16", "tf32"):
+        with pytest.raises(JobError) as error:
+            parse_job(minimal(engine={"backend": "onnx", "precision": precision}))
+        assert (
+            error.value.message == f"engine.precision: {precision} is not available with engine.backend onnx; use fp32"
+        )
 
 
 def test_sam2_jobs_keep_candidates_above_the_floor() -> None:
