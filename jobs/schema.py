@@ -64,6 +64,13 @@ class JobSpec:
                 raise field_error(
                     "output.candidates", "keeps the automatic generator's candidates; a prompt job has none"
                 )
+            for key, generator_only in (("use_m2m", True), ("multimask_output", False)):
+                if getattr(self.amg, key) is generator_only:
+                    raise field_error(
+                        f"amg.{key}",
+                        "applies to SAM 2's automatic generator; a prompt job's masks are the predictor's "
+                        "(one or three a prompt: prompts.multimask_output)",
+                    )
         low = below_floor(self.amg) if self.output.candidates else []
         if low:
             raise field_error(

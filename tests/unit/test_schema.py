@@ -739,6 +739,20 @@ def test_onnx_is_fp32_only() -> None:
         )
 
 
+def test_sam2_prompt_jobs_refuse_the_generators_keys_and_keep_the_mask_threshold() -> None:
+    sam2 = {"model": {"type": "sam2.1_hiera_t"}, "prompts": {"uri": "/data/prompts.parquet"}}
+    for key, value in (("use_m2m", True), ("multimask_output", False)):
+        with pytest.raises(JobError) as error:
+            parse_job(minimal(**sam2, amg={key: value}))
+        assert error.value.message == (
+            f"amg.{key}: applies to SAM 2's automatic generator; a prompt job's masks are the predictor's "
+            "(one or three a prompt: prompts.multimask_output)"
+        )
+    job = parse_job(minimal(**sam2, amg={"use_m2m": False, "multimask_output": True, "mask_threshold": 0.5}))
+    assert job.amg.mask_threshold == 0.5
+    assert parse_job(job.to_dict()) == job  # a plan's job, with the defaults written out, parses again
+
+
 def test_sam2_jobs_keep_candidates_above_the_floor() -> None:
     """SAM 2.1's default pred_iou_thresh (0.8) lies above the candidates' floor (0.5); a job
     threshold under the floor is refused as for SAM."""
