@@ -13,6 +13,7 @@ from torch import nn
 
 IMAGE_SIZE = 1024  # the model's input frame: the longest side after resizing, and the padded square
 EMBED_CHANNELS = 256
+LOW_RES_SIZE = IMAGE_SIZE // 4  # the side of the decoders' low-resolution logits, and of a mask prompt
 
 
 class LayerNorm2d(nn.Module):

@@ -57,12 +57,11 @@ from torch import nn
 
 from sam_batch.engines.backend import CropEmbedding, EngineError, LoadedModel, load_model
 from sam_batch.engines.checkpoints import cache_dir
-from sam_batch.engines.common import IMAGE_SIZE
+from sam_batch.engines.common import IMAGE_SIZE, LOW_RES_SIZE
 from sam_batch.engines.hq_decoder import HQ_CHANNELS, select_sam_output
 from sam_batch.engines.prompt_encoder import PromptEncoder
 from sam_batch.engines.sam import SamModel
 from sam_batch.engines.sam2 import Sam2Model
-from sam_batch.engines.sam2_engine import HIGH_RES_FEATURES, LOW_RES_SIZE
 
 DEFAULT_OPSET = 17
 # the modules the graphs are traced from (beside this one): their source is part of the cache key
@@ -104,6 +103,7 @@ HQ_DECODER_INPUTS = (*DECODER_INPUTS, HQ_FEATURES)
 HQ_MASKS_PER_PROMPT = 1  # the HQ decoder graph's one mask a prompt
 HQ_TOKEN = ALL_MASKS  # the HQ predictor graph's logits: mask tokens 0-3, then the HQ token's (its IoUs: tokens 0-3)
 # SAM 2.1's graphs: the encoder's finer levels, decoder and predictor inputs; outputs as SAM's predictor graph's
+HIGH_RES_FEATURES = ("high_res_feats_0", "high_res_feats_1")
 SAM2_HIGH_RES_SHAPES = {HIGH_RES_FEATURES[0]: (1, 32, 256, 256), HIGH_RES_FEATURES[1]: (1, 64, 128, 128)}
 SAM2_ENCODER_OUTPUTS = (*ENCODER_OUTPUTS, *HIGH_RES_FEATURES)
 SAM2_DECODER_INPUTS = ("image_embeddings", *HIGH_RES_FEATURES, "point_coords", "point_labels")

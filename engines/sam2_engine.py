@@ -22,16 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from sam_batch.engines.backend import GPU_PROMPT_BATCH, TORCH_DTYPES, CropEmbedding, EngineError, allow_tf32, autocast
-from sam_batch.engines.common import IMAGE_SIZE
+from sam_batch.engines.common import IMAGE_SIZE, LOW_RES_SIZE
+from sam_batch.engines.onnx_export import HIGH_RES_FEATURES
 from sam_batch.engines.sam2 import Sam2Model, sam2_input
 from sam_batch.engines.sam2_decoder import select_masks
 
 MASK_INPUT_LIMIT = 32.0  # low-resolution logits fed back as a mask prompt are clamped to +-this
-LOW_RES_SIZE = IMAGE_SIZE // 4  # the side of the low-resolution logits, and of a mask prompt
 # a graph: float tensors by input name in, float32 tensors by output name out, on one device
 Graph = Callable[..., dict[str, torch.Tensor]]
-# the SAM 2.1 graphs' names for the encoder's two finer levels (`onnx_export`)
-HIGH_RES_FEATURES = ("high_res_feats_0", "high_res_feats_1")
 
 
 @dataclass(frozen=True)

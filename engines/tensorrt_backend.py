@@ -47,8 +47,9 @@ from sam_batch.engines.backend import (
     upscale_logits,
 )
 from sam_batch.engines.checkpoints import cache_dir
+from sam_batch.engines.common import LOW_RES_SIZE
 from sam_batch.engines.onnx_export import DEFAULT_OPSET, HQ_FEATURES, cached_onnx, crop_inputs, predictor_masks
-from sam_batch.engines.sam2_engine import LOW_RES_SIZE, GraphSam2Networks
+from sam_batch.engines.sam2_engine import GraphSam2Networks
 from sam_batch.engines.transforms import (
     PIXEL_MEAN,
     PIXEL_STD,
