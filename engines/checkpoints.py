@@ -279,7 +279,7 @@ def fetch_weights(
     digest = f", sha256 {known.sha256}" if known.sha256 else ""
     raise WeightsError(
         f"could not fetch {model_type} weights ({known.filename}{digest}); tried: {'; '.join(failures)}; "
-        "give a copy of that file as model.checkpoint"
+        "give a copy of that file as model.checkpoint (sam-batch export-onnx: --checkpoint)"
     )
 
 

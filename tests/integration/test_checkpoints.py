@@ -196,7 +196,10 @@ def test_an_unreachable_hq_checkpoint_names_its_file_and_digest(cache: Path) -> 
         fetch_weights("vit_h_hq", log=lambda _: None, sources=(UrlSource(UNREACHABLE),))
     message = str(info.value)
     assert "\n" not in message and f"(sam_hq_vit_h.pth, sha256 {known.sha256})" in message
-    assert message.endswith("give a copy of that file as model.checkpoint") and list(cache.iterdir()) == []
+    assert (
+        message.endswith("give a copy of that file as model.checkpoint (sam-batch export-onnx: --checkpoint)")
+        and list(cache.iterdir()) == []
+    )
 
 
 def test_silent_source_times_out(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
