@@ -295,7 +295,7 @@ class Sam2DecoderGraph(DecoderGraph):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         sparse, dense = self.prompt_encoder(point_coords, point_labels)
         high_res = (high_res_feats_0, high_res_feats_1)
-        return self.mask_decoder(image_embeddings, self.dense_pe, sparse, dense, high_res, None)
+        return self.mask_decoder(image_embeddings, self.dense_pe, sparse, dense, high_res)
 
 
 class Sam2PredictorGraph(Sam2DecoderGraph):
@@ -314,11 +314,10 @@ class Sam2PredictorGraph(Sam2DecoderGraph):
         has_mask_input: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         sparse, mask_dense = self.prompt_encoder(point_coords, point_labels, mask_input)
-        no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         has_mask = has_mask_input.reshape(1, 1, 1, 1)
-        dense = has_mask * mask_dense + (1 - has_mask) * no_mask
+        dense = has_mask * mask_dense + (1 - has_mask) * self.prompt_encoder.embed_mask(None)
         high_res = (high_res_feats_0, high_res_feats_1)
-        return self.mask_decoder(image_embeddings, self.dense_pe, sparse, dense, high_res, None)
+        return self.mask_decoder(image_embeddings, self.dense_pe, sparse, dense, high_res)
 
 
 def export_onnx(

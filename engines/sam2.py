@@ -129,17 +129,16 @@ class Sam2Model(nn.Module):
         high_res: tuple[torch.Tensor, torch.Tensor],
         coords: torch.Tensor,
         labels: torch.Tensor,
-        multimask_output: bool | None,
         mask_input: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """B prompts as labelled points, as `SAM2ImagePredictor._predict` passes them: coords
         (B, N, 2) xy in the 1024 frame, labels (B, N) (1/0 points, 2/3 a box's corners; the
         closing padding point is added here); mask_input (B, 1, 256, 256) logits or None.
-        Returns low-resolution logits (B, M, 256, 256) and IoU (B, M): M = 3 with
-        `multimask_output`, 1 without, 4 (every mask token) where it is None."""
+        Returns every mask token's low-resolution logits (B, 4, 256, 256) and IoU (B, 4)
+        (`sam2_decoder.select_masks` keeps a prompt's)."""
         sparse, dense = self.sam_prompt_encoder(coords, labels, mask_input)
         image_pe = self.sam_prompt_encoder.dense_pe()
-        return self.sam_mask_decoder(embedding, image_pe, sparse, dense, high_res, multimask_output)
+        return self.sam_mask_decoder(embedding, image_pe, sparse, dense, high_res)
 
 
 def sam2_input(image: torch.Tensor) -> torch.Tensor:

@@ -61,14 +61,13 @@ class Sam2MaskDecoder(nn.Module):
         sparse_embeddings: torch.Tensor,
         dense_embeddings: torch.Tensor,
         high_res_features: tuple[torch.Tensor, torch.Tensor],
-        multimask_output: bool | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode B prompts against one image.
 
         image_embedding (1, C, h, w); image_pe (1, C, h, w); sparse_embeddings (B, N, C);
         dense_embeddings (1 or B, C, h, w) or broadcastable; high_res_features as in the module
-        notes. Returns logits (B, M, 4h, 4w) and IoU (B, M) as `select_masks` picks them, or
-        every mask token's (M = 4) where `multimask_output` is None (the exported graphs').
+        notes. Returns every mask token's logits (B, 4, 4h, 4w) and IoU (B, 4); `select_masks`
+        keeps a prompt's.
         """
         batch = sparse_embeddings.shape[0]
         height, width = image_embedding.shape[2:]
@@ -84,10 +83,7 @@ class Sam2MaskDecoder(nn.Module):
         upscaled = act2(up2(x) + feat_s0)  # (B, C/8, 4h, 4w)
         hyper_in = torch.stack([mlp(hs[:, 2 + i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], 1)
         logits = (hyper_in @ upscaled.flatten(2)).unflatten(-1, upscaled.shape[2:])  # (B, 4, 4h, 4w)
-        iou = torch.sigmoid(self.iou_prediction_head(hs[:, 1]))
-        if multimask_output is None:
-            return logits, iou
-        return select_masks(logits, iou, multimask_output)
+        return logits, torch.sigmoid(self.iou_prediction_head(hs[:, 1]))
 
 
 def select_masks(logits: torch.Tensor, iou: torch.Tensor, multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:

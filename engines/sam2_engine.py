@@ -100,7 +100,7 @@ class TorchSam2Networks:
         self, crop: CropEmbedding, coords: torch.Tensor, labels: torch.Tensor, mask_input: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast(self.device, self.dtype):
-            logits, iou = self.model.decode(crop.embedding, crop.high_res_features, coords, labels, None, mask_input)
+            logits, iou = self.model.decode(crop.embedding, crop.high_res_features, coords, labels, mask_input)
         return logits.float(), iou.float()
 
 
