@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,9 @@ from sam_batch.engines.sam2 import Sam2Model, build_sam2
 # the dtype each precision computes in; tf32 is fp32 with TensorFloat-32 matrix products and
 # convolutions on the GPUs that have them (fp32 means full fp32: TF32 is turned off)
 TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# an exported graph on a runtime: float tensors by input name in, float32 tensors by output name
+# out, on one device (`tensorrt_backend.TrtGraph`, or onnxruntime behind the same call)
+Graph = Callable[..., dict[str, torch.Tensor]]
 GPU_PROMPT_BATCH = 256  # prompts per decode call on a GPU (`min_prompt_batch`); the CPU takes any
 LOAD_ERROR_CHARS = 240  # the most of torch's strict-load error a one-line EngineError quotes
 

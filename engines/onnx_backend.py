@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sam_batch.engines.backend import CropEmbedding, EngineError, LoadedModel, prompt_batch, upscale_logits
+from sam_batch.engines.backend import CropEmbedding, EngineError, Graph, LoadedModel, prompt_batch, upscale_logits
 from sam_batch.engines.onnx_export import (
     DEFAULT_OPSET,
     HQ_FEATURES,
@@ -31,7 +31,7 @@ from sam_batch.engines.onnx_export import (
     predictor_output_shapes,
     sam2_encoder_output_shapes,
 )
-from sam_batch.engines.sam2_engine import Graph, GraphSam2Networks
+from sam_batch.engines.sam2_engine import GraphSam2Networks
 from sam_batch.engines.transforms import (
     PIXEL_MEAN,
     PIXEL_STD,

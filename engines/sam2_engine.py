@@ -21,15 +21,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sam_batch.engines.backend import GPU_PROMPT_BATCH, TORCH_DTYPES, CropEmbedding, EngineError, allow_tf32, autocast
+from sam_batch.engines.backend import (
+    TORCH_DTYPES,
+    CropEmbedding,
+    EngineError,
+    Graph,
+    allow_tf32,
+    autocast,
+    prompt_batch,
+)
 from sam_batch.engines.common import IMAGE_SIZE, LOW_RES_SIZE
 from sam_batch.engines.onnx_export import HIGH_RES_FEATURES
 from sam_batch.engines.sam2 import Sam2Model, sam2_input
 from sam_batch.engines.sam2_decoder import select_masks
 
 MASK_INPUT_LIMIT = 32.0  # low-resolution logits fed back as a mask prompt are clamped to +-this
-# a graph: float tensors by input name in, float32 tensors by output name out, on one device
-Graph = Callable[..., dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,7 @@ class Sam2Engine:
         self.device = networks.device
         self.generator = generator
         self.mask_threshold = generator.mask_threshold
-        self.min_prompt_batch = GPU_PROMPT_BATCH if self.device.type == "cuda" else 1
+        self.min_prompt_batch = prompt_batch(self.device)
         self.windowed_upscale = False
         self.concurrent_batches = 1
 

@@ -32,7 +32,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ from sam_batch.engines.backend import (
     GPU_PROMPT_BATCH,
     CropEmbedding,
     EngineError,
+    Graph,
     LoadedModel,
     pick_device,
     upscale_logits,
@@ -107,7 +108,7 @@ class DecoderProfile:
 # each prompt as labelled points: its points, then a box's two corners or one pad point.
 PREDICTOR_PROFILE = DecoderProfile(opt_prompts=64, opt_points=2, max_points=64)
 # SAM 2.1's predictor graph: the same prompts with a mask prompt each (zeros for prompt jobs)
-SAM2_PREDICTOR_PROFILE = DecoderProfile(opt_prompts=64, opt_points=2, max_points=64, mask_input=True)
+SAM2_PREDICTOR_PROFILE = replace(PREDICTOR_PROFILE, mask_input=True)
 
 
 def pinned_to_fp32(layer_type: str, layer_name: str) -> bool:
@@ -310,11 +311,11 @@ class TensorRTEngine:
 
     def __init__(
         self,
-        encoder: Callable[..., dict[str, torch.Tensor]],
-        decoder: Callable[..., dict[str, torch.Tensor]],
+        encoder: Graph,
+        decoder: Graph,
         device: torch.device,
         max_prompts: int,
-        make_predictor: Callable[[], Callable[..., dict[str, torch.Tensor]]],
+        make_predictor: Callable[[], Graph],
         max_predictor_points: int = PREDICTOR_PROFILE.max_points,
         hq: bool = False,
     ) -> None:
@@ -324,7 +325,7 @@ class TensorRTEngine:
         self.max_prompts = max_prompts
         self.make_predictor = make_predictor
         self.max_predictor_points = max_predictor_points
-        self.predictor: Callable[..., dict[str, torch.Tensor]] | None = None
+        self.predictor: Graph | None = None
         self.pixel_mean = torch.tensor(PIXEL_MEAN).reshape(3, 1, 1)
         self.pixel_std = torch.tensor(PIXEL_STD).reshape(3, 1, 1)
         self.mask_threshold = 0.0
@@ -396,7 +397,7 @@ class TensorRTEngine:
 
     def _in_chunks(
         self,
-        graph: Callable[..., dict[str, torch.Tensor]],
+        graph: Graph,
         crop: CropEmbedding,
         coords: torch.Tensor,
         labels: torch.Tensor,
