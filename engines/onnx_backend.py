@@ -31,6 +31,7 @@ from sam_batch.engines.onnx_export import (
     predictor_output_shapes,
     sam2_encoder_output_shapes,
 )
+from sam_batch.engines.registry import precision_refusal
 from sam_batch.engines.sam2_engine import GraphSam2Networks
 from sam_batch.engines.transforms import (
     PIXEL_MEAN,
@@ -133,8 +134,9 @@ def _graph(session: OnnxSession) -> Graph:
 
 
 def _check_precision(precision: str) -> None:
-    if precision != "fp32":
-        raise EngineError(f"engine.precision: {precision} is not available with engine.backend onnx; use fp32")
+    refusal = precision_refusal("onnx", precision)
+    if refusal is not None:
+        raise EngineError(f"engine.precision: {refusal}")
 
 
 class OnnxEngine:

@@ -39,3 +39,11 @@ def is_hq(model_type: str) -> bool:
 def is_sam2(model_type: str) -> bool:
     """Whether `model_type` is a SAM 2.1 type (`sam2.1_hiera_t`, ...)."""
     return model_type.startswith(SAM2_PREFIX)
+
+
+def precision_refusal(backend: str, precision: str) -> str | None:
+    """Why `backend` cannot run at `precision` (onnx is fp32 only), or None where it can; the
+    job schema and the onnx engine both say it."""
+    if backend == "onnx" and precision != "fp32":
+        return f"{precision} is not available with engine.backend onnx; use fp32"
+    return None

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sam_batch.engines.registry import is_sam2
+from sam_batch.engines.registry import is_sam2, precision_refusal
 from sam_batch.jobs.job_rules import field_error, name_rule
 from sam_batch.jobs.job_sections import (
     DEFAULT_PRED_IOU_THRESH,
@@ -55,10 +55,9 @@ class JobSpec:
             if not isinstance(getattr(self, key), cls):
                 raise TypeError(f"JobSpec.{key} must be a {cls.__name__}")
         object.__setattr__(self, "amg", _resolved_amg(self.amg, self.model.type))
-        if self.engine.backend == "onnx" and self.engine.precision != "fp32":
-            raise field_error(
-                "engine.precision", f"{self.engine.precision} is not available with engine.backend onnx; use fp32"
-            )
+        refusal = precision_refusal(self.engine.backend, self.engine.precision)
+        if refusal is not None:
+            raise field_error("engine.precision", refusal)
         if self.prompts.uri is not None:
             if self.output.candidates:
                 raise field_error(
